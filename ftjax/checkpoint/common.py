@@ -1,0 +1,56 @@
+"""Shared checkpoint helpers: validating a converted param tree against the model's own shapes."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from ftjax.config import ModelConfig
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}/{k}" if prefix else k))
+    else:
+        out[prefix] = tree
+    return out
+
+
+def check_params(cfg: ModelConfig, params: dict[str, Any], source: str) -> None:
+    """Every key the model needs is present with its exact shape, and nothing else is there.
+
+    Raises ValueError naming the key (and both shapes) that is missing, unexpected or misshapen.
+    """
+    from ftjax.models import gpt
+
+    shapes, _ = gpt.abstract_params(cfg)
+    want = {k: tuple(v.shape) for k, v in _flat(shapes).items()}
+    have = {k: tuple(np.shape(v if not hasattr(v, "q") else v.q)) for k, v in _flat(params).items()}
+    missing = sorted(set(want) - set(have))
+    if missing:
+        raise ValueError(f"{source}: missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise ValueError(f"{source}: unexpected weights {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+    for k in sorted(want):
+        if want[k] != have[k]:
+            raise ValueError(f"{source}: weight {k} has shape {have[k]}, the config needs {want[k]}")
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        node = out
+        parts = key.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return out
+
+
+def tree_to_numpy(tree):
+    return jax.tree.map(np.asarray, tree)

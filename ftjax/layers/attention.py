@@ -1,0 +1,56 @@
+"""Multi-head / grouped-query self-attention with an explicit K/V cache.
+
+Two entry points, never a mode string: `prefill` attends within the prompt and returns its K/V for the
+cache; `decode` writes one new token's K/V into the cache (donated by the caller, updated in place) and
+attends over it. Attention itself is `ftjax.pallas.ops` (Pallas kernel or XLA, chosen by `impl`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ftjax.config import ModelConfig
+from ftjax.layers.linear import Linear
+from ftjax.layers.position import apply_rotary
+from ftjax.pallas import ops
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    impl: str = "xla"
+
+    def setup(self):
+        c = self.cfg
+        d, n, k, h = c.hidden, c.num_heads, c.kv_heads, c.dim_per_head
+        self.q = Linear((d,), (n, h), ("embed",), ("heads", "head_dim"), c.attn_bias, self.dtype)
+        self.k = Linear((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), c.attn_bias, self.dtype)
+        self.v = Linear((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), c.attn_bias, self.dtype)
+        self.o = Linear((n, h), (d,), ("heads", "head_dim"), ("embed",), c.attn_bias, self.dtype)
+
+    def _qkv(self, x, positions):
+        q, k, v = self.q(x), self.k(x), self.v(x)  # [..., n, h], [..., k, h], [..., k, h]
+        if self.cfg.position == "rotary":
+            q = apply_rotary(q, positions, self.cfg)
+            k = apply_rotary(k, positions, self.cfg)
+        return q, k, v
+
+    def prefill(self, x, positions, lengths):
+        """x [b, t, d]; positions [b, t]; lengths [b] -> (out [b, t, d], k [b, t, k, h], v [b, t, k, h])."""
+        q, k, v = self._qkv(x, positions)
+        out = ops.attention_prefill(q, k, v, lengths, impl=self.impl, causal=True)  # [b, t, n, h]
+        return self.o(out), k, v
+
+    def decode(self, x, positions, k_cache, v_cache):
+        """x [b, d]; positions [b] (where the new token goes); k_cache, v_cache [b, k, s, h].
+
+        Returns (out [b, d], k_cache, v_cache) with the new token's K/V written at `positions`.
+        """
+        q, k, v = self._qkv(x, positions)  # [b, n, h], [b, k, h]
+        rows = jnp.arange(x.shape[0])
+        k_cache = k_cache.at[rows, :, positions].set(k.astype(k_cache.dtype))
+        v_cache = v_cache.at[rows, :, positions].set(v.astype(v_cache.dtype))
+        out = ops.attention_decode(q, k_cache, v_cache, positions + 1, impl=self.impl)  # [b, n, h]
+        return self.o(out), k_cache, v_cache

@@ -1,0 +1,42 @@
+"""Feed-forward block: act(x Wi) Wo, or gated (SwiGLU-style) act(x Wg) * (x Wi) Wo."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ftjax.layers.linear import Linear
+
+
+def activation(name: str, x):
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu(x)
+    if name == "silu":
+        return jax.nn.silu(x)
+    raise ValueError(f"activation: unknown {name!r}")
+
+
+class MLP(nn.Module):
+    dim: int        # d
+    ffn_dim: int    # f
+    act: str = "gelu_tanh"
+    gated: bool = False
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # x [..., d] -> [..., d]
+        d, f = self.dim, self.ffn_dim
+        up = Linear((d,), (f,), ("embed",), ("mlp",), self.use_bias, self.dtype, name="wi")(x).astype(jnp.float32)
+        if self.gated:
+            gate = Linear((d,), (f,), ("embed",), ("mlp",), self.use_bias, self.dtype, name="wg")(x)
+            h = activation(self.act, gate.astype(jnp.float32)) * up
+        else:
+            h = activation(self.act, up)
+        return Linear((f,), (d,), ("mlp",), ("embed",), self.use_bias, self.dtype, name="wo")(h.astype(self.dtype))

@@ -1,0 +1,29 @@
+"""LayerNorm (with bias) and RMSNorm, computed in float32."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class Norm(nn.Module):
+    dim: int
+    kind: str = "layernorm"  # "layernorm" | "rmsnorm"
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # x [..., d]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (self.dim,), self.dtype)
+        xf = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (self.dim,), self.dtype)
+            mean = xf.mean(-1, keepdims=True)
+            xf = xf - mean
+            var = (xf * xf).mean(-1, keepdims=True)
+            y = xf * jnp.reciprocal(jnp.sqrt(var + self.eps)) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        else:
+            var = (xf * xf).mean(-1, keepdims=True)
+            y = xf * jnp.reciprocal(jnp.sqrt(var + self.eps)) * scale.astype(jnp.float32)
+        return y.astype(self.dtype)

@@ -1,0 +1,122 @@
+"""Decoder-only transformer (GPT-2 / Megatron GPT; rotary, parallel residual, RMSNorm, SwiGLU and GQA
+by configuration). Flax modules applied functionally: params and cache in, logits and cache out.
+
+Params (flax "params" collection):
+  embed/{tokens [v, d], positions [p, d]}; layers_{i}/{ln1, attn/{q,k,v,o}, ln2, mlp/{wi,(wg),wo}};
+  final_norm; lm_head/kernel [d, v] when the output embedding is untied.
+The K/V cache is a list (one entry per layer) of {"k", "v"} arrays [b, k, s, h] owned by the caller.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ftjax.config import ModelConfig
+from ftjax.layers.attention import Attention
+from ftjax.layers.embed import Embed
+from ftjax.layers.linear import Linear
+from ftjax.layers.mlp import MLP
+from ftjax.layers.norms import Norm
+
+_NEG = -1e30
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    impl: str = "xla"
+
+    def setup(self):
+        c = self.cfg
+        self.ln1 = Norm(c.hidden, c.norm, c.norm_eps, self.dtype)
+        self.attn = Attention(c, self.dtype, self.impl)
+        self.ln2 = Norm(c.hidden, c.norm, c.norm_eps, self.dtype)
+        self.mlp = MLP(c.hidden, c.ffn_dim, c.activation, c.gated_ffn, c.mlp_bias, self.dtype)
+
+    def _residual(self, x, attn_out):
+        if self.cfg.parallel_residual:
+            return x + attn_out + self.mlp(self.ln2(x))
+        x = x + attn_out
+        return x + self.mlp(self.ln2(x))
+
+    def prefill(self, x, positions, lengths):  # x [b, t, d] -> (x, k [b, t, k, h], v)
+        a, k, v = self.attn.prefill(self.ln1(x), positions, lengths)
+        return self._residual(x, a), k, v
+
+    def decode(self, x, positions, k_cache, v_cache):  # x [b, d]; caches [b, k, s, h]
+        a, k_cache, v_cache = self.attn.decode(self.ln1(x), positions, k_cache, v_cache)
+        return self._residual(x, a), k_cache, v_cache
+
+
+class GPT(nn.Module):
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    impl: str = "xla"
+
+    def setup(self):
+        c = self.cfg
+        self.embed = Embed(c.vocab_size, c.hidden, c.max_positions if c.position == "learned" else 0, self.dtype)
+        self.layers = [Block(c, self.dtype, self.impl) for _ in range(c.num_layers)]
+        self.final_norm = Norm(c.hidden, c.norm, c.norm_eps, self.dtype)
+        if not c.tie_embeddings:
+            self.lm_head = Linear((c.hidden,), (c.vocab_size,), ("embed",), ("vocab",), False, self.dtype)
+
+    def logits(self, h):  # h [..., d] (already normed) -> [..., v] float32
+        c = self.cfg
+        out = self.embed.attend(h) if c.tie_embeddings else self.lm_head(h).astype(jnp.float32)
+        if c.vocab < c.vocab_size:  # padded embedding rows are never produced
+            out = jnp.where(jnp.arange(c.vocab_size) < c.vocab, out, _NEG)
+        return out
+
+    def prefill(self, tokens, lengths, all_logits: bool = False):
+        """tokens [b, t] (right padded); lengths [b] >= 1.
+
+        Returns (logits, kv): logits [b, v] at each row's last prompt token (or [b, t, v] when
+        all_logits), kv a list per layer of (k, v) [b, t, k, h].
+        """
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self.embed(tokens, positions)
+        kv = []
+        for layer in self.layers:
+            x, k, v = layer.prefill(x, positions, lengths)
+            kv.append((k, v))
+        if not all_logits:
+            x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [b, d]
+        return self.logits(self.final_norm(x)), kv
+
+    def decode(self, tokens, positions, cache):
+        """tokens [b]; positions [b]; cache list of {"k", "v"} [b, k, s, h] -> (logits [b, v], cache)."""
+        x = self.embed(tokens, positions)
+        new_cache = []
+        for layer, c in zip(self.layers, cache):
+            x, k, v = layer.decode(x, positions, c["k"], c["v"])
+            new_cache.append({"k": k, "v": v})
+        return self.logits(self.final_norm(x)), new_cache
+
+
+def build(cfg: ModelConfig, dtype=jnp.float32, impl: str = "xla") -> GPT:
+    return GPT(cfg, dtype, impl)
+
+
+def abstract_params(cfg: ModelConfig, dtype=jnp.float32):
+    """(shapes, logical axes) of every param: trees of jax.ShapeDtypeStruct and of PartitionSpec-like
+    tuples of logical axis names, without allocating anything."""
+    model = build(cfg, dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, jnp.ones((1,), jnp.int32),
+                                              method=GPT.prefill))["params"]
+    axes = nn.get_partition_spec(boxed)
+    shapes = nn.unbox(boxed)
+    return shapes, axes
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32):
+    """Seeded random params (the embedded default model and tests)."""
+    model = build(cfg, dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    p = jax.jit(lambda k: model.init(k, tokens, jnp.ones((1,), jnp.int32), method=GPT.prefill))(jax.random.key(seed))
+    return nn.unbox(p["params"])
