@@ -1,0 +1,239 @@
+"""The compiled steps: prefill, insert, generate — with the decode state donated every step.
+
+Slots: the decode state has `max_batch_size` rows ("slots"). A request is prefilled (its prompt runs
+through the model once, producing its K/V and its first token), inserted into a free slot, and then
+advanced by `generate`, which runs up to N decode steps for all slots inside one `lax.while_loop` on the
+device — no host round trip per token. The whole state (K/V cache, token buffer, per-slot counters and
+sampling parameters) is one pytree, donated to `insert` and `generate` so it is updated in place.
+
+Shapes: B slots, S = max_seq_len, T = prefill bucket, b = rows in one prefill call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax.config import ModelConfig
+from ftjax.models import gpt
+from ftjax.pallas import ops
+
+# --- temporary greedy-only sampling shim (replaced by ftjax.sampling when the decoding controls land)
+class _Shim:
+    DEFAULT_WORD_CAPACITY = (1, 1)
+
+    class SlotParams(NamedTuple):
+        end_id: Any
+        top_p: Any
+
+    @staticmethod
+    def pack(params_list, n, *, vocab, word_capacity):
+        end = np.full((n,), -1, np.int32)
+        for i, p in enumerate(params_list):
+            end[i] = -1 if p.get("end_id") is None else p["end_id"]
+        return _Shim.SlotParams(end_id=end, top_p=np.zeros((n,), np.float32))
+
+    @staticmethod
+    def select(logits, sp, **_):
+        tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], 1)[:, 0]
+        return tok, lp
+
+    @staticmethod
+    def stop_hit(seq, seq_len, sp):
+        return jnp.zeros(seq.shape[:1], bool)
+
+    @staticmethod
+    def next_top_p(top_p, tok, sp):
+        return top_p
+
+
+sampling = _Shim
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class DecodeState(NamedTuple):
+    cache: list            # per layer {"k", "v"}: [B, k, S, h]
+    seq: jax.Array         # [B, S] int32: prompt then generated ids
+    logprobs: jax.Array    # [B, S] float32: log prob of each generated id at its position
+    prompt_len: jax.Array  # [B] int32
+    seq_len: jax.Array     # [B] int32: ids in seq; the cache holds seq_len - 1 of them (last one pending)
+    gen_count: jax.Array   # [B] int32: generated ids so far
+    max_new: jax.Array     # [B] int32
+    done: jax.Array        # [B] bool
+    active: jax.Array      # [B] bool: slot holds a request
+    top_p: jax.Array       # [B] float32: current nucleus (factual-nucleus decay state)
+    sp: Any                # sampling.SlotParams, [B] rows
+
+
+class Prefix(NamedTuple):
+    kv: list               # per layer (k, v): [b, T, k, h]
+    first: jax.Array       # [b] int32: first generated id
+    first_logprob: jax.Array  # [b] float32
+
+
+def bucket(n: int, lo: int, hi: int) -> int:
+    """Smallest power of two >= n, clamped to [lo, hi]."""
+    p = lo
+    while p < n:
+        p *= 2
+    return min(p, hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int
+    max_seq_len: int
+    dtype: str = "bfloat16"
+    attention: str = "auto"
+
+
+class Engine:
+    """Owns the compiled steps for one model. Nothing here knows about requests, threads or gRPC."""
+
+    def __init__(self, cfg: ModelConfig, params, ecfg: EngineConfig):
+        if ecfg.dtype not in DTYPES:
+            raise ValueError(f"dtype: unknown {ecfg.dtype!r}; expected one of {sorted(DTYPES)}")
+        if ecfg.max_batch_size < 1:
+            raise ValueError(f"max_batch_size: must be >= 1, got {ecfg.max_batch_size}")
+        if not 2 <= ecfg.max_seq_len <= cfg.max_positions:
+            raise ValueError(f"max_seq_len: {ecfg.max_seq_len} not in [2, {cfg.max_positions}] "
+                             f"(the model's maximum positions)")
+        self.cfg, self.ecfg = cfg, ecfg
+        self.dtype = DTYPES[ecfg.dtype]
+        self.impl = ops.resolve_impl(ecfg.attention)
+        self.model = gpt.build(cfg, self.dtype, self.impl)
+        self.params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype) if _is_float(a) else jnp.asarray(a), params)
+        self.B, self.S = ecfg.max_batch_size, ecfg.max_seq_len
+        self.word_capacity = sampling.DEFAULT_WORD_CAPACITY
+        self._prefill = jax.jit(self._prefill_fn)
+        self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
+        self._generate = jax.jit(self._generate_fn, donate_argnums=(1,))
+        self._logits = jax.jit(self._logits_fn)
+
+    # ------------------------------------------------------------------------------------ state
+    def init_state(self, word_capacity=None) -> DecodeState:
+        c, B, S = self.cfg, self.B, self.S
+        if word_capacity is not None:
+            self.word_capacity = word_capacity
+        kv = (B, c.kv_heads, S, c.dim_per_head)
+        cache = [{"k": jnp.zeros(kv, self.dtype), "v": jnp.zeros(kv, self.dtype)} for _ in range(c.num_layers)]
+        sp = jax.tree.map(jnp.asarray, sampling.pack([], B, vocab=c.vocab, word_capacity=self.word_capacity))
+        i = lambda v=0: jnp.full((B,), v, jnp.int32)  # noqa: E731
+        return DecodeState(cache=cache, seq=jnp.zeros((B, S), jnp.int32), logprobs=jnp.zeros((B, S), jnp.float32),
+                           prompt_len=i(), seq_len=i(1), gen_count=i(), max_new=i(), done=jnp.ones((B,), bool),
+                           active=jnp.zeros((B,), bool), top_p=jnp.zeros((B,), jnp.float32), sp=sp)
+
+    # ------------------------------------------------------------------------------ compiled fns
+    def _logits_fn(self, params, tokens, lengths):  # tokens [b, t] -> [b, t, v]
+        logits, _ = self.model.apply({"params": params}, tokens, lengths, True, method=gpt.GPT.prefill)
+        return logits
+
+    def _prefill_fn(self, params, tokens, lengths, sp):
+        """tokens [b, T]; lengths [b]; sp SlotParams [b] -> Prefix."""
+        logits, kv = self.model.apply({"params": params}, tokens, lengths, method=gpt.GPT.prefill)  # [b, v]
+        zeros = jnp.zeros_like(lengths)
+        tok, lp = sampling.select(logits, sp, seq=tokens, prompt_len=lengths, seq_len=lengths, gen_count=zeros,
+                                  top_p=sp.top_p)
+        return Prefix(kv=kv, first=tok, first_logprob=lp)
+
+    def _insert_fn(self, state: DecodeState, prefix: Prefix, tokens, lengths, slots, max_new, sp):
+        """Writes b prefilled requests into `slots` [b] (a slot >= B drops the row: batch padding)."""
+        T = tokens.shape[1]
+        cache = []
+        for layer, (k, v) in zip(state.cache, prefix.kv):
+            cache.append({
+                "k": layer["k"].at[slots, :, :T].set(jnp.swapaxes(k, 1, 2).astype(layer["k"].dtype), mode="drop"),
+                "v": layer["v"].at[slots, :, :T].set(jnp.swapaxes(v, 1, 2).astype(layer["v"].dtype), mode="drop"),
+            })
+        b = tokens.shape[0]
+        row = jnp.zeros((b, self.S), jnp.int32).at[:, :T].set(tokens)
+        row = row.at[jnp.arange(b), lengths].set(prefix.first)
+        lprow = jnp.zeros((b, self.S), jnp.float32).at[jnp.arange(b), lengths].set(prefix.first_logprob)
+        seq = state.seq.at[slots].set(row, mode="drop")
+        logprobs = state.logprobs.at[slots].set(lprow, mode="drop")
+        seq_len = lengths + 1
+        ended = (prefix.first == sp.end_id) | (max_new <= 1) | sampling.stop_hit(row, seq_len, sp)
+        put = lambda a, v: a.at[slots].set(v, mode="drop")  # noqa: E731
+        return DecodeState(
+            cache=cache, seq=seq, logprobs=logprobs,
+            prompt_len=put(state.prompt_len, lengths), seq_len=put(state.seq_len, seq_len),
+            gen_count=put(state.gen_count, jnp.ones_like(lengths)), max_new=put(state.max_new, max_new),
+            done=put(state.done, ended), active=put(state.active, jnp.ones_like(ended)),
+            top_p=put(state.top_p, sampling.next_top_p(sp.top_p, prefix.first, sp)),
+            sp=jax.tree.map(put, state.sp, sp))
+
+    def _generate_fn(self, params, state: DecodeState, n_steps):
+        """Up to n_steps decode steps for every live slot, inside one while loop."""
+        B, S = self.B, self.S
+        rows = jnp.arange(B)
+
+        def cond(carry):
+            i, st = carry
+            return (i < n_steps) & jnp.any(st.active & ~st.done)
+
+        def body(carry):
+            i, st = carry
+            pos = st.seq_len - 1                               # [B] where the pending id goes in the cache
+            tok = st.seq[rows, pos]
+            logits, cache = self.model.apply({"params": params}, tok, pos, st.cache, method=gpt.GPT.decode)
+            live = st.active & ~st.done
+            nxt, lp = sampling.select(logits, st.sp, seq=st.seq, prompt_len=st.prompt_len, seq_len=st.seq_len,
+                                      gen_count=st.gen_count, top_p=st.top_p)
+            at = jnp.minimum(st.seq_len, S - 1)
+            seq = st.seq.at[rows, at].set(jnp.where(live, nxt, st.seq[rows, at]))
+            logprobs = st.logprobs.at[rows, at].set(jnp.where(live, lp, st.logprobs[rows, at]))
+            seq_len = st.seq_len + live
+            gen_count = st.gen_count + live
+            ended = (nxt == st.sp.end_id) | (gen_count >= st.max_new) | sampling.stop_hit(seq, seq_len, st.sp)
+            done = st.done | (live & ended)
+            top_p = jnp.where(live, sampling.next_top_p(st.top_p, nxt, st.sp), st.top_p)
+            return i + 1, st._replace(cache=cache, seq=seq, logprobs=logprobs, seq_len=seq_len,
+                                      gen_count=gen_count, done=done, top_p=top_p)
+
+        steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+        return state, steps
+
+    # ------------------------------------------------------------------------------- host side
+    def check_prompt(self, ids, max_new: int, field: str = "prompts"):
+        if len(ids) == 0:
+            raise ValueError(f"{field}: empty prompt")
+        bad = [t for t in ids if not 0 <= int(t) < self.cfg.vocab]
+        if bad:
+            raise ValueError(f"{field}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab})")
+        if len(ids) + max_new > self.S:
+            raise ValueError(f"max_new_tokens: prompt of {len(ids)} tokens + max_new_tokens {max_new} exceeds "
+                             f"max_seq_len {self.S}")
+
+    def prefill_insert(self, state: DecodeState, prompts, slots, max_new, params_list) -> DecodeState:
+        """Prefill `prompts` (lists of ids) and insert them into `slots` (host ints)."""
+        n = len(prompts)
+        T = bucket(max(len(p) for p in prompts), 16, self.S)
+        b = bucket(n, 1, self.B)
+        tokens = np.zeros((b, T), np.int32)
+        lengths = np.ones((b,), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+            lengths[i] = len(p)
+        slot_arr = np.full((b,), self.B, np.int32)
+        slot_arr[:n] = slots
+        mx = np.zeros((b,), np.int32)
+        mx[:n] = max_new
+        sp = sampling.pack(list(params_list), b, vocab=self.cfg.vocab, word_capacity=self.word_capacity)
+        prefix = self._prefill(self.params, tokens, lengths, sp)
+        return self._insert(state, prefix, tokens, lengths, slot_arr, mx, sp)
+
+    def generate_steps(self, state: DecodeState, n_steps: int):
+        return self._generate(self.params, state, np.int32(n_steps))
+
+    def logits(self, tokens, lengths):
+        return self._logits(self.params, tokens, lengths)
+
+
+def _is_float(a) -> bool:
+    return jnp.issubdtype(jnp.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype, jnp.floating)
