@@ -1,0 +1,240 @@
+"""Prefill attention: flash attention over a ragged batch, causal (GPT) or with an additive bias
+(T5 encoder / cross / decoder self-attention with relative-position bias).
+
+Shapes (letter legend: b batch, t query length, s key length, n heads, k kv heads,
+g = n // k, h head_dim):
+  q        [b, t, n, h]
+  k, v     [b, s, k, h]           (self-attention: s == t)
+  lengths  [b] int32              valid keys per row (keys >= lengths[b] are masked), 1..s
+  bias     [1 or b, n, t, s] f32  optional, added to the scaled scores before the softmax
+  out      [b, t, n, h]           q.dtype; rows past a row's length hold finite values
+
+Algorithm (FlashAttention-2 forward). One Pallas program per (head, row, block of `block_q`
+queries); it loops over `block_k`-key blocks of K and V with an online softmax in float32,
+scores in log2 units (exp2, the scale folded with log2 e). Only key blocks that can be valid
+are visited: up to the causal diagonal and up to the row's length. The loop is split in two:
+blocks that are entirely valid (below the diagonal and below the length) run without any
+masking, and only the remaining diagonal / ragged-tail blocks build the mask. With `causal`,
+query blocks are launched heaviest first (the grid's slowest axis runs the diagonal backwards)
+so the short blocks fill the tail of the launch. GQA / MQA: the kv head of query head `i` is
+`i // g`, picked by the BlockSpec index map; K/V are never repeated in memory. head_dim that
+is not a power of two is padded by masked loads and stores; t or s that are not a multiple of
+the block are padded in the wrapper (zeros, masked by `lengths`; padded queries sliced off).
+
+The bias is supported in the kernel (T5 does not need the XLA route): it is read block by
+block beside K, so it costs one float32 read of [n, t, s] per call, which at T5's lengths
+(512) is small next to the matmuls.
+
+Lowering: Pallas' Triton lowering (`jax.experimental.pallas.triton.CompilerParams`, passed
+explicitly). It interprets on CPU with `interpret=True` under jax 0.10 and 0.11, so CI checks
+the same kernel body the GPU runs, and Triton emits Hopper's wgmma for `pl.dot` on sm_90.
+A Mosaic GPU (warp-specialised, TMA) kernel could go further on H100 but is only checkable on
+CPU through jax's private GPU interpreter in 0.10; see bench/RESULTS.md for how far this one
+gets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from ftjax.pallas import _common as C
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillConfig:
+  """Tunables of the prefill kernel. None = picked from head_dim (see `resolve`)."""
+  block_q: int | None = None
+  block_k: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+  def __post_init__(self):
+    for name in ("block_q", "block_k"):
+      v = getattr(self, name)
+      assert v is None or (v >= 16 and v & (v - 1) == 0), (
+          f"PrefillConfig.{name}={v} must be a power of two >= 16")
+    assert self.num_warps in (None, 1, 2, 4, 8, 16), f"PrefillConfig.num_warps={self.num_warps}"
+    assert self.num_stages is None or self.num_stages >= 1, (
+        f"PrefillConfig.num_stages={self.num_stages}")
+
+  def resolve(self, t: int, s: int, hp: int) -> tuple[int, int, int, int]:
+    bq = self.block_q or 128
+    bk = self.block_k or (64 if hp <= 64 else (128 if hp <= 128 else 32))
+    nw = self.num_warps or (4 if hp <= 64 else 8)
+    ns = self.num_stages or (3 if hp <= 128 else 2)
+    # Short inputs: shrink the tiles (never below 16, the smallest tensor-core tile).
+    bq = min(bq, max(16, pl.next_power_of_2(t)))
+    bk = min(bk, max(16, pl.next_power_of_2(s)))
+    return bq, bk, nw, ns
+
+
+def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, has_bias: bool, causal: bool, num_q_blocks: int,
+            block_q: int, block_k: int, qk_scale: float, head_dim: int, precision):
+  """q_ref [bq, hp]; k_ref, v_ref [s, hp]; (bias_ref [bq, s]); o_ref [bq, hp]."""
+  bias_ref = rest[0] if has_bias else None
+  o_ref = rest[-1]
+  hp = q_ref.shape[-1]
+  qi = pl.program_id(2)
+  if causal:
+    qi = num_q_blocks - 1 - qi
+  q_start = qi * block_q
+  length = len_ref[()]
+
+  dmask = None if hp == head_dim else (jnp.arange(hp) < head_dim)[None, :]
+  q = C.load(q_ref, mask=dmask, other=0.0) if dmask is not None else q_ref[...]
+  q_idx = q_start + jnp.arange(block_q)
+
+  def step(j, carry, masked: bool):
+    o, m, l = carry
+    start = pl.multiple_of(j * block_k, block_k)
+    k_idx = start + jnp.arange(block_k)
+    if masked:
+      rvalid = k_idx < length
+      lmask = rvalid[:, None] if dmask is None else rvalid[:, None] & dmask
+    else:
+      lmask = dmask
+    kb = (C.load(k_ref.at[pl.ds(start, block_k), :], mask=lmask, other=0.0)
+          if lmask is not None else k_ref[pl.ds(start, block_k), :])
+    s = pl.dot(q, kb, trans_b=True, precision=precision) * qk_scale      # [bq, bk]
+    if bias_ref is not None:
+      s = s + bias_ref[:, pl.ds(start, block_k)].astype(jnp.float32) * C.LOG2E
+    if masked:
+      valid = rvalid[None, :]
+      if causal:
+        valid = valid & (k_idx[None, :] <= q_idx[:, None])
+      s = jnp.where(valid, s, C.MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    vb = (C.load(v_ref.at[pl.ds(start, block_k), :], mask=lmask, other=0.0)
+          if lmask is not None else v_ref[pl.ds(start, block_k), :])
+    o = o * alpha[:, None] + pl.dot(p.astype(vb.dtype), vb, precision=precision)
+    return o, m_new, l * alpha + jnp.sum(p, axis=1)
+
+  if causal:
+    kv_end = jnp.minimum(length, q_start + block_q)
+    full_end = jnp.minimum(length, q_start + 1)
+  else:
+    kv_end = length
+    full_end = length
+  n_blocks = pl.cdiv(kv_end, block_k)
+  n_full = full_end // block_k
+
+  carry = (jnp.zeros((block_q, hp), jnp.float32),
+           jnp.full((block_q,), C.MASK_VALUE, jnp.float32),
+           jnp.zeros((block_q,), jnp.float32))
+  carry = jax.lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+  o, m, l = jax.lax.fori_loop(n_full, n_blocks, functools.partial(step, masked=True), carry)
+  o = o * (1.0 / jnp.maximum(l, 1e-30))[:, None]
+  if dmask is not None:
+    C.store(o_ref, o.astype(o_ref.dtype), mask=dmask)
+  else:
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _check(q, k, v, lengths, bias):
+  assert q.ndim == 4, f"q must be [b, t, n, h], got shape {q.shape}"
+  assert k.ndim == 4, f"k must be [b, s, k, h], got shape {k.shape}"
+  assert k.shape == v.shape, f"k {k.shape} and v {v.shape} differ"
+  b, t, n, h = q.shape
+  bk_, s, kh, hk = k.shape
+  assert bk_ == b, f"batch of q ({b}) != batch of k ({bk_})"
+  assert hk == h, f"head_dim of q ({h}) != head_dim of k ({hk})"
+  assert n % kh == 0, f"heads n={n} must be a multiple of kv heads k={kh}"
+  assert lengths.shape == (b,), f"lengths must be [b]=[{b}], got {lengths.shape}"
+  C.check_dtype("q", q)
+  C.check_dtype("k", k)
+  assert k.dtype == v.dtype, f"k {k.dtype} != v {v.dtype}"
+  if bias is not None:
+    assert bias.ndim == 4 and bias.shape[0] in (1, b) and bias.shape[1:] == (n, t, s), (
+        f"bias must be [1 or b={b}, n={n}, t={t}, s={s}], got {bias.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "config", "interpret"))
+def prefill_attention(q, k, v, lengths, *, scale=None, causal=True, bias=None, config=None,
+                      interpret=False):
+  """q [b, t, n, h]; k, v [b, s, k, h]; lengths [b]; bias [1|b, n, t, s] -> [b, t, n, h]."""
+  _check(q, k, v, lengths, bias)
+  config = config or PrefillConfig()
+  b, t, n, h = q.shape
+  _, s, kh, _ = k.shape
+  g = n // kh
+  hp = C.head_dim_padded(h)
+  bq, bk, num_warps, num_stages = config.resolve(t, s, hp)
+  scale = h ** -0.5 if scale is None else float(scale)
+  lengths = jnp.clip(lengths.astype(jnp.int32), 1, s)
+  k = k.astype(q.dtype) if k.dtype != q.dtype else k
+  v = v.astype(q.dtype) if v.dtype != q.dtype else v
+
+  tp, sp = pl.cdiv(t, bq) * bq, pl.cdiv(s, bk) * bk
+  if tp != t:
+    q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+  if sp != s:
+    k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+  if bias is not None:
+    bias = bias.astype(jnp.float32)
+    if tp != t or sp != s:
+      bias = jnp.pad(bias, ((0, 0), (0, 0), (0, tp - t), (0, sp - s)))
+  nq = tp // bq
+
+  def qmap(i, j, p):   # (head, row, q block) -> q / out block index
+    return (j, nq - 1 - p if causal else p, i, 0)
+
+  in_specs = [
+      pl.BlockSpec((None,), lambda i, j, p: (j,)),
+      pl.BlockSpec((None, bq, None, hp), qmap),
+      pl.BlockSpec((None, sp, None, hp), lambda i, j, p: (j, 0, i // g, 0)),
+      pl.BlockSpec((None, sp, None, hp), lambda i, j, p: (j, 0, i // g, 0)),
+  ]
+  args = [lengths, q, k, v]
+  if bias is not None:
+    per_row = bias.shape[0] != 1
+    in_specs.append(pl.BlockSpec(
+        (None, None, bq, sp),
+        lambda i, j, p: (j if per_row else 0, i, nq - 1 - p if causal else p, 0)))
+    args.append(bias)
+
+  kernel = functools.partial(
+      _kernel, has_bias=bias is not None, causal=causal, num_q_blocks=nq, block_q=bq,
+      block_k=bk, qk_scale=scale * C.LOG2E, head_dim=h, precision=C.dot_precision(q.dtype))
+  out = pl.pallas_call(
+      kernel,
+      grid=(n, b, nq),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, bq, None, hp), qmap),
+      out_shape=jax.ShapeDtypeStruct((b, tp, n, h), q.dtype),
+      compiler_params=C.triton_compiler_params(num_warps, num_stages),
+      interpret=interpret,
+      name="ftjax_prefill_attention",
+  )(*args)
+  return out[:, :t] if tp != t else out
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "causal"))
+def prefill_attention_reference(q, k, v, lengths, *, scale=None, causal=True, bias=None):
+  """Float32 plain-jnp twin of `prefill_attention` (same shapes; returns q.dtype)."""
+  _check(q, k, v, lengths, bias)
+  b, t, n, h = q.shape
+  _, s, kh, _ = k.shape
+  scale = h ** -0.5 if scale is None else float(scale)
+  hi = jax.lax.Precision.HIGHEST
+  qf = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", qf, k.astype(jnp.float32), precision=hi) * scale
+  logits = logits.reshape(b, n, t, s)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  lengths = jnp.clip(lengths.astype(jnp.int32), 1, s)
+  valid = (jnp.arange(s)[None, :] < lengths[:, None])[:, None, None, :]      # [b, 1, 1, s]
+  if causal:
+    valid = valid & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])[None, None]
+  logits = jnp.where(valid, logits, -jnp.inf)
+  p = jax.nn.softmax(logits, axis=-1).reshape(b, kh, n // kh, t, s)
+  vf = jnp.where((jnp.arange(s)[None, :] < lengths[:, None])[:, :, None, None],
+                 v.astype(jnp.float32), 0.0)
+  o = jnp.einsum("bkgts,bskh->btkgh", p, vf, precision=hi)
+  return o.reshape(b, t, n, h).astype(q.dtype)
