@@ -1,0 +1,74 @@
+"""Shared fixtures. Tests run on 8 virtual CPU devices; the oracle is HF transformers on CPU torch."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+VOCAB = 211
+
+
+def make_hf_gpt2(path, *, seed=0, vocab=VOCAB, n_embd=32, n_layer=2, n_head=4, n_inner=None,
+                 activation="gelu_new", tie=True, n_positions=128, eos=None):
+    """A tiny random HF GPT-2 saved with save_pretrained; returns the torch model (eval, float32)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                                  n_head=n_head, n_inner=n_inner, activation_function=activation,
+                                  tie_word_embeddings=tie, bos_token_id=0, eos_token_id=eos if eos is not None else vocab - 1,
+                                  pad_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    # Larger-than-default init so tiny models have confident, non-degenerate logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    """(path, torch model): tied head, tanh GELU, non-4x FFN."""
+    path = str(tmp_path_factory.mktemp("gpt2_tied"))
+    return path, make_hf_gpt2(path, n_inner=72)
+
+
+@pytest.fixture(scope="session")
+def gpt2_untied_dir(tmp_path_factory):
+    """(path, torch model): untied head, exact GELU."""
+    path = str(tmp_path_factory.mktemp("gpt2_untied"))
+    return path, make_hf_gpt2(path, seed=1, activation="gelu", tie=False, n_layer=3)
+
+
+def random_prompts(rng, n, lo, hi, vocab=VOCAB):
+    return [rng.randint(1, vocab - 1, size=rng.randint(lo, hi + 1)).tolist() for _ in range(n)]
+
+
+def hf_greedy(model, prompt, max_new, eos=None):
+    """HF greedy continuation of one prompt: (generated ids, per-step raw logits [steps, vocab])."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=eos, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                             num_beams=1)
+    toks = out.sequences[0, len(prompt):].tolist()
+    logits = torch.stack(out.logits, 1)[0].float().numpy()
+    return toks, logits
+
+
+def assert_greedy_match(ours, ref, ref_logits, tie_tol=1e-3):
+    """Token-identical, except that at a near-tie in the reference (top two logits within tie_tol)
+    either token is accepted and the rest of the row is not compared."""
+    for j, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            top2 = np.sort(ref_logits[j])[-2:]
+            assert top2[1] - top2[0] < tie_tol, f"step {j}: ours {a} vs reference {b} (not a near-tie); ours={ours} ref={ref}"
+            return
+    assert len(ours) == len(ref), f"lengths differ: ours={ours} ref={ref}"

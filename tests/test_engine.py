@@ -1,0 +1,99 @@
+"""Engine mechanics: the decode state is donated and updated in place; one compiled loop; bad input."""
+import warnings
+
+import numpy as np
+import pytest
+
+import ftjax
+from ftjax.checkpoint.hf import load_gpt2
+from tests.conftest import VOCAB, random_prompts
+
+
+@pytest.fixture(scope="module")
+def llm(gpt2_dir):
+    cfg, params = load_gpt2(gpt2_dir[0])
+    return ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_batch_size=4, max_seq_len=48)
+
+
+def test_state_is_donated_without_warnings(llm):
+    eng = llm.engine
+    st = eng.init_state()
+    prompts = random_prompts(np.random.RandomState(0), 2, 3, 7)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        st2 = eng.prefill_insert(st, prompts, [0, 1], [6, 6], llm._params_for(2, None, {}))
+        assert all(leaf.is_deleted() for leaf in _leaves(st)), "insert did not consume the donated state"
+        st3, steps = eng.generate_steps(st2, 5)
+        assert all(leaf.is_deleted() for leaf in _leaves(st2)), "generate did not consume the donated state"
+        k_before = st3.cache[0]["k"]
+        st4, _ = eng.generate_steps(st3, 5)
+        assert k_before.is_deleted()
+    msgs = [str(x.message) for x in w]
+    assert not [m for m in msgs if "donated" in m.lower()], msgs
+    assert int(steps) == 5 and not np.any(np.asarray(st4.active & ~st4.done))
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_generate_loop_runs_n_steps_in_one_call_and_stops_early(llm):
+    eng = llm.engine
+    st = eng.prefill_insert(eng.init_state(), [[1, 2, 3]], [0], [4], llm._params_for(1, None, {"end_id": None}))
+    st, steps = eng.generate_steps(st, 100)
+    # max_new 4: the first id comes from prefill, then 3 decode steps, then the loop exits by itself.
+    assert int(steps) == 3 and int(st.gen_count[0]) == 4 and bool(st.done[0])
+
+
+def test_no_recompile_for_new_prompts_and_lengths(llm):
+    prompts = random_prompts(np.random.RandomState(1), 3, 2, 12)
+    llm.generate(prompts, max_new_tokens=5)
+    sizes = (llm.engine._generate._cache_size(), llm.engine._insert._cache_size())
+    llm.generate(random_prompts(np.random.RandomState(2), 3, 2, 12), max_new_tokens=9)
+    assert (llm.engine._generate._cache_size(), llm.engine._insert._cache_size()) == sizes
+
+
+@pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.08), ("float16", 0.02)])
+def test_half_precisions_close_to_float32(gpt2_dir, dtype, tol):
+    cfg, params = load_gpt2(gpt2_dir[0])
+    ids = np.random.RandomState(4).randint(0, VOCAB, size=(2, 11)).tolist()
+    ref = ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_seq_len=32).logits(ids)
+    low = ftjax.LLM(cfg, params, dtype=dtype, attention="xla", max_seq_len=32)
+    out = low.logits(ids)
+    assert out.dtype == np.float32
+    assert np.abs(out - ref).max() / np.abs(ref).max() < tol
+    assert low.engine.params["layers_0"]["attn"]["q"]["kernel"].dtype.name == dtype
+    assert len(low.generate(ids, max_new_tokens=3).tokens[0]) >= 1
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(prompts=[[1, 2, 3] * 20], max_new_tokens=1), "max_new_tokens"),      # prompt longer than max_seq_len
+    (dict(prompts=[[1, 2, 3] * 14], max_new_tokens=8), "max_new_tokens"),      # prompt + new past max_seq_len
+    (dict(prompts=[[]], max_new_tokens=4), "prompts[0]"),
+    (dict(prompts=[[1, 2], []], max_new_tokens=4), "prompts[1]"),
+    (dict(prompts=[[1, VOCAB]], max_new_tokens=4), "prompts[0]"),
+    (dict(prompts=[[1, -1]], max_new_tokens=4), "prompts[0]"),
+    (dict(prompts=[[1, 2]], max_new_tokens=0), "max_new_tokens"),
+    (dict(prompts=[[1, 2]], max_new_tokens=-3), "max_new_tokens"),
+    (dict(prompts=[], max_new_tokens=3), "prompts"),
+    (dict(prompts=[[1, 2]], max_new_tokens=3, end_id=VOCAB + 5), "end_id"),
+])
+def test_bad_input_is_refused_naming_the_field(llm, kwargs, field):
+    with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        llm.generate(kwargs.pop("prompts"), **kwargs)
+    # and the engine still serves
+    assert len(llm.generate([[1, 2, 3]], max_new_tokens=2).tokens[0]) >= 1
+
+
+def test_bad_load_arguments(gpt2_dir):
+    cfg, params = load_gpt2(gpt2_dir[0])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        ftjax.LLM(cfg, params, dtype="float32", max_seq_len=10_000)
+    with pytest.raises(ValueError, match="dtype"):
+        ftjax.LLM(cfg, params, dtype="int4")
+    with pytest.raises(ValueError, match="attention"):
+        ftjax.LLM(cfg, params, dtype="float32", attention="cuda")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ftjax.LLM(cfg, params, dtype="float32", max_batch_size=0)
