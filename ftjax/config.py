@@ -155,10 +155,23 @@ class ModelConfig:
             return s[key]
 
         n, h = int(need("head_num")), int(need("size_per_head"))
-        act = s.get("activation_type", s.get("activation", "gelu")).lower()
-        act = {"gelu": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu", "silu": "silu"}.get(act)
+        # FT's ParallelGptTritonModel: activation_type default "Gelu" (FT's GELU is the tanh form).
+        raw_act = s.get("activation_type", s.get("activation", "Gelu"))
+        act = {"gelu": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu", "silu": "silu"}.get(raw_act.lower())
         if act is None:
-            raise ValueError(f"config.ini: unsupported activation {s.get('activation_type')!r}")
+            raise ValueError(f"config.ini: unsupported activation_type {raw_act!r} ({path})")
+
+        def flag(key, default):
+            return s.get(key, str(default)).strip().lower() in ("1", "true", "yes", "on")
+
+        # FT GPT variants this build does not implement are refused by name (defaults as FT's reader).
+        if s.get("layernorm_type", "pre_layernorm") != "pre_layernorm":
+            raise ValueError(f"config.ini: unsupported layernorm_type {s.get('layernorm_type')!r} ({path})")
+        for key, default, ok in (("has_positional_encoding", True, True), ("has_pre_decoder_layernorm", False, False),
+                                 ("has_post_decoder_layernorm", True, True), ("use_attention_linear_bias", False, False),
+                                 ("has_adapters", False, False)):
+            if flag(key, default) != ok:
+                raise ValueError(f"config.ini: unsupported {key} = {s.get(key)!r} ({path})")
         end = s.get("end_id")
         start = s.get("start_id")
         return cls(
@@ -169,7 +182,8 @@ class ModelConfig:
             ffn_dim=int(need("inter_size")),
             max_positions=int(s.get("max_pos_seq_len", s.get("n_positions", "1024"))),
             activation=act,
-            norm_eps=float(s.get("layernorm_eps", "1e-5")),
+            # FT's reader defaults layernorm_eps to 1e-6 (HF-converted folders do not write it).
+            norm_eps=float(s.get("layernorm_eps", "1e-6")),
             tie_embeddings=True,
             bos_id=int(start) if start is not None else None,
             eos_id=int(end) if end is not None else None,

@@ -1,0 +1,138 @@
+"""FasterTransformer's own converted GPT folders: what `huggingface_gpt_convert.py` and
+`megatron_ckpt_convert.py` (examples/pytorch/gpt/utils) write into `{out}/{N}-gpu/`, the folder a Triton
+`model_checkpoint_path` points at, and what `ParallelGptWeight.cc` / `ParallelGptDecoderLayerWeight.cc`
+read.
+
+Layout (T = tensor_para_size, d = head_num * size_per_head, f = inter_size, v = vocab_size,
+p = max_pos_seq_len; every file a raw little-endian array, C order, of `weight_data_type` (fp32 / fp16 /
+bf16) with no header):
+
+  config.ini                                        [gpt] head_num, size_per_head, inter_size, num_layer,
+                                                    vocab_size, max_pos_seq_len, start_id, end_id,
+                                                    weight_data_type, tensor_para_size, layernorm_eps, ...
+  model.wte.bin                                     [v, d]
+  model.wpe.bin                                     [p, d]
+  model.final_layernorm.{weight,bias}.bin           [d]
+  model.lm_head.weight.bin                          [v, d]  (optional: untied output embedding)
+  model.layers.{i}.input_layernorm.{weight,bias}.bin             [d]
+  model.layers.{i}.attention.query_key_value.weight.{r}.bin      [d, 3, d/T]
+  model.layers.{i}.attention.query_key_value.bias.{r}.bin        [3, d/T]
+  model.layers.{i}.attention.dense.weight.{r}.bin                [d/T, d]
+  model.layers.{i}.attention.dense.bias.bin                      [d]
+  model.layers.{i}.post_attention_layernorm.{weight,bias}.bin    [d]
+  model.layers.{i}.mlp.dense_h_to_4h.weight.{r}.bin              [d, f/T]
+  model.layers.{i}.mlp.dense_h_to_4h.bias.{r}.bin                [f/T]
+  model.layers.{i}.mlp.dense_4h_to_h.weight.{r}.bin              [f/T, d]
+  model.layers.{i}.mlp.dense_4h_to_h.bias.bin                    [d]
+
+Each rank's d/T columns hold its np = n/T heads, head-major ([np, h]). The path may also be the folder
+one level up (holding `1-gpu/`, `2-gpu/`, ...): a single `*-gpu` subfolder is used, several are refused.
+A file whose byte size differs from its shape is an error naming the file and both sizes. FT's own
+defaults apply to absent keys (`layernorm_eps` 1e-6, `activation_type` Gelu = tanh GELU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Callable
+
+import numpy as np
+
+from ftjax.checkpoint.common import check_params, nest
+from ftjax.config import ModelConfig
+
+_WEIGHT_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": "bfloat16"}
+
+
+def resolve_dir(path: str) -> str:
+    """The folder holding config.ini: `path` itself or its single `*-gpu` subfolder."""
+    if os.path.exists(os.path.join(path, "config.ini")):
+        return path
+    subs = sorted(s for s in (os.listdir(path) if os.path.isdir(path) else [])
+                  if re.fullmatch(r"\d+-gpu", s) and os.path.exists(os.path.join(path, s, "config.ini")))
+    if len(subs) == 1:
+        return os.path.join(path, subs[0])
+    if len(subs) > 1:
+        raise ValueError(f"{path}: several FasterTransformer folders {subs}; pass the one to load")
+    raise ValueError(f"{path}: no FasterTransformer config.ini here or in a '<N>-gpu' subfolder")
+
+
+def _np_dtype(name: str):
+    name = name.strip().lower()
+    for key, dt in _WEIGHT_DTYPES.items():  # FT matches by substring (getModelFileType)
+        if key in name:
+            if dt == "bfloat16":
+                import ml_dtypes
+                return ml_dtypes.bfloat16
+            return dt
+    raise ValueError(f"config.ini: unsupported weight_data_type {name!r} (expected fp32, fp16 or bf16)")
+
+
+def load_ft_gpt(path: str, progress: Callable[[str], None] | None = None) -> tuple[ModelConfig, dict[str, Any]]:
+    """Returns (config, params as a nested dict of float32 numpy arrays in ftjax's layout)."""
+    say = progress or (lambda msg: None)
+    root = resolve_dir(path)
+    ini = os.path.join(root, "config.ini")
+    cfg = ModelConfig.from_ft_ini(ini)
+    import configparser
+
+    cp = configparser.ConfigParser()
+    cp.read(ini)
+    sec = cp["gpt"]
+    dtype = _np_dtype(sec.get("weight_data_type", "fp32"))
+    T = int(sec.get("tensor_para_size", "1"))
+    if "pipeline_para_size" in sec and int(sec["pipeline_para_size"]) != 1:
+        raise ValueError(f"{ini}: pipeline_para_size {sec['pipeline_para_size']} is not supported")
+    d, n, h, f, L = cfg.hidden, cfg.num_heads, cfg.dim_per_head, cfg.ffn_dim, cfg.num_layers
+    v, p = cfg.vocab_size, cfg.max_positions
+    if T < 1 or n % T or f % T:
+        raise ValueError(f"{ini}: tensor_para_size {T} must divide head_num {n} and inter_size {f}")
+    npr = n // T
+
+    def read(name, shape):
+        fn = os.path.join(root, name)
+        if not os.path.exists(fn):
+            raise ValueError(f"{root}: missing weight file {name}")
+        want = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        got = os.path.getsize(fn)
+        if got != want:
+            raise ValueError(f"{fn}: {got} bytes, but shape {tuple(shape)} of {np.dtype(dtype).name} "
+                             f"needs {want} bytes")
+        return np.fromfile(fn, dtype=np.dtype(dtype).newbyteorder("<")).astype(np.float32).reshape(shape)
+
+    lm_head = os.path.exists(os.path.join(root, "model.lm_head.weight.bin"))
+    if lm_head:
+        cfg = dataclasses.replace(cfg, tie_embeddings=False)
+    flat = {"embed/tokens": read("model.wte.bin", (v, d)), "embed/positions": read("model.wpe.bin", (p, d)),
+            "final_norm/scale": read("model.final_layernorm.weight.bin", (d,)),
+            "final_norm/bias": read("model.final_layernorm.bias.bin", (d,))}
+    if lm_head:
+        flat["lm_head/kernel"] = np.ascontiguousarray(read("model.lm_head.weight.bin", (v, d)).T)
+    for i in range(L):
+        pre, o = f"model.layers.{i}.", f"layers_{i}/"
+        qkv_w = np.concatenate([read(pre + f"attention.query_key_value.weight.{r}.bin", (d, 3, npr, h))
+                                for r in range(T)], axis=2)  # [d, 3, n, h]
+        qkv_b = np.concatenate([read(pre + f"attention.query_key_value.bias.{r}.bin", (3, npr, h))
+                                for r in range(T)], axis=1)  # [3, n, h]
+        for j, name in enumerate("qkv"):
+            flat[o + f"attn/{name}/kernel"] = np.ascontiguousarray(qkv_w[:, j])
+            flat[o + f"attn/{name}/bias"] = qkv_b[j]
+        flat[o + "attn/o/kernel"] = np.concatenate(
+            [read(pre + f"attention.dense.weight.{r}.bin", (npr, h, d)) for r in range(T)], axis=0)
+        flat[o + "attn/o/bias"] = read(pre + "attention.dense.bias.bin", (d,))
+        flat[o + "ln1/scale"] = read(pre + "input_layernorm.weight.bin", (d,))
+        flat[o + "ln1/bias"] = read(pre + "input_layernorm.bias.bin", (d,))
+        flat[o + "ln2/scale"] = read(pre + "post_attention_layernorm.weight.bin", (d,))
+        flat[o + "ln2/bias"] = read(pre + "post_attention_layernorm.bias.bin", (d,))
+        flat[o + "mlp/wi/kernel"] = np.concatenate(
+            [read(pre + f"mlp.dense_h_to_4h.weight.{r}.bin", (d, f // T)) for r in range(T)], axis=1)
+        flat[o + "mlp/wi/bias"] = np.concatenate(
+            [read(pre + f"mlp.dense_h_to_4h.bias.{r}.bin", (f // T,)) for r in range(T)], axis=0)
+        flat[o + "mlp/wo/kernel"] = np.concatenate(
+            [read(pre + f"mlp.dense_4h_to_h.weight.{r}.bin", (f // T, d)) for r in range(T)], axis=0)
+        flat[o + "mlp/wo/bias"] = read(pre + "mlp.dense_4h_to_h.bias.bin", (d,))
+        say(f"FT layer {i + 1}/{L} ({T} rank file{'s' if T > 1 else ''} each)")
+    params = nest(flat)
+    check_params(cfg, params, root)
+    return cfg, params
