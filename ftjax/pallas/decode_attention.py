@@ -61,6 +61,7 @@ class DecodeConfig:
   target_programs: int = 528          # 4 waves of programs on a 132-SM H100
   min_blocks_per_split: int = 2
   max_splits: int = 64
+  mha_dot: bool = False               # g == 1: use the padded 16-row tensor-core path too
 
   def __post_init__(self):
     assert self.block_k >= 16 and self.block_k & (self.block_k - 1) == 0, (
@@ -221,7 +222,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, config=None, i
 
   kv_spec = pl.BlockSpec((None, None, s, hp), lambda i, j, p: (i, j, 0, 0))
   len_spec = pl.BlockSpec((None,), lambda i, j, p: (i,))
-  if g == 1:
+  if g == 1 and not config.mha_dot:
     qx = q.reshape(b, kh, h).astype(kv_dtype)
     if hp != h:
       qx = jnp.pad(qx, ((0, 0), (0, 0), (0, hp - h)))
@@ -270,7 +271,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, config=None, i
     l_tot = jnp.sum(l_part * w, axis=2)
     o = jnp.sum(o_part * w[..., None], axis=2) / jnp.maximum(l_tot, 1e-30)[..., None]
     o = o.astype(q.dtype)
-  if g == 1:
+  if g == 1 and not config.mha_dot:
     return o[..., :h].reshape(b, n, h)
   return o[:, :, :g, :h].reshape(b, n, h)
 

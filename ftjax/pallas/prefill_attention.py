@@ -63,7 +63,7 @@ class PrefillConfig:
 
   def resolve(self, t: int, s: int, hp: int) -> tuple[int, int, int, int]:
     bq = self.block_q or 128
-    bk = self.block_k or (64 if hp <= 64 else (128 if hp <= 128 else 32))
+    bk = self.block_k or (64 if hp <= 128 else 32)
     nw = self.num_warps or (4 if hp <= 64 else 8)
     ns = self.num_stages or (3 if hp <= 128 else 2)
     # Short inputs: shrink the tiles (never below 16, the smallest tensor-core tile).
