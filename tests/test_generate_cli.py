@@ -1,0 +1,55 @@
+"""`python -m ftjax.generate`: a file of prompts larger than max_batch_size, results in order, equal to
+the library's; the embedded default model runs with nothing downloaded; bad files are refused."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+import ftjax
+from ftjax.checkpoint.hf import load_gpt2
+from tests.conftest import random_prompts
+
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "ftjax.generate", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def test_cli_file_matches_library(gpt2_dir, tmp_path):
+    path, _ = gpt2_dir
+    prompts = random_prompts(np.random.RandomState(9), 7, 1, 12)
+    inp = tmp_path / "in.jsonl"
+    with open(inp, "w") as f:
+        for i, p in enumerate(prompts):
+            f.write(json.dumps(p if i % 2 else {"input_ids": p}) + "\n")
+    out = tmp_path / "out.jsonl"
+    r = _run("--model", path, "--input", str(inp), "--output", str(out), "--dtype", "float32",
+             "--max-batch-size", "3", "--max-new-tokens", "6", "--attention", "xla", "--max-seq-len", "64")
+    assert r.returncode == 0, r.stderr
+    assert "7/7 prompts" in r.stderr and "tokens/s" in r.stderr
+    recs = [json.loads(line) for line in open(out)]
+    assert [r["index"] for r in recs] == list(range(7))
+    cfg, params = load_gpt2(path)
+    lib = ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_batch_size=3, max_seq_len=64)
+    want = lib.generate(prompts, max_new_tokens=6)
+    assert [r["output_ids"] for r in recs] == want.tokens
+    assert [r["input_ids"] for r in recs] == prompts
+
+
+def test_cli_default_model_and_bad_input(tmp_path):
+    r = _run("--max-new-tokens", "3", "--dtype", "float32", "--max-seq-len", "64")
+    assert r.returncode == 0, r.stderr
+    assert "embedded default model" in r.stderr
+    assert len([line for line in r.stdout.splitlines() if line.startswith("{")]) == 16
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input_ids": [1, 2]}\nnot json\n')
+    r = _run("--input", str(bad), "--max-new-tokens", "2", "--max-seq-len", "64")
+    assert r.returncode != 0 and "bad.jsonl:2" in r.stderr
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps(list(range(1, 70))) + "\n")
+    r = _run("--input", str(big), "--max-new-tokens", "2", "--max-seq-len", "64")
+    assert r.returncode == 2 and "max_seq_len" in r.stderr
