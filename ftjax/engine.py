@@ -115,6 +115,7 @@ class Engine:
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,))
         self._logits = jax.jit(self._logits_fn)
+        self._retire = jax.jit(self._retire_fn, donate_argnums=(0,))
 
     # ------------------------------------------------------------------------------------ state
     def init_state(self, word_capacity=None) -> DecodeState:
@@ -199,6 +200,12 @@ class Engine:
         steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
         return state, steps
 
+    @staticmethod
+    def _retire_fn(state: DecodeState, slots):
+        """Frees `slots` [n] (a slot >= B is ignored): the rows stop decoding at once."""
+        put = lambda a, v: a.at[slots].set(v, mode="drop")  # noqa: E731
+        return state._replace(active=put(state.active, False), done=put(state.done, True))
+
     # ------------------------------------------------------------------------------- host side
     def check_prompt(self, ids, max_new: int, field: str = "prompts"):
         if len(ids) == 0:
@@ -227,6 +234,12 @@ class Engine:
         sp = sampling.pack(list(params_list), b, vocab=self.cfg.vocab, word_capacity=self.word_capacity)
         prefix = self._prefill(self.params, tokens, lengths, sp)
         return self._insert(state, prefix, tokens, lengths, slot_arr, mx, sp)
+
+    def retire(self, state: DecodeState, slots) -> DecodeState:
+        """Cancel/free slots (host ints); their rows stop decoding immediately."""
+        arr = np.full((self.B,), self.B, np.int32)
+        arr[: len(slots)] = slots
+        return self._retire(state, arr)
 
     def generate_steps(self, state: DecodeState, n_steps: int):
         return self._generate(self.params, state, np.int32(n_steps))
