@@ -346,3 +346,41 @@ def test_bad_checkpoints(tmp_path, tanh_gelu):
         save_file(t, str(d / "model.safetensors"))
         with pytest.raises(ValueError, match=pat):
             load_checkpoint(str(d))
+
+
+def test_megatron_without_args_and_foreign_classes(tmp_path, exact_gelu):
+    """The 345M release layout: TP 1, no pickled args (heads passed in), checkpoint_version 0, plus an
+    object of a package not installed here pickled beside the weights (Megatron's optimizer state)."""
+    _, model = exact_gelu
+    root = write_megatron(str(tmp_path / "meg"), model, version=0, T=1, layout="release")
+    f = os.path.join(root, "release", "mp_rank_00", "model_optim_rng.pt")
+    ckpt = torch.load(f, weights_only=False)
+    del ckpt["args"], ckpt["checkpoint_version"]
+    import types
+    fake = types.ModuleType("megatron_not_installed")
+    fake.OptimizerState = type("OptimizerState", (), {"__module__": "megatron_not_installed"})
+    sys.modules["megatron_not_installed"] = fake
+    try:
+        ckpt["optimizer"] = {"state": fake.OptimizerState()}
+        torch.save(ckpt, f)
+    finally:
+        del sys.modules["megatron_not_installed"]
+    raw = open(f, "rb").read()
+    assert b"argparse" not in raw
+    with pytest.raises(ValueError, match="num_heads"):
+        load_checkpoint(root)
+    cfg, params = load_checkpoint(root, num_heads=N)
+    assert cfg.activation == "gelu" and cfg.eos_id is None
+    _check_logits(cfg, params, _hf_logits(model))
+
+
+def test_ftjax_load_reads_converted_formats(tmp_path, tanh_gelu):
+    import ftjax
+
+    _, model = tanh_gelu
+    d = write_ft(str(tmp_path / "ft"), model)
+    llm = ftjax.load(str(tmp_path / "ft"), dtype="float32", max_batch_size=2, max_seq_len=P, attention="xla")
+    ours = llm.logits([IDS[0].tolist()])
+    ref = _hf_logits(model)[:1]
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+    assert d

@@ -74,7 +74,7 @@ def load_checkpoint(path: str, progress: Callable[[str], None] | None = None,
         cfg, params = orbax_io.load(path, **kwargs)
     elif fmt == "hf":
         from ftjax.checkpoint import hf
-        cfg, params = hf.load_gpt2(path, **kwargs)
+        cfg, params = hf.load_gpt2(path, progress=progress, **kwargs)
     elif fmt == "ft":
         from ftjax.checkpoint import ft
         cfg, params = ft.load_ft_gpt(path, progress=progress, **kwargs)

@@ -42,8 +42,9 @@ def _as_f32(a):
     return a.astype(np.float32) if a.dtype != np.float32 else a
 
 
-def load_gpt2(path: str) -> tuple[ModelConfig, dict[str, Any]]:
-    """Returns (config, params as a nested dict of float32 numpy arrays in ftjax's layout)."""
+def load_gpt2(path: str, progress=None) -> tuple[ModelConfig, dict[str, Any]]:
+    """Returns (config, params as a nested dict of float32 numpy arrays in ftjax's layout).
+    `progress`, when given, is called with one line per layer converted."""
     cfg = ModelConfig.from_hf(read_json(os.path.join(path, "config.json")))
     sd = {k.removeprefix("transformer."): v for k, v in read_state_dict(path).items()}
     d, n, h, L = cfg.hidden, cfg.num_heads, cfg.dim_per_head, cfg.num_layers
@@ -71,6 +72,8 @@ def load_gpt2(path: str) -> tuple[ModelConfig, dict[str, Any]]:
         flat[o + "ln2/scale"], flat[o + "ln2/bias"] = get(p + "ln_2.weight"), get(p + "ln_2.bias")
         flat[o + "mlp/wi/kernel"], flat[o + "mlp/wi/bias"] = get(p + "mlp.c_fc.weight"), get(p + "mlp.c_fc.bias")
         flat[o + "mlp/wo/kernel"], flat[o + "mlp/wo/bias"] = get(p + "mlp.c_proj.weight"), get(p + "mlp.c_proj.bias")
+        if progress:
+            progress(f"HF layer {i + 1}/{L}")
     if not cfg.tie_embeddings:
         if "lm_head.weight" not in sd:
             raise ValueError(f"{path}: tie_word_embeddings is false but lm_head.weight is missing")

@@ -25,6 +25,7 @@ replicated (rank 0's is used).
 Vocabulary: the embedding has `padded_vocab_size` rows. With `tokenizer_type == "GPT2BPETokenizer"` and
 at least 50257 rows, `valid_vocab_size` is 50257 (GPT-2's BPE vocabulary; the padding rows are never
 produced), and bos = eos = 50256 (`<|endoftext|>`). Otherwise every row is valid and bos/eos are None.
+A checkpoint without pickled `args` (the 345M release) is taken as GPT-2 BPE when it has >= 50257 rows.
 
 GELU is exact (erf) unless `args.openai_gelu` (then the tanh form). Post-LayerNorm residuals
 (`apply_residual_connection_post_layernorm`), rotary positions, RMSNorm, SwiGLU, bias-free linears and
@@ -93,10 +94,39 @@ def resolve_rank_files(path: str) -> list[str]:
     return files
 
 
+class _Stub:
+    """Stands in for classes of packages not installed here (Megatron's own optimizer / scheduler
+    objects pickled beside the weights); the weights themselves never need them."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def __setstate__(self, state):
+        self.__dict__["_state"] = state
+
+
+def _lenient_pickle():
+    import pickle
+    import types
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            try:
+                return super().find_class(module, name)
+            except (ImportError, AttributeError):
+                return type(name, (_Stub,), {"__module__": module})
+
+    mod = types.ModuleType("ftjax_lenient_pickle")
+    mod.__dict__.update({k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")})
+    mod.Unpickler = Unpickler
+    return mod
+
+
 def _load_pt(f: str) -> dict[str, Any]:
     torch = _torch()
-    # weights_only=False: `args` is an argparse.Namespace (see the module docstring).
-    return torch.load(f, map_location="cpu", weights_only=False)
+    # weights_only=False: `args` is an argparse.Namespace (see the module docstring). Classes from
+    # packages that are not installed (e.g. `megatron.*` in the optimizer state) load as stubs.
+    return torch.load(f, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle())
 
 
 def _np(t) -> np.ndarray:
@@ -212,7 +242,10 @@ def load_megatron_gpt(path: str, num_heads: int | None = None,
         raise ValueError(f"{path}: num_attention_heads {n} must divide hidden {d} and be a multiple of "
                          f"the tensor parallel size {T}")
     h, npr = d // n, n // T
-    f = int(_arg(args, "ffn_hidden_size", default=4 * d))
+    f_rows = sum(np.shape(per_rank[r].get("body.layers.0.mlp.dense_h_to_4h.weight", np.zeros((0,))))[0]
+                 for r in range(T))
+    # ffn_hidden_size may be absent: older args mean 4 * hidden; with no args at all, the weights say.
+    f = int(_arg(args, "ffn_hidden_size", default=4 * d if args is not None else f_rows))
     padded = int(_arg(args, "padded_vocab_size", default=v_rows))
     if padded != v_rows:
         raise ValueError(f"{path}: args.padded_vocab_size={padded} but word_embeddings have {v_rows} rows")
