@@ -25,11 +25,11 @@ V, D, L, N, F, P = 96, 32, 2, 4, 64, 32
 H = D // N
 
 
-def _hf_model(path, *, seed=0, activation="gelu_new", tie=True, eos=V - 1):
+def _hf_model(path, *, seed=0, activation="gelu_new", tie=True, eos=V - 1, vocab=V):
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=P, n_embd=D, n_layer=L, n_head=N, n_inner=F,
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=P, n_embd=D, n_layer=L, n_head=N, n_inner=F,
                                   activation_function=activation, tie_word_embeddings=tie,
                                   bos_token_id=eos, eos_token_id=eos)
     model = transformers.GPT2LMHeadModel(cfg).eval()
@@ -78,8 +78,14 @@ def tanh_gelu(tmp_path_factory):
 # ------------------------------------------------------------------------------------------------
 # Megatron-LM writer (model_optim_rng.pt per tensor-parallel rank)
 
-def write_megatron(root, model, *, version, T=2, layout="release", drop=None, args_overrides=None):
+def write_megatron(root, model, *, version, T=2, layout="release", drop=None, args_overrides=None, pad_to=None):
     sd = _sd(model)
+    vocab = sd["wte.weight"].shape[0]
+    if pad_to:  # Megatron pads the embedding to a multiple of 128 * T rows (padded_vocab_size)
+        pad = np.random.RandomState(9).normal(0, 0.2, (pad_to - vocab, D)).astype(np.float32)
+        sd["wte.weight"] = np.concatenate([sd["wte.weight"], pad])
+        if "lm_head.weight" in sd:
+            sd["lm_head.weight"] = np.concatenate([sd["lm_head.weight"], pad])
     npr = N // T
     os.makedirs(root, exist_ok=True)
     if layout == "release":
@@ -94,7 +100,7 @@ def write_megatron(root, model, *, version, T=2, layout="release", drop=None, ar
         base = root
     args = argparse.Namespace(num_layers=L, hidden_size=D, num_attention_heads=N, ffn_hidden_size=F,
                               max_position_embeddings=P, tensor_model_parallel_size=T,
-                              pipeline_model_parallel_size=1, padded_vocab_size=V,
+                              pipeline_model_parallel_size=1, padded_vocab_size=pad_to or vocab,
                               tokenizer_type="GPT2BPETokenizer", layernorm_epsilon=1e-5, openai_gelu=False,
                               bias_gelu_fusion=True, apply_residual_connection_post_layernorm=False,
                               fp16=False, bf16=False)
@@ -131,11 +137,12 @@ def write_megatron(root, model, *, version, T=2, layout="release", drop=None, ar
         body["final_layernorm.bias"] = t(sd["ln_f.bias"])
         if drop:
             del body[drop]
-        ckpt = {"iteration": 0, "checkpoint_version": version, "args": args,
-                "model": {"language_model": {
-                    "embedding": {"word_embeddings": {"weight": t(np.split(sd["wte.weight"], T)[r])},
-                                  "position_embeddings": {"weight": t(sd["wpe.weight"])}},
-                    body_key: body}}}
+        lm = {"embedding": {"word_embeddings": {"weight": t(np.split(sd["wte.weight"], T)[r])},
+                            "position_embeddings": {"weight": t(sd["wpe.weight"])}},
+              body_key: body}
+        if not model.config.tie_word_embeddings:  # untie_embeddings_and_output_weights: column parallel
+            lm["output_layer"] = {"weight": t(np.split(sd["lm_head.weight"], T)[r])}
+        ckpt = {"iteration": 0, "checkpoint_version": version, "args": args, "model": {"language_model": lm}}
         os.makedirs(os.path.join(base, f"mp_rank_{r:02d}"))
         torch.save(ckpt, os.path.join(base, f"mp_rank_{r:02d}", "model_optim_rng.pt"))
     return root
@@ -150,6 +157,20 @@ def test_megatron_tp2_matches_hf(tmp_path, exact_gelu, version, layout):
     assert cfg.activation == "gelu" and cfg.tie_embeddings and cfg.num_heads == N
     assert cfg.eos_id is None and cfg.vocab == V  # GPT2BPETokenizer but fewer than 50257 rows
     _check_logits(cfg, params, _hf_logits(model))
+
+
+def test_megatron_gpt2_padded_vocab_untied(tmp_path):
+    """GPT2BPETokenizer with padded_vocab_size 50304 > 50257 rows: padding rows are never produced,
+    eos = 50256; an untied `output_layer` is merged over the ranks."""
+    model = _hf_model(str(tmp_path / "hf"), seed=3, activation="gelu", tie=False, vocab=50257, eos=50256)
+    root = write_megatron(str(tmp_path / "meg"), model, version=3.0, pad_to=50304)
+    cfg, params = load_checkpoint(root)
+    assert (cfg.vocab_size, cfg.vocab, cfg.eos_id, cfg.bos_id) == (50304, 50257, 50256, 50256)
+    assert not cfg.tie_embeddings
+    ref = _hf_logits(model)
+    _check_logits(cfg, params, ref)
+    full = np.asarray(gpt.build(cfg).apply({"params": params}, IDS, LENGTHS, method=gpt.GPT.prefill)[0])
+    assert full.shape == (2, 50304) and full[:, 50257:].max() < -1e29
 
 
 def test_megatron_refuses_post_layernorm_and_missing_key(tmp_path, exact_gelu):
@@ -168,7 +189,9 @@ def test_megatron_refuses_post_layernorm_and_missing_key(tmp_path, exact_gelu):
 
 def write_ft(out, model, *, T=2, weight_data_type="fp32", eps=1e-5):
     sd = _sd(model)
-    npd = {"fp32": np.float32, "fp16": np.float16}[weight_data_type]
+    import ml_dtypes
+
+    npd = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}[weight_data_type]
     d = os.path.join(out, f"{T}-gpu")
     os.makedirs(d)
     cp = configparser.ConfigParser()
@@ -223,12 +246,14 @@ def test_ft_fp32_tp2_matches_hf(tmp_path, tanh_gelu):
         _check_logits(cfg, params, _hf_logits(model))
 
 
-def test_ft_fp16_untied_tp2_matches_hf(tmp_path):
+@pytest.mark.parametrize("wdt", ["fp16", "bf16"])
+def test_ft_half_untied_tp2_matches_hf(tmp_path, wdt):
     model = _hf_model(str(tmp_path / "hf"), seed=2, tie=False)
-    with torch.no_grad():  # the reference sees the same fp16-rounded weights the files hold
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}[wdt]
+    with torch.no_grad():  # the reference sees the same rounded weights the files hold
         for p in model.parameters():
-            p.copy_(p.half().float())
-    d = write_ft(str(tmp_path / "ft"), model, weight_data_type="fp16")
+            p.copy_(p.to(half).float())
+    d = write_ft(str(tmp_path / "ft"), model, weight_data_type=wdt)
     cfg, params = load_checkpoint(d)
     assert not cfg.tie_embeddings
     _check_logits(cfg, params, _hf_logits(model))
