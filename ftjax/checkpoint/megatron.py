@@ -287,9 +287,9 @@ def load_megatron_gpt(path: str, num_heads: int | None = None,
     for i in range(L):
         p, o = f"body.layers.{i}.", f"layers_{i}/"
         qw = [qkv_order(get(r, p + "attention.query_key_value.weight"),
-                        f"{files[r]}: {body_key}.layers.{i}.query_key_value.weight") for r in range(T)]
+                        f"{files[r]}: {body_key}.layers.{i}.attention.query_key_value.weight") for r in range(T)]
         qb = [qkv_order(get(r, p + "attention.query_key_value.bias"),
-                        f"{files[r]}: {body_key}.layers.{i}.query_key_value.bias") for r in range(T)]
+                        f"{files[r]}: {body_key}.layers.{i}.attention.query_key_value.bias") for r in range(T)]
         w = np.concatenate(qw, axis=1)  # [3, n, h, d]
         b = np.concatenate(qb, axis=1)  # [3, n, h]
         for j, name in enumerate("qkv"):
