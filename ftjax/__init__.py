@@ -5,6 +5,7 @@
     res = llm.generate([[1, 2, 3]], max_new_tokens=16)
 """
 from ftjax.llm import LLM, GenerationResult, load
+from ftjax.sampling import SamplingParams
 
-__all__ = ["load", "LLM", "GenerationResult"]
+__all__ = ["load", "LLM", "GenerationResult", "SamplingParams"]
 __version__ = "0.1.0"

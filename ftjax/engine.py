@@ -18,41 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax import sampling
 from ftjax.config import ModelConfig
 from ftjax.models import gpt
 from ftjax.pallas import ops
-
-# --- temporary greedy-only sampling shim (replaced by ftjax.sampling when the decoding controls land)
-class _Shim:
-    DEFAULT_WORD_CAPACITY = (1, 1)
-
-    class SlotParams(NamedTuple):
-        end_id: Any
-        top_p: Any
-
-    @staticmethod
-    def pack(params_list, n, *, vocab, word_capacity):
-        end = np.full((n,), -1, np.int32)
-        for i, p in enumerate(params_list):
-            end[i] = -1 if p.get("end_id") is None else p["end_id"]
-        return _Shim.SlotParams(end_id=end, top_p=np.zeros((n,), np.float32))
-
-    @staticmethod
-    def select(logits, sp, **_):
-        tok = jnp.argmax(logits, -1).astype(jnp.int32)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], 1)[:, 0]
-        return tok, lp
-
-    @staticmethod
-    def stop_hit(seq, seq_len, sp):
-        return jnp.zeros(seq.shape[:1], bool)
-
-    @staticmethod
-    def next_top_p(top_p, tok, sp):
-        return top_p
-
-
-sampling = _Shim
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -75,6 +44,13 @@ class Prefix(NamedTuple):
     kv: list               # per layer (k, v): [b, T, k, h]
     first: jax.Array       # [b] int32: first generated id
     first_logprob: jax.Array  # [b] float32
+
+
+def select(logits, sp, *, seq, prompt_len, seq_len, gen_count, top_p):
+    """Per-row decoding of one step: penalties/bans/temperature, then greedy or top-k/top-p draw.
+    logits [B, v] -> (ids [B] int32, log probs [B] f32)."""
+    x = sampling.process_logits(logits, sp, seq, prompt_len, seq_len, gen_count)
+    return sampling.sample(x, sp, gen_count, top_p)
 
 
 def bucket(n: int, lo: int, hi: int) -> int:
@@ -110,7 +86,9 @@ class Engine:
         self.model = gpt.build(cfg, self.dtype, self.impl)
         self.params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype) if _is_float(a) else jnp.asarray(a), params)
         self.B, self.S = ecfg.max_batch_size, ecfg.max_seq_len
-        self.word_capacity = sampling.DEFAULT_WORD_CAPACITY
+        self.word_capacity = (4, 4)   # (words, tokens per word) of stop/bad word lists; grows by doubling
+        self.reset_capacity = 4       # top_p_reset_ids per request
+        self.max_beam_width = 1       # beam search is not wired into the decode loop yet
         self._prefill = jax.jit(self._prefill_fn)
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,))
@@ -118,13 +96,15 @@ class Engine:
         self._retire = jax.jit(self._retire_fn, donate_argnums=(0,))
 
     # ------------------------------------------------------------------------------------ state
-    def init_state(self, word_capacity=None) -> DecodeState:
+    def _pack(self, params_list, n):
+        return sampling.pack(params_list, n, vocab=self.cfg.vocab, eos_id=self.cfg.eos_id,
+                             word_capacity=self.word_capacity, reset_capacity=self.reset_capacity)
+
+    def init_state(self) -> DecodeState:
         c, B, S = self.cfg, self.B, self.S
-        if word_capacity is not None:
-            self.word_capacity = word_capacity
         kv = (B, c.kv_heads, S, c.dim_per_head)
         cache = [{"k": jnp.zeros(kv, self.dtype), "v": jnp.zeros(kv, self.dtype)} for _ in range(c.num_layers)]
-        sp = jax.tree.map(jnp.asarray, sampling.pack([], B, vocab=c.vocab, word_capacity=self.word_capacity))
+        sp = jax.tree.map(jnp.asarray, self._pack([], B))
         i = lambda v=0: jnp.full((B,), v, jnp.int32)  # noqa: E731
         return DecodeState(cache=cache, seq=jnp.zeros((B, S), jnp.int32), logprobs=jnp.zeros((B, S), jnp.float32),
                            prompt_len=i(), seq_len=i(1), gen_count=i(), max_new=i(), done=jnp.ones((B,), bool),
@@ -139,7 +119,7 @@ class Engine:
         """tokens [b, T]; lengths [b]; sp SlotParams [b] -> Prefix."""
         logits, kv = self.model.apply({"params": params}, tokens, lengths, method=gpt.GPT.prefill)  # [b, v]
         zeros = jnp.zeros_like(lengths)
-        tok, lp = sampling.select(logits, sp, seq=tokens, prompt_len=lengths, seq_len=lengths, gen_count=zeros,
+        tok, lp = select(logits, sp, seq=tokens, prompt_len=lengths, seq_len=lengths, gen_count=zeros,
                                   top_p=sp.top_p)
         return Prefix(kv=kv, first=tok, first_logprob=lp)
 
@@ -159,7 +139,7 @@ class Engine:
         seq = state.seq.at[slots].set(row, mode="drop")
         logprobs = state.logprobs.at[slots].set(lprow, mode="drop")
         seq_len = lengths + 1
-        ended = (prefix.first == sp.end_id) | (max_new <= 1) | sampling.stop_hit(row, seq_len, sp)
+        ended = (prefix.first == sp.end_id) | (max_new <= 1) | sampling.stop_hit(row, seq_len, sp, lengths)
         put = lambda a, v: a.at[slots].set(v, mode="drop")  # noqa: E731
         return DecodeState(
             cache=cache, seq=seq, logprobs=logprobs,
@@ -184,14 +164,15 @@ class Engine:
             tok = st.seq[rows, pos]
             logits, cache = self.model.apply({"params": params}, tok, pos, st.cache, method=gpt.GPT.decode)
             live = st.active & ~st.done
-            nxt, lp = sampling.select(logits, st.sp, seq=st.seq, prompt_len=st.prompt_len, seq_len=st.seq_len,
+            nxt, lp = select(logits, st.sp, seq=st.seq, prompt_len=st.prompt_len, seq_len=st.seq_len,
                                       gen_count=st.gen_count, top_p=st.top_p)
             at = jnp.minimum(st.seq_len, S - 1)
             seq = st.seq.at[rows, at].set(jnp.where(live, nxt, st.seq[rows, at]))
             logprobs = st.logprobs.at[rows, at].set(jnp.where(live, lp, st.logprobs[rows, at]))
             seq_len = st.seq_len + live
             gen_count = st.gen_count + live
-            ended = (nxt == st.sp.end_id) | (gen_count >= st.max_new) | sampling.stop_hit(seq, seq_len, st.sp)
+            ended = (nxt == st.sp.end_id) | (gen_count >= st.max_new) | sampling.stop_hit(seq, seq_len, st.sp,
+                                                                                          st.prompt_len)
             done = st.done | (live & ended)
             top_p = jnp.where(live, sampling.next_top_p(st.top_p, nxt, st.sp), st.top_p)
             return i + 1, st._replace(cache=cache, seq=seq, logprobs=logprobs, seq_len=seq_len,
@@ -231,9 +212,30 @@ class Engine:
         slot_arr[:n] = slots
         mx = np.zeros((b,), np.int32)
         mx[:n] = max_new
-        sp = sampling.pack(list(params_list), b, vocab=self.cfg.vocab, word_capacity=self.word_capacity)
+        state = self._grow_capacity(state, params_list)
+        sp = self._pack(list(params_list), b)
         prefix = self._prefill(self.params, tokens, lengths, sp)
         return self._insert(state, prefix, tokens, lengths, slot_arr, mx, sp)
+
+    def _grow_capacity(self, state: DecodeState, params_list) -> DecodeState:
+        """Word-list / reset-id capacities grow (doubling) when a request needs more; the running slots'
+        rows are padded, nothing in flight is lost. A new capacity compiles the steps once more."""
+        W, L = sampling.word_capacity_for(params_list, self.word_capacity)
+        R = max([self.reset_capacity] + [len(p.top_p_reset_ids) for p in params_list])
+        while R > self.reset_capacity:
+            self.reset_capacity *= 2
+        if (W, L) == self.word_capacity and state.sp.top_p_reset_ids.shape[1] == self.reset_capacity:
+            return state
+        self.word_capacity = (W, L)
+
+        def words(a):  # [B, W0, L0] right-aligned -> [B, W, L]
+            return jnp.pad(a, ((0, 0), (0, W - a.shape[1]), (L - a.shape[2], 0)), constant_values=-1)
+
+        r = state.sp.top_p_reset_ids
+        sp = state.sp._replace(bad_words=words(state.sp.bad_words), stop_words=words(state.sp.stop_words),
+                               top_p_reset_ids=jnp.pad(r, ((0, 0), (0, self.reset_capacity - r.shape[1])),
+                                                       constant_values=-1))
+        return state._replace(sp=sp)
 
     def retire(self, state: DecodeState, slots) -> DecodeState:
         """Cancel/free slots (host ints); their rows stop decoding immediately."""

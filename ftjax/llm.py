@@ -9,6 +9,7 @@ import numpy as np
 
 from ftjax.config import ModelConfig, default_config
 from ftjax.engine import Engine, EngineConfig, bucket
+from ftjax.sampling import MODEL_DEFAULT, SamplingParams, params_for_batch
 
 log = logging.getLogger("ftjax")
 
@@ -66,16 +67,14 @@ class LLM:
     # ------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 16, *, params=None,
                  **decoding) -> GenerationResult:
-        from ftjax.engine import sampling
-
         prompts = _as_prompts(prompts)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
         for i, p in enumerate(prompts):
             self.engine.check_prompt(p, int(max_new_tokens), field=f"prompts[{i}]")
-        plist = self._params_for(len(prompts), params, decoding)
+        plist = self.sampling_params(len(prompts), params, **decoding)
         out = GenerationResult(tokens=[], sequence_lengths=[], cum_log_probs=[], output_log_probs=[])
-        want_lp = any(p.get("return_log_probs") for p in plist)
+        want_lp = any(p.return_log_probs for p in plist)
         B = self.engine.B
         for start in range(0, len(prompts), B):
             chunk = prompts[start:start + B]
@@ -98,15 +97,15 @@ class LLM:
             out.cum_log_probs = out.output_log_probs = None
         return out
 
-    def _params_for(self, n, params, decoding):
-        end = decoding.pop("end_id", "model")
-        if decoding or params is not None:
-            raise ValueError(f"decoding keywords {sorted(decoding) or ['params']}: not available in this build")
-        if end == "model":
-            end = self.cfg.eos_id
-        if end is not None and not 0 <= int(end) < self.cfg.vocab_size:
-            raise ValueError(f"end_id: {end} outside the vocabulary [0, {self.cfg.vocab_size})")
-        return [{"end_id": end} for _ in range(n)]
+    def sampling_params(self, n: int, params=None, **decoding) -> list[SamplingParams]:
+        """CONTRACTS.md's keyword expansion, with the model's defaults resolved (end_id -> eos) and
+        every value verified against the model; ValueError names the field."""
+        out = []
+        for p in params_for_batch(n, params, **decoding):
+            if p.end_id is MODEL_DEFAULT:
+                p = p.replace(end_id=self.cfg.eos_id)
+            out.append(p.verify(self.cfg.vocab, self.engine.max_beam_width))
+        return out
 
     def logits(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Full-sequence logits [batch, len, vocab] float32 (prompts right-padded to the longest)."""

@@ -21,7 +21,7 @@ def test_state_is_donated_without_warnings(llm):
     prompts = random_prompts(np.random.RandomState(0), 2, 3, 7)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        st2 = eng.prefill_insert(st, prompts, [0, 1], [6, 6], llm._params_for(2, None, {}))
+        st2 = eng.prefill_insert(st, prompts, [0, 1], [6, 6], llm.sampling_params(2))
         assert all(leaf.is_deleted() for leaf in _leaves(st)), "insert did not consume the donated state"
         st3, steps = eng.generate_steps(st2, 5)
         assert all(leaf.is_deleted() for leaf in _leaves(st2)), "generate did not consume the donated state"
@@ -41,7 +41,7 @@ def _leaves(tree):
 
 def test_generate_loop_runs_n_steps_in_one_call_and_stops_early(llm):
     eng = llm.engine
-    st = eng.prefill_insert(eng.init_state(), [[1, 2, 3]], [0], [4], llm._params_for(1, None, {"end_id": None}))
+    st = eng.prefill_insert(eng.init_state(), [[1, 2, 3]], [0], [4], llm.sampling_params(1, end_id=None))
     st, steps = eng.generate_steps(st, 100)
     # max_new 4: the first id comes from prefill, then 3 decode steps, then the loop exits by itself.
     assert int(steps) == 3 and int(st.gen_count[0]) == 4 and bool(st.done[0])

@@ -83,7 +83,7 @@ def test_cached_decode_equals_recompute(gpt2_untied_dir):
     eng = llm.engine
     rng = np.random.RandomState(2)
     prompts = random_prompts(rng, 3, 2, 9)
-    st = eng.prefill_insert(eng.init_state(), prompts, [0, 1, 2], [8] * 3, llm._params_for(3, None, {"end_id": None}))
+    st = eng.prefill_insert(eng.init_state(), prompts, [0, 1, 2], [8] * 3, llm.sampling_params(3, end_id=None))
     cache, pos = st.cache, np.asarray(st.seq_len) - 1
     seqs = [list(p) + [int(st.seq[i, len(p)])] for i, p in enumerate(prompts)] + [[0]]
     for step in range(8):
