@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax
 import jax.numpy as jnp
 
-from bench.common import copy_bandwidth, device_info, n_rotations, time_call
+from bench.common import calls_per_program, copy_bandwidth, device_info, n_rotations, time_call
 from ftjax.pallas import ops
 from ftjax.pallas.decode_attention import DecodeConfig, decode_attention
 from ftjax.pallas.prefill_attention import PrefillConfig, prefill_attention
@@ -55,8 +55,8 @@ DECODE_SHAPES = []   # (b, s, n, kh, h)
 for (n, kh, h) in [(16, 16, 128), (32, 32, 64), (32, 8, 128), (16, 16, 64)]:
   for b in (1, 8, 32, 128):
     for s in (512, 2048, 8192):
-      if (n, kh, h) == (16, 16, 64) and not (b, s) in [(32, 2048), (1, 8192), (128, 2048)]:
-        continue   # 16 heads x 64: only the issue's reference point and two more
+      if (n, kh, h) == (16, 16, 64) and (b, s) != (32, 2048):
+        continue   # 16 heads x 64: only the issue's reference point
       DECODE_SHAPES.append((b, s, n, kh, h))
 
 
@@ -75,37 +75,43 @@ def decode_impls(config=None):
           "dpa_cudnn": functools.partial(dpa, impl="cudnn")}
 
 
-def bench_decode(shapes, impl_names, config=None, tag=""):
+def bench_decode(shapes, impl_names, config=None, tag="", reps=7):
+  """Returns {shape: {impl: GB/s}}."""
+  res = {}
   for (b, s, n, kh, h) in shapes:
     kv_bytes = 2 * b * kh * s * h * 2
     r = n_rotations(kv_bytes, cap=8)
+    calls = calls_per_program(kv_bytes / 2.5e12, r, cap=32)
     key = jax.random.key(b * 7 + s + n + h)
-    sets = []
     need_t = any(x.startswith("dpa") for x in impl_names)
+    bufs = []
     for i in range(r):
-      k1, k2, k3, key = jax.random.split(key, 4)
-      q = jax.random.normal(k1, (b, n, h), BF16)
-      kc = _rand(k2, (b, kh, s, h))
-      vc = _rand(k3, (b, kh, s, h))
-      ln = jnp.full((b,), s, jnp.int32)
-      # dot_product_attention wants [b, s, k, h]: give it its own layout (not timed).
-      kt = jnp.swapaxes(kc, 1, 2) if need_t else None
-      vt = jnp.swapaxes(vc, 1, 2) if need_t else None
-      sets.append((q, kc, vc, ln, kt, vt))
+      k2, k3, key = jax.random.split(key, 3)
+      kc, vc = _rand(k2, (b, kh, s, h)), _rand(k3, (b, kh, s, h))
+      # dot_product_attention wants [b, s, k, h]: it gets its own layout (not timed).
+      bufs.append((kc, vc, jnp.swapaxes(kc, 1, 2) if need_t else None,
+                   jnp.swapaxes(vc, 1, 2) if need_t else None))
+    ln = jnp.full((b,), s, jnp.int32)
+    qs = jax.random.normal(key, (calls, b, n, h), BF16)
+    sets = [(qs[j], bufs[j % r][0], bufs[j % r][1], ln, bufs[j % r][2], bufs[j % r][3])
+            for j in range(calls)]
     impls = decode_impls(config)
     for name in impl_names:
       try:
-        t, _ = time_call(impls[name], sets, reps=10)
+        t, _ = time_call(impls[name], sets, reps=reps)
+        gbps = kv_bytes / t / 1e9
+        res.setdefault((b, s, n, kh, h), {})[name] = gbps
         emit(dict(kind="decode", impl=name + tag, b=b, s=s, n=n, kh=kh, h=h,
                   kv_MB=round(kv_bytes / 1e6, 1), us=round(t * 1e6, 2),
-                  GBps=round(kv_bytes / t / 1e9, 1), rot=r))
+                  GBps=round(gbps, 1), rot=r, calls=calls))
       except Exception as e:  # noqa: BLE001 - a baseline that does not run is recorded
         emit(dict(kind="decode", impl=name + tag, b=b, s=s, n=n, kh=kh, h=h,
-                  error=f"{type(e).__name__}: {str(e)[:200]}"))
-    del sets
+                  error=f"{type(e).__name__}: {str(e)[:300]}"))
+    del sets, bufs, qs
+  return res
 
 
-def bench_model(layers=24, b=8, s=2048, n=16, h=128):
+def bench_model(layers=24, b=8, s=2048, n=16, h=128, config=None):
   """All layers' decode attention of a 1.3B-shape model (24 x 16 heads x 128) in one call."""
   key = jax.random.key(5)
   caches = []
@@ -115,7 +121,7 @@ def bench_model(layers=24, b=8, s=2048, n=16, h=128):
                    _rand(k3, (b, n, s, h))))
   ln = jnp.full((b,), s, jnp.int32)
   kv_bytes = layers * 2 * b * n * s * h * 2
-  for name, f in [("pallas", lambda q, k, v: decode_attention(q, k, v, ln)),
+  for name, f in [("pallas", lambda q, k, v: decode_attention(q, k, v, ln, config=config)),
                   ("xla", lambda q, k, v: ops.xla_decode_attention(q, k, v, ln))]:
     def all_layers(cs, f=f):
       acc = jnp.zeros((b, n, h), jnp.float32)
@@ -149,41 +155,68 @@ def prefill_impls(config=None):
           "dpa_cudnn": functools.partial(dpa, impl="cudnn")}
 
 
-def bench_prefill(shapes, impl_names, config=None, tag=""):
+def bench_prefill(shapes, impl_names, config=None, tag="", reps=5):
+  res = {}
   for (b, t, n, h) in shapes:
     flops = 4 * b * n * h * t * (t + 1) / 2
     key = jax.random.key(t + h)
     k1, k2, k3 = jax.random.split(key, 3)
-    sets = [(jax.random.normal(k1, (b, t, n, h), BF16), jax.random.normal(k2, (b, t, n, h), BF16),
-             jax.random.normal(k3, (b, t, n, h), BF16), jnp.full((b,), t, jnp.int32))]
+    k_, v_ = (jax.random.normal(k2, (b, t, n, h), BF16), jax.random.normal(k3, (b, t, n, h), BF16))
+    qs = jax.random.normal(k1, (2, b, t, n, h), BF16)
+    ln = jnp.full((b,), t, jnp.int32)
+    sets = [(qs[0], k_, v_, ln), (qs[1], k_, v_, ln)]
     impls = prefill_impls(config)
     for name in impl_names:
       try:
-        tm, _ = time_call(impls[name], sets, reps=10)
+        tm, _ = time_call(impls[name], sets, reps=reps)
+        res.setdefault((b, t, n, h), {})[name] = flops / tm / 1e12
         emit(dict(kind="prefill", impl=name + tag, b=b, t=t, n=n, h=h, ms=round(tm * 1e3, 3),
                   TFLOPs=round(flops / tm / 1e12, 1)))
       except Exception as e:  # noqa: BLE001
         emit(dict(kind="prefill", impl=name + tag, b=b, t=t, n=n, h=h,
-                  error=f"{type(e).__name__}: {str(e)[:200]}"))
-    del sets
+                  error=f"{type(e).__name__}: {str(e)[:300]}"))
+    del sets, qs, k_, v_
+  return res
+
+
+def _tag(cfg):
+  return "[" + ",".join(f"{k}={v}" for k, v in cfg.__dict__.items()
+                        if v != getattr(type(cfg)(), k)) + "]"
+
+
+def _best(cands, shapes, run):
+  """The candidate with the best geometric mean over shapes (a failing one scores 0)."""
+  import math
+  scores = {}
+  for cfg in cands:
+    res = run(shapes, cfg)
+    vals = [res.get(sh, {}).get("pallas", 0.0) for sh in shapes]
+    scores[cfg] = math.exp(sum(math.log(max(v, 1e-3)) for v in vals) / len(vals))
+    print(f"# tune {_tag(cfg)}: geomean {scores[cfg]:.1f}", flush=True)
+  best = max(scores, key=scores.get)
+  print(f"# tune winner {_tag(best)}", flush=True)
+  return best
 
 
 def tune():
-  dec_shapes = [(1, 8192, 16, 16, 128), (32, 2048, 16, 16, 64), (8, 8192, 32, 8, 128),
-                (128, 2048, 32, 32, 64)]
-  for cfg in [DecodeConfig(block_k=64), DecodeConfig(block_k=64, num_warps=8),
-              DecodeConfig(num_warps=8), DecodeConfig(mha_dot=True),
-              DecodeConfig(mha_dot=True, num_stages=3), DecodeConfig(target_programs=1056)]:
-    tag = "[" + ",".join(f"{k}={v}" for k, v in cfg.__dict__.items()
-                         if v != getattr(DecodeConfig(), k)) + "]"
-    bench_decode(dec_shapes, ["pallas"], config=cfg, tag=tag)
-  pre_shapes = [(2, 8192, 16, 128), (2, 8192, 32, 64), (8, 2048, 16, 128)]
-  for cfg in [PrefillConfig(block_q=128, block_k=128, num_warps=8, num_stages=2),
-              PrefillConfig(block_q=128, block_k=64, num_warps=4, num_stages=3),
-              PrefillConfig(block_q=64, block_k=64, num_warps=4, num_stages=3),
-              PrefillConfig(block_q=128, block_k=32, num_warps=4, num_stages=4)]:
-    tag = "[" + ",".join(f"{k}={v}" for k, v in cfg.__dict__.items()) + "]"
-    bench_prefill(pre_shapes, ["pallas"], config=cfg, tag=tag)
+  """Small search; returns (decode MHA cfg, decode GQA cfg, prefill h64 cfg, prefill h128 cfg)."""
+  D = DecodeConfig
+  mha_shapes = [(1, 8192, 16, 16, 128), (8, 8192, 32, 32, 64), (32, 2048, 16, 16, 64)]
+  gqa_shapes = [(8, 8192, 32, 8, 128), (32, 2048, 32, 8, 128), (1, 8192, 32, 8, 128)]
+  drun = lambda shapes, cfg: bench_decode(shapes, ["pallas"], config=cfg, tag=_tag(cfg), reps=5)
+  mha = _best([D(), D(block_k=64), D(block_k=64, num_warps=8), D(num_warps=8),
+               D(mha_dot=True, num_stages=3), D(mha_dot=True, block_k=64, num_stages=4)],
+              mha_shapes, drun)
+  gqa = _best([D(), D(num_stages=3), D(block_k=64, num_stages=4), D(num_warps=8, num_stages=3)],
+              gqa_shapes, drun)
+  P = PrefillConfig
+  prun = lambda shapes, cfg: bench_prefill(shapes, ["pallas"], config=cfg, tag=_tag(cfg), reps=3)
+  p64 = _best([P(128, 64, 4, 3), P(128, 128, 4, 3), P(128, 64, 8, 3), P(64, 64, 4, 3)],
+              [(2, 8192, 32, 64), (8, 2048, 32, 64)], prun)
+  p128 = _best([P(128, 64, 8, 3), P(128, 128, 8, 2), P(128, 128, 8, 3), P(128, 64, 4, 3),
+                P(64, 64, 4, 3)],
+               [(2, 8192, 16, 128), (8, 2048, 16, 128)], prun)
+  return mha, gqa, p64, p128
 
 
 def summary(copy_bw):
@@ -224,8 +257,8 @@ def summary(copy_bw):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
-  ap.add_argument("--parts", default="copy,decode,model,prefill,tune")
-  ap.add_argument("--decode-impls", default="pallas,xla,dpa_xla,dpa_cudnn")
+  ap.add_argument("--parts", default="copy,tune,prefill,model,decode")
+  ap.add_argument("--decode-impls", default="pallas,xla,dpa_xla")
   ap.add_argument("--prefill-impls", default="pallas,xla,dpa_xla,dpa_cudnn")
   args = ap.parse_args()
   parts = args.parts.split(",")
@@ -234,12 +267,35 @@ def main():
   JSONL = os.path.join(args.out, "attention.jsonl")
   print(device_info(), time.strftime("%Y-%m-%d %H:%M:%S"), flush=True)
   t0 = time.time()
-  copy_bw = copy_bandwidth() if "copy" in parts else float("nan")
-  emit(dict(kind="copy", GBps=round(copy_bw / 1e9, 1)))
-  for part, fn in [("decode", lambda: bench_decode(DECODE_SHAPES, args.decode_impls.split(","))),
-                   ("prefill", lambda: bench_prefill(PREFILL_SHAPES, args.prefill_impls.split(","))),
-                   ("model", bench_model),
-                   ("tune", tune)]:
+  copy_bw = float("nan")
+  if "copy" in parts:
+    cb = copy_bandwidth()
+    copy_bw = max(cb.values())
+    emit(dict(kind="copy", **{k: round(v / 1e9, 1) for k, v in cb.items()}))
+  mha = gqa = p64 = p128 = None
+  if "tune" in parts:
+    t1 = time.time()
+    try:
+      mha, gqa, p64, p128 = tune()
+      emit(dict(kind="tuned", decode_mha=repr(mha), decode_gqa=repr(gqa), prefill_h64=repr(p64),
+                prefill_h128=repr(p128)))
+    except Exception:  # noqa: BLE001
+      traceback.print_exc()
+    print(f"# part tune took {time.time() - t1:.0f}s", flush=True)
+
+  def decode_all():
+    names = args.decode_impls.split(",")
+    for shp in DECODE_SHAPES:
+      cfg = (mha if shp[2] == shp[3] else gqa)
+      bench_decode([shp], names, config=cfg)
+
+  def prefill_all():
+    names = args.prefill_impls.split(",")
+    for shp in PREFILL_SHAPES:
+      bench_prefill([shp], names, config=(p64 if shp[3] <= 64 else p128))
+
+  for part, fn in [("prefill", prefill_all), ("model", lambda: bench_model(config=mha)),
+                   ("decode", decode_all)]:
     if part in parts:
       t1 = time.time()
       try:

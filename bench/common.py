@@ -1,9 +1,11 @@
 """Timing helpers for the GPU benchmarks (device-synchronised, warmed up, median of repeats).
 
-`time_call(fn, arg_sets)`: one jitted program runs `fn` once on each of the `arg_sets`
-(distinct input buffers, so repeated calls do not hit in L2 when the inputs are small), the
+`time_call(fn, arg_sets)`: one jitted program runs `fn` once on each of the `arg_sets`, the
 host blocks on the result, and the median over repeats of (wall time / len(arg_sets)) is the
-time of one call. Launch overhead is amortised over the calls of one program.
+time of one call. Callers make the sets distinct (each call gets its own small query array, so
+XLA cannot merge calls) and rotate the big inputs among enough buffers that together exceed the
+L2, and put enough calls in one program (>= ~2 ms of device work) that launch and host-sync
+overhead is amortised and the clocks stay up.
 """
 from __future__ import annotations
 
@@ -20,6 +22,13 @@ L2_BYTES = 50 * 2**20   # H100: 50 MB of L2
 def n_rotations(bytes_per_set: int, cap: int = 32) -> int:
   """Input sets needed so the sets together are >= 3x the L2 (at least 1, at most cap)."""
   return max(1, min(cap, math.ceil(3 * L2_BYTES / max(1, bytes_per_set))))
+
+
+def calls_per_program(est_seconds: float, rotations: int, target_s: float = 2e-3,
+                      cap: int = 64) -> int:
+  """Calls in one timed program: a multiple of `rotations`, about target_s of work, <= cap."""
+  n = max(rotations, min(cap, math.ceil(target_s / max(est_seconds, 1e-7))))
+  return max(rotations, (n // rotations) * rotations)
 
 
 def block(x):
@@ -43,12 +52,21 @@ def time_call(fn, arg_sets, *, reps: int = 10, warmup: int = 2, min_time_s: floa
   return statistics.median(times), out
 
 
-def copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
-  """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-  x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
-  f = lambda a: a + jnp.bfloat16(1)
-  t, _ = time_call(f, [(x,)], reps=20)
-  return 2 * nbytes / t
+def copy_bandwidth(nbytes: int = 2 * 2**30) -> dict:
+  """Device copy bandwidth in bytes/s (bytes read plus bytes written) of a few streaming ops.
+
+  Each is timed as 4 calls per program with distinct scalars (no merging); the best is the
+  figure the targets use."""
+  res = {}
+  for name, dtype in [("bf16 a+c", jnp.bfloat16), ("f32 a*c", jnp.float32)]:
+    n = nbytes // jnp.dtype(dtype).itemsize
+    x = jax.random.normal(jax.random.key(0), (n,), dtype)
+    sets = [(x, jnp.asarray(1 + i, dtype)) for i in range(4)]
+    f = (lambda a, c: a + c) if "+" in name else (lambda a, c: a * c)
+    t, _ = time_call(f, sets, reps=10)
+    res[name] = 2 * nbytes / t
+    del x, sets
+  return res
 
 
 def device_info() -> str:

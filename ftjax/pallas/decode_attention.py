@@ -20,7 +20,7 @@ read once for MHA, GQA and MQA alike:
   * g == 1 (MHA): q.K and p.V are vector products on the CUDA cores (a 16-row tensor-core tile
     would be 15/16 padding);
   * g > 1 (GQA/MQA): the g query rows (padded to 16, the smallest tensor-core tile) go through
-    `pl.dot` against the [block_k, h] K block, and the probabilities through `pl.dot` with V.
+    the Triton dot against the [block_k, h] K block, and the probabilities through it with V.
 Keys past a row's length are masked at load (`other=0`), so stale or NaN cache contents past
 the length never reach the output. head_dim that is not a power of two (80, 96) is padded to
 the next power of two by masked loads: the cache is never copied. A cache capacity that is not
@@ -162,13 +162,13 @@ def _kernel_dot(len_ref, q_ref, k_ref, v_ref, *out_refs, qk_scale: float, block_
     rmask = (start + jnp.arange(block_k)) < length
     mask = rmask[:, None] if dmask is None else rmask[:, None] & dmask
     kb = C.load(k_ref.at[pl.ds(start, block_k), :], mask=mask, other=0.0)
-    s = pl.dot(q, kb, trans_b=True, precision=precision) * qk_scale   # [gp, bk]
+    s = C.dot(q, kb, trans_b=True, precision=precision) * qk_scale   # [gp, bk]
     s = jnp.where(rmask[None, :], s, C.MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
     vb = C.load(v_ref.at[pl.ds(start, block_k), :], mask=mask, other=0.0)
-    o = o * alpha[:, None] + pl.dot(p.astype(vb.dtype), vb, precision=precision)
+    o = o * alpha[:, None] + C.dot(p.astype(vb.dtype), vb, precision=precision)
     return o, m_new, l * alpha + jnp.sum(p, axis=1)
 
   init = (jnp.zeros((gp, hp), jnp.float32),

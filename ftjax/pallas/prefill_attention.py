@@ -27,7 +27,7 @@ block beside K, so it costs one float32 read of [n, t, s] per call, which at T5'
 
 Lowering: Pallas' Triton lowering (`jax.experimental.pallas.triton.CompilerParams`, passed
 explicitly). It interprets on CPU with `interpret=True` under jax 0.10 and 0.11, so CI checks
-the same kernel body the GPU runs, and Triton emits Hopper's wgmma for `pl.dot` on sm_90.
+the same kernel body the GPU runs, and Triton emits Hopper's wgmma for its dot on sm_90.
 A Mosaic GPU (warp-specialised, TMA) kernel could go further on H100 but is only checkable on
 CPU through jax's private GPU interpreter in 0.10; see bench/RESULTS.md for how far this one
 gets.
@@ -99,7 +99,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, has_bias: bool, causal: bool, n
       lmask = dmask
     kb = (C.load(k_ref.at[pl.ds(start, block_k), :], mask=lmask, other=0.0)
           if lmask is not None else k_ref[pl.ds(start, block_k), :])
-    s = pl.dot(q, kb, trans_b=True, precision=precision) * qk_scale      # [bq, bk]
+    s = C.dot(q, kb, trans_b=True, precision=precision) * qk_scale      # [bq, bk]
     if bias_ref is not None:
       s = s + bias_ref[:, pl.ds(start, block_k)].astype(jnp.float32) * C.LOG2E
     if masked:
@@ -112,7 +112,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, has_bias: bool, causal: bool, n
     p = jnp.exp2(s - m_new[:, None])
     vb = (C.load(v_ref.at[pl.ds(start, block_k), :], mask=lmask, other=0.0)
           if lmask is not None else v_ref[pl.ds(start, block_k), :])
-    o = o * alpha[:, None] + pl.dot(p.astype(vb.dtype), vb, precision=precision)
+    o = o * alpha[:, None] + C.dot(p.astype(vb.dtype), vb, precision=precision)
     return o, m_new, l * alpha + jnp.sum(p, axis=1)
 
   if causal:
