@@ -38,6 +38,9 @@ class DecodeState(NamedTuple):
     active: jax.Array      # [B] bool: slot holds a request
     top_p: jax.Array       # [B] float32: current nucleus (factual-nucleus decay state)
     sp: Any                # sampling.SlotParams, [B] rows
+    beam: Any              # sampling.BeamState [G=B, W, S] or None (max_beam_width == 1): group g = head slot g
+    group_slots: Any       # [B, W] int32: the slots of the beam group headed by slot g (B = unused)
+    group_active: Any      # [B] bool
 
 
 class Prefix(NamedTuple):
@@ -67,6 +70,7 @@ class EngineConfig:
     max_seq_len: int
     dtype: str = "bfloat16"
     attention: str = "auto"
+    max_beam_width: int = 4
 
 
 class Engine:
@@ -88,7 +92,9 @@ class Engine:
         self.B, self.S = ecfg.max_batch_size, ecfg.max_seq_len
         self.word_capacity = (4, 4)   # (words, tokens per word) of stop/bad word lists; grows by doubling
         self.reset_capacity = 4       # top_p_reset_ids per request
-        self.max_beam_width = 1       # beam search is not wired into the decode loop yet
+        if not 1 <= ecfg.max_beam_width <= ecfg.max_batch_size:
+            raise ValueError(f"max_beam_width: {ecfg.max_beam_width} not in [1, max_batch_size={ecfg.max_batch_size}]")
+        self.max_beam_width = ecfg.max_beam_width
         self._prefill = jax.jit(self._prefill_fn)
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,))
@@ -106,9 +112,15 @@ class Engine:
         cache = [{"k": jnp.zeros(kv, self.dtype), "v": jnp.zeros(kv, self.dtype)} for _ in range(c.num_layers)]
         sp = jax.tree.map(jnp.asarray, self._pack([], B))
         i = lambda v=0: jnp.full((B,), v, jnp.int32)  # noqa: E731
+        W = self.max_beam_width
+        beam = None
+        if W > 1:
+            beam = sampling.beam_init(B, W, S)._replace(done=jnp.ones((B,), bool))
         return DecodeState(cache=cache, seq=jnp.zeros((B, S), jnp.int32), logprobs=jnp.zeros((B, S), jnp.float32),
                            prompt_len=i(), seq_len=i(1), gen_count=i(), max_new=i(), done=jnp.ones((B,), bool),
-                           active=jnp.zeros((B,), bool), top_p=jnp.zeros((B,), jnp.float32), sp=sp)
+                           active=jnp.zeros((B,), bool), top_p=jnp.zeros((B,), jnp.float32), sp=sp,
+                           beam=beam, group_slots=jnp.full((B, W), B, jnp.int32),
+                           group_active=jnp.zeros((B,), bool))
 
     # ------------------------------------------------------------------------------ compiled fns
     def _logits_fn(self, params, tokens, lengths):  # tokens [b, t] -> [b, t, v]
@@ -123,31 +135,65 @@ class Engine:
                                   top_p=sp.top_p)
         return Prefix(kv=kv, first=tok, first_logprob=lp)
 
-    def _insert_fn(self, state: DecodeState, prefix: Prefix, tokens, lengths, slots, max_new, sp):
-        """Writes b prefilled requests into `slots` [b] (a slot >= B drops the row: batch padding)."""
+    def _insert_fn(self, state: DecodeState, prefix: Prefix, tokens, lengths, max_new, sp, src, slots, gslots):
+        """Writes prefilled requests into slots. Request rows [b]: tokens [b, T], lengths, max_new, sp.
+        Slot rows [m]: `slots` [m] takes request `src` [m] (a slot >= B drops the row: padding). A beam
+        request (sp.beam_width > 1) fills beam_width slots, headed by gslots[i, 0] (gslots [b, W], B = none)."""
         T = tokens.shape[1]
+        beam_req = sp.beam_width > 1                                   # [b]
         cache = []
         for layer, (k, v) in zip(state.cache, prefix.kv):
-            cache.append({
-                "k": layer["k"].at[slots, :, :T].set(jnp.swapaxes(k, 1, 2).astype(layer["k"].dtype), mode="drop"),
-                "v": layer["v"].at[slots, :, :T].set(jnp.swapaxes(v, 1, 2).astype(layer["v"].dtype), mode="drop"),
-            })
+            k, v = jnp.swapaxes(k, 1, 2)[src], jnp.swapaxes(v, 1, 2)[src]  # [m, k, T, h]
+            cache.append({"k": layer["k"].at[slots, :, :T].set(k.astype(layer["k"].dtype), mode="drop"),
+                          "v": layer["v"].at[slots, :, :T].set(v.astype(layer["v"].dtype), mode="drop")})
         b = tokens.shape[0]
+        # Sampled requests: the first id comes from prefill. Beam requests: the last prompt id stays
+        # pending, so the first beam step (in generate) sees the prompt's logits in every beam.
+        first_at = jnp.where(beam_req, self.S, lengths)   # out of range for beam rows: not written
         row = jnp.zeros((b, self.S), jnp.int32).at[:, :T].set(tokens)
-        row = row.at[jnp.arange(b), lengths].set(prefix.first)
-        lprow = jnp.zeros((b, self.S), jnp.float32).at[jnp.arange(b), lengths].set(prefix.first_logprob)
-        seq = state.seq.at[slots].set(row, mode="drop")
-        logprobs = state.logprobs.at[slots].set(lprow, mode="drop")
-        seq_len = lengths + 1
-        ended = (prefix.first == sp.end_id) | (max_new <= 1) | sampling.stop_hit(row, seq_len, sp, lengths)
-        put = lambda a, v: a.at[slots].set(v, mode="drop")  # noqa: E731
-        return DecodeState(
-            cache=cache, seq=seq, logprobs=logprobs,
+        row = row.at[jnp.arange(b), first_at].set(prefix.first, mode="drop")
+        lprow = jnp.zeros((b, self.S), jnp.float32).at[jnp.arange(b), first_at].set(prefix.first_logprob, mode="drop")
+        seq_len = jnp.where(beam_req, lengths, lengths + 1)
+        ended = ~beam_req & ((prefix.first == sp.end_id) | (max_new <= 1) | sampling.stop_hit(row, seq_len, sp, lengths))
+        put = lambda a, v: a.at[slots].set(v[src], mode="drop")  # noqa: E731
+        st = DecodeState(
+            cache=cache, seq=put(state.seq, row), logprobs=put(state.logprobs, lprow),
             prompt_len=put(state.prompt_len, lengths), seq_len=put(state.seq_len, seq_len),
-            gen_count=put(state.gen_count, jnp.ones_like(lengths)), max_new=put(state.max_new, max_new),
+            gen_count=put(state.gen_count, jnp.where(beam_req, 0, 1)), max_new=put(state.max_new, max_new),
             done=put(state.done, ended), active=put(state.active, jnp.ones_like(ended)),
             top_p=put(state.top_p, sampling.next_top_p(sp.top_p, prefix.first, sp)),
-            sp=jax.tree.map(put, state.sp, sp))
+            sp=jax.tree.map(put, state.sp, sp), beam=state.beam, group_slots=state.group_slots,
+            group_active=state.group_active)
+        if state.beam is not None:
+            heads = jnp.where(beam_req, gslots[:, 0], self.B)          # [b]
+            fresh = sampling.beam_init(b, self.max_beam_width, self.S, jnp.maximum(sp.beam_width, 1))
+            st = st._replace(
+                beam=jax.tree.map(lambda a, f: a.at[heads].set(f, mode="drop"), state.beam, fresh),
+                group_slots=state.group_slots.at[heads].set(gslots, mode="drop"),
+                group_active=state.group_active.at[heads].set(True, mode="drop"))
+        return st
+
+    def _beam_update(self, st: DecodeState, logits, nxt):
+        """One beam step for every live beam group: picks each beam's next id and reorders the rows
+        (K/V cache, ids) so that beam j continues its parent. Returns (state, ids [B], beam-row mask
+        [B], rows whose group finished [B])."""
+        B = self.B
+        gs = st.group_slots                                            # [G, W]
+        g_live = st.group_active & ~st.beam.done
+        blp = sampling.beam_log_probs(logits, st.sp, st.seq, st.prompt_len, st.seq_len, st.gen_count)  # [B, V]
+        glp = blp[jnp.clip(gs, 0, B - 1)]                              # [G, W, V]
+        beam, parent, btok = sampling.beam_step(
+            st.beam, glp, end_id=st.sp.end_id, len_penalty=st.sp.len_penalty,
+            diversity_rate=st.sp.diversity_rate, beam_width=st.sp.beam_width, max_new_tokens=st.max_new)
+        tgt = jnp.where(g_live[:, None] & (gs < B), gs, B).reshape(-1)
+        frm = jnp.take_along_axis(gs, parent, 1).reshape(-1)
+        src = jnp.arange(B).at[tgt].set(frm, mode="drop")              # row permutation
+        is_beam = jnp.zeros((B,), bool).at[tgt].set(True, mode="drop")
+        ids = nxt.at[tgt].set(btok.reshape(-1), mode="drop")
+        fin = jnp.zeros((B,), bool).at[tgt].set(jnp.repeat(beam.done, gs.shape[1]), mode="drop")
+        cache = [{"k": c["k"][src], "v": c["v"][src]} for c in st.cache]
+        st = st._replace(cache=cache, seq=st.seq[src], logprobs=st.logprobs[src], beam=beam)
+        return st, ids, is_beam, fin
 
     def _generate_fn(self, params, state: DecodeState, n_steps):
         """Up to n_steps decode steps for every live slot, inside one while loop."""
@@ -165,7 +211,14 @@ class Engine:
             logits, cache = self.model.apply({"params": params}, tok, pos, st.cache, method=gpt.GPT.decode)
             live = st.active & ~st.done
             nxt, lp = select(logits, st.sp, seq=st.seq, prompt_len=st.prompt_len, seq_len=st.seq_len,
-                                      gen_count=st.gen_count, top_p=st.top_p)
+                             gen_count=st.gen_count, top_p=st.top_p)
+            st = st._replace(cache=cache)
+            beam_row = beam_fin = jnp.zeros((B,), bool)
+            if st.beam is not None:
+                no_beam = lambda st, logits, nxt: (st, nxt, beam_row, beam_fin)  # noqa: E731
+                st, nxt, beam_row, beam_fin = jax.lax.cond(
+                    jnp.any(st.group_active & ~st.beam.done), self._beam_update, no_beam, st, logits, nxt)
+                cache = st.cache
             at = jnp.minimum(st.seq_len, S - 1)
             seq = st.seq.at[rows, at].set(jnp.where(live, nxt, st.seq[rows, at]))
             logprobs = st.logprobs.at[rows, at].set(jnp.where(live, lp, st.logprobs[rows, at]))
@@ -173,6 +226,7 @@ class Engine:
             gen_count = st.gen_count + live
             ended = (nxt == st.sp.end_id) | (gen_count >= st.max_new) | sampling.stop_hit(seq, seq_len, st.sp,
                                                                                           st.prompt_len)
+            ended = jnp.where(beam_row, beam_fin, ended)
             done = st.done | (live & ended)
             top_p = jnp.where(live, sampling.next_top_p(st.top_p, nxt, st.sp), st.top_p)
             return i + 1, st._replace(cache=cache, seq=seq, logprobs=logprobs, seq_len=seq_len,
@@ -185,7 +239,8 @@ class Engine:
     def _retire_fn(state: DecodeState, slots):
         """Frees `slots` [n] (a slot >= B is ignored): the rows stop decoding at once."""
         put = lambda a, v: a.at[slots].set(v, mode="drop")  # noqa: E731
-        return state._replace(active=put(state.active, False), done=put(state.done, True))
+        return state._replace(active=put(state.active, False), done=put(state.done, True),
+                              group_active=put(state.group_active, False))
 
     # ------------------------------------------------------------------------------- host side
     def check_prompt(self, ids, max_new: int, field: str = "prompts"):
@@ -199,23 +254,37 @@ class Engine:
                              f"max_seq_len {self.S}")
 
     def prefill_insert(self, state: DecodeState, prompts, slots, max_new, params_list) -> DecodeState:
-        """Prefill `prompts` (lists of ids) and insert them into `slots` (host ints)."""
+        """Prefill `prompts` (lists of ids) and insert them. slots[i]: an int, or for a beam request a
+        list of beam_width ints (the first heads the beam group). Host ints; the state is donated."""
         n = len(prompts)
         T = bucket(max(len(p) for p in prompts), 16, self.S)
         b = bucket(n, 1, self.B)
+        W = self.max_beam_width
         tokens = np.zeros((b, T), np.int32)
         lengths = np.ones((b,), np.int32)
-        for i, p in enumerate(prompts):
+        mx = np.zeros((b,), np.int32)
+        gslots = np.full((b, W), self.B, np.int32)
+        src, dst = [], []
+        for i, (p, sl, prm) in enumerate(zip(prompts, slots, params_list)):
             tokens[i, : len(p)] = p
             lengths[i] = len(p)
-        slot_arr = np.full((b,), self.B, np.int32)
-        slot_arr[:n] = slots
-        mx = np.zeros((b,), np.int32)
-        mx[:n] = max_new
+            mx[i] = max_new[i]
+            sl = [int(sl)] if np.ndim(sl) == 0 else [int(x) for x in sl]
+            if len(sl) != prm.beam_width:
+                raise ValueError(f"slots: request {i} has beam_width {prm.beam_width} but {len(sl)} slots")
+            if prm.beam_width > 1:
+                gslots[i, : len(sl)] = sl
+            src += [i] * len(sl)
+            dst += sl
+        m = bucket(len(dst), 1, self.B)
+        src_arr = np.zeros((m,), np.int32)
+        dst_arr = np.full((m,), self.B, np.int32)
+        src_arr[: len(src)] = src
+        dst_arr[: len(dst)] = dst
         state = self._grow_capacity(state, params_list)
         sp = self._pack(list(params_list), b)
         prefix = self._prefill(self.params, tokens, lengths, sp)
-        return self._insert(state, prefix, tokens, lengths, slot_arr, mx, sp)
+        return self._insert(state, prefix, tokens, lengths, mx, sp, src_arr, dst_arr, gslots)
 
     def _grow_capacity(self, state: DecodeState, params_list) -> DecodeState:
         """Word-list / reset-id capacities grow (doubling) when a request needs more; the running slots'

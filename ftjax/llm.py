@@ -25,9 +25,10 @@ class GenerationResult:
 
 def load(path: str | None = None, dtype: str = "bfloat16", max_batch_size: int = 8, max_seq_len: int | None = None,
          attention: str = "auto", tensor_parallel: int = 1, pipeline_parallel: int = 1,
-         quantize: str | None = None) -> "LLM":
+         quantize: str | None = None, max_beam_width: int = 4) -> "LLM":
     """Load a checkpoint (HF dir, Megatron checkpoint, FT-converted dir or ftjax dir); None -> the
-    embedded default model (a small GPT with seeded random weights)."""
+    embedded default model (a small GPT with seeded random weights). `max_beam_width` (an ftjax
+    addition) is the widest beam search a request may ask for; a beam request takes beam_width rows."""
     if tensor_parallel != 1 or pipeline_parallel != 1:
         raise ValueError(f"tensor_parallel={tensor_parallel}, pipeline_parallel={pipeline_parallel}: "
                          "this build runs on one device (tensor_parallel=1, pipeline_parallel=1)")
@@ -45,15 +46,16 @@ def load(path: str | None = None, dtype: str = "bfloat16", max_batch_size: int =
 
         cfg, params = load_checkpoint(path)
     return LLM(cfg, params, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-               attention=attention)
+               attention=attention, max_beam_width=min(max_beam_width, max_batch_size))
 
 
 class LLM:
     def __init__(self, cfg: ModelConfig, params, *, dtype="bfloat16", max_batch_size=8, max_seq_len=None,
-                 attention="auto"):
+                 attention="auto", max_beam_width=None):
         self.cfg = cfg
+        mbw = min(4, max_batch_size) if max_beam_width is None else max_beam_width
         self.engine = Engine(cfg, params, EngineConfig(max_batch_size, max_seq_len or cfg.max_positions,
-                                                       dtype, attention))
+                                                       dtype, attention, mbw))
         self._state = None
 
     @property
@@ -70,32 +72,58 @@ class LLM:
         prompts = _as_prompts(prompts)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
+        max_new = int(max_new_tokens)
         for i, p in enumerate(prompts):
-            self.engine.check_prompt(p, int(max_new_tokens), field=f"prompts[{i}]")
+            self.engine.check_prompt(p, max_new, field=f"prompts[{i}]")
         plist = self.sampling_params(len(prompts), params, **decoding)
-        out = GenerationResult(tokens=[], sequence_lengths=[], cum_log_probs=[], output_log_probs=[])
         want_lp = any(p.return_log_probs for p in plist)
-        B = self.engine.B
-        for start in range(0, len(prompts), B):
-            chunk = prompts[start:start + B]
-            cp = plist[start:start + B]
+        any_beam = any(p.beam_width > 1 for p in plist)
+        out = GenerationResult(tokens=[], sequence_lengths=[], cum_log_probs=[], output_log_probs=[],
+                               beams=[] if any_beam else None)
+        # Chunks whose rows (beam_width each) fit the slots; results are joined in order.
+        i = 0
+        while i < len(prompts):
+            chunk, slots, used = [], [], 0
+            while i < len(prompts) and used + plist[i].beam_width <= self.engine.B:
+                w = plist[i].beam_width
+                chunk.append(i)
+                slots.append(used if w == 1 else list(range(used, used + w)))
+                used += w
+                i += 1
             if self._state is None:
                 self._state = self.engine.init_state()
-            st = self.engine.prefill_insert(self._state, chunk, list(range(len(chunk))),
-                                            [int(max_new_tokens)] * len(chunk), cp)
-            st, _ = self.engine.generate_steps(st, int(max_new_tokens))
+            st = self.engine.prefill_insert(self._state, [prompts[j] for j in chunk], slots,
+                                            [max_new] * len(chunk), [plist[j] for j in chunk])
+            st, _ = self.engine.generate_steps(st, max_new)
             self._state = st
-            seq, seq_len, plen, lps = (np.asarray(a) for a in (st.seq, st.seq_len, st.prompt_len, st.logprobs))
-            for i in range(len(chunk)):
-                toks = seq[i, plen[i]:seq_len[i]].tolist()
-                out.tokens.append(toks)
-                out.sequence_lengths.append(len(toks))
-                lp = lps[i, plen[i]:seq_len[i]].astype(float).tolist()
-                out.output_log_probs.append(lp)
-                out.cum_log_probs.append(float(sum(lp)))
+            self._collect(st, chunk, slots, plist, out)
         if not want_lp:
             out.cum_log_probs = out.output_log_probs = None
         return out
+
+    def _collect(self, st, chunk, slots, plist, out: GenerationResult):
+        host = {k: np.asarray(getattr(st, k)) for k in ("seq", "seq_len", "prompt_len", "logprobs")}
+        beam = None
+        if st.beam is not None and any(plist[j].beam_width > 1 for j in chunk):
+            beam = {k: np.asarray(getattr(st.beam, k)) for k in ("fin_tokens", "fin_logprobs", "fin_len", "fin_mask")}
+        for j, sl in zip(chunk, slots):
+            if plist[j].beam_width > 1:
+                g = sl[0]
+                hyps = [(beam["fin_tokens"][g, b, :n].tolist(), beam["fin_logprobs"][g, b, :n].astype(float).tolist())
+                        for b in range(plist[j].beam_width)
+                        if beam["fin_mask"][g, b] and (n := int(beam["fin_len"][g, b])) > 0]
+                toks, lp = hyps[0] if hyps else ([], [])
+                out.beams.append([h[0] for h in hyps])
+            else:
+                s0, e0 = host["prompt_len"][sl], host["seq_len"][sl]
+                toks = host["seq"][sl, s0:e0].tolist()
+                lp = host["logprobs"][sl, s0:e0].astype(float).tolist()
+                if out.beams is not None:
+                    out.beams.append([toks])
+            out.tokens.append(toks)
+            out.sequence_lengths.append(len(toks))
+            out.output_log_probs.append(lp)
+            out.cum_log_probs.append(float(sum(lp)))
 
     def sampling_params(self, n: int, params=None, **decoding) -> list[SamplingParams]:
         """CONTRACTS.md's keyword expansion, with the model's defaults resolved (end_id -> eos) and
