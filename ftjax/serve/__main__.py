@@ -1,0 +1,82 @@
+"""python -m ftjax.serve [--model PATH | --model-repository DIR] [flags]  (CONTRACTS.md, "CLIs")."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m ftjax.serve",
+                                 description="Triton gRPC inference server (FasterTransformer tensors) over ftjax")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", help="one checkpoint (HF, Megatron, FT-converted or ftjax dir), served as "
+                                     "'fastertransformer'")
+    src.add_argument("--model-repository", help="a Triton model repository: <name>/config.pbtxt (FT's format)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="default: the config's data_type, else bfloat16")
+    ap.add_argument("--tensor-parallel", type=int, default=1)
+    ap.add_argument("--pipeline-parallel", type=int, default=1)
+    ap.add_argument("--max-batch-size", type=int, default=8, help="engine slots (rows decoded together)")
+    ap.add_argument("--max-seq-len", type=int, default=None, help="prompt + generated; default: the model's maximum")
+    ap.add_argument("--quantize", choices=["int8"], default=None)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--max-queue", type=int, default=1024, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
+    ap.add_argument("--request-timeout", type=float, default=None, help="seconds; a request past it is cancelled")
+    ap.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0 (multi-host)")
+    ap.add_argument("--num-processes", type=int, default=None)
+    ap.add_argument("--process-id", type=int, default=None)
+    a = ap.parse_args(argv)
+    for f in ("max_batch_size", "max_queue", "tensor_parallel", "pipeline_parallel"):
+        if getattr(a, f) < 1:
+            ap.error(f"--{f.replace('_', '-')} must be >= 1")
+    if a.request_timeout is not None and a.request_timeout <= 0:
+        ap.error("--request-timeout must be > 0")
+    multi = (a.coordinator_address, a.num_processes, a.process_id)
+    if any(v is not None for v in multi) and not all(v is not None for v in multi):
+        ap.error("--coordinator-address, --num-processes and --process-id go together")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log = logging.getLogger("ftjax.serve")
+    if a.num_processes is not None:
+        if a.num_processes > 1:
+            print(f"error: --num-processes {a.num_processes}: multi-host serving is not available in this build yet "
+                  "(one process per server)", file=sys.stderr)
+            return 2
+        import jax
+
+        jax.distributed.initialize(coordinator_address=a.coordinator_address, num_processes=a.num_processes,
+                                   process_id=a.process_id)
+    from ftjax.serve.server import Server, load_models
+
+    try:
+        models = load_models(model=a.model, model_repository=a.model_repository, dtype=a.dtype,
+                             max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len,
+                             tensor_parallel=a.tensor_parallel, pipeline_parallel=a.pipeline_parallel,
+                             quantize=a.quantize)
+        server = Server(models, host=a.host, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
+                        max_queue=a.max_queue, request_timeout=a.request_timeout).start()
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log.info("serving %s on %s:%d (gRPC), metrics on :%d", ", ".join(m.name for m in models), a.host,
+             server.grpc_port, server.metrics_port)
+    print(f"ftjax.serve ready: grpc {a.host}:{server.grpc_port} metrics {a.host}:{server.metrics_port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
