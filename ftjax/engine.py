@@ -20,7 +20,7 @@ import numpy as np
 
 from ftjax import sampling
 from ftjax.config import ModelConfig
-from ftjax.models import gpt
+from ftjax.models.families import family_for
 from ftjax.pallas import ops
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -87,7 +87,8 @@ class Engine:
         self.cfg, self.ecfg = cfg, ecfg
         self.dtype = DTYPES[ecfg.dtype]
         self.impl = ops.resolve_impl(ecfg.attention)
-        self.model = gpt.build(cfg, self.dtype, self.impl)
+        self.family = family_for(cfg, self.dtype, self.impl)
+        self.model = self.family.model
         self.params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype) if _is_float(a) else jnp.asarray(a), params)
         self.B, self.S = ecfg.max_batch_size, ecfg.max_seq_len
         self.word_capacity = (4, 4)   # (words, tokens per word) of stop/bad word lists; grows by doubling
@@ -107,9 +108,8 @@ class Engine:
                              word_capacity=self.word_capacity, reset_capacity=self.reset_capacity)
 
     def init_state(self) -> DecodeState:
-        c, B, S = self.cfg, self.B, self.S
-        kv = (B, c.kv_heads, S, c.dim_per_head)
-        cache = [{"k": jnp.zeros(kv, self.dtype), "v": jnp.zeros(kv, self.dtype)} for _ in range(c.num_layers)]
+        B, S = self.B, self.S
+        cache = self.family.init_cache(B, S)
         sp = jax.tree.map(jnp.asarray, self._pack([], B))
         i = lambda v=0: jnp.full((B,), v, jnp.int32)  # noqa: E731
         W = self.max_beam_width
@@ -123,16 +123,17 @@ class Engine:
                            group_active=jnp.zeros((B,), bool))
 
     # ------------------------------------------------------------------------------ compiled fns
-    def _logits_fn(self, params, tokens, lengths):  # tokens [b, t] -> [b, t, v]
-        logits, _ = self.model.apply({"params": params}, tokens, lengths, True, method=gpt.GPT.prefill)
-        return logits
+    def _logits_fn(self, params, *args):  # GPT: (tokens [b, t], lengths) -> [b, t, v]
+        return self.family.full_logits(params, *args)
 
     def _prefill_fn(self, params, tokens, lengths, sp):
-        """tokens [b, T]; lengths [b]; sp SlotParams [b] -> Prefix."""
-        logits, kv = self.model.apply({"params": params}, tokens, lengths, method=gpt.GPT.prefill)  # [b, v]
+        """tokens [b, T]; lengths [b]; sp SlotParams [b] -> Prefix (GPT samples the first id here)."""
+        logits, kv = self.family.prefill(params, tokens, lengths)  # [b, v] (or None), family prefix
         zeros = jnp.zeros_like(lengths)
+        if logits is None:
+            return Prefix(kv=kv, first=zeros, first_logprob=jnp.zeros(lengths.shape, jnp.float32))
         tok, lp = select(logits, sp, seq=tokens, prompt_len=lengths, seq_len=lengths, gen_count=zeros,
-                                  top_p=sp.top_p)
+                         top_p=sp.top_p)
         return Prefix(kv=kv, first=tok, first_logprob=lp)
 
     def _insert_fn(self, state: DecodeState, prefix: Prefix, tokens, lengths, max_new, sp, src, slots, gslots):
@@ -140,12 +141,10 @@ class Engine:
         Slot rows [m]: `slots` [m] takes request `src` [m] (a slot >= B drops the row: padding). A beam
         request (sp.beam_width > 1) fills beam_width slots, headed by gslots[i, 0] (gslots [b, W], B = none)."""
         T = tokens.shape[1]
-        beam_req = sp.beam_width > 1                                   # [b]
-        cache = []
-        for layer, (k, v) in zip(state.cache, prefix.kv):
-            k, v = jnp.swapaxes(k, 1, 2)[src], jnp.swapaxes(v, 1, 2)[src]  # [m, k, T, h]
-            cache.append({"k": layer["k"].at[slots, :, :T].set(k.astype(layer["k"].dtype), mode="drop"),
-                          "v": layer["v"].at[slots, :, :T].set(v.astype(layer["v"].dtype), mode="drop")})
+        # Rows whose last id stays pending (fed by the first generate step): beam requests, and every
+        # request of a family that does not sample at prefill (T5: the decoder start id).
+        beam_req = (sp.beam_width > 1) | (not self.family.samples_at_prefill)   # [b]
+        cache = self.family.write_prefix(state.cache, prefix.kv, src, slots)
         b = tokens.shape[0]
         # Sampled requests: the first id comes from prefill. Beam requests: the last prompt id stays
         # pending, so the first beam step (in generate) sees the prompt's logits in every beam.
@@ -191,7 +190,7 @@ class Engine:
         is_beam = jnp.zeros((B,), bool).at[tgt].set(True, mode="drop")
         ids = nxt.at[tgt].set(btok.reshape(-1), mode="drop")
         fin = jnp.zeros((B,), bool).at[tgt].set(jnp.repeat(beam.done, gs.shape[1]), mode="drop")
-        cache = [{"k": c["k"][src], "v": c["v"][src]} for c in st.cache]
+        cache = jax.tree.map(lambda a: a[src], st.cache)
         st = st._replace(cache=cache, seq=st.seq[src], logprobs=st.logprobs[src], beam=beam)
         return st, ids, is_beam, fin
 
@@ -208,7 +207,7 @@ class Engine:
             i, st = carry
             pos = st.seq_len - 1                               # [B] where the pending id goes in the cache
             tok = st.seq[rows, pos]
-            logits, cache = self.model.apply({"params": params}, tok, pos, st.cache, method=gpt.GPT.decode)
+            logits, cache = self.family.decode(params, tok, pos, st.cache)
             live = st.active & ~st.done
             nxt, lp = select(logits, st.sp, seq=st.seq, prompt_len=st.prompt_len, seq_len=st.seq_len,
                              gen_count=st.gen_count, top_p=st.top_p)

@@ -1,0 +1,59 @@
+"""How the engine drives each model family: the cache pytree, what prefill produces, how a prefix is
+written into the cache, and one decode step. The engine is family-agnostic; it only sees these.
+
+A family's cache is any pytree whose leaves have the slot dimension first (so rows can be written
+at insert, reordered for beam search, and sharded by slot), created by `init_cache`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from ftjax.models import gpt
+
+
+class GPTFamily:
+    """Decoder-only: prefill runs the prompt, samples the first id and hands over the prompt's K/V."""
+
+    samples_at_prefill = True
+
+    def __init__(self, cfg, dtype, impl: str):
+        self.cfg = cfg
+        self.model = gpt.build(cfg, dtype, impl)
+        self.dtype = dtype
+
+    def init_cache(self, B: int, S: int) -> Any:
+        c = self.cfg
+        kv = (B, c.kv_heads, S, c.dim_per_head)
+        return [{"k": jnp.zeros(kv, self.dtype), "v": jnp.zeros(kv, self.dtype)} for _ in range(c.num_layers)]
+
+    def prefill(self, params, tokens, lengths):
+        """tokens [b, T]; lengths [b] -> (logits [b, v] at the last prompt id, prefix: per layer (k, v) [b, T, k, h])."""
+        return self.model.apply({"params": params}, tokens, lengths, method=gpt.GPT.prefill)
+
+    def write_prefix(self, cache, prefix, src, slots):
+        """Copy prefix rows `src` [m] into cache rows `slots` [m] (slot >= B: dropped)."""
+        out = []
+        for layer, (k, v) in zip(cache, prefix):
+            T = k.shape[1]
+            k, v = jnp.swapaxes(k, 1, 2)[src], jnp.swapaxes(v, 1, 2)[src]  # [m, k, T, h]
+            out.append({"k": layer["k"].at[slots, :, :T].set(k.astype(layer["k"].dtype), mode="drop"),
+                        "v": layer["v"].at[slots, :, :T].set(v.astype(layer["v"].dtype), mode="drop")})
+        return out
+
+    def decode(self, params, tokens, positions, cache):
+        """tokens [B]; positions [B] -> (logits [B, v], cache)."""
+        return self.model.apply({"params": params}, tokens, positions, cache, method=gpt.GPT.decode)
+
+    def full_logits(self, params, tokens, lengths):
+        logits, _ = self.model.apply({"params": params}, tokens, lengths, True, method=gpt.GPT.prefill)
+        return logits
+
+
+def family_for(cfg, dtype, impl: str):
+    if getattr(cfg, "arch", "gpt") == "t5":
+        from ftjax.models.t5 import T5Family
+
+        return T5Family(cfg, dtype, impl)
+    return GPTFamily(cfg, dtype, impl)
