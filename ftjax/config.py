@@ -50,8 +50,15 @@ class ModelConfig:
     rotary_dim: int | None = None   # None -> head_dim (when position == "rotary")
     rotary_interleaved: bool = False  # GPT-J pairs (2i, 2i+1); False: NeoX/LLaMA halves
     rope_theta: float = 10000.0
+    rope_scaling: str | None = None  # None | "llama3" (LLaMA-3.1 frequency-dependent scaling)
+    rope_scaling_factor: float = 1.0  # llama3: long wavelengths divided by this
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int | None = None  # llama3: pre-training context length
     parallel_residual: bool = False  # GPT-J / NeoX: x + attn(ln1 x) + mlp(ln2 x)
+    shared_layernorm: bool = False  # GPT-J: x + attn(ln1 x) + mlp(ln1 x); the block has no ln2
     tie_embeddings: bool = True
+    lm_head_bias: bool = False      # GPT-J: the (untied) output projection has a bias [v]
     attn_bias: bool = True          # biases on q/k/v and the attention output projection
     mlp_bias: bool = True
     valid_vocab_size: int | None = None  # ids >= this never sampled (padded embedding rows); None -> vocab_size
@@ -79,6 +86,18 @@ class ModelConfig:
             bad("num_kv_heads", f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
         if self.position == "rotary" and (self.rot_dim > self.dim_per_head or self.rot_dim % 2):
             bad("rotary_dim", f"{self.rot_dim} must be even and <= head_dim {self.dim_per_head}")
+        if self.shared_layernorm and not self.parallel_residual:
+            bad("shared_layernorm", "a shared layer norm needs parallel_residual=True")
+        if self.lm_head_bias and self.tie_embeddings:
+            bad("lm_head_bias", "an output bias needs an untied head (tie_embeddings=False)")
+        if self.rope_scaling not in (None, "llama3"):
+            bad("rope_scaling", f"unknown {self.rope_scaling!r}; expected None or 'llama3'")
+        if self.rope_scaling == "llama3":
+            if not self.rope_original_max_positions or self.rope_original_max_positions <= 0:
+                bad("rope_original_max_positions", "llama3 rope scaling needs a positive pre-training length")
+            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor or self.rope_scaling_factor <= 0:
+                bad("rope_scaling_factor", f"llama3 needs factor > 0 and 0 < low_freq_factor "
+                    f"({self.rope_low_freq_factor}) < high_freq_factor ({self.rope_high_freq_factor})")
         if self.valid_vocab_size is not None and not 0 < self.valid_vocab_size <= self.vocab_size:
             bad("valid_vocab_size", f"{self.valid_vocab_size} not in (0, vocab_size={self.vocab_size}]")
 
@@ -114,12 +133,18 @@ class ModelConfig:
     # ----------------------------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """From a Hugging Face `config.json` dict (GPT-2 family)."""
+        """From a Hugging Face `config.json` dict: model_type gpt2, llama, gptj or gpt_neox."""
         mt = hf.get("model_type")
+        if mt in _HF_FAMILIES:
+            try:
+                return getattr(cls, _HF_FAMILIES[mt])(hf)
+            except KeyError as e:
+                raise ValueError(f"config.json: model_type {mt!r} needs the key {e.args[0]!r}, which is "
+                                 f"missing (architectures={hf.get('architectures')})") from None
         if mt != "gpt2":
             raise ValueError(
                 f"config.json: unsupported model_type {mt!r} (architectures={hf.get('architectures')}); "
-                "this ftjax build loads: gpt2")
+                f"this ftjax build loads: {', '.join(['gpt2', *_HF_FAMILIES])}")
         act = hf.get("activation_function", "gelu_new")
         if act not in _HF_ACT:
             raise ValueError(f"config.json: unsupported activation_function {act!r}")
@@ -140,13 +165,67 @@ class ModelConfig:
         )
 
     @classmethod
+    def _from_hf_llama(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """LlamaForCausalLM: RMSNorm, SwiGLU (gate/up/down), grouped-query attention, half-split rotary."""
+        d, n = hf["hidden_size"], hf["num_attention_heads"]
+        h = hf.get("head_dim") or d // n
+        rope = _hf_rope(hf, default_partial=1.0)
+        return cls(
+            vocab_size=hf["vocab_size"], hidden=d, num_layers=hf["num_hidden_layers"], num_heads=n,
+            ffn_dim=hf["intermediate_size"], max_positions=hf.get("max_position_embeddings", 2048),
+            num_kv_heads=hf.get("num_key_value_heads") or n, head_dim=h if h != d // n else None,
+            activation=_hf_act(hf.get("hidden_act", "silu"), "hidden_act"), gated_ffn=True,
+            norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), position="rotary",
+            rotary_dim=_rot_dim(h, rope.pop("partial")), rotary_interleaved=False, **rope,
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            attn_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
+            **_hf_ids(hf), arch="llama")
+
+    @classmethod
+    def _from_hf_gptj(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """GPTJForCausalLM: one layer norm shared by the parallel attention and MLP, interleaved partial
+        rotary (theta 10000), no attention biases, untied head with a bias."""
+        d, n = hf["n_embd"], hf["n_head"]
+        if hf.get("tie_word_embeddings", False):
+            raise ValueError("config.json: GPT-J with tie_word_embeddings=true is not supported "
+                             "(its head has a bias of its own)")
+        return cls(
+            vocab_size=hf["vocab_size"], hidden=d, num_layers=hf["n_layer"], num_heads=n,
+            ffn_dim=hf.get("n_inner") or 4 * d, max_positions=hf.get("n_positions", 2048),
+            activation=_hf_act(hf.get("activation_function", "gelu_new"), "activation_function"),
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5), position="rotary",
+            rotary_dim=hf.get("rotary_dim") or None, rotary_interleaved=True, rope_theta=10000.0,
+            parallel_residual=True, shared_layernorm=True, tie_embeddings=False, lm_head_bias=True,
+            attn_bias=False, mlp_bias=True, **_hf_ids(hf), arch="gptj")
+
+    @classmethod
+    def _from_hf_neox(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """GPTNeoXForCausalLM: partial half-split rotary (rotary_pct), parallel residual with two norms
+        (or sequential when use_parallel_residual is false), fused per-head qkv."""
+        d, n = hf["hidden_size"], hf["num_attention_heads"]
+        rope = _hf_rope(hf, default_partial=0.25)  # HF's GPTNeoXConfig default rotary_pct
+        return cls(
+            vocab_size=hf["vocab_size"], hidden=d, num_layers=hf["num_hidden_layers"], num_heads=n,
+            ffn_dim=hf["intermediate_size"], max_positions=hf.get("max_position_embeddings", 2048),
+            activation=_hf_act(hf.get("hidden_act", "gelu"), "hidden_act"),
+            norm_eps=hf.get("layer_norm_eps", 1e-5), position="rotary",
+            rotary_dim=_rot_dim(d // n, rope.pop("partial")), rotary_interleaved=False, **rope,
+            parallel_residual=bool(hf.get("use_parallel_residual", True)),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            attn_bias=bool(hf.get("attention_bias", True)), mlp_bias=True, **_hf_ids(hf), arch="gpt_neox")
+
+    @classmethod
     def from_ft_ini(cls, path: str) -> "ModelConfig":
         """From FasterTransformer's converted `config.ini` ([gpt] section)."""
         cp = configparser.ConfigParser()
         if not cp.read(path):
             raise ValueError(f"config.ini: cannot read {path}")
+        for fam in ("gptj", "gptneox"):
+            if "gpt" not in cp and fam in cp:
+                return cls._from_ft_rotary_ini(cp[fam], fam, path)
         if "gpt" not in cp:
-            raise ValueError(f"config.ini: {path} has no [gpt] section (sections: {cp.sections()})")
+            raise ValueError(f"config.ini: {path} has no [gpt], [gptj] or [gptneox] section "
+                             f"(sections: {cp.sections()})")
         s = cp["gpt"]
 
         def need(key):
@@ -188,6 +267,88 @@ class ModelConfig:
             bos_id=int(start) if start is not None else None,
             eos_id=int(end) if end is not None else None,
         )
+
+    @classmethod
+    def _from_ft_rotary_ini(cls, s, fam: str, path: str) -> "ModelConfig":
+        """FT's [gptj] (huggingface_gptj_ckpt_convert.py) or [gptneox] (huggingface_gptneox_convert.py)
+        section. FT's GptJ / GptNeoX use GELU (tanh form), rotary theta 10000 and layernorm eps 1e-6
+        (compile-time constants there); `layernorm_eps` / `activation_type` / `max_pos_seq_len` are read
+        when present. GPT-J: interleaved rotary, one shared layer norm, no attention biases, head with a
+        bias; NeoX: half-split rotary, `use_gptj_residual` 1 = parallel residual."""
+        def need(key):
+            if key not in s:
+                raise ValueError(f"config.ini: [{fam}] is missing {key!r} ({path})")
+            return s[key]
+
+        n, h = int(need("head_num")), int(need("size_per_head"))
+        raw_act = s.get("activation_type", "Gelu")
+        act = {"gelu": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu", "silu": "silu"}.get(raw_act.lower())
+        if act is None:
+            raise ValueError(f"config.ini: unsupported activation_type {raw_act!r} ({path})")
+        rot = s.get("rotary_embedding", "None")
+        rot = h if rot.strip() in ("", "None") else int(rot)
+        start, end = s.get("start_id"), s.get("end_id")
+        common = dict(
+            vocab_size=int(need("vocab_size")), hidden=n * h, num_layers=int(need("num_layer")), num_heads=n,
+            ffn_dim=int(need("inter_size")), max_positions=int(s.get("max_pos_seq_len", "2048")),
+            activation=act, norm_eps=float(s.get("layernorm_eps", "1e-6")), position="rotary",
+            rotary_dim=rot if rot != h else None, rope_theta=10000.0, parallel_residual=True,
+            tie_embeddings=False,
+            bos_id=int(start) if start not in (None, "None") else None,
+            eos_id=int(end) if end not in (None, "None") else None)
+        if fam == "gptj":
+            return cls(**common, rotary_interleaved=True, shared_layernorm=True, lm_head_bias=True,
+                       attn_bias=False, mlp_bias=True, arch="gptj")
+        common["parallel_residual"] = s.get("use_gptj_residual", "1").strip().lower() in ("1", "true")
+        return cls(**common, rotary_interleaved=False, attn_bias=True, mlp_bias=True, arch="gpt_neox")
+
+_HF_FAMILIES = {"llama": "_from_hf_llama", "gptj": "_from_hf_gptj", "gpt_neox": "_from_hf_neox"}
+
+
+def _hf_act(name: str, key: str) -> str:
+    if name not in _HF_ACT:
+        raise ValueError(f"config.json: unsupported {key} {name!r}")
+    return _HF_ACT[name]
+
+
+def _hf_ids(hf: dict[str, Any]) -> dict[str, Any]:
+    """bos/eos/pad ids; a list of eos ids (LLaMA-3 instruct) gives its first as the default end_id."""
+    def one(v):
+        if isinstance(v, (list, tuple)):
+            return v[0] if v else None
+        return v
+
+    return {"bos_id": one(hf.get("bos_token_id")), "eos_id": one(hf.get("eos_token_id")),
+            "pad_id": one(hf.get("pad_token_id"))}
+
+
+def _rot_dim(head_dim: int, partial: float) -> int | None:
+    r = int(head_dim * partial)  # as HF: int(head_size * rotary_pct)
+    return None if r == head_dim else r
+
+
+def _hf_rope(hf: dict[str, Any], default_partial: float) -> dict[str, Any]:
+    """Rotary settings from either config.json spelling: transformers >= 5 `rope_parameters`
+    {rope_type, rope_theta, partial_rotary_factor, factor, ...}, or the older top-level `rope_theta` /
+    `rotary_emb_base`, `rotary_pct` / `partial_rotary_factor` and `rope_scaling`. Returns ModelConfig
+    keyword arguments plus "partial" (the rotary fraction of head_dim)."""
+    rp = dict(hf.get("rope_parameters") or {})
+    rs = dict(hf.get("rope_scaling") or {})
+    theta = rp.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
+    partial = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", default_partial)))
+    scaling = rp if rp.get("rope_type", rp.get("type", "default")) != "default" else rs
+    kind = scaling.get("rope_type", scaling.get("type")) or "default"
+    out: dict[str, Any] = {"rope_theta": float(theta), "partial": float(partial)}
+    if kind == "default":
+        return out
+    if kind != "llama3":
+        raise ValueError(f"config.json: unsupported rope type {kind!r} (this build supports default and llama3)")
+    out.update(rope_scaling="llama3", rope_scaling_factor=float(scaling["factor"]),
+               rope_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+               rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+               rope_original_max_positions=int(scaling.get("original_max_position_embeddings")
+                                               or hf.get("max_position_embeddings", 2048)))
+    return out
 
 
 def default_config() -> ModelConfig:

@@ -2,8 +2,10 @@
 
 `detect_format(path)` tells the four supported layouts apart by the files present (never by names):
   "ftjax"    ftjax_config.json + params/ (orbax)                      -> orbax_io.load
-  "hf"       config.json + model.safetensors[.index.json] / pytorch_model.bin -> hf.load_gpt2
-  "ft"       config.ini + model.wte.bin (or a single <N>-gpu/ holding them)   -> ft.load_ft_gpt
+  "hf"       config.json + model.safetensors[.index.json] / pytorch_model.bin -> hf.load_hf
+             (gpt2 / llama / gptj / gpt_neox by config.json's model_type)
+  "ft"       config.ini + model.wte.bin (or a single <N>-gpu/ holding them)   -> ft.load_ft
+             ([gpt] / [gptj] / [gptneox] section)
   "megatron" latest_checkpointed_iteration.txt, model_optim_rng.pt or mp_rank_XX/model_optim_rng.pt
                                                                        -> megatron.load_megatron_gpt
 `load_checkpoint(path)` dispatches and checks every key and shape against the model.
@@ -74,10 +76,10 @@ def load_checkpoint(path: str, progress: Callable[[str], None] | None = None,
         cfg, params = orbax_io.load(path, **kwargs)
     elif fmt == "hf":
         from ftjax.checkpoint import hf
-        cfg, params = hf.load_gpt2(path, progress=progress, **kwargs)
+        cfg, params = hf.load_hf(path, progress=progress, **kwargs)
     elif fmt == "ft":
         from ftjax.checkpoint import ft
-        cfg, params = ft.load_ft_gpt(path, progress=progress, **kwargs)
+        cfg, params = ft.load_ft(path, progress=progress, **kwargs)
     else:
         from ftjax.checkpoint import megatron
         cfg, params = megatron.load_megatron_gpt(path, progress=progress, **kwargs)

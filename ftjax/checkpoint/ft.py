@@ -1,4 +1,4 @@
-"""FasterTransformer's own converted GPT folders: what `huggingface_gpt_convert.py` and
+"""FasterTransformer's own converted GPT (and, below, GPT-J / GPT-NeoX) folders: what `huggingface_gpt_convert.py` and
 `megatron_ckpt_convert.py` (examples/pytorch/gpt/utils) write into `{out}/{N}-gpu/`, the folder a Triton
 `model_checkpoint_path` points at, and what `ParallelGptWeight.cc` / `ParallelGptDecoderLayerWeight.cc`
 read.
@@ -133,6 +133,122 @@ def load_ft_gpt(path: str, progress: Callable[[str], None] | None = None) -> tup
             [read(pre + f"mlp.dense_4h_to_h.weight.{r}.bin", (f // T, d)) for r in range(T)], axis=0)
         flat[o + "mlp/wo/bias"] = read(pre + "mlp.dense_4h_to_h.bias.bin", (d,))
         say(f"FT layer {i + 1}/{L} ({T} rank file{'s' if T > 1 else ''} each)")
+    params = nest(flat)
+    check_params(cfg, params, root)
+    return cfg, params
+
+
+# ------------------------------------------------------------------------------------------------
+# GPT-J and GPT-NeoX folders: FT's examples/pytorch/gptj/utils/huggingface_gptj_ckpt_convert.py and
+# examples/pytorch/gptneox/utils/huggingface_gptneox_convert.py (T = tensor_para_size; n heads of h):
+#
+#   [gptj]   head_num, size_per_head, inter_size, num_layer, rotary_embedding, vocab_size, start_id,
+#            end_id, weight_data_type (always fp32 from FT's converter)
+#     model.wte.bin [v, d]; model.final_layernorm.{weight,bias}.bin [d]
+#     model.lm_head.weight.bin [v, d]; model.lm_head.bias.bin [v]
+#     model.layers.{i}.input_layernorm.{weight,bias}.bin           [d]  (the one norm of the block)
+#     model.layers.{i}.attention.query_key_value.weight.{r}.bin    [d, 3, d/T]   (no qkv bias)
+#     model.layers.{i}.attention.dense.weight.{r}.bin              [d/T, d]      (no bias)
+#     model.layers.{i}.mlp.dense_h_to_4h.{weight,bias}.{r}.bin     [d, f/T], [f/T]
+#     model.layers.{i}.mlp.dense_4h_to_h.weight.{r}.bin            [f/T, d]
+#     model.layers.{i}.mlp.dense_4h_to_h.bias.bin                  [d]
+#
+#   [gptneox] as [gptj] plus use_gptj_residual (1 = parallel residual); weights as GPT's layout:
+#     model.wte.bin, model.final_layernorm.*, model.lm_head.weight.bin (no bias)
+#     model.layers.{i}.{input,post_attention}_layernorm.{weight,bias}.bin
+#     model.layers.{i}.attention.query_key_value.weight.{r}.bin    [d, 3, d/T] (HF's [n, 3, h] regrouped)
+#     model.layers.{i}.attention.query_key_value.bias.{r}.bin      [3, d/T]
+#     model.layers.{i}.attention.dense.weight.{r}.bin [d/T, d]; attention.dense.bias.bin [d] (stored / T)
+#     model.layers.{i}.mlp.dense_h_to_4h.{weight,bias}.{r}.bin; mlp.dense_4h_to_h.weight.{r}.bin
+#     model.layers.{i}.mlp.dense_4h_to_h.bias.bin [d] (stored / T)
+#   The converter divides the two output biases by T when T > 1 (each rank adds its share before the
+#   all-reduce); they are multiplied back here. `mlp.attention.bias.sum.bin` (their sum) is not needed.
+
+def _section(ini: str):
+    import configparser
+
+    cp = configparser.ConfigParser()
+    if not cp.read(ini):
+        raise ValueError(f"config.ini: cannot read {ini}")
+    for fam in ("gpt", "gptj", "gptneox"):
+        if fam in cp:
+            return fam, cp[fam]
+    raise ValueError(f"config.ini: {ini} has no [gpt], [gptj] or [gptneox] section (sections: {cp.sections()})")
+
+
+def load_ft(path: str, progress: Callable[[str], None] | None = None) -> tuple[ModelConfig, dict[str, Any]]:
+    """Any FT-converted decoder folder, by its config.ini section: [gpt], [gptj] or [gptneox]."""
+    root = resolve_dir(path)
+    fam, _ = _section(os.path.join(root, "config.ini"))
+    if fam == "gpt":
+        return load_ft_gpt(path, progress=progress)
+    return _load_ft_rotary(root, fam, progress or (lambda msg: None))
+
+
+def _load_ft_rotary(root: str, fam: str, say) -> tuple[ModelConfig, dict[str, Any]]:
+    ini = os.path.join(root, "config.ini")
+    cfg = ModelConfig.from_ft_ini(ini)
+    _, sec = _section(ini)
+    dtype = np.dtype(_np_dtype(sec.get("weight_data_type", "fp32")))
+    # FT's GPT-J / NeoX converters write no tensor_para_size (the Triton config.pbtxt carried it): the
+    # rank files of layer 0 tell it.
+    qkv0 = "model.layers.0.attention.query_key_value.weight.{}.bin"
+    found = 0
+    while os.path.exists(os.path.join(root, qkv0.format(found))):
+        found += 1
+    T = int(sec.get("tensor_para_size", str(found or 1)))
+    if found and found != T:
+        raise ValueError(f"{ini}: tensor_para_size {T}, but layer 0 has {found} query_key_value rank files")
+    d, n, h, f, L, v = cfg.hidden, cfg.num_heads, cfg.dim_per_head, cfg.ffn_dim, cfg.num_layers, cfg.vocab_size
+    if T < 1 or n % T or f % T:
+        raise ValueError(f"{ini}: tensor_para_size {T} must divide head_num {n} and inter_size {f}")
+    npr, fr = n // T, f // T
+
+    def read(name, shape):
+        fn = os.path.join(root, name)
+        if not os.path.exists(fn):
+            raise ValueError(f"{root}: missing weight file {name}")
+        want, got = int(np.prod(shape)) * dtype.itemsize, os.path.getsize(fn)
+        if got != want:
+            raise ValueError(f"{fn}: {got} bytes, but shape {tuple(shape)} of {dtype.name} needs {want} bytes")
+        return np.fromfile(fn, dtype=dtype.newbyteorder("<")).astype(np.float32).reshape(shape)
+
+    def ranks(name, shape, axis):
+        return np.concatenate([read(f"{name}.{r}.bin", shape) for r in range(T)], axis=axis)
+
+    if not os.path.exists(os.path.join(root, "model.lm_head.weight.bin")):
+        raise ValueError(f"{root}: missing weight file model.lm_head.weight.bin")
+    has_bias = os.path.exists(os.path.join(root, "model.lm_head.bias.bin"))
+    if has_bias != cfg.lm_head_bias:
+        cfg = dataclasses.replace(cfg, lm_head_bias=has_bias)
+    flat = {"embed/tokens": read("model.wte.bin", (v, d)),
+            "final_norm/scale": read("model.final_layernorm.weight.bin", (d,)),
+            "final_norm/bias": read("model.final_layernorm.bias.bin", (d,)),
+            "lm_head/kernel": np.ascontiguousarray(read("model.lm_head.weight.bin", (v, d)).T)}
+    if has_bias:
+        flat["lm_head/bias"] = read("model.lm_head.bias.bin", (v,))
+    out_scale = T if fam == "gptneox" else 1  # NeoX's converter stores the output biases divided by T
+    for i in range(L):
+        pre, o = f"model.layers.{i}.", f"layers_{i}/"
+        qkv_w = ranks(pre + "attention.query_key_value.weight", (d, 3, npr, h), 2)  # [d, 3, n, h]
+        for j, name in enumerate("qkv"):
+            flat[o + f"attn/{name}/kernel"] = np.ascontiguousarray(qkv_w[:, j])
+        flat[o + "attn/o/kernel"] = ranks(pre + "attention.dense.weight", (npr, h, d), 0)
+        if cfg.attn_bias:
+            qkv_b = ranks(pre + "attention.query_key_value.bias", (3, npr, h), 1)  # [3, n, h]
+            for j, name in enumerate("qkv"):
+                flat[o + f"attn/{name}/bias"] = qkv_b[j]
+            flat[o + "attn/o/bias"] = read(pre + "attention.dense.bias.bin", (d,)) * out_scale
+        flat[o + "ln1/scale"] = read(pre + "input_layernorm.weight.bin", (d,))
+        flat[o + "ln1/bias"] = read(pre + "input_layernorm.bias.bin", (d,))
+        if not cfg.shared_layernorm:
+            flat[o + "ln2/scale"] = read(pre + "post_attention_layernorm.weight.bin", (d,))
+            flat[o + "ln2/bias"] = read(pre + "post_attention_layernorm.bias.bin", (d,))
+        flat[o + "mlp/wi/kernel"] = ranks(pre + "mlp.dense_h_to_4h.weight", (d, fr), 1)
+        flat[o + "mlp/wi/bias"] = ranks(pre + "mlp.dense_h_to_4h.bias", (fr,), 0)
+        flat[o + "mlp/wo/kernel"] = ranks(pre + "mlp.dense_4h_to_h.weight", (fr, d), 0)
+        flat[o + "mlp/wo/bias"] = read(pre + "mlp.dense_4h_to_h.bias.bin", (d,)) * out_scale
+        say(f"FT {fam} layer {i + 1}/{L} ({T} rank file{'s' if T > 1 else ''} each)")
     params = nest(flat)
     check_params(cfg, params, root)
     return cfg, params

@@ -3,7 +3,8 @@ by configuration). Flax modules applied functionally: params and cache in, logit
 
 Params (flax "params" collection):
   embed/{tokens [v, d], positions [p, d]}; layers_{i}/{ln1, attn/{q,k,v,o}, ln2, mlp/{wi,(wg),wo}};
-  final_norm; lm_head/kernel [d, v] when the output embedding is untied.
+  final_norm; lm_head/kernel [d, v] (+ lm_head/bias [v], GPT-J) when the output embedding is untied.
+  A block with `shared_layernorm` (GPT-J) has no ln2.
 The K/V cache is a list (one entry per layer) of {"k", "v"} arrays [b, k, s, h] owned by the caller.
 """
 from __future__ import annotations
@@ -33,22 +34,25 @@ class Block(nn.Module):
         c = self.cfg
         self.ln1 = Norm(c.hidden, c.norm, c.norm_eps, self.dtype)
         self.attn = Attention(c, self.dtype, self.impl)
-        self.ln2 = Norm(c.hidden, c.norm, c.norm_eps, self.dtype)
+        if not c.shared_layernorm:  # GPT-J: one norm feeds attention and MLP; no ln2 params
+            self.ln2 = Norm(c.hidden, c.norm, c.norm_eps, self.dtype)
         self.mlp = MLP(c.hidden, c.ffn_dim, c.activation, c.gated_ffn, c.mlp_bias, self.dtype)
 
-    def _residual(self, x, attn_out):
+    def _residual(self, x, h1, attn_out):  # x, h1 = ln1(x), attn_out [..., d]
         if self.cfg.parallel_residual:
-            return x + attn_out + self.mlp(self.ln2(x))
+            return x + attn_out + self.mlp(h1 if self.cfg.shared_layernorm else self.ln2(x))
         x = x + attn_out
         return x + self.mlp(self.ln2(x))
 
     def prefill(self, x, positions, lengths):  # x [b, t, d] -> (x, k [b, t, k, h], v)
-        a, k, v = self.attn.prefill(self.ln1(x), positions, lengths)
-        return self._residual(x, a), k, v
+        h1 = self.ln1(x)
+        a, k, v = self.attn.prefill(h1, positions, lengths)
+        return self._residual(x, h1, a), k, v
 
     def decode(self, x, positions, k_cache, v_cache):  # x [b, d]; caches [b, k, s, h]
-        a, k_cache, v_cache = self.attn.decode(self.ln1(x), positions, k_cache, v_cache)
-        return self._residual(x, a), k_cache, v_cache
+        h1 = self.ln1(x)
+        a, k_cache, v_cache = self.attn.decode(h1, positions, k_cache, v_cache)
+        return self._residual(x, h1, a), k_cache, v_cache
 
 
 class GPT(nn.Module):
@@ -62,7 +66,7 @@ class GPT(nn.Module):
         self.layers = [Block(c, self.dtype, self.impl) for _ in range(c.num_layers)]
         self.final_norm = Norm(c.hidden, c.norm, c.norm_eps, self.dtype)
         if not c.tie_embeddings:
-            self.lm_head = Linear((c.hidden,), (c.vocab_size,), ("embed",), ("vocab",), False, self.dtype)
+            self.lm_head = Linear((c.hidden,), (c.vocab_size,), ("embed",), ("vocab",), c.lm_head_bias, self.dtype)
 
     def logits(self, h):  # h [..., d] (already normed) -> [..., v] float32
         c = self.cfg
