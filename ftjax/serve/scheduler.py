@@ -33,8 +33,9 @@ class QueueFull(Exception):
 class Update:
     """What a request's handler receives. kind: "token" (streaming, one new token), "done", "error"."""
     kind: str
-    seqs: list[list[int]] | None = None        # prompt + generated so far / final, per row
-    logprobs: list[list[float]] | None = None  # per generated token, per row (final only, or when asked)
+    seqs: list | None = None       # "token": per row, prompt + generated so far; "done": per row, a list of
+                                   # beams (best first; one for sampling), each prompt + generated ids
+    logprobs: list | None = None   # "done": per row, per beam, log prob of each generated token (when asked)
     code: str | None = None                    # "cancelled" | "deadline" | "invalid" | "internal" (errors)
     message: str = ""
 
@@ -49,11 +50,11 @@ class Request:
         self.deadline = None if not timeout else self.t_arrival + timeout
         self.t_admitted: float | None = None
         self.t_first: float | None = None
-        self.slots: list[int | None] = [None] * len(rows)
+        self.slots: list[list[int] | None] = [None] * len(rows)   # per row: its slots (beam_width of them)
         self.sent: list[int] = [0] * len(rows)    # seq_len reported so far per row (streaming)
         self.row_done: list[bool] = [False] * len(rows)
-        self.result_seqs: list[list[int] | None] = [None] * len(rows)
-        self.result_lps: list[list[float] | None] = [None] * len(rows)
+        self.result_seqs: list[list[list[int]] | None] = [None] * len(rows)   # per row, per beam
+        self.result_lps: list[list[list[float]] | None] = [None] * len(rows)
         self.next_row = 0                         # rows admitted so far (in order)
         self.last_seqs: dict[int, list[int]] = {}   # streaming: ids last sent per row
         self.cancelled = threading.Event()
@@ -175,7 +176,7 @@ class Scheduler:
         retire = []
         for r in list(self._live):
             if r.cancelled.is_set() or (r.deadline and now > r.deadline):
-                retire += [s for s in r.slots if s is not None]
+                retire += [x for s in r.slots if s is not None for x in s]
                 gone.append(r)
                 self._live.remove(r)
         if retire:
@@ -188,12 +189,15 @@ class Scheduler:
                 self._fail(r, "deadline", "request timed out (--request-timeout)")
 
     def _admit(self, now) -> list[Request]:
-        picks: list[tuple[Request, int, int]] = []   # (request, row index, slot)
+        picks: list[tuple[Request, int, list[int]]] = []   # (request, row index, slots)
         with self._cv:
             while self._free and self._waiting:
                 r = self._waiting[0]
                 i = r.next_row
-                slot = self._free.pop(0)
+                need = _width(r.rows[i].params)
+                if need > len(self._free):
+                    break
+                slot, self._free = self._free[:need], self._free[need:]
                 picks.append((r, i, slot))
                 r.next_row += 1
                 if r.next_row == len(r.rows):
@@ -214,7 +218,7 @@ class Scheduler:
                     ok.append(r)
                 except ValueError as e:
                     self._ensure_state()
-                    self._free.extend(s for rr, _, s in picks if rr is r)
+                    self._free.extend(x for rr, _, s in picks if rr is r for x in s)
                     with self._cv:
                         if r in self._waiting:
                             self._waiting.remove(r)
@@ -234,7 +238,8 @@ class Scheduler:
 
     def _prefill(self, items):
         prompts = [row.prompt for row, _ in items]
-        self._state = self.engine.prefill_insert(self._state, prompts, [s for _, s in items],
+        slots = [s if len(s) > 1 else s[0] for _, s in items]
+        self._state = self.engine.prefill_insert(self._state, prompts, slots,
                                                  [row.max_new for row, _ in items], [row.params for row, _ in items])
 
     def _ensure_state(self):
@@ -255,78 +260,69 @@ class Scheduler:
         st = self._state
         seq_len = np.asarray(st.seq_len)
         done = np.asarray(st.done)
-        need_seq = any(r.stream for r in live) or any(
-            done[s] for r in live for s in r.slots if s is not None)
-        seq = np.asarray(st.seq) if need_seq else None
-        lps = np.asarray(st.logprobs) if need_seq and any(r.want_logprobs for r in live) else None
         plen = np.asarray(st.prompt_len)
+        finishing = [s[0] for r in live for s in r.slots if s is not None and done[s[0]]]
+        seq = np.asarray(st.seq) if finishing or any(r.stream for r in live) else None
+        lps = np.asarray(st.logprobs) if finishing and any(r.want_logprobs for r in live) else None
+        beam = None
+        if any(len(s) > 1 for s in [s for r in live for s in r.slots if s is not None] if s[0] in finishing):
+            beam = {k: np.asarray(getattr(st.beam, k)) for k in ("fin_tokens", "fin_logprobs", "fin_len", "fin_mask")}
         now = time.monotonic()
         new_tokens = 0
         for r in live:
-            stream_steps = []
-            for i, s in enumerate(r.slots):
-                if s is None or r.row_done[i]:
+            steps = []   # (row, first new length, last length) for streaming
+            for i, sl in enumerate(r.slots):
+                if sl is None or r.row_done[i]:
                     continue
-                n = int(seq_len[s])
-                base = max(r.sent[i], int(plen[s]))
+                h = sl[0]
+                n = int(seq_len[h])
+                base = max(r.sent[i], int(plen[h]))
                 if n > base:
-                    new_tokens += n - base
+                    new_tokens += (n - base) * len(sl)
                     if r.t_first is None:
                         r.t_first = now
                         if self.metrics:
                             self.metrics.first_token(self.model_name, now - r.t_arrival)
                     if r.stream:
-                        stream_steps.append((i, base, n))
+                        steps.append((i, base, n, seq[h, :n].tolist()))
                     r.sent[i] = n
-                if done[s]:
+                if done[h]:
                     r.row_done[i] = True
-                    r.result_seqs[i] = seq[s, :n].tolist()
-                    if lps is not None:
-                        r.result_lps[i] = lps[s, plen[s]:n].astype(float).tolist()
-                    self._free.append(s)
+                    prompt = r.rows[i].prompt
+                    if len(sl) > 1:   # beam group headed by slot h: finished hypotheses, best first
+                        hyps = [(int(beam["fin_len"][h, b]), b) for b in range(len(sl))
+                                if beam["fin_mask"][h, b] and beam["fin_len"][h, b] > 0]
+                        r.result_seqs[i] = [prompt + beam["fin_tokens"][h, b, :m].tolist() for m, b in hyps] or [prompt]
+                        r.result_lps[i] = [beam["fin_logprobs"][h, b, :m].astype(float).tolist() for m, b in hyps] or [[]]
+                    else:
+                        r.result_seqs[i] = [seq[h, :n].tolist()]
+                        if lps is not None:
+                            r.result_lps[i] = [lps[h, plen[h]:n].astype(float).tolist()]
+                    self._free.extend(sl)
                     r.slots[i] = None
-            if r.stream:
-                self._stream(r, stream_steps, seq)
+            if steps:
+                self._stream(r, steps)
             if all(r.row_done):
                 r.finished = True
                 self._live.remove(r)
-                r.push(Update("done", seqs=r.result_seqs, logprobs=r.result_lps if r.want_logprobs else None))
+                lp = [x if x is not None else [[]] for x in r.result_lps] if r.want_logprobs else None
+                r.push(Update("done", seqs=r.result_seqs, logprobs=lp))
                 if self.metrics:
-                    self.metrics.request_done(self.model_name, True, now - r.t_arrival,
-                                              sum(len(x) - len(row.prompt) for x, row in zip(r.result_seqs, r.rows)))
+                    gen = sum(len(x[0]) - len(row.prompt) for x, row in zip(r.result_seqs, r.rows))
+                    self.metrics.request_done(self.model_name, True, now - r.t_arrival, gen, rows=len(r.rows))
         if self.metrics:
             self.metrics.tokens(self.model_name, new_tokens)
             self.metrics.occupancy(self.model_name, self.live_slots, self.B)
 
-    def _stream(self, r: Request, steps, seq):
-        """One response per new token: the rows' ids so far (a row of a multi-row request that has no
-        new token at this position repeats its current ids)."""
-        if not steps:
-            return
-        cur = {}
-        for i in range(len(r.rows)):
-            if r.result_seqs[i] is not None and not any(j == i for j, _, _ in steps):
-                cur[i] = r.result_seqs[i]
-        # emit token by token, interleaving rows by position offset
-        max_new = max(n - b for _, b, n in steps)
-        for t in range(1, max_new + 1):
-            seqs = []
-            for i, row in enumerate(r.rows):
-                st = next(((b, n) for j, b, n in steps if j == i), None)
-                slot_seq = None
-                if st is not None:
-                    b, n = st
-                    upto = min(b + t, n)
-                    src = r.result_seqs[i] if r.result_seqs[i] is not None else None
-                    slot_seq = (src[:upto] if src is not None else None)
-                    if slot_seq is None:
-                        slot = r.slots[i]
-                        slot_seq = seq[slot, :upto].tolist()
-                    r.last_seqs[i] = slot_seq
-                else:
-                    slot_seq = r.last_seqs.get(i) or cur.get(i) or list(row.prompt)
-                seqs.append(slot_seq)
-            r.push(Update("token", seqs=seqs))
+    def _stream(self, r: Request, steps):
+        """One response per new token: every row's ids so far (FT's decoupled mode). Rows of a multi-row
+        request advance together; a row that has finished repeats its last ids."""
+        for i, row in enumerate(r.rows):
+            r.last_seqs.setdefault(i, list(row.prompt))
+        for t in range(1, max(n - b for _, b, n, _ in steps) + 1):
+            for i, b, n, ids in steps:
+                r.last_seqs[i] = ids[: min(b + t, n)]
+            r.push(Update("token", seqs=[r.last_seqs[i] for i in range(len(r.rows))]))
 
     def _fail(self, r: Request, code: str, message: str):
         if r.finished:
@@ -335,3 +331,7 @@ class Scheduler:
         r.push(Update("error", code=code, message=message))
         if self.metrics:
             self.metrics.request_done(self.model_name, False, time.monotonic() - r.t_arrival, 0)
+
+
+def _width(params) -> int:
+    return max(1, int(getattr(params, "beam_width", 1) or 1))

@@ -56,27 +56,7 @@ def make_params(llm, kw_rows: list[dict]):
     """One dict of SamplingParams keywords per row -> verified SamplingParams with model defaults."""
     from ftjax.sampling import SamplingParams
 
-    plist = [SamplingParams(**kw) for kw in kw_rows]
-    if hasattr(llm, "sampling_params"):
-        out = llm.sampling_params(len(plist), params=plist)
-    else:  # the library is older than llm.sampling_params: resolve and verify here
-        out = [p.verify(llm.cfg.vocab) for p in plist]
-    for p in out:
-        if p.beam_width > 1 and not getattr(llm.engine, "supports_beam_search", False):
-            raise ValueError(f"beam_width must be 1: beam search is not available in the server yet "
-                             f"(got {p.beam_width})")
-    return out
-
-
-def _engine_params(llm, params):
-    """Adapts SamplingParams to what the engine's sampler packs (the greedy shim takes dicts)."""
-    from ftjax import engine as eng
-    from ftjax.sampling import MODEL_DEFAULT
-
-    if getattr(eng, "sampling", None) is getattr(eng, "_Shim", object()):
-        end = llm.cfg.eos_id if params.end_id is MODEL_DEFAULT else params.end_id
-        return {"end_id": end, "return_log_probs": params.return_log_probs}
-    return params
+    return llm.sampling_params(len(kw_rows), params=[SamplingParams(**kw) for kw in kw_rows])
 
 
 class Service(pbg.GRPCInferenceServiceServicer):
@@ -157,8 +137,6 @@ class Service(pbg.GRPCInferenceServiceServicer):
             arrays, datatypes, make_params=lambda kw: make_params(m.llm, kw),
             check_prompt=m.llm.engine.check_prompt, max_request_batch=m.max_request_batch)
         want_lp = any(r.params.return_log_probs for r in rows)
-        for r in rows:
-            r.params = _engine_params(m.llm, r.params)
         timeout = self.request_timeout
         if "timeout" in request.parameters:  # Triton's per-request timeout, microseconds
             us = request.parameters["timeout"].int64_param
@@ -170,10 +148,9 @@ class Service(pbg.GRPCInferenceServiceServicer):
         req.requested = {o.name for o in request.outputs}
         return req
 
-    def _response(self, req: Request, seqs, logprobs, final: bool | None) -> pb.ModelInferResponse:
+    def _response(self, req: Request, beams, logprobs, final: bool | None) -> pb.ModelInferResponse:
         r = pb.ModelInferResponse(model_name=req.model.name, model_version="1", id=req.request_id)
-        lens = [len(s) for s in seqs]
-        tensors.gpt_outputs(r, seqs, lens, logprobs, req.requested)
+        tensors.gpt_outputs(r, beams, logprobs, req.requested)
         if final is not None:
             r.parameters["triton_final_response"].bool_param = final
         return r
@@ -292,7 +269,8 @@ class Service(pbg.GRPCInferenceServiceServicer):
                 continue
             if u.kind == "token":
                 if getattr(req, "decoupled", True):
-                    yield pb.ModelStreamInferResponse(infer_response=self._response(req, u.seqs, None, False))
+                    yield pb.ModelStreamInferResponse(
+                        infer_response=self._response(req, [[s] for s in u.seqs], None, False))
                 continue
             with lock:
                 pending.discard(req)

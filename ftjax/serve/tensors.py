@@ -254,26 +254,33 @@ def add_output(response, name: str, arr: np.ndarray, datatype: str):
     response.raw_output_contents.append(np.ascontiguousarray(arr).astype(np.dtype(arr.dtype).newbyteorder("<")).tobytes())
 
 
-def gpt_outputs(response, seqs: list[list[int]], lengths: list[int], logprobs: list[list[float]] | None,
+def gpt_outputs(response, beams: list[list[list[int]]], logprobs: list[list[list[float]]] | None,
                 requested: set[str] | None = None):
-    """seqs[i]: prompt + generated ids of row i (beam 0); logprobs[i]: per generated token (or None)."""
-    batch = len(seqs)
-    width = max(len(s) for s in seqs)
-    ids = np.zeros((batch, 1, width), np.uint32)
-    for i, s in enumerate(seqs):
-        ids[i, 0, : len(s)] = s
-    want = lambda n: requested is None or not requested or n in requested  # noqa: E731
+    """beams[i][k]: prompt + generated ids of row i, beam k (best first); logprobs[i][k]: the log prob of
+    each generated token (or None: no log-prob outputs). Rows with fewer beams are padded (length 0)."""
+    batch = len(beams)
+    W = max(len(b) for b in beams)
+    width = max(len(s) for b in beams for s in b)
+    ids = np.zeros((batch, W, width), np.uint32)
+    lens = np.zeros((batch, W), np.uint32)
+    for i, b in enumerate(beams):
+        for k, s in enumerate(b):
+            ids[i, k, : len(s)] = s
+            lens[i, k] = len(s)
+    want = lambda n: not requested or n in requested  # noqa: E731
     if want("output_ids"):
         add_output(response, "output_ids", ids, "UINT32")
     if want("sequence_length"):
-        add_output(response, "sequence_length", np.asarray(lengths, np.uint32).reshape(batch, 1), "UINT32")
+        add_output(response, "sequence_length", lens, "UINT32")
     if logprobs is not None:
+        g = max([1] + [len(lp) for b in logprobs for lp in b])
+        cum = np.zeros((batch, W), np.float32)
+        olp = np.zeros((batch, W, g), np.float32)
+        for i, b in enumerate(logprobs):
+            for k, lp in enumerate(b):
+                cum[i, k] = float(np.sum(np.asarray(lp, np.float64))) if lp else 0.0
+                olp[i, k, : len(lp)] = lp
         if want("cum_log_probs"):
-            add_output(response, "cum_log_probs",
-                       np.asarray([sum(lp) for lp in logprobs], np.float32).reshape(batch, 1), "FP32")
+            add_output(response, "cum_log_probs", cum, "FP32")
         if want("output_log_probs"):
-            g = max(1, max(len(lp) for lp in logprobs))
-            olp = np.zeros((batch, 1, g), np.float32)
-            for i, lp in enumerate(logprobs):
-                olp[i, 0, : len(lp)] = lp
             add_output(response, "output_log_probs", olp, "FP32")
