@@ -179,7 +179,7 @@ class ModelConfig:
             rotary_dim=_rot_dim(h, rope.pop("partial")), rotary_interleaved=False, **rope,
             tie_embeddings=hf.get("tie_word_embeddings", False),
             attn_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
-            **_hf_ids(hf), arch="llama")
+            **_hf_ids(hf))
 
     @classmethod
     def _from_hf_gptj(cls, hf: dict[str, Any]) -> "ModelConfig":
@@ -196,7 +196,7 @@ class ModelConfig:
             norm_eps=hf.get("layer_norm_epsilon", 1e-5), position="rotary",
             rotary_dim=hf.get("rotary_dim") or None, rotary_interleaved=True, rope_theta=10000.0,
             parallel_residual=True, shared_layernorm=True, tie_embeddings=False, lm_head_bias=True,
-            attn_bias=False, mlp_bias=True, **_hf_ids(hf), arch="gptj")
+            attn_bias=False, mlp_bias=True, **_hf_ids(hf))
 
     @classmethod
     def _from_hf_neox(cls, hf: dict[str, Any]) -> "ModelConfig":
@@ -212,7 +212,7 @@ class ModelConfig:
             rotary_dim=_rot_dim(d // n, rope.pop("partial")), rotary_interleaved=False, **rope,
             parallel_residual=bool(hf.get("use_parallel_residual", True)),
             tie_embeddings=hf.get("tie_word_embeddings", False),
-            attn_bias=bool(hf.get("attention_bias", True)), mlp_bias=True, **_hf_ids(hf), arch="gpt_neox")
+            attn_bias=bool(hf.get("attention_bias", True)), mlp_bias=True, **_hf_ids(hf))
 
     @classmethod
     def from_ft_ini(cls, path: str) -> "ModelConfig":
@@ -298,9 +298,10 @@ class ModelConfig:
             eos_id=int(end) if end not in (None, "None") else None)
         if fam == "gptj":
             return cls(**common, rotary_interleaved=True, shared_layernorm=True, lm_head_bias=True,
-                       attn_bias=False, mlp_bias=True, arch="gptj")
+                       attn_bias=False, mlp_bias=True)
         common["parallel_residual"] = s.get("use_gptj_residual", "1").strip().lower() in ("1", "true")
-        return cls(**common, rotary_interleaved=False, attn_bias=True, mlp_bias=True, arch="gpt_neox")
+        return cls(**common, rotary_interleaved=False, attn_bias=True, mlp_bias=True)
+
 
 _HF_FAMILIES = {"llama": "_from_hf_llama", "gptj": "_from_hf_gptj", "gpt_neox": "_from_hf_neox"}
 
