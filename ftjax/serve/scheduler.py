@@ -195,8 +195,9 @@ class Scheduler:
                 r = self._waiting[0]
                 i = r.next_row
                 need = _width(r.rows[i].params)
-                if need > len(self._free):
-                    break
+                rest = sum(_width(row.params) for row in r.rows[i:])
+                if need > len(self._free) or (i == 0 and len(self._free) < rest <= self.B):
+                    break   # a request's rows start together (they stream in step) unless it is wider than B
                 slot, self._free = self._free[:need], self._free[need:]
                 picks.append((r, i, slot))
                 r.next_row += 1
