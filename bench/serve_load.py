@@ -1,0 +1,215 @@
+"""Serving load benchmark (GPU): N concurrent streaming clients against an in-process ftjax server
+vs offline `llm.generate` on the same work.
+
+    python bench/serve_load.py [--model PATH] [--dtype bfloat16] [--clients 64] [--requests 256]
+        [--prompt-len 128] [--output-len 128] [--max-batch-size 64] [--max-seq-len 512] [--json out.json]
+
+Every client runs requests back to back over ModelStreamInfer (one response per token) with the real
+`tritonclient.grpc`, so the server sees `--clients` requests in flight. Reported: aggregate generated
+tokens/s, time to first token (TTFT) p50/p99, inter-token latency p50/p99, requests/s, and the offline
+throughput of `llm.generate` over the same prompts in batches of --max-batch-size (same engine config;
+compiled before timing), with the ratio serve / offline (target >= 0.8 at 64 clients).
+Prompt lengths and output lengths are uniform in [len/2, len] (seeded) so requests join and leave the
+running batch. Greedy decoding with end_id disabled by min_length, so every request makes exactly its
+output length.
+
+On the device `tritonclient` may be missing: install its wheel (and python-rapidjson) with --no-deps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import statistics
+import sys
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pct(xs, p):
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def make_work(n, prompt_len, output_len, vocab, seed=0):
+    rng = np.random.RandomState(seed)
+    work = []
+    for _ in range(n):
+        p = rng.randint(1, vocab - 1, size=rng.randint(max(1, prompt_len // 2), prompt_len + 1)).tolist()
+        work.append((p, int(rng.randint(max(1, output_len // 2), output_len + 1))))
+    return work
+
+
+def inputs(grpcclient, prompt, out_len):
+    def t(name, arr, dt):
+        x = grpcclient.InferInput(name, list(arr.shape), dt)
+        x.set_data_from_numpy(arr)
+        return x
+
+    return [t("input_ids", np.array([prompt], np.uint32), "UINT32"),
+            t("input_lengths", np.array([[len(prompt)]], np.uint32), "UINT32"),
+            t("request_output_len", np.array([[out_len]], np.uint32), "UINT32"),
+            t("min_length", np.array([[out_len]], np.uint32), "UINT32")]
+
+
+def run_clients(url, work, clients, timeout=600):
+    import tritonclient.grpc as grpcclient
+
+    jobs = queue.Queue()
+    for w in work:
+        jobs.put(w)
+    ttft, itl, errors, tokens, per_req = [], [], [], [0], []
+    lock = threading.Lock()
+
+    def client():
+        c = grpcclient.InferenceServerClient(url)
+        q = queue.Queue()
+        c.start_stream(callback=lambda result, error: q.put((time.perf_counter(), result, error)))
+        try:
+            while True:
+                try:
+                    prompt, out_len = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                t0 = time.perf_counter()
+                c.async_stream_infer("fastertransformer", inputs(grpcclient, prompt, out_len))
+                last, n, gaps, first = None, 0, [], None
+                while True:
+                    t, result, error = q.get(timeout=timeout)
+                    if error is not None:
+                        with lock:
+                            errors.append(str(error))
+                        break
+                    if result.get_response().parameters["triton_final_response"].bool_param:
+                        break
+                    n += 1
+                    if first is None:
+                        first = t - t0
+                    else:
+                        gaps.append(t - last)
+                    last = t
+                with lock:
+                    if first is not None:
+                        ttft.append(first)
+                    itl.extend(gaps)
+                    tokens[0] += n
+                    per_req.append(n)
+        finally:
+            c.stop_stream()
+            c.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    return dict(wall_s=wall, tokens=tokens[0], requests=len(per_req), errors=errors[:5], n_errors=len(errors),
+                ttft=ttft, itl=itl)
+
+
+def offline(llm, work, batch):
+    """llm.generate over the same work in batches of `batch` (each batch decodes to its longest output)."""
+    total, t0 = 0, time.perf_counter()
+    for i in range(0, len(work), batch):
+        chunk = work[i:i + batch]
+        longest = max(o for _, o in chunk)
+        res = llm.generate([p for p, _ in chunk], max_new_tokens=longest, min_length=longest)
+        total += sum(min(len(t), o) for t, (_, o) in zip(res.tokens, chunk))   # count only the asked tokens
+    return time.perf_counter() - t0, total
+
+
+def precompile(llm, work, B):
+    """Compile prefill/insert for every (rows, prompt-bucket) shape the scheduler may use, so that TTFT
+    measures serving, not XLA compilation."""
+    from ftjax.engine import bucket
+
+    eng = llm.engine
+    st = eng.init_state()
+    plist = llm.sampling_params(1, min_length=1)
+    Ts = sorted({bucket(len(p), 16, eng.S) for p, _ in work})
+    b = 1
+    while True:
+        for T in Ts:
+            n = min(b, B)
+            st = eng.prefill_insert(st, [[1] * min(T, eng.S - 2)] * n, list(range(n)), [2] * n, plist * n)
+            st, _ = eng.generate_steps(st, 1)
+            st = eng.retire(st, list(range(n)))
+        if b >= B:
+            break
+        b *= 2
+    np.asarray(st.seq_len)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument("--chunk", type=int, default=8, help="decode steps per scheduler iteration when no stream is live")
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+
+    import jax
+
+    import ftjax
+    from ftjax.serve.server import Server, load_models
+
+    models = load_models(model=a.model, dtype=a.dtype, max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len,
+                         attention=a.attention)
+    llm = models[0].llm
+    work = make_work(a.requests, a.prompt_len, a.output_len, llm.cfg.vocab_size)
+    warm = make_work(max(a.clients, a.max_batch_size), a.prompt_len, 4, llm.cfg.vocab_size, seed=1)
+
+    # offline first (its own state), compiled on a warm-up pass
+    offline(llm, warm[: a.max_batch_size], a.max_batch_size)
+    offline(llm, work[: a.max_batch_size], a.max_batch_size)
+    off_s, off_tokens = offline(llm, work, a.max_batch_size)
+    llm._state = None   # free the offline decode state before serving
+
+    precompile(llm, work, a.max_batch_size)
+    srv = Server(models, grpc_port=0, metrics_port=None, chunk=a.chunk, max_queue=max(1024, a.requests)).start()
+    url = f"127.0.0.1:{srv.grpc_port}"
+    try:
+        run_clients(url, warm, a.clients)                    # compile prefill buckets / steps
+        r = run_clients(url, work, a.clients)
+    finally:
+        srv.stop()
+    out = {
+        "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "ftjax": ftjax.__version__,
+        "date": time.strftime("%Y-%m-%d"), "model": a.model or "embedded default", "dtype": a.dtype,
+        "clients": a.clients, "requests": a.requests, "prompt_len": a.prompt_len, "output_len": a.output_len,
+        "max_batch_size": a.max_batch_size, "max_seq_len": a.max_seq_len, "chunk": a.chunk,
+        "serve_tokens": r["tokens"], "serve_wall_s": round(r["wall_s"], 3),
+        "serve_tokens_per_s": round(r["tokens"] / r["wall_s"], 1),
+        "serve_requests_per_s": round(r["requests"] / r["wall_s"], 2),
+        "ttft_p50_ms": round(1e3 * pct(r["ttft"], 50), 2), "ttft_p99_ms": round(1e3 * pct(r["ttft"], 99), 2),
+        "itl_p50_ms": round(1e3 * pct(r["itl"], 50), 2), "itl_p99_ms": round(1e3 * pct(r["itl"], 99), 2),
+        "itl_mean_ms": round(1e3 * statistics.fmean(r["itl"]), 2) if r["itl"] else None,
+        "errors": r["n_errors"], "error_samples": r["errors"],
+        "offline_tokens": off_tokens, "offline_wall_s": round(off_s, 3),
+        "offline_tokens_per_s": round(off_tokens / off_s, 1),
+    }
+    out["serve_over_offline"] = round(out["serve_tokens_per_s"] / out["offline_tokens_per_s"], 3)
+    print(json.dumps(out, indent=2))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
