@@ -363,3 +363,96 @@ def read_json(path: str) -> dict[str, Any]:
         raise FileNotFoundError(f"missing {path}")
     with open(path) as f:
         return json.load(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Encoder-decoder T5 (v1.0: ReLU FFN, tied output with d_model**-0.5 scaling; v1.1: gated GELU,
+    untied lm_head). Shapes: d = hidden, n = num_heads, h = head_dim (T5's d_kv)."""
+
+    vocab_size: int
+    hidden: int
+    head_dim: int
+    ffn_dim: int
+    num_heads: int
+    num_encoder_layers: int
+    num_decoder_layers: int
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    norm_eps: float = 1e-6
+    activation: str = "relu"        # FFN activation (gelu_tanh for v1.1's gated-gelu)
+    gated_ffn: bool = False
+    tie_embeddings: bool = True     # output projection is the shared embedding
+    scale_logits: bool = True       # decoder output * d_model**-0.5 before the projection (v1.0)
+    max_positions: int = 512        # longest encoder input / decoder output ftjax allocates for
+    decoder_start_id: int = 0
+    eos_id: int | None = 1
+    pad_id: int | None = 0
+    arch: str = "t5"
+
+    def __post_init__(self):
+        for f in ("vocab_size", "hidden", "head_dim", "ffn_dim", "num_heads", "num_encoder_layers",
+                  "num_decoder_layers", "relative_buckets", "relative_max_distance", "max_positions"):
+            if int(getattr(self, f)) <= 0:
+                raise ValueError(f"T5Config.{f}: must be positive, got {getattr(self, f)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"T5Config.activation: unknown {self.activation!r}; expected one of {ACTIVATIONS}")
+
+    # The names the engine and sampling use for every family.
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_decoder_layers
+
+    @property
+    def vocab(self) -> int:
+        return self.vocab_size
+
+    @property
+    def bos_id(self) -> int:
+        return self.decoder_start_id
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "T5Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"ftjax T5 config: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], max_positions: int = 512) -> "T5Config":
+        """From a Hugging Face T5 `config.json` (t5, t5 v1.1, mt5 style)."""
+        if hf.get("model_type") not in ("t5", "mt5"):
+            raise ValueError(f"config.json: model_type {hf.get('model_type')!r} is not T5")
+        proj = hf.get("feed_forward_proj", "relu")
+        gated = proj.startswith("gated-")
+        act = proj.removeprefix("gated-")
+        act = {"relu": "relu", "gelu": "gelu_tanh" if gated else "gelu", "gelu_new": "gelu_tanh",
+               "silu": "silu"}.get(act)
+        if act is None:
+            raise ValueError(f"config.json: unsupported feed_forward_proj {proj!r}")
+        return cls(
+            vocab_size=hf["vocab_size"], hidden=hf["d_model"], head_dim=hf["d_kv"], ffn_dim=hf["d_ff"],
+            num_heads=hf["num_heads"], num_encoder_layers=hf["num_layers"],
+            num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+            relative_buckets=hf.get("relative_attention_num_buckets", 32),
+            relative_max_distance=hf.get("relative_attention_max_distance", 128),
+            norm_eps=hf.get("layer_norm_epsilon", 1e-6), activation=act, gated_ffn=gated,
+            # transformers 5 always ties and says whether to scale in `scale_decoder_outputs`; older
+            # v1.1 configs say tie_word_embeddings=false (separate lm_head, no scaling).
+            tie_embeddings=hf.get("tie_word_embeddings", True) is not False,
+            scale_logits=hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False),
+            max_positions=max_positions,
+            decoder_start_id=hf.get("decoder_start_token_id", 0) or 0,
+            eos_id=hf.get("eos_token_id", 1), pad_id=hf.get("pad_token_id", 0))

@@ -248,7 +248,12 @@ class Engine:
         bad = [t for t in ids if not 0 <= int(t) < self.cfg.vocab]
         if bad:
             raise ValueError(f"{field}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab})")
-        if len(ids) + max_new > self.S:
+        if not self.family.samples_at_prefill:  # encoder-decoder: the prompt is the encoder's input
+            if len(ids) > self.S:
+                raise ValueError(f"{field}: {len(ids)} tokens exceed max_seq_len {self.S}")
+            if 1 + max_new > self.S:
+                raise ValueError(f"max_new_tokens: {max_new} (+ the decoder start id) exceeds max_seq_len {self.S}")
+        elif len(ids) + max_new > self.S:
             raise ValueError(f"max_new_tokens: prompt of {len(ids)} tokens + max_new_tokens {max_new} exceeds "
                              f"max_seq_len {self.S}")
 
@@ -283,6 +288,12 @@ class Engine:
         state = self._grow_capacity(state, params_list)
         sp = self._pack(list(params_list), b)
         prefix = self._prefill(self.params, tokens, lengths, sp)
+        if not self.family.samples_at_prefill:
+            # Encoder-decoder: the decoder sequence starts as [start_id], pending for the first step.
+            start = [self.cfg.bos_id if p.start_id is None else p.start_id for p in params_list]
+            tokens = np.zeros((b, 1), np.int32)
+            tokens[: len(start), 0] = start
+            lengths = np.ones((b,), np.int32)
         return self._insert(state, prefix, tokens, lengths, mx, sp, src_arr, dst_arr, gslots)
 
     def _grow_capacity(self, state: DecodeState, params_list) -> DecodeState:
@@ -314,8 +325,9 @@ class Engine:
     def generate_steps(self, state: DecodeState, n_steps: int):
         return self._generate(self.params, state, np.int32(n_steps))
 
-    def logits(self, tokens, lengths):
-        return self._logits(self.params, tokens, lengths)
+    def logits(self, *arrays):
+        """GPT: (tokens, lengths); T5: (enc_tokens, enc_len, dec_tokens, dec_len) -> full logits."""
+        return self._logits(self.params, *arrays)
 
 
 def _is_float(a) -> bool:

@@ -135,11 +135,26 @@ class LLM:
             out.append(p.verify(self.cfg.vocab, self.engine.max_beam_width))
         return out
 
-    def logits(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
-        """Full-sequence logits [batch, len, vocab] float32 (prompts right-padded to the longest)."""
+    def logits(self, ids: Sequence[Sequence[int]], decoder_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+        """GPT: logits(ids) -> [batch, len, vocab] float32 (rows right-padded to the longest).
+        T5: logits(encoder_ids, decoder_ids) -> [batch, dec_len, vocab] (teacher forcing)."""
+        is_t5 = not self.engine.family.samples_at_prefill
+        if is_t5 != (decoder_ids is not None):
+            raise ValueError("decoder_ids: required for an encoder-decoder model, and only for one")
+        enc, enc_len, longest = self._pad(ids, "ids")
+        if not is_t5:
+            out = np.asarray(self.engine.logits(enc, enc_len))
+        else:
+            dec, dec_len, longest = self._pad(decoder_ids, "decoder_ids")
+            if dec.shape[0] != enc.shape[0]:
+                raise ValueError(f"decoder_ids: {dec.shape[0]} rows for {enc.shape[0]} encoder rows")
+            out = np.asarray(self.engine.logits(enc, enc_len, dec, dec_len))
+        return out[:, :longest, : self.cfg.vocab_size].astype(np.float32)
+
+    def _pad(self, ids, field):
         prompts = _as_prompts(ids)
         for i, p in enumerate(prompts):
-            self.engine.check_prompt(p, 0, field=f"ids[{i}]")
+            self.engine.check_prompt(p, 0, field=f"{field}[{i}]")
         n, longest = len(prompts), max(len(p) for p in prompts)
         T = bucket(longest, 16, self.engine.S)
         tokens = np.zeros((n, T), np.int32)
@@ -147,8 +162,7 @@ class LLM:
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
             lengths[i] = len(p)
-        out = np.asarray(self.engine.logits(tokens, lengths))[:, :longest, : self.cfg.vocab_size]
-        return out.astype(np.float32)
+        return tokens, lengths, longest
 
 
 def _as_prompts(prompts) -> list[list[int]]:

@@ -24,9 +24,12 @@ def check_params(cfg: ModelConfig, params: dict[str, Any], source: str) -> None:
 
     Raises ValueError naming the key (and both shapes) that is missing, unexpected or misshapen.
     """
-    from ftjax.models import gpt
+    if getattr(cfg, "arch", "gpt") == "t5":
+        from ftjax.models import t5 as family
+    else:
+        from ftjax.models import gpt as family
 
-    shapes, _ = gpt.abstract_params(cfg)
+    shapes, _ = family.abstract_params(cfg)
     want = {k: tuple(v.shape) for k, v in _flat(shapes).items()}
     have = {k: tuple(np.shape(v if not hasattr(v, "q") else v.q)) for k, v in _flat(params).items()}
     missing = sorted(set(want) - set(have))

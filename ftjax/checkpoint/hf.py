@@ -223,7 +223,11 @@ def load_hf(path: str, progress=None) -> tuple[ModelConfig, dict[str, Any]]:
     """Any supported HF directory, by config.json's `model_type` (gpt2, llama, gptj, gpt_neox)."""
     hf = read_json(os.path.join(path, "config.json"))
     mt = hf.get("model_type")
-    if mt not in _LOADERS:
+    if mt not in _LOADERS and mt not in ("t5", "mt5"):
         raise ValueError(f"{path}/config.json: unsupported model_type {mt!r} (architectures="
                          f"{hf.get('architectures')}); this ftjax build loads: {', '.join(_LOADERS)}")
+    if mt in ("t5", "mt5"):
+        from ftjax.checkpoint.hf_t5 import load_t5
+
+        return load_t5(path, progress=progress)
     return globals()[_LOADERS[mt]](path, progress=progress)

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ftjax.config import DTYPES, ModelConfig
+from ftjax.config import DTYPES, ModelConfig, T5Config
 
 CONFIG_FILE = "ftjax_config.json"
 PARAMS_DIR = "params"
@@ -82,7 +82,8 @@ def load(path: str, dtype: str | None = None, shardings: Any = None) -> tuple[Mo
     import orbax.checkpoint as ocp
 
     meta = read_meta(path)
-    cfg = ModelConfig.from_dict(meta["config"])
+    conf = dict(meta["config"])
+    cfg = T5Config.from_dict(conf) if conf.get("arch") == "t5" else ModelConfig.from_dict(conf)
     pdir = os.path.join(os.path.abspath(path), PARAMS_DIR)
     ckpt = ocp.PyTreeCheckpointer()
     stored = ckpt.metadata(pdir)
