@@ -53,23 +53,32 @@ class DecodeConfig:
   num_splits: split-K factor; None picks one so that b * k * splits fills the GPU
     (`target_programs`) while each split keeps at least `min_blocks_per_split` blocks.
   num_warps, num_stages: Triton launch / software-pipelining depth.
+  block_k / num_stages None: the defaults tuned on an H100 (bench/RESULTS.md), per path:
+    MHA vector path block_k=128, num_stages=2; GQA/MQA dot path block_k=64, num_stages=4.
   """
-  block_k: int = 128
+  block_k: int | None = None
   num_splits: int | None = None
   num_warps: int = 4
-  num_stages: int = 2
+  num_stages: int | None = None
   target_programs: int = 528          # 4 waves of programs on a 132-SM H100
   min_blocks_per_split: int = 2
   max_splits: int = 64
   mha_dot: bool = False               # g == 1: use the padded 16-row tensor-core path too
 
   def __post_init__(self):
-    assert self.block_k >= 16 and self.block_k & (self.block_k - 1) == 0, (
+    assert self.block_k is None or (self.block_k >= 16 and self.block_k & (self.block_k - 1) == 0), (
         f"DecodeConfig.block_k={self.block_k} must be a power of two >= 16")
     assert self.num_splits is None or self.num_splits >= 1, (
         f"DecodeConfig.num_splits={self.num_splits} must be >= 1 or None")
     assert self.num_warps in (1, 2, 4, 8, 16), f"DecodeConfig.num_warps={self.num_warps}"
-    assert self.num_stages >= 1, f"DecodeConfig.num_stages={self.num_stages}"
+    assert self.num_stages is None or self.num_stages >= 1, (
+        f"DecodeConfig.num_stages={self.num_stages}")
+
+  def resolve(self, use_dot: bool, hp: int) -> tuple[int, int]:
+    """(block_k, num_stages) for the path taken and the padded head_dim."""
+    block_k = self.block_k or (64 if use_dot else 128)
+    num_stages = self.num_stages or (4 if use_dot else 2)
+    return (min(block_k, 64) if hp > 128 else block_k), num_stages
 
 
 def _block_k_for(capacity: int, block_k: int) -> int:
@@ -208,7 +217,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, config=None, i
   qk_scale = scale * C.LOG2E                         # scores kept in log2 units: exp2
   lengths = jnp.clip(lengths.astype(jnp.int32), 1, s)
 
-  block_k = min(config.block_k, 64 if hp > 128 else config.block_k)
+  use_dot = g > 1 or config.mha_dot
+  block_k, num_stages = config.resolve(use_dot, hp)
   bk = _block_k_for(s, block_k)
   if bk == 0:  # capacity not a multiple of 16: pad the cache (a copy; avoid in the engine)
     pad = (-s) % 16
@@ -222,7 +232,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, config=None, i
 
   kv_spec = pl.BlockSpec((None, None, s, hp), lambda i, j, p: (i, j, 0, 0))
   len_spec = pl.BlockSpec((None,), lambda i, j, p: (i,))
-  if g == 1 and not config.mha_dot:
+  if not use_dot:
     qx = q.reshape(b, kh, h).astype(kv_dtype)
     if hp != h:
       qx = jnp.pad(qx, ((0, 0), (0, 0), (0, hp - h)))
@@ -257,7 +267,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, config=None, i
       in_specs=[len_spec, q_spec, kv_spec, kv_spec],
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=C.triton_compiler_params(config.num_warps, config.num_stages),
+      compiler_params=C.triton_compiler_params(config.num_warps, num_stages),
       interpret=interpret,
       name="ftjax_decode_attention",
   )(lengths, qx, k_cache, v_cache)
@@ -271,7 +281,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, config=None, i
     l_tot = jnp.sum(l_part * w, axis=2)
     o = jnp.sum(o_part * w[..., None], axis=2) / jnp.maximum(l_tot, 1e-30)[..., None]
     o = o.astype(q.dtype)
-  if g == 1 and not config.mha_dot:
+  if not use_dot:
     return o[..., :h].reshape(b, n, h)
   return o[:, :, :g, :h].reshape(b, n, h)
 

@@ -62,8 +62,10 @@ class PrefillConfig:
         f"PrefillConfig.num_stages={self.num_stages}")
 
   def resolve(self, t: int, s: int, hp: int) -> tuple[int, int, int, int]:
+    # Defaults tuned on an H100 (bench/RESULTS.md): 128 x 128 tiles, 4 warps for h <= 64 and
+    # 8 for h = 128, 3 pipeline stages; h = 256 keeps K/V tiles small enough for shared memory.
     bq = self.block_q or 128
-    bk = self.block_k or (64 if hp <= 128 else 32)
+    bk = self.block_k or (128 if hp <= 128 else 32)
     nw = self.num_warps or (4 if hp <= 64 else 8)
     ns = self.num_stages or (3 if hp <= 128 else 2)
     # Short inputs: shrink the tiles (never below 16, the smallest tensor-core tile).
