@@ -348,15 +348,15 @@ def test_bad_checkpoints(tmp_path, tanh_gelu):
     with pytest.raises(ValueError, match="Looked for.*config.json.*config.ini.*model_optim_rng.pt"):
         load_checkpoint(str(empty))
     # Unknown architecture.
-    bad = tmp_path / "llama"
+    bad = tmp_path / "bert"
     bad.mkdir()
     for f in os.listdir(src):
         os.link(os.path.join(src, f), bad / f)
     hf = json.load(open(bad / "config.json"))
-    hf["model_type"], hf["architectures"] = "llama", ["LlamaForCausalLM"]
+    hf["model_type"], hf["architectures"] = "bert", ["BertForMaskedLM"]
     os.remove(bad / "config.json")
     json.dump(hf, open(bad / "config.json", "w"))
-    with pytest.raises(ValueError, match="llama"):
+    with pytest.raises(ValueError, match="unsupported model_type 'bert'"):
         load_checkpoint(str(bad))
     # Missing key and wrong shape in an HF safetensors file.
     tensors = load_file(os.path.join(src, "model.safetensors"))
