@@ -2,7 +2,7 @@
 against `model_config_pb2.ModelConfig`, honouring FasterTransformer's backend parameters.
 
 FT parameters read (string values, as FT writes them):
-    model_type             "GPT" (T5 is refused until ftjax has T5)
+    model_type             "GPT" (also GPT-J, GPT-NeoX, LLaMA: one decoder) or "T5"
     model_checkpoint_path  the checkpoint: an FT-converted folder (config.ini + *.bin, or its
                            `<N>-gpu/` subfolder), HF, Megatron or ftjax; relative paths are taken
                            from the model's folder
@@ -75,11 +75,11 @@ def parse_config(path: str) -> mc.ModelConfig:
 
 def spec_from_config(cfg: mc.ModelConfig, model_dir: str, name: str, where: str) -> ModelSpec:
     model_type = (_param(cfg, "model_type", "GPT") or "GPT").upper()
-    if model_type in ("T5", "T5-ENCODER", "BART", "MBART"):
-        raise RepositoryError(f"{where}: model_type {model_type}: encoder-decoder (T5) models are not available in "
-                              "this build yet")
-    if model_type not in ("GPT", "GPTJ", "GPT-J", "GPTNEOX", "GPT-NEOX", "LLAMA"):
-        raise RepositoryError(f"{where}: model_type {model_type!r} is not supported (expected GPT)")
+    if model_type in ("T5-ENCODER", "BART", "MBART"):
+        raise RepositoryError(f"{where}: model_type {model_type}: only T5 encoder-decoder models are served")
+    if model_type not in ("GPT", "GPTJ", "GPT-J", "GPTNEOX", "GPT-NEOX", "LLAMA", "T5"):
+        raise RepositoryError(f"{where}: model_type {model_type!r} is not supported (expected GPT, GPT-J, "
+                              "GPT-NeoX, LLaMA or T5)")
     tp = _int_param(cfg, "tensor_para_size", where, 1)
     pp = _int_param(cfg, "pipeline_para_size", where, 1)
     int8 = _int_param(cfg, "int8_mode", where, 0)
@@ -128,19 +128,22 @@ def load_repository(root: str) -> list[ModelSpec]:
     return specs
 
 
-def default_config(name: str, max_request_batch: int = 0, decoupled: bool = True) -> mc.ModelConfig:
+def default_config(name: str, max_request_batch: int = 0, decoupled: bool = True, t5: bool = False) -> mc.ModelConfig:
     """The ModelConfig reported for a model served without a config.pbtxt (--model or the default)."""
     cfg = mc.ModelConfig(name=name, backend="fastertransformer", max_batch_size=max_request_batch)
     cfg.model_transaction_policy.decoupled = decoupled
-    fill_io(cfg)
+    if t5:
+        cfg.parameters["model_type"].string_value = "T5"
+    fill_io(cfg, t5=t5)
     return cfg
 
 
-def fill_io(cfg: mc.ModelConfig):
-    """Declares FT's GPT inputs/outputs when the config has none (dims exclude the batch dim)."""
+def fill_io(cfg: mc.ModelConfig, t5: bool = False):
+    """Declares FT's GPT (or T5) inputs/outputs when the config has none (dims exclude the batch dim)."""
     dt = lambda s: mc.DataType.Value("TYPE_" + ("STRING" if s == "BYTES" else s))  # noqa: E731
+    inputs, required = (tensors.T5_INPUTS, tensors.T5_REQUIRED) if t5 else (tensors.GPT_INPUTS, tensors.GPT_REQUIRED)
     if not cfg.input:
-        for name, t in tensors.GPT_INPUTS.items():
+        for name, t in inputs.items():
             inp = cfg.input.add(name=name, data_type=dt(t))
             if name == "input_ids":
                 inp.dims.extend([-1])
@@ -149,8 +152,8 @@ def fill_io(cfg: mc.ModelConfig):
                 inp.optional = True
             else:
                 inp.dims.extend([1])
-                inp.optional = name not in tensors.GPT_REQUIRED
+                inp.optional = name not in required
     if not cfg.output:
-        for name, (t, dims) in tensors.GPT_OUTPUTS.items():
+        for name, (t, dims) in (tensors.T5_OUTPUTS if t5 else tensors.GPT_OUTPUTS).items():
             cfg.output.add(name=name, data_type=dt(t), dims=dims[1:])
     return cfg

@@ -79,6 +79,7 @@ class Scheduler:
     def __init__(self, llm, *, max_queue: int = 1024, chunk: int = 8, metrics=None, model_name: str = "fastertransformer"):
         self.llm = llm
         self.engine = llm.engine
+        self.encdec = not self.engine.family.samples_at_prefill
         self.B = self.engine.B
         self.max_queue = max_queue
         self.chunk = max(1, int(chunk))
@@ -278,6 +279,7 @@ class Scheduler:
                 h = sl[0]
                 n = int(seq_len[h])
                 base = max(r.sent[i], int(plen[h]))
+                off = int(plen[h]) if self.encdec else 0   # T5 answers with the decoder's ids only
                 if n > base:
                     new_tokens += (n - base) * len(sl)
                     if r.t_first is None:
@@ -285,18 +287,18 @@ class Scheduler:
                         if self.metrics:
                             self.metrics.first_token(self.model_name, now - r.t_arrival)
                     if r.stream:
-                        steps.append((i, base, n, seq[h, :n].tolist()))
+                        steps.append((i, base - off, n - off, seq[h, off:n].tolist()))
                     r.sent[i] = n
                 if done[h]:
                     r.row_done[i] = True
-                    prompt = r.rows[i].prompt
+                    prompt = self._shown(r.rows[i])
                     if len(sl) > 1:   # beam group headed by slot h: finished hypotheses, best first
                         hyps = [(int(beam["fin_len"][h, b]), b) for b in range(len(sl))
                                 if beam["fin_mask"][h, b] and beam["fin_len"][h, b] > 0]
                         r.result_seqs[i] = [prompt + beam["fin_tokens"][h, b, :m].tolist() for m, b in hyps] or [prompt]
                         r.result_lps[i] = [beam["fin_logprobs"][h, b, :m].astype(float).tolist() for m, b in hyps] or [[]]
                     else:
-                        r.result_seqs[i] = [seq[h, :n].tolist()]
+                        r.result_seqs[i] = [seq[h, off:n].tolist()]
                         if lps is not None:
                             r.result_lps[i] = [lps[h, plen[h]:n].astype(float).tolist()]
                     self._free.extend(sl)
@@ -309,7 +311,7 @@ class Scheduler:
                 lp = [x if x is not None else [[]] for x in r.result_lps] if r.want_logprobs else None
                 r.push(Update("done", seqs=r.result_seqs, logprobs=lp))
                 if self.metrics:
-                    gen = sum(len(x[0]) - len(row.prompt) for x, row in zip(r.result_seqs, r.rows))
+                    gen = sum(len(x[0]) - len(self._shown(row)) for x, row in zip(r.result_seqs, r.rows))
                     self.metrics.request_done(self.model_name, True, now - r.t_arrival, gen, rows=len(r.rows))
         if self.metrics:
             self.metrics.tokens(self.model_name, new_tokens)
@@ -319,11 +321,15 @@ class Scheduler:
         """One response per new token: every row's ids so far (FT's decoupled mode). Rows of a multi-row
         request advance together; a row that has finished repeats its last ids."""
         for i, row in enumerate(r.rows):
-            r.last_seqs.setdefault(i, list(row.prompt))
+            r.last_seqs.setdefault(i, list(self._shown(row)))
         for t in range(1, max(n - b for _, b, n, _ in steps) + 1):
             for i, b, n, ids in steps:
                 r.last_seqs[i] = ids[: min(b + t, n)]
             r.push(Update("token", seqs=[r.last_seqs[i] for i in range(len(r.rows))]))
+
+    def _shown(self, row) -> list[int]:
+        """What an answer repeats before the generated ids: GPT the prompt (FT's output_ids), T5 nothing."""
+        return [] if self.encdec else row.prompt
 
     def _fail(self, r: Request, code: str, message: str):
         if r.finished:

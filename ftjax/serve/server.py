@@ -133,7 +133,8 @@ class Service(pbg.GRPCInferenceServiceServicer):
         """ModelInferRequest -> scheduler Request (raises TensorError)."""
         arrays = tensors.decode_inputs(request)
         datatypes = {t.name: t.datatype for t in request.inputs}
-        rows = tensors.parse_gpt(
+        parse = tensors.parse_t5 if _is_t5(m) else tensors.parse_gpt
+        rows = parse(
             arrays, datatypes, make_params=lambda kw: make_params(m.llm, kw),
             check_prompt=m.llm.engine.check_prompt, max_request_batch=m.max_request_batch)
         want_lp = any(r.params.return_log_probs for r in rows)
@@ -150,7 +151,7 @@ class Service(pbg.GRPCInferenceServiceServicer):
 
     def _response(self, req: Request, beams, logprobs, final: bool | None) -> pb.ModelInferResponse:
         r = pb.ModelInferResponse(model_name=req.model.name, model_version="1", id=req.request_id)
-        tensors.gpt_outputs(r, beams, logprobs, req.requested)
+        tensors.gpt_outputs(r, beams, logprobs, req.requested, "INT32" if _is_t5(req.model) else "UINT32")
         if final is not None:
             r.parameters["triton_final_response"].bool_param = final
         return r
@@ -282,6 +283,10 @@ class Service(pbg.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(error_message=f"[{u.code}] {u.message}")
 
 
+def _is_t5(m) -> bool:
+    return getattr(m.llm.cfg, "arch", "gpt") == "t5"
+
+
 def _dt(t: int) -> str:
     s = mc.DataType.Name(t).replace("TYPE_", "")
     return "BYTES" if s == "STRING" else s
@@ -356,8 +361,13 @@ def load_models(*, model: str | None = None, model_repository: str | None = None
         except ValueError as e:
             where = f"model {s.name}" + (f" ({s.checkpoint})" if s.checkpoint else "")
             raise ValueError(f"{where}: {e}") from None
-        cfg = s.config if s.config is not None else repository.default_config(s.name, s.max_request_batch, s.decoupled)
-        repository.fill_io(cfg)
+        t5 = getattr(llm.cfg, "arch", "gpt") == "t5"
+        if s.config is not None and (s.model_type == "T5") != t5:
+            raise ValueError(f"model {s.name}: config.pbtxt says model_type {s.model_type} but {s.checkpoint} holds "
+                             f"a {'T5' if t5 else 'decoder-only'} model")
+        cfg = s.config if s.config is not None else repository.default_config(s.name, s.max_request_batch,
+                                                                                s.decoupled, t5=t5)
+        repository.fill_io(cfg, t5=t5)
         out.append(Model(name=s.name, llm=llm, config=cfg, max_request_batch=s.max_request_batch,
                          decoupled=s.decoupled))
     return out

@@ -70,6 +70,15 @@ GPT_IGNORED = {"is_return_context_embeddings": "BOOL", "prompt_learning_task_nam
 GPT_OUTPUTS = {"output_ids": ("UINT32", [-1, -1, -1]), "sequence_length": ("UINT32", [-1, -1]),
                "cum_log_probs": ("FP32", [-1, -1]), "output_log_probs": ("FP32", [-1, -1, -1])}
 
+# T5 (FT's `all_models/t5/fastertransformer/config.pbtxt`): the same runtime inputs, with the encoder
+# prompt's lengths in `sequence_length` and the tokens to generate in `max_output_len`; outputs hold the
+# decoder's tokens only, INT32.
+T5_RENAMES = {"sequence_length": "input_lengths", "max_output_len": "request_output_len"}
+T5_REQUIRED = {"input_ids": "UINT32", "sequence_length": "UINT32", "max_output_len": "UINT32"}
+T5_INPUTS: dict[str, str] = {**T5_REQUIRED, **{k: v for k, v in GPT_INPUTS.items() if k not in GPT_REQUIRED}}
+T5_OUTPUTS = {"output_ids": ("INT32", [-1, -1, -1]), "sequence_length": ("INT32", [-1, -1]),
+              "cum_log_probs": ("FP32", [-1, -1]), "output_log_probs": ("FP32", [-1, -1, -1])}
+
 # Alternate dtypes a client may reasonably send for the same value (FT's own clients send INT32 ids at times).
 _INT_OK = {"INT32", "INT64", "UINT32", "UINT64", "INT16", "UINT16", "INT8", "UINT8"}
 _FLOAT_OK = {"FP32", "FP64", "FP16"}
@@ -156,6 +165,27 @@ def _per_row(name, arr, batch):
     if a.shape[0] != batch:
         raise TensorError(f"{name}: batch dimension {a.shape[0]} disagrees with input_ids batch {batch}")
     return a
+
+
+def parse_t5(tensors: dict[str, np.ndarray], datatypes: dict[str, str], **kw) -> list[Row]:
+    """FT T5 tensors -> Rows (the prompt is the encoder's input). Same rules and errors as GPT's."""
+    for name in tensors:
+        if name not in T5_INPUTS and name not in GPT_IGNORED:
+            raise TensorError(f"{name}: unknown input tensor (expected FasterTransformer's T5 inputs: "
+                              f"{', '.join(T5_INPUTS)})")
+    for name in T5_REQUIRED:
+        if name not in tensors:
+            raise TensorError(f"{name}: required input tensor missing")
+    back = {v: k for k, v in T5_RENAMES.items()}
+    ren = {T5_RENAMES.get(k, k): v for k, v in tensors.items()}
+    dts = {T5_RENAMES.get(k, k): v for k, v in datatypes.items()}
+    try:
+        return parse_gpt(ren, dts, **kw)
+    except TensorError as e:
+        msg = str(e)
+        for new, old in back.items():
+            msg = msg.replace(new, old)
+        raise TensorError(msg) from None
 
 
 def parse_gpt(tensors: dict[str, np.ndarray], datatypes: dict[str, str], *, make_params, check_prompt,
@@ -255,23 +285,25 @@ def add_output(response, name: str, arr: np.ndarray, datatype: str):
 
 
 def gpt_outputs(response, beams: list[list[list[int]]], logprobs: list[list[list[float]]] | None,
-                requested: set[str] | None = None):
-    """beams[i][k]: prompt + generated ids of row i, beam k (best first); logprobs[i][k]: the log prob of
-    each generated token (or None: no log-prob outputs). Rows with fewer beams are padded (length 0)."""
+                requested: set[str] | None = None, int_type: str = "UINT32"):
+    """beams[i][k]: prompt + generated ids of row i, beam k (best first) — for T5 the decoder's ids only,
+    with int_type INT32; logprobs[i][k]: the log prob of each generated token (or None: no log-prob
+    outputs). Rows with fewer beams are padded (length 0)."""
     batch = len(beams)
     W = max(len(b) for b in beams)
-    width = max(len(s) for b in beams for s in b)
-    ids = np.zeros((batch, W, width), np.uint32)
-    lens = np.zeros((batch, W), np.uint32)
+    width = max([1] + [len(s) for b in beams for s in b])
+    npt = np.uint32 if int_type == "UINT32" else np.int32
+    ids = np.zeros((batch, W, width), npt)
+    lens = np.zeros((batch, W), npt)
     for i, b in enumerate(beams):
         for k, s in enumerate(b):
             ids[i, k, : len(s)] = s
             lens[i, k] = len(s)
     want = lambda n: not requested or n in requested  # noqa: E731
     if want("output_ids"):
-        add_output(response, "output_ids", ids, "UINT32")
+        add_output(response, "output_ids", ids, int_type)
     if want("sequence_length"):
-        add_output(response, "sequence_length", lens, "UINT32")
+        add_output(response, "sequence_length", lens, int_type)
     if logprobs is not None:
         g = max([1] + [len(lp) for b in logprobs for lp in b])
         cum = np.zeros((batch, W), np.float32)
