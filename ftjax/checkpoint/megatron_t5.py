@@ -257,7 +257,9 @@ def _load_nemo_dir(root: str, source: str, say) -> tuple[T5Config, dict[str, Any
 
     qs = h ** -0.5 if scale_q else 1.0
     emb_key = _E + "encoder_embedding.word_embeddings.weight"
-    v_rows = get(0, emb_key, (shards[0].get(emb_key, np.zeros((0, d))).shape[0], d)).shape[0]
+    if emb_key not in shards[0]:
+        raise ValueError(f"{files[0]}: missing weight {emb_key!r}")
+    v_rows = int(shards[0][emb_key].shape[0])  # vocabulary rows per rank (vocab-parallel, padded)
     emb = cat(emb_key, (v_rows, d), 0)
     v = emb.shape[0]
     dec_emb_key = _E + "decoder_embedding.word_embeddings.weight"
