@@ -7,7 +7,6 @@ ftjax's orbax checkpoint to DST. Progress goes to stderr, one line per shard / l
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -30,11 +29,9 @@ def convert(src: str, dst: str, dtype: str = "float32", quantize: str | None = N
     if dtype not in DTYPES:
         raise ValueError(f"dtype: unknown {dtype!r}; expected one of {DTYPES}")
     if quantize is not None:
-        if quantize != "int8":
-            raise ValueError(f"quantize: unknown {quantize!r}; expected int8")
-        if importlib.util.find_spec("ftjax.quantize") is None:
-            raise ValueError("quantize: int8 weight-only quantization is not available yet in this ftjax "
-                             "build (ftjax.quantize is missing); convert without --quantize")
+        from ftjax.quantize import check_mode
+
+        check_mode(quantize)
     if os.path.exists(os.path.join(dst, orbax_io.PARAMS_DIR)):
         raise ValueError(f"{dst}: already holds an ftjax checkpoint; choose an empty destination")
     t0 = time.perf_counter()
@@ -43,20 +40,21 @@ def convert(src: str, dst: str, dtype: str = "float32", quantize: str | None = N
     kwargs = {"num_heads": num_heads} if (fmt == "megatron" and num_heads) else {}
     cfg, params = load_checkpoint(src, progress=progress, **kwargs)
     t1 = time.perf_counter()
-    if quantize is not None:  # pragma: no cover - enabled once ftjax.quantize lands
+    if quantize is not None:  # host numpy: per-output-channel int8 + float32 scales (stored in `dtype`)
         from ftjax import quantize as q
-        params = q.quantize_params(cfg, params)
+        params = q.quantize_params(params, cfg, mode=quantize, progress=progress)
     leaves = jax.tree.leaves(params)
     progress(f"writing {len(leaves)} arrays as {dtype} to {dst}")
     orbax_io.save(dst, cfg, params, dtype)
     t2 = time.perf_counter()
     n_params = int(sum(np.prod(np.shape(x)) for x in leaves))
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(dst) for f in fs)
-    summary = {"source": src, "format": fmt, "destination": dst, "dtype": dtype, "params": n_params,
+    summary = {"source": src, "format": fmt, "destination": dst, "dtype": dtype, "quantize": quantize,
+               "params": n_params,
                "layers": cfg.num_layers, "hidden": cfg.hidden, "vocab_size": cfg.vocab_size,
                "bytes_written": size, "read_s": round(t1 - t0, 2), "write_s": round(t2 - t1, 2)}
     progress(f"done: {fmt} -> ftjax, {n_params:,} params in {cfg.num_layers} layers "
-             f"(d={cfg.hidden}, vocab={cfg.vocab_size}), {dtype}, {size / 2**20:.1f} MiB written; "
+             f"(d={cfg.hidden}, vocab={cfg.vocab_size}), {dtype}{' + int8' if quantize else ''}, {size / 2**20:.1f} MiB written; "
              f"read {t1 - t0:.1f}s, write {t2 - t1:.1f}s")
     return summary
 
@@ -67,7 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("src", help="HF / Megatron / FasterTransformer / ftjax checkpoint")
     ap.add_argument("dst", help="destination directory for the ftjax (orbax) checkpoint")
     ap.add_argument("--dtype", default="float32", choices=DTYPES, help="storage dtype (default float32)")
-    ap.add_argument("--quantize", default=None, help="int8: weight-only INT8 (needs ftjax.quantize)")
+    ap.add_argument("--quantize", default=None, choices=["int8"],
+                    help="int8: weight-only INT8 of the attention/MLP projections (per-output-channel scales)")
     ap.add_argument("--num-heads", type=int, default=None,
                     help="Megatron checkpoints without pickled args only (16 for the 345M release)")
     a = ap.parse_args(argv)

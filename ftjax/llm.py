@@ -33,7 +33,9 @@ def load(path: str | None = None, dtype: str = "bfloat16", max_batch_size: int =
         raise ValueError(f"tensor_parallel={tensor_parallel}, pipeline_parallel={pipeline_parallel}: "
                          "this build runs on one device (tensor_parallel=1, pipeline_parallel=1)")
     if quantize is not None:
-        raise ValueError(f"quantize: {quantize!r} is not available in this build (weight-only int8 not landed)")
+        from ftjax.quantize import check_mode
+
+        check_mode(quantize)
     if path is None:
         from ftjax.models import gpt
 
@@ -45,6 +47,10 @@ def load(path: str | None = None, dtype: str = "bfloat16", max_batch_size: int =
         from ftjax.checkpoint import load_checkpoint
 
         cfg, params = load_checkpoint(path)
+    if quantize is not None:  # on the host (numpy), before the Engine puts anything on the device
+        from ftjax.quantize import quantize_params
+
+        params = quantize_params(params, cfg, mode=quantize, delete_source=path is None)
     return LLM(cfg, params, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                attention=attention, max_beam_width=min(max_beam_width, max_batch_size))
 

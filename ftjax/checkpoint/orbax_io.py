@@ -1,6 +1,7 @@
 """ftjax's own checkpoint format: an orbax PyTree checkpoint plus a JSON config.
 
   dst/ftjax_config.json   {"format": "ftjax", "format_version": 1, "dtype": "bfloat16", "config": cfg.to_dict()}
+                          (+ "quantize": "int8" when the projection kernels are int8 + scales)
   dst/params/             orbax (tensorstore) checkpoint of the param tree, stored in `dtype`
 
 `load(path, shardings=...)` restores each array straight onto its `jax.sharding.Sharding`, so in a
@@ -52,6 +53,10 @@ def save(dst: str, cfg: ModelConfig, params: dict[str, Any], dtype: str = "float
     tree = jax.tree.map(cast, params)
     ocp.PyTreeCheckpointer().save(os.path.join(dst, PARAMS_DIR), tree)
     meta = {"format": "ftjax", "format_version": FORMAT_VERSION, "dtype": dtype, "config": cfg.to_dict()}
+    from ftjax.quantize import is_quantized
+
+    if is_quantized(params):  # QuantizedWeight kernels are stored as {"q" int8, "scale"} (ftjax.quantize)
+        meta["quantize"] = "int8"
     with open(os.path.join(dst, CONFIG_FILE), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
 
@@ -99,7 +104,9 @@ def load(path: str, dtype: str | None = None, shardings: Any = None) -> tuple[Mo
                                                       dtype=want if want is not None and is_float(m) else None),
                             stored)
     else:
-        s_flat, s_def = jax.tree.flatten(shardings)
+        from ftjax.quantize import to_storage
+
+        s_flat, s_def = jax.tree.flatten(to_storage(shardings))
         m_flat, m_def = jax.tree.flatten(stored)
         if s_def != m_def:
             raise ValueError(f"{path}: the shardings tree does not match the stored params "
@@ -109,4 +116,8 @@ def load(path: str, dtype: str | None = None, shardings: Any = None) -> tuple[Mo
                                  dtype=want if want is not None and is_float(m) else None)
             for s, m in zip(s_flat, m_flat)])
     params = ckpt.restore(pdir, restore_args=args)
+    if meta.get("quantize"):
+        from ftjax.quantize import from_storage
+
+        params = from_storage(params)
     return cfg, params

@@ -29,7 +29,12 @@ def linear(x: jax.Array, w: Any, n_in: int = 1) -> jax.Array:
     nx = x.ndim
     dims = (tuple(range(nx - n_in, nx)), tuple(range(n_in)))
     if isinstance(w, QuantizedWeight):
-        y = jax.lax.dot_general(x, w.q.astype(x.dtype), (dims, ((), ())),
+        # The barrier ties the int8 values to this call's activations: inside the decode while loop the
+        # weights are loop-invariant and XLA's loop-invariant code motion would otherwise hoist
+        # `convert(q)` out of the loop, keeping a dequantised float copy of every weight alive for the
+        # whole loop (seen on XLA:CPU). Tied, the convert stays next to its dot, where it fuses.
+        x, q = jax.lax.optimization_barrier((x, w.q))
+        y = jax.lax.dot_general(x, q.astype(x.dtype), (dims, ((), ())),
                                 preferred_element_type=jnp.float32)
         return y * w.scale.astype(jnp.float32)
     return jax.lax.dot_general(x, w.astype(x.dtype), (dims, ((), ())), preferred_element_type=jnp.float32)

@@ -1,0 +1,177 @@
+"""INT8 weight-only quantization (FasterTransformer's `int8_mode=1`).
+
+Each projection weight of attention and the MLP (q, k, v, o; wi, wg, wo — in GPT and T5 blocks) becomes a
+`QuantizedWeight(q int8 [*in, *out], scale float [*out])`: symmetric, per output channel,
+w ≈ q * scale with scale = max|w[:, c]| / 127 and q = round(w / scale) in [-127, 127]. The token
+embedding (and the tied output head that reuses it), position embeddings, norms and biases stay in the
+model dtype. An untied `lm_head/kernel` [d, v] is quantized too (per vocab column; `lm_head=False` keeps
+it in the model dtype, as FT does): on LLaMA-3-8B it holds 1/16 of the weights, and int8 weights
+reach <= 0.55x the bf16 bytes only with it. A tied head is the token embedding and stays.
+
+Quantization changes the model from outside (DESIGN.md convention 8): the param tree keeps its keys,
+only `.../kernel` leaves become QuantizedWeight (a NamedTuple, hence a pytree that jit, device_put and
+orbax flatten), and the one linear op (`ftjax.layers.linear.linear`) dequantises inside its matmul.
+
+On disk (orbax) a QuantizedWeight is stored as `{"q", "scale"}` under its kernel's key and the checkpoint
+config records `"quantize": "int8"`; `from_storage` regroups it when the checkpoint is read.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax.layers.linear import QuantizedWeight
+
+MODES = ("int8",)
+# Parent module names of the weights quantized (GPT Attention/MLP, T5 Attn/MLP).
+PROJECTIONS = ("q", "k", "v", "o", "wi", "wg", "wo")
+QMAX = 127.0
+
+__all__ = ["QuantizedWeight", "quantize_weight", "dequantize", "quantize_params", "is_quantized",
+           "param_bytes", "from_storage", "logical_axes", "int8_accuracy", "check_mode"]
+
+
+def check_mode(quantize: str | None) -> str | None:
+    if quantize is not None and quantize not in MODES:
+        raise ValueError(f"quantize: unknown {quantize!r}; expected None or one of {MODES}")
+    return quantize
+
+
+def _n_in(name: str, ndim: int) -> int:
+    """Input dims of a kernel: the output projection `o` contracts (heads, head_dim), others one dim."""
+    return ndim - 1 if name == "o" else 1
+
+
+@jax.jit
+def _quantize_jnp(w, scale_like):  # w [*in, *out] (in flattened by the caller's reshape)
+    w = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w), axis=0)
+    scale = jnp.where(amax > 0, amax / QMAX, 1.0)
+    q = jnp.clip(jnp.round(w / scale), -QMAX, QMAX).astype(jnp.int8)
+    return q, scale.astype(scale_like.dtype)
+
+
+def quantize_weight(w, n_in: int = 1, scale_dtype=np.float32) -> QuantizedWeight:
+    """w [*in, *out] (numpy -> numpy on the host; jax.Array -> on its device; ShapeDtypeStruct -> shapes)
+    -> QuantizedWeight
+    q int8 [*in, *out], scale [*out] in scale_dtype, with |w - q * scale| <= scale / 2 elementwise."""
+    shape = tuple(w.shape)
+    if not 1 <= n_in < len(shape):
+        raise ValueError(f"quantize_weight: n_in={n_in} for a weight of shape {shape}")
+    fan_in = int(np.prod(shape[:n_in]))
+    out = shape[n_in:]
+    if isinstance(w, jax.ShapeDtypeStruct):  # abstract: shapes only (memory planning, sharding specs)
+        return QuantizedWeight(jax.ShapeDtypeStruct(shape, jnp.int8), jax.ShapeDtypeStruct(out, scale_dtype))
+    if isinstance(w, jax.Array):
+        q, scale = _quantize_jnp(w.reshape(fan_in, -1), jnp.zeros((), scale_dtype))
+        return QuantizedWeight(q.reshape(shape), scale.reshape(out))
+    w2 = np.asarray(w, np.float32).reshape(fan_in, -1)
+    amax = np.abs(w2).max(axis=0)
+    scale = np.where(amax > 0, amax / QMAX, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w2 / scale), -QMAX, QMAX).astype(np.int8)
+    return QuantizedWeight(q.reshape(shape), scale.reshape(out).astype(scale_dtype))
+
+
+def dequantize(w: QuantizedWeight, dtype=jnp.float32):
+    return (w.q.astype(jnp.float32) * w.scale.astype(jnp.float32)).astype(dtype)
+
+
+def is_quantized(params) -> bool:
+    return any(isinstance(x, QuantizedWeight) for x in
+               jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
+
+
+def quantize_params(params: dict[str, Any], cfg=None, *, mode: str = "int8", lm_head: bool = True,
+                    scale_dtype=np.float32, delete_source: bool = False,
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The same tree with every attention / MLP projection kernel (and the untied `lm_head/kernel` unless
+    `lm_head=False`) replaced by a QuantizedWeight. Leaves already quantized are kept. Numpy leaves are
+    quantized on the host (nothing reaches a device); jax.Array leaves on their device, one weight at a
+    time — with `delete_source` each float weight is deleted as soon as its int8 copy exists, so at most
+    one float weight is alive beside the int8 tree. `cfg` is accepted for symmetry with the loaders
+    (the weights are found by name)."""
+    check_mode(mode)
+    del cfg
+    count = [0]
+
+    def walk(node, name):
+        if isinstance(node, dict):
+            out = {}
+            for k in list(node):
+                v = node[k]
+                if k == "kernel" and not isinstance(v, (dict, QuantizedWeight)) and (
+                        name in PROJECTIONS or (lm_head and name == "lm_head")):
+                    out[k] = quantize_weight(v, _n_in(name, len(v.shape)), scale_dtype)
+                    count[0] += 1
+                    if delete_source and isinstance(v, jax.Array):
+                        v.delete()
+                else:
+                    out[k] = walk(v, k)
+            return out
+        return node
+
+    out = walk(params, "")
+    if progress is not None:
+        progress(f"int8: quantized {count[0]} weights")
+    return out
+
+
+def param_bytes(params) -> int:
+    """Bytes of every array leaf (int8 values and scales count as they are)."""
+    return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
+
+
+def from_storage(tree):
+    """Regroup `{"q": int8, "scale": float}` dicts (how orbax stores a QuantizedWeight) into QuantizedWeight."""
+    if isinstance(tree, dict):
+        if set(tree) == {"q", "scale"} and not isinstance(tree["q"], dict):
+            return QuantizedWeight(tree["q"], tree["scale"])
+        return {k: from_storage(v) for k, v in tree.items()}
+    return tree
+
+
+def to_storage(tree):
+    """QuantizedWeight leaves -> `{"q", "scale"}` dicts (the structure orbax restores)."""
+    if isinstance(tree, QuantizedWeight):
+        return {"q": tree.q, "scale": tree.scale}
+    if isinstance(tree, dict):
+        return {k: to_storage(v) for k, v in tree.items()}
+    return tree
+
+
+def logical_axes(axes, params):
+    """The logical-axes tree of the model (kernel -> its names) made to match a quantized `params` tree:
+    a QuantizedWeight kernel gets QuantizedWeight(q=kernel axes, scale=its output axes)."""
+    def walk(a, p, name):
+        if isinstance(p, QuantizedWeight):
+            names = tuple(a)
+            return QuantizedWeight(names, names[_n_in(name, len(names)):])
+        if isinstance(p, dict):
+            return {k: walk(a[k], v, k) for k, v in p.items()}
+        return a
+
+    return walk(axes, params, "")
+
+
+def int8_accuracy(llm_fp, llm_q, prompts) -> dict[str, float]:
+    """Next-token agreement of a quantized LLM with a float one over every position of `prompts`:
+    {"top1": fraction of positions whose argmax agrees, "kl": mean KL(p_fp || p_q) in nats,
+     "max_kl": the largest, "positions": n}."""
+    a = llm_fp.logits(prompts).astype(np.float64)
+    b = llm_q.logits(prompts).astype(np.float64)
+    lens = np.array([len(p) for p in prompts])
+    mask = np.arange(a.shape[1])[None, :] < lens[:, None]                     # [b, t]
+    la = a - _logsumexp(a)
+    lb = b - _logsumexp(b)
+    kl = np.sum(np.exp(la) * (la - lb), axis=-1)                                # [b, t]
+    agree = a.argmax(-1) == b.argmax(-1)
+    return {"top1": float(agree[mask].mean()), "kl": float(kl[mask].mean()), "max_kl": float(kl[mask].max()),
+            "positions": int(mask.sum())}
+
+
+def _logsumexp(x):
+    m = x.max(-1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
