@@ -61,7 +61,8 @@ class PrefillConfig:
     assert self.num_stages is None or self.num_stages >= 1, (
         f"PrefillConfig.num_stages={self.num_stages}")
 
-  def resolve(self, t: int, s: int, hp: int) -> tuple[int, int, int, int]:
+  def resolve(self, t: int, s: int, hp: int, itemsize: int = 2,
+              has_bias: bool = False) -> tuple[int, int, int, int]:
     # Defaults tuned on an H100 (bench/RESULTS.md): 128 x 128 tiles, 4 warps for h <= 64 and
     # 8 for h = 128, 3 pipeline stages; h = 256 keeps K/V tiles small enough for shared memory.
     bq = self.block_q or 128
@@ -71,7 +72,29 @@ class PrefillConfig:
     # Short inputs: shrink the tiles (never below 16, the smallest tensor-core tile).
     bq = min(bq, max(16, pl.next_power_of_2(t)))
     bk = min(bk, max(16, pl.next_power_of_2(s)))
+    # Defaults that would not fit the SM's shared memory (float32 inputs, a bias tile per stage)
+    # shrink: first fewer pipeline stages, then narrower K/V tiles, then fewer query rows.
+    while _smem_bytes(bq, bk, hp, ns, itemsize, has_bias) > SMEM_BUDGET:
+      if self.num_stages is None and ns > 2:
+        ns -= 1
+      elif self.block_k is None and bk > 32:
+        bk //= 2
+      elif self.block_q is None and bq > 32:
+        bq //= 2
+      else:
+        break
     return bq, bk, nw, ns
+
+
+# Shared memory a Triton program of this kernel may use on Hopper (227 KB per block, less a margin).
+SMEM_BUDGET = 224 * 1024
+
+
+def _smem_bytes(bq, bk, hp, ns, itemsize, has_bias) -> int:
+  """Estimate fitted to what Triton asked for on the H100 (tests/gpu/check_kernels.py failures):
+  one K and one V tile per pipeline stage; with a bias, two float32 bias tiles and the q tile."""
+  kv = ns * 2 * bk * hp * itemsize
+  return kv + ((2 * bq * bk * 4 + bq * hp * itemsize) if has_bias else 0)
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, has_bias: bool, causal: bool, num_q_blocks: int,
@@ -166,7 +189,7 @@ def prefill_attention(q, k, v, lengths, *, scale=None, causal=True, bias=None, c
   _, s, kh, _ = k.shape
   g = n // kh
   hp = C.head_dim_padded(h)
-  bq, bk, num_warps, num_stages = config.resolve(t, s, hp)
+  bq, bk, num_warps, num_stages = config.resolve(t, s, hp, jnp.dtype(q.dtype).itemsize, bias is not None)
   scale = h ** -0.5 if scale is None else float(scale)
   lengths = jnp.clip(lengths.astype(jnp.int32), 1, s)
   k = k.astype(q.dtype) if k.dtype != q.dtype else k
