@@ -76,7 +76,10 @@ class EngineConfig:
 class Engine:
     """Owns the compiled steps for one model. Nothing here knows about requests, threads or gRPC."""
 
-    def __init__(self, cfg: ModelConfig, params, ecfg: EngineConfig):
+    def __init__(self, cfg: ModelConfig, params, ecfg: EngineConfig, mesh=None):
+        """mesh: a (pipeline, tensor) `jax.sharding.Mesh` (ftjax.sharding.mesh.make_mesh) to run on,
+        or None (one device). On a mesh, params and the decode state are placed by the rule table
+        (ftjax/sharding/rules.py) and the compiled steps keep those shardings, so donation holds."""
         if ecfg.dtype not in DTYPES:
             raise ValueError(f"dtype: unknown {ecfg.dtype!r}; expected one of {sorted(DTYPES)}")
         if ecfg.max_batch_size < 1:
@@ -87,9 +90,21 @@ class Engine:
         self.cfg, self.ecfg = cfg, ecfg
         self.dtype = DTYPES[ecfg.dtype]
         self.impl = ops.resolve_impl(ecfg.attention)
+        self.layout = None
+        if mesh is not None:
+            from ftjax.sharding.layout import Layout
+
+            self.layout = Layout(cfg, mesh)
+            cfg, params = self.layout.prepare(cfg, params)   # vocab padded to a multiple of T
+            self.cfg = cfg
         self.family = family_for(cfg, self.dtype, self.impl)
         self.model = self.family.model
-        self.params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype) if _is_float(a) else jnp.asarray(a), params)
+        if self.layout is not None:
+            self.family = self.layout.wrap_family(self.family)   # pipeline stages when P > 1
+            self.params = self.layout.place_params(cfg, params, self.dtype)
+        else:
+            self.params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype) if _is_float(a) else jnp.asarray(a),
+                                       params)
         self.B, self.S = ecfg.max_batch_size, ecfg.max_seq_len
         self.word_capacity = (4, 4)   # (words, tokens per word) of stop/bad word lists; grows by doubling
         self.reset_capacity = 4       # top_p_reset_ids per request
@@ -100,7 +115,7 @@ class Engine:
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,))
         self._logits = jax.jit(self._logits_fn)
-        self._retire = jax.jit(self._retire_fn, donate_argnums=(0,))
+        self._retire = jax.jit(self._retire_sharded, donate_argnums=(0,))
 
     # ------------------------------------------------------------------------------------ state
     def _pack(self, params_list, n):
@@ -108,6 +123,17 @@ class Engine:
                              word_capacity=self.word_capacity, reset_capacity=self.reset_capacity)
 
     def init_state(self) -> DecodeState:
+        if self.layout is not None:   # built on the mesh, on its shardings (every process alike)
+            if getattr(self, "_init_sharded", None) is None:
+                shapes = jax.eval_shape(self._init_state)
+                self._init_sharded = jax.jit(self._init_state, out_shardings=self.layout.state_shardings(shapes))
+            return self._init_sharded()
+        return self._init_state()
+
+    def _constrain(self, state: DecodeState) -> DecodeState:
+        return state if self.layout is None else self.layout.constrain_state(state)
+
+    def _init_state(self) -> DecodeState:
         B, S = self.B, self.S
         cache = self.family.init_cache(B, S)
         sp = jax.tree.map(jnp.asarray, self._pack([], B))
@@ -170,7 +196,7 @@ class Engine:
                 beam=jax.tree.map(lambda a, f: a.at[heads].set(f, mode="drop"), state.beam, fresh),
                 group_slots=state.group_slots.at[heads].set(gslots, mode="drop"),
                 group_active=state.group_active.at[heads].set(True, mode="drop"))
-        return st
+        return self._constrain(st)
 
     def _beam_update(self, st: DecodeState, logits, nxt):
         """One beam step for every live beam group: picks each beam's next id and reorders the rows
@@ -190,7 +216,7 @@ class Engine:
         is_beam = jnp.zeros((B,), bool).at[tgt].set(True, mode="drop")
         ids = nxt.at[tgt].set(btok.reshape(-1), mode="drop")
         fin = jnp.zeros((B,), bool).at[tgt].set(jnp.repeat(beam.done, gs.shape[1]), mode="drop")
-        cache = jax.tree.map(lambda a: a[src], st.cache)
+        cache = self.family.reorder(st.cache, src)
         st = st._replace(cache=cache, seq=st.seq[src], logprobs=st.logprobs[src], beam=beam)
         return st, ids, is_beam, fin
 
@@ -228,11 +254,11 @@ class Engine:
             ended = jnp.where(beam_row, beam_fin, ended)
             done = st.done | (live & ended)
             top_p = jnp.where(live, sampling.next_top_p(st.top_p, nxt, st.sp), st.top_p)
-            return i + 1, st._replace(cache=cache, seq=seq, logprobs=logprobs, seq_len=seq_len,
-                                      gen_count=gen_count, done=done, top_p=top_p)
+            return i + 1, self._constrain(st._replace(cache=cache, seq=seq, logprobs=logprobs, seq_len=seq_len,
+                                                      gen_count=gen_count, done=done, top_p=top_p))
 
-        steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
-        return state, steps
+        steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), self._constrain(state)))
+        return self._constrain(state), steps
 
     @staticmethod
     def _retire_fn(state: DecodeState, slots):
@@ -240,6 +266,9 @@ class Engine:
         put = lambda a, v: a.at[slots].set(v, mode="drop")  # noqa: E731
         return state._replace(active=put(state.active, False), done=put(state.done, True),
                               group_active=put(state.group_active, False))
+
+    def _retire_sharded(self, state: DecodeState, slots):
+        return self._constrain(self._retire_fn(state, slots))
 
     # ------------------------------------------------------------------------------- host side
     def check_prompt(self, ids, max_new: int, field: str = "prompts"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from ftjax.models import gpt
@@ -41,6 +42,10 @@ class GPTFamily:
             out.append({"k": layer["k"].at[slots, :, :T].set(k.astype(layer["k"].dtype), mode="drop"),
                         "v": layer["v"].at[slots, :, :T].set(v.astype(layer["v"].dtype), mode="drop")})
         return out
+
+    def reorder(self, cache, src):
+        """Beam search: row i continues row src[i] [B]."""
+        return jax.tree.map(lambda a: a[src], cache)
 
     def decode(self, params, tokens, positions, cache):
         """tokens [B]; positions [B] -> (logits [B, v], cache)."""

@@ -287,6 +287,12 @@ class T5Family:
         enc_len = cache["enc_len"].at[slots].set(prefix["enc_len"][src], mode="drop")
         return {"layers": layers, "enc_len": enc_len}
 
+    def reorder(self, cache, src):
+        """Beam search: only the decoder's self-attention K/V differ between beams; the cross K/V and
+        encoder length are the same in every row of a beam group and stay where they are."""
+        layers = [dict(c, k=c["k"][src], v=c["v"][src]) for c in cache["layers"]]
+        return {"layers": layers, "enc_len": cache["enc_len"]}
+
     def decode(self, params, tokens, positions, cache):
         return self.model.apply({"params": params}, tokens, positions, cache, method=T5.decode)
 
