@@ -29,9 +29,11 @@ def load(path: str | None = None, dtype: str = "bfloat16", max_batch_size: int =
     """Load a checkpoint (HF dir, Megatron checkpoint, FT-converted dir or ftjax dir); None -> the
     embedded default model (a small GPT with seeded random weights). `max_beam_width` (an ftjax
     addition) is the widest beam search a request may ask for; a beam request takes beam_width rows."""
-    if tensor_parallel != 1 or pipeline_parallel != 1:
-        raise ValueError(f"tensor_parallel={tensor_parallel}, pipeline_parallel={pipeline_parallel}: "
-                         "this build runs on one device (tensor_parallel=1, pipeline_parallel=1)")
+    mesh = None
+    if tensor_parallel * pipeline_parallel > 1 or _process_count() > 1:   # ftjax/sharding: T x P mesh
+        from ftjax.sharding.mesh import make_mesh
+
+        mesh = make_mesh(tensor_parallel, pipeline_parallel)
     if quantize is not None:
         from ftjax.quantize import check_mode
 
@@ -46,22 +48,33 @@ def load(path: str | None = None, dtype: str = "bfloat16", max_batch_size: int =
     else:
         from ftjax.checkpoint import load_checkpoint
 
-        cfg, params = load_checkpoint(path)
+        kw = {}
+        if mesh is not None and quantize is None:   # ftjax (orbax) dir: each process reads only its shards
+            from ftjax.sharding.layout import restore_kwargs
+
+            kw = restore_kwargs(path, mesh)
+        cfg, params = load_checkpoint(path, **kw)
     if quantize is not None:  # on the host (numpy), before the Engine puts anything on the device
         from ftjax.quantize import quantize_params
 
         params = quantize_params(params, cfg, mode=quantize, delete_source=path is None)
     return LLM(cfg, params, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-               attention=attention, max_beam_width=min(max_beam_width, max_batch_size))
+               attention=attention, max_beam_width=min(max_beam_width, max_batch_size), mesh=mesh)
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
 
 
 class LLM:
     def __init__(self, cfg: ModelConfig, params, *, dtype="bfloat16", max_batch_size=8, max_seq_len=None,
-                 attention="auto", max_beam_width=None):
+                 attention="auto", max_beam_width=None, mesh=None):
         self.cfg = cfg
         mbw = min(4, max_batch_size) if max_beam_width is None else max_beam_width
         self.engine = Engine(cfg, params, EngineConfig(max_batch_size, max_seq_len or cfg.max_positions,
-                                                       dtype, attention, mbw))
+                                                       dtype, attention, mbw), mesh=mesh)
         self._state = None
 
     @property

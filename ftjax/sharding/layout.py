@@ -1,0 +1,156 @@
+"""A model laid out on a (pipeline, tensor) mesh: param placement, the pipelined family, the decode
+state's shardings. The engine holds one `Layout` when it runs on a mesh; everything it does comes from
+the rule table (`rules.py`)."""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from ftjax.sharding import pipeline as PP
+from ftjax.sharding import rules as R
+from ftjax.sharding.mesh import check_layout, mesh_shape
+
+log = logging.getLogger("ftjax")
+
+
+def _family_module(cfg):
+    if getattr(cfg, "arch", "gpt") == "t5":
+        from ftjax.models import t5 as m
+    else:
+        from ftjax.models import gpt as m
+    return m
+
+
+class Layout:
+    def __init__(self, cfg, mesh: Mesh):
+        self.mesh = mesh
+        self.T, self.P = mesh_shape(mesh)
+        check_layout(cfg, self.T, self.P)
+        self.rules = R.rules_for(cfg, self.T)
+
+    # --------------------------------------------------------------------------------------- params
+    def prepare(self, cfg, params):
+        """Host-side: pad the vocabulary to a multiple of T (decoder configs). -> (cfg, params)."""
+        if cfg.vocab_size % self.T and hasattr(cfg, "valid_vocab_size"):
+            params = jax.tree.map(lambda a: np.asarray(a) if isinstance(a, jax.Array) else a, params)
+            return R.pad_vocab(cfg, params, self.T)
+        return cfg, params
+
+    def param_axes(self, cfg, stacked: bool = True):
+        _, axes = _family_module(cfg).abstract_params(cfg)
+        axes = jax.tree.map(tuple, axes, is_leaf=R.is_axes)
+        if stacked and self.P > 1:
+            axes = PP.stack_axes(axes, cfg.num_layers, self.P)
+        return axes
+
+    def param_shardings(self, cfg):
+        return R.tree_shardings(self.mesh, self.param_axes(cfg), self.rules)
+
+    def restore_shardings(self, cfg):
+        """Shardings of the stored (unstacked) param tree, for orbax to restore onto: each process reads
+        only its own shards. With P > 1, layer i lives on its stage's devices only."""
+        axes = self.param_axes(cfg, stacked=False)
+        if self.P == 1:
+            return R.tree_shardings(self.mesh, axes, self.rules)
+        Lp = PP.stage_layers(cfg.num_layers, self.P)
+        out = {}
+        for k, a in axes.items():
+            if k.startswith("layers_"):
+                s = int(k.split("_")[1]) // Lp
+                sub = Mesh(self.mesh.devices[s:s + 1], self.mesh.axis_names)
+                out[k] = R.tree_shardings(sub, a, self.rules)
+            else:
+                out[k] = R.tree_shardings(self.mesh, a, self.rules)
+        return out
+
+    def place_params(self, cfg, params, dtype):
+        """Params (host numpy, or device arrays restored onto `restore_shardings`) -> device arrays on
+        the rule table's shardings, floats cast to `dtype`. Host arrays go through
+        make_array_from_callback: each process puts only its own shards."""
+        if self.P > 1 and "stages" not in params:
+            if any(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
+                params = self._stack_on_device(cfg, params)
+            else:
+                params = PP.stack_params(params, cfg.num_layers, self.P)
+        shardings = self.param_shardings(cfg)
+
+        def put(a, s):
+            floating = jnp.issubdtype(a.dtype, jnp.floating)
+            if isinstance(a, jax.Array):
+                if not a.sharding.is_equivalent_to(s, a.ndim):
+                    a = jax.device_put(a, s)
+                return a.astype(dtype) if floating and a.dtype != dtype else a
+            a = np.asarray(a)
+            npd = jnp.dtype(dtype) if floating else a.dtype
+            return jax.make_array_from_callback(a.shape, s, lambda idx: np.asarray(a[idx]).astype(npd))
+
+        return jax.tree.map(put, params, shardings)
+
+    def _stack_on_device(self, cfg, params):
+        """Layer i restored on stage s's devices -> stages[j] [P, ...] on the full mesh, built from the
+        per-device buffers (no data moves between stages or hosts)."""
+        Lp = PP.stage_layers(cfg.num_layers, self.P)
+        axes = PP.stack_axes(self.param_axes(cfg, stacked=False), cfg.num_layers, self.P)
+        out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+        stages = []
+        for j in range(Lp):
+            per_stage = [params[f"layers_{s * Lp + j}"] for s in range(self.P)]
+
+            def stack(ax, *arrs):
+                sh = R.named(self.mesh, ax, self.rules)
+                bufs = [sd.data[None] for a in arrs for sd in a.addressable_shards]
+                return jax.make_array_from_single_device_arrays((self.P,) + arrs[0].shape, sh, bufs)
+
+            stages.append(jax.tree.map(stack, axes["stages"][j], *per_stage, is_leaf=R.is_axes))
+        out["stages"] = stages
+        return out
+
+    def wrap_family(self, family):
+        return PP.PipelinedGPT(family, self.mesh, self.rules) if self.P > 1 else family
+
+    # ---------------------------------------------------------------------------------------- state
+    def state_shardings(self, state):
+        """Shardings of a DecodeState (or any tree with a .cache): the cache by the table, the rest
+        replicated (every process holds the ids, lengths and sampling state)."""
+        rep = R.replicated(self.mesh)
+        cache = R.tree_shardings(self.mesh, R.cache_axes(state.cache), self.rules)
+        rest = jax.tree.map(lambda _: rep, state._replace(cache=None))
+        return rest._replace(cache=cache)
+
+    def constrain_state(self, state):
+        return jax.lax.with_sharding_constraint(state, self.state_shardings(state))
+
+    def replicated(self):
+        return R.replicated(self.mesh)
+
+
+def as_layout(cfg, mesh) -> Layout | None:
+    return None if mesh is None else Layout(cfg, mesh)
+
+
+
+
+def restore_kwargs(path: str, mesh: Mesh) -> dict:
+    """load_checkpoint kwargs that restore an ftjax (orbax) checkpoint straight onto the layout's
+    shardings; {} for other formats (read on the host, then placed shard by shard) and when the
+    vocabulary must be padded first."""
+    from ftjax.checkpoint import detect_format
+
+    if detect_format(path) != "ftjax":
+        return {}
+    from ftjax.checkpoint.orbax_io import read_meta
+    from ftjax.config import ModelConfig, T5Config
+
+    meta = read_meta(path)
+    if meta.get("quantize"):
+        return {}
+    conf = dict(meta["config"])
+    cfg = T5Config.from_dict(conf) if conf.get("arch") == "t5" else ModelConfig.from_dict(conf)
+    lay = Layout(cfg, mesh)
+    if cfg.vocab_size % lay.T and hasattr(cfg, "valid_vocab_size"):
+        return {}
+    return {"shardings": lay.restore_shardings(cfg)}

@@ -1,0 +1,227 @@
+"""Tensor x pipeline parallel on 8 virtual CPU devices (attention="xla", float32): every layout gives the
+greedy tokens of one device and its logits; params sit where the rule table says; the pipelined step
+moves activations (collective-permute) and never gathers another stage's weights; bad layouts are
+refused with the numbers."""
+import re
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import ftjax
+from ftjax.checkpoint import load_checkpoint
+from ftjax.sharding import rules as R
+from ftjax.sharding.mesh import make_mesh
+from tests.conftest import make_hf_gpt2, random_prompts
+
+LAYOUTS = [(t, p) for p in (1, 2, 4) for t in (1, 2, 4, 8) if t * p <= 8 and (t, p) != (1, 1)]
+
+
+def _llm(path, T=1, P=1, **kw):
+    cfg, params = load_checkpoint(path)
+    kw.setdefault("max_batch_size", 4)
+    mesh = make_mesh(T, P) if T * P > 1 else None
+    return ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_seq_len=32, max_beam_width=1, mesh=mesh,
+                     **kw)
+
+
+def _close(ours, ref):
+    """float32 logits within 1e-5 (relative to the largest logit: TP sums partial products in another order)."""
+    assert ours.shape == ref.shape
+    err = np.abs(ours - ref).max() / max(1.0, np.abs(ref).max())
+    assert err < 1e-5, err
+
+
+@pytest.fixture(scope="module")
+def gpt2_untied(tmp_path_factory):
+    """vocab 211 (divisible by no T > 1: padded), 8 heads, 4 layers, untied head."""
+    path = str(tmp_path_factory.mktemp("tp_gpt2_untied"))
+    make_hf_gpt2(path, n_head=8, n_layer=4, tie=False, activation="gelu", seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_tied(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tp_gpt2_tied"))
+    make_hf_gpt2(path, n_head=8, n_layer=4, n_inner=72, seed=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_gqa(tmp_path_factory):
+    """8 heads, 2 kv heads: at T=4 the kv heads are replicated."""
+    import transformers as tf
+
+    path = str(tmp_path_factory.mktemp("tp_llama"))
+    torch.manual_seed(5)
+    cfg = tf.LlamaConfig(vocab_size=211, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                         num_hidden_layers=2, intermediate_size=96, max_position_embeddings=128,
+                         bos_token_id=0, eos_token_id=210, pad_token_id=0)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() >= 2 else p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    import transformers
+
+    path = str(tmp_path_factory.mktemp("tp_t5"))
+    torch.manual_seed(6)
+    cfg = transformers.T5Config(vocab_size=136, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                                decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    model.save_pretrained(path)
+    return path
+
+
+PROMPTS = random_prompts(np.random.RandomState(0), 5, 1, 14)   # 5 prompts over 4 slots: two chunks
+
+
+@pytest.fixture(scope="module")
+def untied_ref(gpt2_untied):
+    llm = _llm(gpt2_untied)
+    return llm.generate(PROMPTS, max_new_tokens=10, end_id=None).tokens, llm.logits(PROMPTS)
+
+
+@pytest.mark.parametrize("T,P", LAYOUTS)
+def test_gpt2_layouts_match_one_device(gpt2_untied, untied_ref, T, P):
+    toks, logits = untied_ref
+    llm = _llm(gpt2_untied, T, P)
+    assert llm.generate(PROMPTS, max_new_tokens=10, end_id=None).tokens == toks
+    _close(llm.logits(PROMPTS), logits)
+
+
+@pytest.mark.parametrize("T,P", [(8, 1), (2, 4)])
+def test_gpt2_tied_layouts(gpt2_tied, T, P):
+    ref = _llm(gpt2_tied)
+    llm = _llm(gpt2_tied, T, P)
+    assert llm.generate(PROMPTS, max_new_tokens=8, end_id=None).tokens == \
+        ref.generate(PROMPTS, max_new_tokens=8, end_id=None).tokens
+    _close(llm.logits(PROMPTS), ref.logits(PROMPTS))
+
+
+@pytest.mark.parametrize("T,P", [(4, 1), (4, 2)])
+def test_llama_gqa_replicated_kv(llama_gqa, T, P):
+    ref = _llm(llama_gqa)
+    llm = _llm(llama_gqa, T, P)
+    assert llm.engine.layout.rules["kv_heads"] is None        # 2 kv heads < T=4: replicated
+    k = llm.engine.params["layers_0"]["attn"]["k"]["kernel"] if P == 1 else \
+        llm.engine.params["stages"][0]["attn"]["k"]["kernel"]
+    assert "tensor" not in jax.tree.leaves(tuple(k.sharding.spec))
+    assert llm.generate(PROMPTS, max_new_tokens=8, end_id=None).tokens == \
+        ref.generate(PROMPTS, max_new_tokens=8, end_id=None).tokens
+    _close(llm.logits(PROMPTS), ref.logits(PROMPTS))
+
+
+@pytest.mark.parametrize("T", [2, 4])
+def test_t5_tensor_parallel(t5_dir, T):
+    ref = _llm(t5_dir)
+    llm = _llm(t5_dir, T)
+    enc = random_prompts(np.random.RandomState(1), 3, 2, 10, vocab=136)
+    assert llm.generate(enc, max_new_tokens=8, end_id=None).tokens == \
+        ref.generate(enc, max_new_tokens=8, end_id=None).tokens
+    dec = [[0] + e[:4] for e in enc]
+    _close(llm.logits(enc, dec), ref.logits(enc, dec))
+
+
+def _check_placement(llm):
+    eng = llm.engine
+    lay = eng.layout
+    axes = lay.param_axes(eng.cfg)
+    flat_axes = jax.tree.leaves(axes, is_leaf=R.is_axes)
+    flat = jax.tree.leaves(eng.params)
+    assert len(flat_axes) == len(flat)
+    for ax, a in zip(flat_axes, flat):
+        want = R.spec(ax, lay.rules)
+        assert a.sharding.is_equivalent_to(jax.sharding.NamedSharding(lay.mesh, want), a.ndim), (ax, a.sharding)
+        if a.ndim >= 2:   # every matrix is split over some mesh axis: nothing large is replicated
+            assert not a.sharding.is_fully_replicated, (ax, a.shape)
+    st = eng.init_state()
+    for c in jax.tree.leaves(st.cache):
+        if c.ndim > 1:
+            assert not c.sharding.is_fully_replicated, c.sharding
+    return st
+
+
+@pytest.mark.parametrize("which,T,P", [("gpt2_untied", 4, 2), ("gpt2_tied", 8, 1), ("t5_dir", 4, 1)])
+def test_params_sharded_by_rule_table(which, T, P, request):
+    llm = _llm(request.getfixturevalue(which), T, P)
+    _check_placement(llm)
+    # Megatron layout, spelled out: column-parallel in, row-parallel out, vocab-parallel embedding.
+    p = llm.engine.params
+    blk = p["stages"][0] if P > 1 else p["layers_0"] if "layers_0" in p else p["decoder"]["layers_0"]
+    attn = blk["attn"] if "attn" in blk else blk["self_attn"]
+    tp = lambda a: tuple(a.sharding.spec)  # noqa: E731
+    lead = ("pipeline",) if P > 1 else ()
+    assert tp(attn["q"]["kernel"])[:len(lead) + 2] == lead + (None, "tensor")
+    assert tp(attn["o"]["kernel"])[:len(lead) + 1] == lead + ("tensor",)
+    assert tp(blk["mlp"]["wi"]["kernel"])[:len(lead) + 2] == lead + (None, "tensor")
+    assert tp(blk["mlp"]["wo"]["kernel"])[:len(lead) + 1] == lead + ("tensor",)
+    assert tp(p["embed"]["tokens"])[0] == "tensor"
+    if which == "gpt2_untied":
+        assert p["embed"]["tokens"].shape[0] == 212 and llm.engine.cfg.valid_vocab_size == 211   # padded, not refused
+
+
+def test_pipelined_step_moves_activations_not_weights(gpt2_untied):
+    llm = _llm(gpt2_untied, 2, 2)
+    eng = llm.engine
+    st = eng.init_state()
+    hlo = eng._generate.lower(eng.params, st, np.int32(4)).compile().as_text()
+    assert "collective-permute" in hlo
+    # A stage's weights are [P=2, ...] globally, [1, ...] per device: an all-gather producing any
+    # stacked weight's global shape would be another stage's weights arriving.
+    shapes = {tuple(a.shape) for a in jax.tree.leaves(eng.params["stages"])}
+    for line in hlo.splitlines():
+        if "all-gather(" in line:
+            m = re.search(r"= \w+\[([\d,]*)\]", line)
+            got = tuple(int(x) for x in m.group(1).split(",") if x) if m else ()
+            assert got not in shapes, line.strip()[:200]
+    pre = eng._prefill.lower(eng.params, np.zeros((4, 16), np.int32), np.ones((4,), np.int32),
+                             eng._pack([], 4)).compile().as_text()
+    assert "collective-permute" in pre
+
+
+@pytest.mark.parametrize("T,P,msg", [
+    (3, 1, "tensor_parallel=3 does not divide the model's 8 attention heads"),
+    (1, 3, "pipeline_parallel=3 does not divide the model's 4 layers"),
+    (16, 1, "tensor_parallel=16 x pipeline_parallel=1 = 16 devices, but only 8"),
+])
+def test_bad_layouts_name_the_numbers(gpt2_untied, T, P, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        ftjax.load(gpt2_untied, dtype="float32", attention="xla", tensor_parallel=T, pipeline_parallel=P)
+
+
+def test_kv_heads_neither_multiple_nor_divisor():
+    from ftjax.config import ModelConfig
+    from ftjax.sharding.mesh import check_layout
+
+    cfg = ModelConfig(vocab_size=64, hidden=96, num_layers=2, num_heads=12, num_kv_heads=3, ffn_dim=64,
+                      max_positions=32)
+    with pytest.raises(ValueError, match="tensor_parallel=4: the model's 3 kv heads"):
+        check_layout(cfg, 4, 1)
+
+
+def test_t5_pipeline_refused(t5_dir):
+    with pytest.raises(ValueError, match="pipeline_parallel=2"):
+        ftjax.load(t5_dir, dtype="float32", attention="xla", pipeline_parallel=2)
+
+
+def test_different_local_device_counts_refused():
+    from ftjax.sharding import mesh as M
+
+    class D:
+        def __init__(self, p, i):
+            self.process_index, self.id, self.platform = p, i, "cpu"
+
+    with pytest.raises(ValueError, match="process 0: 2, process 1: 1"):
+        M._check_hosts([D(0, 0), D(0, 1), D(1, 2)])
