@@ -72,3 +72,15 @@ def copy_bandwidth(nbytes: int = 2 * 2**30) -> dict:
 def device_info() -> str:
   d = jax.devices()[0]
   return f"{d.device_kind} ({d.platform}), jax {jax.__version__}"
+
+
+def matmul_rate(n: int = 8192, dtype=jnp.bfloat16, sets: int = 3) -> float:
+  """Dense matmul rate in FLOP/s of an n x n x n `jnp.dot` (bf16 in, f32 accumulation), timed over
+  `sets` distinct operand pairs per program (no merging)."""
+  ks = jax.random.split(jax.random.key(1), 2 * sets)
+  arg_sets = [(jax.random.normal(ks[2 * i], (n, n), dtype), jax.random.normal(ks[2 * i + 1], (n, n), dtype))
+              for i in range(sets)]
+  t, _ = time_call(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype), arg_sets,
+                   reps=5)
+  del arg_sets
+  return 2.0 * n ** 3 / t
