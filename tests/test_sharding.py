@@ -21,9 +21,9 @@ LAYOUTS = [(t, p) for p in (1, 2, 4) for t in (1, 2, 4, 8) if t * p <= 8 and (t,
 def _llm(path, T=1, P=1, **kw):
     cfg, params = load_checkpoint(path)
     kw.setdefault("max_batch_size", 4)
+    kw.setdefault("max_beam_width", 1)
     mesh = make_mesh(T, P) if T * P > 1 else None
-    return ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_seq_len=32, max_beam_width=1, mesh=mesh,
-                     **kw)
+    return ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_seq_len=32, mesh=mesh, **kw)
 
 
 def _close(ours, ref):
@@ -84,7 +84,7 @@ def t5_dir(tmp_path_factory):
     return path
 
 
-PROMPTS = random_prompts(np.random.RandomState(0), 5, 1, 14)   # 5 prompts over 4 slots: two chunks
+PROMPTS = random_prompts(np.random.RandomState(0), 4, 1, 14)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_gpt2_layouts_match_one_device(gpt2_untied, untied_ref, T, P):
     _close(llm.logits(PROMPTS), logits)
 
 
-@pytest.mark.parametrize("T,P", [(8, 1), (2, 4)])
+@pytest.mark.parametrize("T,P", [(2, 4)])
 def test_gpt2_tied_layouts(gpt2_tied, T, P):
     ref = _llm(gpt2_tied)
     llm = _llm(gpt2_tied, T, P)
@@ -110,7 +110,7 @@ def test_gpt2_tied_layouts(gpt2_tied, T, P):
     _close(llm.logits(PROMPTS), ref.logits(PROMPTS))
 
 
-@pytest.mark.parametrize("T,P", [(4, 1), (4, 2)])
+@pytest.mark.parametrize("T,P", [(4, 2)])
 def test_llama_gqa_replicated_kv(llama_gqa, T, P):
     ref = _llm(llama_gqa)
     llm = _llm(llama_gqa, T, P)
@@ -123,7 +123,7 @@ def test_llama_gqa_replicated_kv(llama_gqa, T, P):
     _close(llm.logits(PROMPTS), ref.logits(PROMPTS))
 
 
-@pytest.mark.parametrize("T", [2, 4])
+@pytest.mark.parametrize("T", [4])
 def test_t5_tensor_parallel(t5_dir, T):
     ref = _llm(t5_dir)
     llm = _llm(t5_dir, T)
@@ -173,9 +173,13 @@ def test_params_sharded_by_rule_table(which, T, P, request):
 
 
 def test_pipelined_step_moves_activations_not_weights(gpt2_untied):
-    llm = _llm(gpt2_untied, 2, 2)
+    llm = _llm(gpt2_untied, 2, 2, max_beam_width=2)
     eng = llm.engine
     st = eng.init_state()
+    # beam search reorders the pipelined cache rows too: the same beams as one device
+    one = _llm(gpt2_untied, max_beam_width=2)
+    kw = dict(max_new_tokens=5, end_id=None, beam_width=2)
+    assert llm.generate(PROMPTS[:1], **kw).beams == one.generate(PROMPTS[:1], **kw).beams
     hlo = eng._generate.lower(eng.params, st, np.int32(4)).compile().as_text()
     assert "collective-permute" in hlo
     # A stage's weights are [P=2, ...] globally, [1, ...] per device: an all-gather producing any

@@ -203,6 +203,10 @@ class PipelinedGPT:
                         "v": layer["v"].at[slots, :, :, :T].set(v.astype(layer["v"].dtype), mode="drop")})
         return out
 
+    def reorder(self, cache, src):
+        """Beam search: row i continues row src[i] [B] (rows are the slot dim; each stage moves its own)."""
+        return jax.tree.map(lambda a: a[src], cache)
+
     def decode(self, params, tokens, positions, cache):
         x = self._embed(params, tokens, positions)
         h, cache = self._stages_decode(params, x, positions, cache)
