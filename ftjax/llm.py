@@ -48,12 +48,12 @@ def load(path: str | None = None, dtype: str = "bfloat16", max_batch_size: int =
     else:
         from ftjax.checkpoint import load_checkpoint
 
-        kw = {}
+        loaded = None
         if mesh is not None and quantize is None:   # ftjax (orbax) dir: each process reads only its shards
-            from ftjax.sharding.layout import restore_kwargs
+            from ftjax.sharding.layout import load_sharded
 
-            kw = restore_kwargs(path, mesh)
-        cfg, params = load_checkpoint(path, **kw)
+            loaded = load_sharded(path, mesh)
+        cfg, params = loaded if loaded is not None else load_checkpoint(path)
     if quantize is not None:  # on the host (numpy), before the Engine puts anything on the device
         from ftjax.quantize import quantize_params
 

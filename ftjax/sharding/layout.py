@@ -97,13 +97,14 @@ class Layout:
         axes = PP.stack_axes(self.param_axes(cfg, stacked=False), cfg.num_layers, self.P)
         out = {k: v for k, v in params.items() if not k.startswith("layers_")}
         stages = []
-        for j in range(Lp):
-            per_stage = [params[f"layers_{s * Lp + j}"] for s in range(self.P)]
+        for j in range(Lp):   # a stage with no device on this host was not restored here (absent)
+            per_stage = [params[f"layers_{s * Lp + j}"] for s in range(self.P) if f"layers_{s * Lp + j}" in params]
 
             def stack(ax, *arrs):
                 sh = R.named(self.mesh, ax, self.rules)
                 bufs = [sd.data[None] for a in arrs for sd in a.addressable_shards]
-                return jax.make_array_from_single_device_arrays((self.P,) + arrs[0].shape, sh, bufs)
+                return jax.make_array_from_single_device_arrays((self.P,) + arrs[0].shape, sh, bufs,
+                                                                dtype=arrs[0].dtype)
 
             stages.append(jax.tree.map(stack, axes["stages"][j], *per_stage, is_leaf=R.is_axes))
         out["stages"] = stages
@@ -134,23 +135,43 @@ def as_layout(cfg, mesh) -> Layout | None:
 
 
 
-def restore_kwargs(path: str, mesh: Mesh) -> dict:
-    """load_checkpoint kwargs that restore an ftjax (orbax) checkpoint straight onto the layout's
-    shardings; {} for other formats (read on the host, then placed shard by shard) and when the
-    vocabulary must be padded first."""
+def load_sharded(path: str, mesh: Mesh):
+    """(cfg, params) of an ftjax (orbax) checkpoint restored straight onto the layout's shardings: each
+    process reads only its own shards (with P > 1, only the layers of its own stages). None for other
+    formats (read on the host, then placed shard by shard by the Engine), for int8 checkpoints, and when
+    the vocabulary must be padded first."""
     from ftjax.checkpoint import detect_format
 
     if detect_format(path) != "ftjax":
-        return {}
-    from ftjax.checkpoint.orbax_io import read_meta
+        return None
+    import os
+
+    import orbax.checkpoint as ocp
+
+    from ftjax.checkpoint.orbax_io import PARAMS_DIR, _np_dtype, read_meta
     from ftjax.config import ModelConfig, T5Config
 
     meta = read_meta(path)
     if meta.get("quantize"):
-        return {}
+        return None
     conf = dict(meta["config"])
     cfg = T5Config.from_dict(conf) if conf.get("arch") == "t5" else ModelConfig.from_dict(conf)
     lay = Layout(cfg, mesh)
     if cfg.vocab_size % lay.T and hasattr(cfg, "valid_vocab_size"):
-        return {}
-    return {"shardings": lay.restore_shardings(cfg)}
+        return None
+    shardings = lay.restore_shardings(cfg)
+    if lay.P > 1:
+        Lp = PP.stage_layers(cfg.num_layers, lay.P)
+        me = jax.process_index()
+        mine = {s for s in range(lay.P) if any(d.process_index == me for d in mesh.devices[s].flat)}
+        shardings = {k: v for k, v in shardings.items()
+                     if not k.startswith("layers_") or int(k.split("_")[1]) // Lp in mine}
+    shapes, _ = _family_module(cfg).abstract_params(cfg)
+    npd = _np_dtype(meta["dtype"])
+    item = jax.tree.map(lambda sh, x: jax.ShapeDtypeStruct(x.shape, npd, sharding=sh), shardings,
+                        {k: shapes[k] for k in shardings})
+    args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=npd), item)
+    ckpt = ocp.PyTreeCheckpointer()
+    params = ckpt.restore(os.path.join(os.path.abspath(path), PARAMS_DIR),
+                          args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+    return cfg, params
