@@ -98,3 +98,52 @@ def test_peer_death_fails_fast(ckpt):
     assert "TOKENS" not in out
     assert elapsed < 60, elapsed   # heartbeat timeout 5 s: seconds, not jax's default 100 s, nor a hang
     assert "another task died" in err or "stopped sending heartbeats" in err, err[-2000:]
+
+
+def test_two_process_server_answers_a_client(ckpt):
+    """`python -m ftjax.serve` on two processes: process 0 serves gRPC, process 1 follows its engine calls."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    coord, gp, mp = _port(), _port(), _port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               FTJAX_HEARTBEAT_TIMEOUT_S="10")
+    procs = [subprocess.Popen([sys.executable, "-m", "ftjax.serve", "--model", ckpt, "--dtype", "float32",
+                               "--tensor-parallel", "2", "--pipeline-parallel", "2", "--max-batch-size", "4",
+                               "--max-seq-len", "32", "--grpc-port", str(gp + i), "--metrics-port", str(mp + i),
+                               "--coordinator-address", f"127.0.0.1:{coord}", "--num-processes", "2",
+                               "--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=env, text=True) for i in range(2)]
+    try:
+        ref = ftjax.load(ckpt, dtype="float32", attention="xla", max_batch_size=4, max_seq_len=32)
+        want = ref.generate(PROMPTS[:2], max_new_tokens=6, end_id=None).tokens
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{gp}") as c:
+            deadline = time.monotonic() + 180
+            while True:
+                for p in procs:
+                    assert p.poll() is None, p.stdout.read()[-3000:]
+                try:
+                    if c.is_server_ready():
+                        break
+                except Exception:  # noqa: BLE001 - not up yet
+                    pass
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.25)
+            for prompt, toks in zip(PROMPTS[:2], want):
+                ins = []
+                for name, arr in (("input_ids", np.array([prompt], np.uint32)),
+                                  ("input_lengths", np.array([[len(prompt)]], np.uint32)),
+                                  ("request_output_len", np.array([[6]], np.uint32))):
+                    t = grpcclient.InferInput(name, list(arr.shape), "UINT32")
+                    t.set_data_from_numpy(arr)
+                    ins.append(t)
+                r = c.infer("fastertransformer", ins)
+                n = int(r.as_numpy("sequence_length")[0, 0])
+                assert r.as_numpy("output_ids")[0, 0, :n].tolist() == prompt + toks
+    finally:
+        procs[0].terminate()     # process 0 tells process 1 to stop
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+    assert procs[1].returncode == 0, procs[1].stdout.read()[-3000:]

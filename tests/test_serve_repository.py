@@ -82,8 +82,8 @@ def test_repository_serves_ft_folder(tmp_path, ft_folder):
 
 @pytest.mark.parametrize("param,value,msg", [
     ("int8_mode", "1", "int8_mode"),
-    ("tensor_para_size", "2", "tensor_parallel"),
-    ("pipeline_para_size", "2", "pipeline_parallel"),
+    ("tensor_para_size", "3", "tensor_parallel=3"),        # does not divide the heads
+    ("pipeline_para_size", "3", "pipeline_parallel=3"),    # does not divide the layers
     ("model_type", "T5", "T5"),
     ("data_type", "fp8", "data_type"),
     ("model_checkpoint_path", "/no/such/dir", "model_checkpoint_path"),
@@ -182,9 +182,9 @@ def test_cli_server_and_client(tmp_path, ft_folder):
 
 
 def test_cli_refusals():
-    r = subprocess.run([sys.executable, "-m", "ftjax.serve", "--num-processes", "2", "--process-id", "0",
+    r = subprocess.run([sys.executable, "-m", "ftjax.serve", "--num-processes", "2", "--process-id", "2",
                         "--coordinator-address", "127.0.0.1:1"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "multi-host" in r.stderr
+    assert r.returncode == 2 and "multi-host" in r.stderr and "process_id=2" in r.stderr
     r = subprocess.run([sys.executable, "-m", "ftjax.serve", "--model-repository", "/no/such/repo"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not a directory" in r.stderr

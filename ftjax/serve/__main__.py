@@ -46,15 +46,14 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("ftjax.serve")
-    if a.num_processes is not None:
-        if a.num_processes > 1:
-            print(f"error: --num-processes {a.num_processes}: multi-host serving is not available in this build yet "
-                  "(one process per server)", file=sys.stderr)
-            return 2
-        import jax
+    from ftjax.sharding import distributed
 
-        jax.distributed.initialize(coordinator_address=a.coordinator_address, num_processes=a.num_processes,
-                                   process_id=a.process_id)
+    if a.num_processes is not None:   # multi-host: one process per host (ftjax/sharding/distributed.py)
+        try:
+            distributed.initialize(a.coordinator_address, a.num_processes, a.process_id)
+        except (ValueError, RuntimeError) as e:
+            print(f"error: multi-host: {e}", file=sys.stderr)
+            return 2
     from ftjax.serve.server import Server, load_models
 
     try:
@@ -62,6 +61,8 @@ def main(argv=None) -> int:
                              max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len,
                              tensor_parallel=a.tensor_parallel, pipeline_parallel=a.pipeline_parallel,
                              quantize=a.quantize)
+        if not distributed.lead_or_follow(models):   # processes > 0: ran process 0's engine calls until it stopped
+            return 0
         server = Server(models, host=a.host, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
                         max_queue=a.max_queue, request_timeout=a.request_timeout).start()
     except (ValueError, OSError, RuntimeError) as e:
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     server.stop()
+    distributed.release(models)
     return 0
 
 

@@ -173,3 +173,8 @@ def lead_or_follow(models) -> bool:
     return False
 
 
+def release(models) -> None:
+    """Process 0 at shutdown: tells the followers to stop."""
+    for m in models:
+        if isinstance(m.llm.engine, Leader):
+            m.llm.engine.stop()
