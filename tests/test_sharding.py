@@ -229,3 +229,13 @@ def test_different_local_device_counts_refused():
 
     with pytest.raises(ValueError, match="process 0: 2, process 1: 1"):
         M._check_hosts([D(0, 0), D(0, 1), D(1, 2)])
+
+
+def test_int8_weights_follow_the_rule_table(gpt2_untied):
+    """Weight-only int8 on T=2 x P=2: q sharded like the float kernel, scale like its output dims."""
+    kw = dict(dtype="float32", attention="xla", max_batch_size=4, max_seq_len=32, max_beam_width=1, quantize="int8")
+    ref = ftjax.load(gpt2_untied, **kw).generate(PROMPTS, max_new_tokens=6, end_id=None).tokens
+    llm = ftjax.load(gpt2_untied, tensor_parallel=2, pipeline_parallel=2, **kw)
+    wi = llm.engine.params["stages"][0]["mlp"]["wi"]["kernel"]
+    assert tuple(wi.q.sharding.spec) == ("pipeline", None, "tensor") and tuple(wi.scale.sharding.spec) == ("pipeline", "tensor")
+    assert llm.generate(PROMPTS, max_new_tokens=6, end_id=None).tokens == ref

@@ -40,15 +40,22 @@ class Layout:
             return R.pad_vocab(cfg, params, self.T)
         return cfg, params
 
-    def param_axes(self, cfg, stacked: bool = True):
+    def param_axes(self, cfg, stacked: bool = True, params=None):
+        """Logical axes of every param; `params` (unstacked) given and int8: QuantizedWeight(q axes,
+        scale axes) where the kernel is quantized (ftjax.quantize.logical_axes)."""
         _, axes = _family_module(cfg).abstract_params(cfg)
         axes = jax.tree.map(tuple, axes, is_leaf=R.is_axes)
+        if params is not None:
+            from ftjax.quantize import is_quantized, logical_axes
+
+            if is_quantized(params):
+                axes = logical_axes(axes, params)
         if stacked and self.P > 1:
             axes = PP.stack_axes(axes, cfg.num_layers, self.P)
         return axes
 
-    def param_shardings(self, cfg):
-        return R.tree_shardings(self.mesh, self.param_axes(cfg), self.rules)
+    def param_shardings(self, cfg, params=None):
+        return R.tree_shardings(self.mesh, self.param_axes(cfg, params=params), self.rules)
 
     def restore_shardings(self, cfg):
         """Shardings of the stored (unstacked) param tree, for orbax to restore onto: each process reads
@@ -71,12 +78,12 @@ class Layout:
         """Params (host numpy, or device arrays restored onto `restore_shardings`) -> device arrays on
         the rule table's shardings, floats cast to `dtype`. Host arrays go through
         make_array_from_callback: each process puts only its own shards."""
+        shardings = self.param_shardings(cfg, params if "stages" not in params else None)
         if self.P > 1 and "stages" not in params:
             if any(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
                 params = self._stack_on_device(cfg, params)
             else:
                 params = PP.stack_params(params, cfg.num_layers, self.P)
-        shardings = self.param_shardings(cfg)
 
         def put(a, s):
             floating = jnp.issubdtype(a.dtype, jnp.floating)

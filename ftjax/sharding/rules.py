@@ -131,10 +131,13 @@ def pad_vocab(cfg, params, tensor: int):
         width[axis] = (0, extra)
         return np.pad(np.asarray(a), width)
 
+    def pad_kernel(k):   # [d, v], or int8 QuantizedWeight(q [d, v], scale [v])
+        return type(k)(pad(k.q, 1), pad(k.scale, 0)) if hasattr(k, "scale") else pad(k, 1)
+
     params = dict(params)
     params["embed"] = dict(params["embed"], tokens=pad(params["embed"]["tokens"], 0))
     if "lm_head" in params:
-        head = dict(params["lm_head"], kernel=pad(params["lm_head"]["kernel"], 1))
+        head = dict(params["lm_head"], kernel=pad_kernel(params["lm_head"]["kernel"]))
         if "bias" in head:
             head["bias"] = pad(head["bias"], 0)
         params["lm_head"] = head
