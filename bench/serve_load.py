@@ -59,13 +59,11 @@ def inputs(grpcclient, prompt, out_len):
             t("min_length", np.array([[out_len]], np.uint32), "UINT32")]
 
 
-def run_clients(url, work, clients, timeout=600):
+def _client_proc(url, jobs, results, threads_n, timeout):
+    """One client process: `threads_n` streaming clients pulling work from the shared `jobs` queue."""
     import tritonclient.grpc as grpcclient
 
-    jobs = queue.Queue()
-    for w in work:
-        jobs.put(w)
-    ttft, itl, errors, tokens, per_req = [], [], [], [0], []
+    ttft, itl, errors, per_req = [], [], [], []
     lock = threading.Lock()
 
     def client():
@@ -74,10 +72,10 @@ def run_clients(url, work, clients, timeout=600):
         c.start_stream(callback=lambda result, error: q.put((time.perf_counter(), result, error)))
         try:
             while True:
-                try:
-                    prompt, out_len = jobs.get_nowait()
-                except queue.Empty:
+                job = jobs.get()
+                if job is None:
                     return
+                prompt, out_len = job
                 t0 = time.perf_counter()
                 c.async_stream_infer("fastertransformer", inputs(grpcclient, prompt, out_len))
                 last, n, gaps, first = None, 0, [], None
@@ -99,20 +97,45 @@ def run_clients(url, work, clients, timeout=600):
                     if first is not None:
                         ttft.append(first)
                     itl.extend(gaps)
-                    tokens[0] += n
                     per_req.append(n)
         finally:
             c.stop_stream()
             c.close()
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for th in threads:
+    ths = [threading.Thread(target=client) for _ in range(threads_n)]
+    for th in ths:
         th.start()
-    for th in threads:
+    for th in ths:
         th.join()
+    results.put(dict(ttft=ttft, itl=itl, errors=errors, per_req=per_req))
+
+
+def run_clients(url, work, clients, timeout=600, procs=8):
+    """`clients` concurrent streaming clients spread over `procs` client processes (so the clients'
+    Python does not share the server's interpreter lock)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = max(1, min(procs, clients))
+    jobs, results = ctx.Queue(), ctx.Queue()
+    for w in work:
+        jobs.put(w)
+    per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    for _ in range(clients):
+        jobs.put(None)
+    ps = [ctx.Process(target=_client_proc, args=(url, jobs, results, n, timeout)) for n in per]
+    t0 = time.perf_counter()
+    for p in ps:
+        p.start()
+    outs = [results.get(timeout=timeout) for _ in ps]
     wall = time.perf_counter() - t0
-    return dict(wall_s=wall, tokens=tokens[0], requests=len(per_req), errors=errors[:5], n_errors=len(errors),
+    for p in ps:
+        p.join(timeout=30)
+    ttft = [x for o in outs for x in o["ttft"]]
+    itl = [x for o in outs for x in o["itl"]]
+    errors = [x for o in outs for x in o["errors"]]
+    per_req = [x for o in outs for x in o["per_req"]]
+    return dict(wall_s=wall, tokens=sum(per_req), requests=len(per_req), errors=errors[:5], n_errors=len(errors),
                 ttft=ttft, itl=itl)
 
 
@@ -160,6 +183,9 @@ def main():
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=8, help="decode steps per scheduler iteration when no stream is live")
+    ap.add_argument("--stream-chunk", default="1", help="comma list: decode steps per scheduler iteration while a "
+                    "stream is live (each token still gets its own response); one serve run per value")
+    ap.add_argument("--client-procs", type=int, default=8)
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -182,18 +208,27 @@ def main():
     llm._state = None   # free the offline decode state before serving
 
     precompile(llm, work, a.max_batch_size)
-    srv = Server(models, grpc_port=0, metrics_port=None, chunk=a.chunk, max_queue=max(1024, a.requests)).start()
-    url = f"127.0.0.1:{srv.grpc_port}"
-    try:
-        run_clients(url, warm, a.clients)                    # compile prefill buckets / steps
-        r = run_clients(url, work, a.clients)
-    finally:
-        srv.stop()
+    runs = {}
+    for sc in [int(x) for x in a.stream_chunk.split(",")]:
+        srv = Server(models, grpc_port=0, metrics_port=None, chunk=a.chunk, stream_chunk=sc,
+                     max_queue=max(1024, a.requests)).start()
+        url = f"127.0.0.1:{srv.grpc_port}"
+        try:
+            run_clients(url, warm, a.clients, procs=a.client_procs)           # compile prefill buckets / steps
+            runs[sc] = run_clients(url, work, a.clients, procs=a.client_procs)
+        finally:
+            srv.stop()
+    for sc, r in runs.items():
+        report(a, llm, jax, ftjax, sc, r, off_s, off_tokens)
+
+
+def report(a, llm, jax, ftjax, sc, r, off_s, off_tokens):
     out = {
         "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "ftjax": ftjax.__version__,
         "date": time.strftime("%Y-%m-%d"), "model": a.model or "embedded default", "dtype": a.dtype,
         "clients": a.clients, "requests": a.requests, "prompt_len": a.prompt_len, "output_len": a.output_len,
-        "max_batch_size": a.max_batch_size, "max_seq_len": a.max_seq_len, "chunk": a.chunk,
+        "max_batch_size": a.max_batch_size, "max_seq_len": a.max_seq_len, "chunk": a.chunk, "stream_chunk": sc,
+        "client_procs": a.client_procs,
         "serve_tokens": r["tokens"], "serve_wall_s": round(r["wall_s"], 3),
         "serve_tokens_per_s": round(r["tokens"] / r["wall_s"], 1),
         "serve_requests_per_s": round(r["requests"] / r["wall_s"], 2),
@@ -207,8 +242,8 @@ def main():
     out["serve_over_offline"] = round(out["serve_tokens_per_s"] / out["offline_tokens_per_s"], 3)
     print(json.dumps(out, indent=2))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=2)
+        with open(a.json, "a") as f:
+            f.write(json.dumps(out) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ def parse_args(argv=None):
     ap.add_argument("--metrics-port", type=int, default=8002)
     ap.add_argument("--max-queue", type=int, default=1024, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
     ap.add_argument("--request-timeout", type=float, default=None, help="seconds; a request past it is cancelled")
+    ap.add_argument("--stream-chunk", type=int, default=1,
+                    help="decode steps per scheduler iteration while a stream is live (ftjax addition; each token "
+                         "still gets its own response)")
     ap.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0 (multi-host)")
     ap.add_argument("--num-processes", type=int, default=None)
     ap.add_argument("--process-id", type=int, default=None)
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
         if not distributed.lead_or_follow(models):   # processes > 0: ran process 0's engine calls until it stopped
             return 0
         server = Server(models, host=a.host, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
-                        max_queue=a.max_queue, request_timeout=a.request_timeout).start()
+                        max_queue=a.max_queue, request_timeout=a.request_timeout,
+                        stream_chunk=a.stream_chunk).start()
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,8 +4,8 @@ Each iteration of the scheduler thread:
   1. drops cancelled and timed-out requests (their slots are retired at once),
   2. admits waiting rows into free slots, first come first served (one `prefill_insert` call for all
      rows admitted this iteration; a request of several rows may be admitted across iterations),
-  3. runs `generate_steps(state, k)`: k = 1 while a streaming request is live (one response per token
-     as soon as it exists), otherwise a small chunk so that new arrivals join soon,
+  3. runs `generate_steps(state, k)`: k = stream_chunk (default 1) while a streaming request is live (one
+     response per token as soon as it exists), otherwise a small chunk so that new arrivals join soon,
   4. reads back `seq_len` / `done` of the live slots, pushes stream updates, completes finished requests.
 Every slot advances every step, so a short request submitted while a long one runs finishes first.
 The request handlers (gRPC threads) only enqueue `Request`s and wait on their events.
@@ -76,13 +76,17 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, llm, *, max_queue: int = 1024, chunk: int = 8, metrics=None, model_name: str = "fastertransformer"):
+    def __init__(self, llm, *, max_queue: int = 1024, chunk: int = 8, stream_chunk: int = 1, metrics=None,
+                 model_name: str = "fastertransformer"):
         self.llm = llm
         self.engine = llm.engine
         self.encdec = not self.engine.family.samples_at_prefill
         self.B = self.engine.B
         self.max_queue = max_queue
         self.chunk = max(1, int(chunk))
+        # Decode steps per iteration while a stream is live: 1 sends each token as soon as it exists;
+        # more amortise the host's per-iteration work (every token still gets its own response).
+        self.stream_chunk = max(1, int(stream_chunk))
         self.metrics = metrics
         self.model_name = model_name
         self._waiting: collections.deque[Request] = collections.deque()
@@ -165,7 +169,7 @@ class Scheduler:
         live = [r for r in self._live if not r.finished]
         if not live:
             return
-        k = 1 if any(r.stream for r in live) else self.chunk
+        k = self.stream_chunk if any(r.stream for r in live) else self.chunk
         self._state, _ = self.engine.generate_steps(self._state, k)
         self._sync()
 

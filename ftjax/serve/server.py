@@ -295,11 +295,12 @@ def _dt(t: int) -> str:
 class Server:
     def __init__(self, models: list[Model], *, host: str = "127.0.0.1", grpc_port: int = 8001,
                  metrics_port: int | None = 8002, max_queue: int = 1024, request_timeout: float | None = None,
-                 chunk: int = 8, max_workers: int = 256):
+                 chunk: int = 8, stream_chunk: int = 1, max_workers: int = 256):
         self.metrics = Metrics()
         self.models = {m.name: m for m in models}
         for m in models:
-            m.scheduler = Scheduler(m.llm, max_queue=max_queue, chunk=chunk, metrics=self.metrics, model_name=m.name)
+            m.scheduler = Scheduler(m.llm, max_queue=max_queue, chunk=chunk, stream_chunk=stream_chunk,
+                                    metrics=self.metrics, model_name=m.name)
             self.metrics.waiting_fn[m.name] = (lambda s=m.scheduler: s.waiting)
         self.service = Service(self.models, self.metrics, request_timeout)
         self.grpc = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=max_workers),
