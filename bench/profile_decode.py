@@ -1,0 +1,104 @@
+"""Profile ftjax's decode loop on the GPU: how much of a decode step is kernels, how many kernels a
+step launches, and which ones cost most. Evidence for the per-step overhead in bench/RESULTS.md.
+
+    PYTHONUNBUFFERED=1 python bench/profile_decode.py [--model 350m|1.3b] [--batch 1] [--steps 64]
+
+Runs generate for --steps tokens under `jax.profiler.trace(..., create_perfetto_trace=True)`, then
+reads the Perfetto JSON: GPU kernel events (by stream), their count per decode step, busy time vs the
+wall time of the loop, and the top kernels by total time.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {"350m": dict(hidden=1024, num_layers=24, num_heads=16, ffn_dim=4096),
+          "1.3b": dict(hidden=2048, num_layers=24, num_heads=16, ffn_dim=8192)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="350m", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp())
+    a = ap.parse_args()
+
+    import jax
+    import numpy as np
+
+    import ftjax
+    from ftjax.config import ModelConfig
+    from ftjax.models import gpt
+
+    cfg = ModelConfig(vocab_size=50257, max_positions=1024, bos_id=0, eos_id=1, **SHAPES[a.model])
+    shapes, _ = gpt.abstract_params(cfg)
+    key = jax.random.key(0)
+    leaves, tree = jax.tree.flatten(shapes)
+    params = jax.tree.unflatten(tree, [
+        (0.02 * jax.random.normal(jax.random.fold_in(key, i), s.shape)).astype("bfloat16")
+        for i, s in enumerate(leaves)])
+    llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=max(a.batch, 1), max_seq_len=a.prompt + a.steps + 8,
+                    attention=a.attention)
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(2, 50000, size=a.prompt).tolist() for _ in range(a.batch)]
+    llm.generate(prompts, max_new_tokens=a.steps, end_id=None)        # compile
+    t0 = time.perf_counter()
+    llm.generate(prompts, max_new_tokens=a.steps, end_id=None)
+    untraced = time.perf_counter() - t0
+    tdir = os.path.join(a.out, "trace")
+    with jax.profiler.trace(tdir, create_perfetto_trace=True):
+        t0 = time.perf_counter()
+        llm.generate(prompts, max_new_tokens=a.steps, end_id=None)
+        traced = time.perf_counter() - t0
+    files = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        print("no perfetto trace written under", tdir)
+        return
+    with gzip.open(files[0], "rt") as f:
+        tr = json.load(f)
+    events = tr["traceEvents"] if isinstance(tr, dict) else tr
+    pname, tname = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            pname[e["pid"]] = e["args"].get("name", "")
+        if e.get("ph") == "M" and e.get("name") == "thread_name":
+            tname[(e["pid"], e.get("tid"))] = e["args"].get("name", "")
+    gpu = [e for e in events if e.get("ph") == "X" and "GPU" in pname.get(e.get("pid"), "")
+           and "Stream" in tname.get((e.get("pid"), e.get("tid")), "")]
+    if not gpu:
+        print("processes:", sorted(set(pname.values())))
+        return
+    kern = [e for e in gpu if "memcpy" not in e.get("name", "").lower() and "memset" not in e.get("name", "").lower()]
+    t_first = min(e["ts"] for e in kern)
+    t_last = max(e["ts"] + e.get("dur", 0) for e in kern)
+    busy = sum(e.get("dur", 0) for e in kern)
+    by = collections.defaultdict(lambda: [0, 0.0])
+    for e in kern:
+        by[e["name"]][0] += 1
+        by[e["name"]][1] += e.get("dur", 0)
+    steps = a.steps - 1
+    print(f"{a.model} batch {a.batch}, {a.steps} tokens, attention={a.attention}: untraced {untraced * 1e3:.1f} ms, "
+          f"traced {traced * 1e3:.1f} ms")
+    print(f"GPU kernels: {len(kern)} events ({len(kern) / steps:.0f} per decode step, "
+          f"{len(kern) / steps / cfg.num_layers:.1f} per layer-step); span {(t_last - t_first) / 1e3:.2f} ms, "
+          f"busy {busy / 1e3:.2f} ms ({100 * busy / max(t_last - t_first, 1):.0f}% of the span); "
+          f"per step: span {(t_last - t_first) / steps:.0f} us, busy {busy / steps:.0f} us")
+    print("top kernels by total time (count, total us, mean us):")
+    for name, (n, d) in sorted(by.items(), key=lambda kv: -kv[1][1])[:25]:
+        print(f"  {n:6d} {d:10.0f} {d / n:8.1f}  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
