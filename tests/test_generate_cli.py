@@ -53,3 +53,29 @@ def test_cli_default_model_and_bad_input(tmp_path):
     big.write_text(json.dumps(list(range(1, 70))) + "\n")
     r = _run("--input", str(big), "--max-new-tokens", "2", "--max-seq-len", "64")
     assert r.returncode == 2 and "max_seq_len" in r.stderr
+
+
+def test_cli_text_prompts_with_tokenizer_json(gpt2_dir, tmp_path):
+    """A model folder with a tokenizer.json: text prompts are encoded, and outputs carry text."""
+    import shutil
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    src, _ = gpt2_dir
+    model = tmp_path / "model"
+    shutil.copytree(src, model)
+    vocab = {f"w{i}": i for i in range(200)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(model / "tokenizer.json"))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"text": "w5 w17 w42"}) + "\n" + json.dumps({"input_ids": [5, 17, 42]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    r = _run("--model", str(model), "--input", str(inp), "--output", str(out), "--dtype", "float32",
+             "--max-new-tokens", "4", "--attention", "xla", "--max-seq-len", "64")
+    assert r.returncode == 0, r.stderr
+    a, b = [json.loads(line) for line in open(out)]
+    assert a["input_ids"] == [5, 17, 42] and a["output_ids"] == b["output_ids"]
+    assert a["text"].split() == [f"w{t}" for t in a["output_ids"]]
