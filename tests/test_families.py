@@ -313,3 +313,40 @@ def test_ft_folder_matches_hf(kind, models, tmp_path):
             if isinstance(mod, torch.nn.LayerNorm):
                 mod.eps = 1e-6
     _check_against(model, cfg, params)
+
+
+@pytest.mark.parametrize("kind,model_type", [("llama", "LLaMA"), ("gptj", "GPT-J"), ("neox", "GPT-NeoX")])
+def test_served_from_repository_by_model_type(kind, model_type, models, tmp_path):
+    """FT's config.pbtxt with model_type LLaMA / GPT-J / GPT-NeoX serves the family; answers equal generate."""
+    import re
+
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from ftjax.serve.server import Server, load_models
+
+    path, _ = models[kind]
+    d = tmp_path / "repo" / kind
+    d.mkdir(parents=True)
+    text = open("serve/model_repository/gpt/fastertransformer/config.pbtxt").read()
+    text = text.replace('name: "fastertransformer"', f'name: "{kind}"')
+    for key, val in (("model_checkpoint_path", path), ("data_type", "fp32"), ("model_type", model_type)):
+        text, n = re.subn(rf'(key: "{key}"\s*value: \{{\s*string_value: )"[^"]*"', rf'\1"{val}"', text)
+        assert n == 1, key
+    (d / "config.pbtxt").write_text(text)
+    ms = load_models(model_repository=str(tmp_path / "repo"), max_batch_size=4, max_seq_len=64, attention="xla")
+    llm = ms[0].llm
+    prompt = [5, 17, 33, 2]
+    want = llm.generate([prompt], max_new_tokens=6).tokens[0]
+    srv = Server(ms, grpc_port=0, metrics_port=None).start()
+    try:
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}") as c:
+            ins = []
+            for name, arr in (("input_ids", np.array([prompt], np.uint32)), ("input_lengths", np.array([[4]], np.uint32)),
+                              ("request_output_len", np.array([[6]], np.uint32))):
+                t = grpcclient.InferInput(name, list(arr.shape), "UINT32")
+                t.set_data_from_numpy(arr)
+                ins.append(t)
+            r = c.infer(kind, ins)
+            n = int(r.as_numpy("sequence_length")[0, 0])
+            assert r.as_numpy("output_ids")[0, 0, :n].tolist() == prompt + want
+    finally:
+        srv.stop()
