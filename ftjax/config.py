@@ -385,6 +385,12 @@ class T5Config:
     tie_embeddings: bool = True     # output projection is the shared embedding
     scale_logits: bool = True       # decoder output * d_model**-0.5 before the projection (v1.0)
     max_positions: int = 512        # longest encoder input / decoder output ftjax allocates for
+    # (with position="learned": the rows of the learned position table)
+    norm: str = "rmsnorm"           # "rmsnorm" (T5) | "layernorm" (with bias; Megatron-LM T5)
+    linear_bias: bool = False       # biases on q/k/v/o and the FFN (Megatron-LM T5)
+    position: str = "relative"      # "relative" (T5 bucketed bias) | "learned" (absolute table added to the
+                                    # token embedding, shared by both stacks; no relative bias)
+    lm_head_bias: bool = False      # a [vocab] bias added to the logits (Megatron-LM T5's lm_head.bias)
     decoder_start_id: int = 0
     eos_id: int | None = 1
     pad_id: int | None = 0
@@ -397,6 +403,10 @@ class T5Config:
                 raise ValueError(f"T5Config.{f}: must be positive, got {getattr(self, f)}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"T5Config.activation: unknown {self.activation!r}; expected one of {ACTIVATIONS}")
+        if self.norm not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"T5Config.norm: unknown {self.norm!r}; expected 'rmsnorm' or 'layernorm'")
+        if self.position not in ("relative", "learned"):
+            raise ValueError(f"T5Config.position: unknown {self.position!r}; expected 'relative' or 'learned'")
 
     # The names the engine and sampling use for every family.
     @property

@@ -46,10 +46,35 @@ setting: `bias: True` (biased linears), `normalization: layernorm | layernorm1p`
 normformer`, `headscale`, `arch` other than transformer, fast-* / squared-relu activations, cross-attention
 position bias, separate decoder embeddings, a non-zero LM-head bias, pipeline-parallel shards.
 
-Megatron-LM T5 (`model_optim_rng.pt` with `model.language_model.{embedding, encoder, decoder}` and
-`model.lm_head.bias`, checkpoint_version 3.0): always biased linears, LayerNorm with bias, learned absolute
-position embeddings, 1/sqrt(kv_channels) scaling and an LM-head bias; recognised and refused with an error
-naming those features (the ftjax T5 model has none of them).
+Megatron-LM T5 (`megatron/model/t5_model.py`; the layout FT's `megatron_t5_ckpt_convert.py` reads): the
+paths `megatron.resolve_rank_files` takes (`latest_checkpointed_iteration.txt` + `release/` / `iter_XXXXXXX/`,
+a folder of `mp_rank_XX/`, or one `model_optim_rng.pt`), one file per tensor-parallel rank, each
+{`args`, `checkpoint_version`, `model`: {`language_model`: {`embedding`: {`word_embeddings.weight` [v/T, d],
+`position_embeddings.weight` [p, d]}, `encoder`, `decoder`}, `lm_head`: {`bias` [v/T]}}} with, per stack,
+  layers.{i}.input_layernorm.{weight,bias} [d]; self_attention.query_key_value.{weight [3 n/T h, d], bias};
+  self_attention.dense.{weight [d, n/T h], bias [d]}; post_attention_layernorm.{weight,bias};
+  (decoder) inter_attention.query.{weight [n/T h, d], bias}, inter_attention.key_value.{weight [2 n/T h, d],
+  bias}, inter_attention.dense.{weight, bias}, post_inter_attention_layernorm.{weight,bias};
+  mlp.dense_h_to_4h.{weight [f/T, d], bias [f/T]}; mlp.dense_4h_to_h.{weight [d, f/T], bias [d]};
+  final_layernorm.{weight,bias}
+(older releases name the self attention `layers.{i}.attention.*`; both are read). Fused rows per rank follow
+`fix_query_key_value_ordering`, as for GPT: checkpoint_version 0 (parts, n/T, h), 1.0 (n/T, h, parts),
+2.0 and 3.0 (n/T, parts, h), for query_key_value (3 parts) and key_value (2). Column-parallel weights and
+biases (QKV, query, key_value, h_to_4h, word embeddings, lm_head.bias) are concatenated over ranks along
+their rows, row-parallel weights (dense, 4h_to_h) along their columns; norms, row-parallel biases and the
+position table are replicated (rank 0's is used). Loaded as a T5Config with norm="layernorm",
+linear_bias=True, position="learned" (max_positions = the table's rows; one table for both stacks),
+lm_head_bias=True, tied output without scaling (logits = h @ word_embeddings.T + lm_head.bias); the
+1/sqrt(kv_channels) score scaling (apply_query_key_layer_scaling cancels out) is folded into the query
+weight and bias. Args read: num_layers / encoder_num_layers, decoder_num_layers, hidden_size,
+num_attention_heads, kv_channels, ffn_hidden_size, layernorm_epsilon (1e-5), openai_gelu / bias_gelu_fusion
+(GELU in tanh form when either is set — Megatron's fused bias-GELU is the tanh form and bias_gelu_fusion
+defaults on; exact erf GELU only with `--no-bias-gelu-fusion`), tokenizer_type, tensor/pipeline sizes.
+Token ids: with a BertWordPiece tokenizer and >= 30524 rows, decoder start [BOS] = 30522 and eos [EOS] =
+30523 (FT's example values), pad 0; otherwise start 0, no eos, pad 0 — pass `start_id` / `end_id` to
+generate. Refused with an error naming the arg: pipeline-parallel shards, post-LN residuals, non-learned
+positions, RMSNorm, SwiGLU, bias-free linears, untied output layer, grouped-query attention.
+Tested (tests/test_t5_megatron.py) with TP=2 shards of checkpoint_version 0, 1.0 and 3.0.
 
 Reading uses `torch.load(..., weights_only=False)` with stub classes for pickled objects of packages not
 installed (NeMo / Megatron / OmegaConf objects stored beside the weights). Only load checkpoints you trust.
@@ -103,15 +128,179 @@ def is_megatron_t5(path: str) -> bool:
     return isinstance(lm, dict) and "decoder" in lm
 
 
-def load_megatron_t5(path: str, progress=None, **_) -> tuple[T5Config, dict[str, Any]]:
-    """Megatron-LM T5: recognised, refused (see the module docstring)."""
+def load_megatron_t5(path: str, progress: Callable[[str], None] | None = None,
+                     **_) -> tuple[T5Config, dict[str, Any]]:
+    """(T5Config, params as float32 numpy arrays) from a Megatron-LM T5 checkpoint (see the module docstring)."""
+    import argparse
+
+    from ftjax.checkpoint.megatron import _arg, _flatten
+
+    say = progress or (lambda msg: None)
     files = resolve_rank_files(path)
-    raise ValueError(
-        f"{files[0]}: a Megatron-LM T5 checkpoint (model.language_model has 'decoder'). Its architecture is not "
-        "one the ftjax T5 model expresses: biased linear layers, LayerNorm with bias (not RMSNorm), learned "
-        "absolute position embeddings (not T5 relative position bias), 1/sqrt(kv_channels) attention scaling and "
-        "an LM-head bias (model.lm_head.bias). Supported T5 sources: HF T5 / T5 v1.1 folders, FT-converted HF T5 "
-        "folders, and NeMo T5 with bias: False, normalization: rmsnorm, position_embedding_type: relative")
+    T = len(files)
+    shards = []
+    for r, fn in enumerate(files):
+        say(f"reading Megatron T5 rank {r + 1}/{T}: {fn}")
+        shards.append(_load_pt(fn))
+    first = shards[0]
+    args = first.get("args")
+    if isinstance(args, dict):
+        args = argparse.Namespace(**args)
+    version = float(first.get("checkpoint_version", 0) or 0)
+    tp = int(_arg(args, "tensor_model_parallel_size", "model_parallel_size", default=T))
+    if tp != T:
+        raise ValueError(f"{path}: args.tensor_model_parallel_size is {tp} but {T} mp_rank_XX shards were found")
+    if int(_arg(args, "pipeline_model_parallel_size", default=1)) != 1:
+        raise ValueError(f"{path}: pipeline_model_parallel_size {args.pipeline_model_parallel_size}: "
+                         "pipeline-parallel shards are not supported (merge the stages first)")
+
+    def refuse(flag, why):
+        raise ValueError(f"{path}: Megatron args.{flag} = {getattr(args, flag)!r}: {why} is not supported "
+                         "by the ftjax T5 model")
+
+    if args is not None:
+        if getattr(args, "apply_residual_connection_post_layernorm", False):
+            refuse("apply_residual_connection_post_layernorm", "post-LayerNorm residual")
+        if getattr(args, "position_embedding_type", "learned_absolute") not in ("learned_absolute", None):
+            refuse("position_embedding_type", "positions other than learned absolute")
+        if getattr(args, "normalization", "LayerNorm") not in ("LayerNorm", None):
+            refuse("normalization", "a norm other than LayerNorm")
+        if getattr(args, "swiglu", False):
+            refuse("swiglu", "SwiGLU")
+        if getattr(args, "add_bias_linear", True) is False:
+            refuse("add_bias_linear", "bias-free linear layers in a Megatron-LM T5")
+        if getattr(args, "untie_embeddings_and_output_weights", False):
+            refuse("untie_embeddings_and_output_weights", "an output layer separate from the word embedding")
+        if getattr(args, "group_query_attention", False):
+            refuse("group_query_attention", "grouped-query attention")
+
+    # Per-rank flat dicts: "embedding.word_embeddings.weight", "encoder.layers.0....", "lm_head.bias".
+    per_rank = []
+    for fn, sd in zip(files, shards):
+        model = sd.get("model") if isinstance(sd, dict) else None
+        lm = model.get("language_model") if isinstance(model, dict) else None
+        if not isinstance(lm, dict) or "encoder" not in lm or "decoder" not in lm:
+            raise ValueError(f"{fn}: not a Megatron-LM T5 checkpoint (model.language_model needs 'encoder' "
+                             "and 'decoder')")
+        flat = {"embedding." + k: v for k, v in _flatten(lm.get("embedding", {})).items()}
+        for side in ("encoder", "decoder"):
+            for k, v in _flatten(lm[side]).items():  # older releases: layers.{i}.attention.* (self attention)
+                flat[f"{side}.{k.replace('.attention.', '.self_attention.')}"] = v
+        for k, v in _flatten(model.get("lm_head", {})).items():
+            flat["lm_head." + k] = v
+        per_rank.append(flat)
+
+    def get(r, key, shape):
+        sd = per_rank[r]
+        if key not in sd:
+            raise ValueError(f"{files[r]}: missing weight {key!r}")
+        a = _np(sd[key])
+        if tuple(a.shape) != tuple(shape):
+            raise ValueError(f"{files[r]}: weight {key!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+        return a.astype(np.float32)
+
+    def cat(key, shape, axis):
+        return np.concatenate([get(r, key, shape) for r in range(T)], axis=axis)
+
+    wte_key = "embedding.word_embeddings.weight"
+    if wte_key not in per_rank[0]:
+        raise ValueError(f"{files[0]}: missing weight {'model.language_model.' + wte_key!r}")
+    v_rows, d = (int(s) for s in per_rank[0][wte_key].shape)
+    emb = cat(wte_key, (v_rows, d), 0)                                     # [v, d] (vocab-parallel)
+    p_rows = int(np.shape(per_rank[0].get("embedding.position_embeddings.weight", np.zeros((0, d))))[0])
+    n = int(_arg(args, "num_attention_heads", default=0))
+    if n <= 0:
+        raise ValueError(f"{path}: the checkpoint has no args.num_attention_heads")
+    h = int(_arg(args, "kv_channels", default=d // n))
+    if int(_arg(args, "hidden_size", default=d)) != d:
+        raise ValueError(f"{path}: args.hidden_size={args.hidden_size} but word_embeddings have width {d}")
+    if n % T:
+        raise ValueError(f"{path}: num_attention_heads {n} is not a multiple of the tensor parallel size {T}")
+    npr = n // T
+    fr = int(np.shape(per_rank[0].get("encoder.layers.0.mlp.dense_h_to_4h.weight", np.zeros((0,))))[0])
+    f = int(_arg(args, "ffn_hidden_size", default=fr * T))
+    if f % T:
+        raise ValueError(f"{path}: ffn_hidden_size {f} is not a multiple of the tensor parallel size {T}")
+    fr = f // T
+
+    def n_layers(side):
+        ids = sorted({int(m.group(1)) for k in per_rank[0] if (m := re.match(side + r"\.layers\.(\d+)\.", k))})
+        if not ids or ids != list(range(len(ids))):
+            raise ValueError(f"{path}: {side} layer indices {ids[:8]} are not 0..L-1")
+        return len(ids)
+
+    layers = {"encoder": n_layers("encoder"), "decoder": n_layers("decoder")}
+    want = {"encoder": _arg(args, "encoder_num_layers", "num_layers"),
+            "decoder": _arg(args, "decoder_num_layers", "num_layers")}
+    for side in layers:
+        if want[side] is not None and int(want[side]) != layers[side]:
+            raise ValueError(f"{path}: args say {want[side]} {side} layers but the checkpoint has {layers[side]}")
+
+    def order(a, parts):  # per-rank fused rows [(parts * npr * h), ...] -> [parts, npr, h, ...]
+        rest = a.shape[1:]
+        if parts == 1 or version == 0:
+            return a.reshape((parts, npr, h) + rest)
+        if version == 1.0:
+            return np.moveaxis(a.reshape((npr, h, parts) + rest), 2, 0)
+        return np.moveaxis(a.reshape((npr, parts, h) + rest), 1, 0)
+
+    def fused(key, parts):  # -> [parts] of (kernel [d, n, h], bias [n, h])
+        w = np.concatenate([order(get(r, key + ".weight", (parts * npr * h, d)), parts) for r in range(T)], 1)
+        b = np.concatenate([order(get(r, key + ".bias", (parts * npr * h,)), parts) for r in range(T)], 1)
+        return [(np.ascontiguousarray(w[j].transpose(2, 0, 1)), b[j]) for j in range(parts)]
+
+    qs = h ** -0.5  # Megatron's 1/sqrt(kv_channels) (apply_query_key_layer_scaling cancels out), folded into q
+    flat: dict[str, Any] = {"embed/tokens": emb,
+                            "embed/positions": get(0, "embedding.position_embeddings.weight", (p_rows, d)),
+                            "lm_head_bias": cat("lm_head.bias", (v_rows,), 0)}
+
+    def norm(o, key):
+        flat[o + "/scale"], flat[o + "/bias"] = get(0, key + ".weight", (d,)), get(0, key + ".bias", (d,))
+
+    def attn(o, pre, q_key, kv_key):
+        if kv_key is None:
+            (qw, qb), (kw, kb), (vw, vb) = fused(pre + q_key, 3)
+        else:
+            ((qw, qb),) = fused(pre + q_key, 1)
+            (kw, kb), (vw, vb) = fused(pre + kv_key, 2)
+        flat[o + "/q/kernel"], flat[o + "/q/bias"] = qw * qs, qb * qs
+        flat[o + "/k/kernel"], flat[o + "/k/bias"] = kw, kb
+        flat[o + "/v/kernel"], flat[o + "/v/bias"] = vw, vb
+        dense = pre + ("self_attention" if kv_key is None else "inter_attention") + ".dense"
+        flat[o + "/o/kernel"] = cat(dense + ".weight", (d, npr * h), 1).T.reshape(n, h, d)
+        flat[o + "/o/bias"] = get(0, dense + ".bias", (d,))
+
+    for side, nl in layers.items():
+        norm(f"{side}/final_norm", f"{side}.final_layernorm")
+        for i in range(nl):
+            p, o = f"{side}.layers.{i}.", f"{side}/layers_{i}/"
+            if side == "encoder":
+                norm(o + "ln_attn", p + "input_layernorm")
+                attn(o + "attn", p, "self_attention.query_key_value", None)
+            else:
+                norm(o + "ln_self", p + "input_layernorm")
+                attn(o + "self_attn", p, "self_attention.query_key_value", None)
+                norm(o + "ln_cross", p + "post_attention_layernorm")
+                attn(o + "cross_attn", p, "inter_attention.query", "inter_attention.key_value")
+            norm(o + "ln_ff", p + ("post_attention_layernorm" if side == "encoder" else "post_inter_attention_layernorm"))
+            flat[o + "mlp/wi/kernel"] = np.ascontiguousarray(cat(p + "mlp.dense_h_to_4h.weight", (fr, d), 0).T)
+            flat[o + "mlp/wi/bias"] = cat(p + "mlp.dense_h_to_4h.bias", (fr,), 0)
+            flat[o + "mlp/wo/kernel"] = np.ascontiguousarray(cat(p + "mlp.dense_4h_to_h.weight", (d, fr), 1).T)
+            flat[o + "mlp/wo/bias"] = get(0, p + "mlp.dense_4h_to_h.bias", (d,))
+            say(f"Megatron T5 {side} layer {i + 1}/{nl}")
+
+    fused_gelu = _arg(args, "bias_gelu_fusion", default=True)
+    act = "gelu_tanh" if (_arg(args, "openai_gelu", default=False) or fused_gelu) else "gelu"
+    bert = str(_arg(args, "tokenizer_type", default="")).startswith("BertWordPiece") and emb.shape[0] >= 30524
+    cfg = T5Config(vocab_size=emb.shape[0], hidden=d, head_dim=h, ffn_dim=f, num_heads=n,
+                   num_encoder_layers=layers["encoder"], num_decoder_layers=layers["decoder"],
+                   norm_eps=float(_arg(args, "layernorm_epsilon", "norm_epsilon", default=1e-5)),
+                   activation=act, gated_ffn=False, tie_embeddings=True, scale_logits=False,
+                   max_positions=p_rows, norm="layernorm", linear_bias=True, position="learned", lm_head_bias=True,
+                   decoder_start_id=30522 if bert else 0, eos_id=30523 if bert else None, pad_id=0)
+    params = nest(flat)
+    check_params(cfg, params, path)
+    return cfg, params
 
 
 # ------------------------------------------------------------------------------------------------ NeMo

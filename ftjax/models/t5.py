@@ -2,7 +2,14 @@
 
 Params: embed/tokens [v, d]; encoder/{rel_bias/table [buckets, n], layers_i/{ln_attn, attn/{q,k,v,o},
 ln_ff, mlp/{wi,(wg),wo}}, final_norm}; decoder/{rel_bias/table, layers_i/{ln_self, self_attn, ln_cross,
-cross_attn, ln_ff, mlp}, final_norm}; lm_head/kernel [d, v] when untied. No biases anywhere; RMS norms.
+cross_attn, ln_ff, mlp}, final_norm}; lm_head/kernel [d, v] when untied. By default (T5) no biases
+anywhere and RMS norms.
+
+Option-gated variants (T5Config; Megatron-LM T5 uses all four): `norm="layernorm"` (every norm gets a
+`bias` [d]), `linear_bias` (q/k/v/o and FFN linears get `bias`), `position="learned"` (embed/positions
+[max_positions, d] added to the token embedding in both stacks — encoder positions 0..t-1, decoder
+positions 0..t-1 or the `positions` argument at decode — and no rel_bias tables), `lm_head_bias`
+(lm_head_bias [v] added to the logits). Attention scaling stays folded into the query weights (and bias).
 
 Cache (per decoder layer): self-attention "k", "v" [B, n, S, h] written one id per step, and the
 cross-attention "ck", "cv" [B, n, S, h] computed once at prefill from the encoder output; plus
@@ -73,17 +80,18 @@ class Attn(nn.Module):
     def setup(self):
         c = self.cfg
         d, n, h = c.hidden, c.num_heads, c.head_dim
-        self.q = Linear((d,), (n, h), ("embed",), ("heads", "head_dim"), False, self.dtype)
-        self.k = Linear((d,), (n, h), ("embed",), ("kv_heads", "head_dim"), False, self.dtype)
-        self.v = Linear((d,), (n, h), ("embed",), ("kv_heads", "head_dim"), False, self.dtype)
-        self.o = Linear((n, h), (d,), ("heads", "head_dim"), ("embed",), False, self.dtype)
+        b = c.linear_bias
+        self.q = Linear((d,), (n, h), ("embed",), ("heads", "head_dim"), b, self.dtype)
+        self.k = Linear((d,), (n, h), ("embed",), ("kv_heads", "head_dim"), b, self.dtype)
+        self.v = Linear((d,), (n, h), ("embed",), ("kv_heads", "head_dim"), b, self.dtype)
+        self.o = Linear((n, h), (d,), ("heads", "head_dim"), ("embed",), b, self.dtype)
 
     def kv(self, x):  # x [..., d] -> (k, v) [..., n, h]
         return self.k(x), self.v(x)
 
 
 def _mlp(c: T5Config, dtype, name=None):
-    return MLP(c.hidden, c.ffn_dim, c.activation, c.gated_ffn, False, dtype, name=name)
+    return MLP(c.hidden, c.ffn_dim, c.activation, c.gated_ffn, c.linear_bias, dtype, name=name)
 
 
 class EncoderLayer(nn.Module):
@@ -92,14 +100,14 @@ class EncoderLayer(nn.Module):
     impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x, bias, lengths):  # x [b, t, d]; bias [1, n, t, t]
+    def __call__(self, x, bias, lengths):  # x [b, t, d]; bias [1, n, t, t] or None
         c = self.cfg
         attn = Attn(c, self.dtype, name="attn")
-        h = Norm(c.hidden, "rmsnorm", c.norm_eps, self.dtype, name="ln_attn")(x)
+        h = Norm(c.hidden, c.norm, c.norm_eps, self.dtype, name="ln_attn")(x)
         q, (k, v) = attn.q(h), attn.kv(h)
         a = ops.attention_prefill(q, k, v, lengths, impl=self.impl, causal=False, bias=bias, scale=1.0)
         x = x + attn.o(a)
-        return x + _mlp(c, self.dtype, "mlp")(Norm(c.hidden, "rmsnorm", c.norm_eps, self.dtype, name="ln_ff")(x))
+        return x + _mlp(c, self.dtype, "mlp")(Norm(c.hidden, c.norm, c.norm_eps, self.dtype, name="ln_ff")(x))
 
 
 class DecoderLayer(nn.Module):
@@ -109,11 +117,11 @@ class DecoderLayer(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.ln_self = Norm(c.hidden, "rmsnorm", c.norm_eps, self.dtype)
+        self.ln_self = Norm(c.hidden, c.norm, c.norm_eps, self.dtype)
         self.self_attn = Attn(c, self.dtype)
-        self.ln_cross = Norm(c.hidden, "rmsnorm", c.norm_eps, self.dtype)
+        self.ln_cross = Norm(c.hidden, c.norm, c.norm_eps, self.dtype)
         self.cross_attn = Attn(c, self.dtype)
-        self.ln_ff = Norm(c.hidden, "rmsnorm", c.norm_eps, self.dtype)
+        self.ln_ff = Norm(c.hidden, c.norm, c.norm_eps, self.dtype)
         self.mlp = _mlp(c, self.dtype)
 
     def cross_kv(self, enc):  # enc [b, s, d] -> (ck, cv) [b, s, n, h]
@@ -131,13 +139,15 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.ln_ff(x))
 
     def step(self, x, positions, self_bias, cache, enc_len):
-        """One id per row. x [b, d]; positions [b]; self_bias [b, n, S]; cache {k, v, ck, cv} [b, n, S, h]."""
+        """One id per row. x [b, d]; positions [b]; self_bias [b, n, S] or None; cache {k, v, ck, cv} [b, n, S, h]."""
         h = self.ln_self(x)
         q, (k, v) = self.self_attn.q(h), self.self_attn.kv(h)            # [b, n, h]
         rows = jnp.arange(x.shape[0])
         kc = cache["k"].at[rows, :, positions].set(k.astype(cache["k"].dtype))
         vc = cache["v"].at[rows, :, positions].set(v.astype(cache["v"].dtype))
-        s = jnp.einsum("bnh,bnsh->bns", q, kc, preferred_element_type=jnp.float32) + self_bias
+        s = jnp.einsum("bnh,bnsh->bns", q, kc, preferred_element_type=jnp.float32)
+        if self_bias is not None:
+            s = s + self_bias
         mask = jnp.arange(kc.shape[2])[None, :] <= positions[:, None]     # [b, S]
         p = jax.nn.softmax(jnp.where(mask[:, None, :], s, _NEG), axis=-1)
         a = jnp.einsum("bns,bnsh->bnh", p.astype(vc.dtype), vc, preferred_element_type=jnp.float32)
@@ -158,10 +168,10 @@ class Encoder(nn.Module):
     def __call__(self, x, lengths):  # x [b, t, d] embedded -> [b, t, d]
         c = self.cfg
         pos = jnp.arange(x.shape[1], dtype=jnp.int32)
-        bias = RelBias(c, True, name="rel_bias")(pos, pos)[None]             # [1, n, t, t]
+        bias = RelBias(c, True, name="rel_bias")(pos, pos)[None] if c.position == "relative" else None  # [1, n, t, t]
         for i in range(c.num_encoder_layers):
             x = EncoderLayer(c, self.dtype, self.impl, name=f"layers_{i}")(x, bias, lengths)
-        return Norm(c.hidden, "rmsnorm", c.norm_eps, self.dtype, name="final_norm")(x)
+        return Norm(c.hidden, c.norm, c.norm_eps, self.dtype, name="final_norm")(x)
 
 
 class Decoder(nn.Module):
@@ -171,16 +181,16 @@ class Decoder(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.rel_bias = RelBias(c, False)
+        self.rel_bias = RelBias(c, False) if c.position == "relative" else None
         self.layers = [DecoderLayer(c, self.dtype, self.impl) for _ in range(c.num_decoder_layers)]
-        self.final_norm = Norm(c.hidden, "rmsnorm", c.norm_eps, self.dtype)
+        self.final_norm = Norm(c.hidden, c.norm, c.norm_eps, self.dtype)
 
     def cross_kv(self, enc):
         return [layer.cross_kv(enc) for layer in self.layers]
 
     def full(self, x, dec_len, enc, enc_len):
         pos = jnp.arange(x.shape[1], dtype=jnp.int32)
-        bias = self.rel_bias(pos, pos)[None]
+        bias = self.rel_bias(pos, pos)[None] if self.rel_bias is not None else None
         for layer in self.layers:
             ck, cv = layer.cross_kv(enc)
             x = layer.full(x, bias, dec_len, ck, cv, enc_len)
@@ -188,7 +198,8 @@ class Decoder(nn.Module):
 
     def step(self, x, positions, cache):
         S = cache["layers"][0]["k"].shape[2]
-        bias = self.rel_bias(positions[:, None], jnp.arange(S, dtype=jnp.int32)[None, :])[:, :, 0]  # [b, n, S]
+        bias = (self.rel_bias(positions[:, None], jnp.arange(S, dtype=jnp.int32)[None, :])[:, :, 0]  # [b, n, S]
+                if self.rel_bias is not None else None)
         new = []
         for layer, c in zip(self.layers, cache["layers"]):
             x, c = layer.step(x, positions, bias, c, cache["enc_len"])
@@ -203,34 +214,42 @@ class T5(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.embed = Embed(c.vocab_size, c.hidden, 0, self.dtype)
+        self.embed = Embed(c.vocab_size, c.hidden, c.max_positions if c.position == "learned" else 0, self.dtype)
         self.encoder = Encoder(c, self.dtype, self.impl)
         self.decoder = Decoder(c, self.dtype, self.impl)
         if not c.tie_embeddings:
             self.lm_head = Linear((c.hidden,), (c.vocab_size,), ("embed",), ("vocab",), False, self.dtype)
+        if c.lm_head_bias:
+            self.lm_head_bias = self.param("lm_head_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                                           (c.vocab_size,), self.dtype)
 
     def logits(self, h):  # [..., d] -> [..., v] f32
         if self.cfg.scale_logits:
             h = (h.astype(jnp.float32) * self.cfg.hidden ** -0.5).astype(h.dtype)
-        if self.cfg.tie_embeddings:
-            return self.embed.attend(h)
-        return self.lm_head(h).astype(jnp.float32)
+        out = self.embed.attend(h) if self.cfg.tie_embeddings else self.lm_head(h).astype(jnp.float32)
+        if self.cfg.lm_head_bias:
+            out = out + self.lm_head_bias.astype(jnp.float32)
+        return out
+
+    def _positions(self, tokens):  # tokens [b, t] -> learned-position ids 0..t-1 (zeros when unused)
+        if self.cfg.position != "learned":
+            return jnp.zeros_like(tokens)
+        return jnp.broadcast_to(jnp.arange(tokens.shape[-1], dtype=tokens.dtype), tokens.shape)
 
     def encode(self, tokens, lengths):
         """tokens [b, t]; lengths [b] -> (encoder output [b, t, d], cross K/V per decoder layer [b, t, n, h])."""
-        zeros = jnp.zeros_like(tokens)
-        enc = self.encoder(self.embed(tokens, zeros), lengths)
+        enc = self.encoder(self.embed(tokens, self._positions(tokens)), lengths)
         return enc, self.decoder.cross_kv(enc)
 
     def __call__(self, enc_tokens, enc_len, dec_tokens, dec_len):
         """Full forward: -> logits [b, t_dec, v] (teacher forcing)."""
         enc, _ = self.encode(enc_tokens, enc_len)
-        x = self.embed(dec_tokens, jnp.zeros_like(dec_tokens))
+        x = self.embed(dec_tokens, self._positions(dec_tokens))
         return self.logits(self.decoder.full(x, dec_len, enc, enc_len))
 
     def decode(self, tokens, positions, cache):
         """tokens [B]; positions [B] -> (logits [B, v], cache)."""
-        x = self.embed(tokens, jnp.zeros_like(tokens))
+        x = self.embed(tokens, positions if self.cfg.position == "learned" else jnp.zeros_like(tokens))
         h, cache = self.decoder.step(x, positions, cache)
         return self.logits(h), cache
 
