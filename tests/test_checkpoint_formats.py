@@ -102,7 +102,7 @@ def write_megatron(root, model, *, version, T=2, layout="release", drop=None, ar
                               max_position_embeddings=P, tensor_model_parallel_size=T,
                               pipeline_model_parallel_size=1, padded_vocab_size=pad_to or vocab,
                               tokenizer_type="GPT2BPETokenizer", layernorm_epsilon=1e-5, openai_gelu=False,
-                              bias_gelu_fusion=True, apply_residual_connection_post_layernorm=False,
+                              bias_gelu_fusion=False, apply_residual_connection_post_layernorm=False,
                               fp16=False, bf16=False)
     for k, v in (args_overrides or {}).items():
         setattr(args, k, v)
@@ -171,6 +171,16 @@ def test_megatron_gpt2_padded_vocab_untied(tmp_path):
     _check_logits(cfg, params, ref)
     full = np.asarray(gpt.build(cfg).apply({"params": params}, IDS, LENGTHS, method=gpt.GPT.prefill)[0])
     assert full.shape == (2, 50304) and full[:, 50257:].max() < -1e29
+
+
+def test_megatron_fused_bias_gelu_is_tanh(tmp_path, tanh_gelu):
+    """Megatron's default bias_gelu_fusion computes the tanh GELU: such a checkpoint matches HF gelu_new."""
+    _, model = tanh_gelu
+    root = write_megatron(str(tmp_path / "meg"), model, version=3, T=2, layout="mp",
+                          args_overrides={"bias_gelu_fusion": True})
+    cfg, params = load_checkpoint(root)
+    assert cfg.activation == "gelu_tanh"
+    _check_logits(cfg, params, _hf_logits(model))
 
 
 def test_megatron_refuses_post_layernorm_and_missing_key(tmp_path, exact_gelu):
@@ -373,10 +383,11 @@ def test_bad_checkpoints(tmp_path, tanh_gelu):
             load_checkpoint(str(d))
 
 
-def test_megatron_without_args_and_foreign_classes(tmp_path, exact_gelu):
+def test_megatron_without_args_and_foreign_classes(tmp_path, tanh_gelu):
     """The 345M release layout: TP 1, no pickled args (heads passed in), checkpoint_version 0, plus an
-    object of a package not installed here pickled beside the weights (Megatron's optimizer state)."""
-    _, model = exact_gelu
+    object of a package not installed here pickled beside the weights (Megatron's optimizer state).
+    Trained with Megatron's default fused bias-GELU: the tanh form."""
+    _, model = tanh_gelu
     root = write_megatron(str(tmp_path / "meg"), model, version=0, T=1, layout="release")
     f = os.path.join(root, "release", "mp_rank_00", "model_optim_rng.pt")
     ckpt = torch.load(f, weights_only=False)
@@ -395,7 +406,7 @@ def test_megatron_without_args_and_foreign_classes(tmp_path, exact_gelu):
     with pytest.raises(ValueError, match="num_heads"):
         load_checkpoint(root)
     cfg, params = load_checkpoint(root, num_heads=N)
-    assert cfg.activation == "gelu" and cfg.eos_id is None
+    assert cfg.activation == "gelu_tanh" and cfg.eos_id is None
     _check_logits(cfg, params, _hf_logits(model))
 
 

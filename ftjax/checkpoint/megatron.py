@@ -27,7 +27,8 @@ at least 50257 rows, `valid_vocab_size` is 50257 (GPT-2's BPE vocabulary; the pa
 produced), and bos = eos = 50256 (`<|endoftext|>`). Otherwise every row is valid and bos/eos are None.
 A checkpoint without pickled `args` (the 345M release) is taken as GPT-2 BPE when it has >= 50257 rows.
 
-GELU is exact (erf) unless `args.openai_gelu` (then the tanh form). Post-LayerNorm residuals
+GELU is the tanh form when `args.bias_gelu_fusion` (Megatron's default; also assumed when there are
+no args, as for the 345M release) or `args.openai_gelu`; exact (erf) only for --no-bias-gelu-fusion. Post-LayerNorm residuals
 (`apply_residual_connection_post_layernorm`), rotary positions, RMSNorm, SwiGLU, bias-free linears and
 pipeline-parallel shards are refused with an error naming the setting.
 
@@ -260,7 +261,10 @@ def load_megatron_gpt(path: str, num_heads: int | None = None,
         num_heads=n,
         ffn_dim=f,
         max_positions=int(_arg(args, "max_position_embeddings", default=wpe.shape[0])),
-        activation="gelu_tanh" if _arg(args, "openai_gelu", default=False) else "gelu",
+        # Megatron's fused bias-GELU (`bias_gelu_fusion`, on by default) is the tanh approximation, as
+        # is `openai_gelu`; only --no-bias-gelu-fusion trains with the exact (erf) GELU.
+        activation="gelu_tanh" if (_arg(args, "openai_gelu", default=False)
+                                   or _arg(args, "bias_gelu_fusion", default=True)) else "gelu",
         norm_eps=float(_arg(args, "layernorm_epsilon", "norm_epsilon", default=1e-5)),
         tie_embeddings=tied,
         valid_vocab_size=valid if valid != v_rows else None,
