@@ -221,9 +221,10 @@ def test_kv_heads_neither_multiple_nor_divisor():
         check_layout(cfg, 4, 1)
 
 
-def test_t5_pipeline_refused(t5_dir):
-    with pytest.raises(ValueError, match="pipeline_parallel=2"):
-        ftjax.load(t5_dir, dtype="float32", attention="xla", pipeline_parallel=2)
+def test_t5_pipeline_layers_must_divide(t5_dir):
+    """T5 pipelines (tests/test_sharding_t5.py) when P divides its encoder and decoder layers."""
+    with pytest.raises(ValueError, match=re.escape("pipeline_parallel=4 does not divide the model's 2 encoder layers")):
+        ftjax.load(t5_dir, dtype="float32", attention="xla", pipeline_parallel=4)
 
 
 def test_different_local_device_counts_refused():

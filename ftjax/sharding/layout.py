@@ -11,14 +11,25 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from ftjax.sharding import pipeline as PP
+from ftjax.sharding import pipeline_t5 as PT5
 from ftjax.sharding import rules as R
 from ftjax.sharding.mesh import check_layout, mesh_shape
 
 log = logging.getLogger("ftjax")
 
 
+def _is_t5(cfg) -> bool:
+    return getattr(cfg, "arch", "gpt") == "t5"
+
+
+def _layer_groups(cfg) -> dict:
+    """Where the layers_i live in the param tree -> their count: {None: L} (top level, GPT) or
+    {"encoder": Le, "decoder": Ld} (T5)."""
+    return PT5.part_layers(cfg) if _is_t5(cfg) else {None: cfg.num_layers}
+
+
 def _family_module(cfg):
-    if getattr(cfg, "arch", "gpt") == "t5":
+    if _is_t5(cfg):
         from ftjax.models import t5 as m
     else:
         from ftjax.models import gpt as m
@@ -51,7 +62,7 @@ class Layout:
             if is_quantized(params):
                 axes = logical_axes(axes, params)
         if stacked and self.P > 1:
-            axes = PP.stack_axes(axes, cfg.num_layers, self.P)
+            axes = PT5.stack_axes(axes, cfg, self.P) if _is_t5(cfg) else PP.stack_axes(axes, cfg.num_layers, self.P)
         return axes
 
     def param_shardings(self, cfg, params=None):
@@ -63,25 +74,31 @@ class Layout:
         axes = self.param_axes(cfg, stacked=False)
         if self.P == 1:
             return R.tree_shardings(self.mesh, axes, self.rules)
-        Lp = PP.stage_layers(cfg.num_layers, self.P)
-        out = {}
-        for k, a in axes.items():
-            if k.startswith("layers_"):
-                s = int(k.split("_")[1]) // Lp
-                sub = Mesh(self.mesh.devices[s:s + 1], self.mesh.axis_names)
-                out[k] = R.tree_shardings(sub, a, self.rules)
-            else:
-                out[k] = R.tree_shardings(self.mesh, a, self.rules)
+        out = dict(R.tree_shardings(self.mesh, axes, self.rules))
+        for group, L in _layer_groups(cfg).items():
+            Lp = PP.stage_layers(L, self.P)
+            sub_axes = axes if group is None else axes[group]
+            sub_out = out if group is None else dict(out[group])
+            for k, a in sub_axes.items():
+                if k.startswith("layers_"):
+                    s = int(k.split("_")[1]) // Lp
+                    sub = Mesh(self.mesh.devices[s:s + 1], self.mesh.axis_names)
+                    sub_out[k] = R.tree_shardings(sub, a, self.rules)
+            if group is not None:
+                out[group] = sub_out
         return out
 
     def place_params(self, cfg, params, dtype):
         """Params (host numpy, or device arrays restored onto `restore_shardings`) -> device arrays on
         the rule table's shardings, floats cast to `dtype`. Host arrays go through
         make_array_from_callback: each process puts only its own shards."""
-        shardings = self.param_shardings(cfg, params if "stages" not in params else None)
-        if self.P > 1 and "stages" not in params:
+        stacked = PT5.is_stacked(params) if _is_t5(cfg) else "stages" in params
+        shardings = self.param_shardings(cfg, params if not stacked else None)
+        if self.P > 1 and not stacked:
             if any(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
                 params = self._stack_on_device(cfg, params)
+            elif _is_t5(cfg):
+                params = PT5.stack_params(params, cfg, self.P)
             else:
                 params = PP.stack_params(params, cfg.num_layers, self.P)
 
@@ -100,8 +117,20 @@ class Layout:
     def _stack_on_device(self, cfg, params):
         """Layer i restored on stage s's devices -> stages[j] [P, ...] on the full mesh, built from the
         per-device buffers (no data moves between stages or hosts)."""
-        Lp = PP.stage_layers(cfg.num_layers, self.P)
-        axes = PP.stack_axes(self.param_axes(cfg, stacked=False), cfg.num_layers, self.P)
+        unstacked = self.param_axes(cfg, stacked=False)
+        out = dict(params)
+        for group, L in _layer_groups(cfg).items():
+            ps, ax = (params, unstacked) if group is None else (params[group], unstacked[group])
+            sub = self._stack_layers_on_device(ps, PP.stack_axes(ax, L, self.P), L)
+            if group is None:
+                out = sub
+            else:
+                out[group] = sub
+        return out
+
+    def _stack_layers_on_device(self, params, axes, num_layers):
+        """One tree holding layers_0 .. layers_{L-1} -> the same with "stages" (see _stack_on_device)."""
+        Lp = PP.stage_layers(num_layers, self.P)
         out = {k: v for k, v in params.items() if not k.startswith("layers_")}
         stages = []
         for j in range(Lp):   # a stage with no device on this host was not restored here (absent)
@@ -118,7 +147,10 @@ class Layout:
         return out
 
     def wrap_family(self, family):
-        return PP.PipelinedGPT(family, self.mesh, self.rules) if self.P > 1 else family
+        if self.P == 1:
+            return family
+        cls = PT5.PipelinedT5 if _is_t5(family.cfg) else PP.PipelinedGPT
+        return cls(family, self.mesh, self.rules)
 
     # ---------------------------------------------------------------------------------------- state
     def state_shardings(self, state):
@@ -168,15 +200,20 @@ def load_sharded(path: str, mesh: Mesh):
         return None
     shardings = lay.restore_shardings(cfg)
     if lay.P > 1:
-        Lp = PP.stage_layers(cfg.num_layers, lay.P)
         me = jax.process_index()
         mine = {s for s in range(lay.P) if any(d.process_index == me for d in mesh.devices[s].flat)}
-        shardings = {k: v for k, v in shardings.items()
-                     if not k.startswith("layers_") or int(k.split("_")[1]) // Lp in mine}
+        for group, L in _layer_groups(cfg).items():
+            Lp = PP.stage_layers(L, lay.P)
+            sub = shardings if group is None else shardings[group]
+            sub = {k: v for k, v in sub.items() if not k.startswith("layers_") or int(k.split("_")[1]) // Lp in mine}
+            shardings = sub if group is None else dict(shardings, **{group: sub})
     shapes, _ = _family_module(cfg).abstract_params(cfg)
     npd = _np_dtype(meta["dtype"])
+    def like(tree, keys):   # the part of `tree` that `keys` (shardings, filtered per stage) names
+        return {k: like(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in keys.items()}
+
     item = jax.tree.map(lambda sh, x: jax.ShapeDtypeStruct(x.shape, npd, sharding=sh), shardings,
-                        {k: shapes[k] for k in shardings})
+                        like(shapes, shardings))
     args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=npd), item)
     ckpt = ocp.PyTreeCheckpointer()
     params = ckpt.restore(os.path.join(os.path.abspath(path), PARAMS_DIR),

@@ -29,10 +29,11 @@ def check_layout(cfg, tensor: int, pipeline: int) -> None:
     if cfg.ffn_dim % tensor:
         raise ValueError(f"tensor_parallel={tensor} does not divide the model's FFN width {cfg.ffn_dim}")
     if pipeline > 1:
-        if getattr(cfg, "arch", "gpt") == "t5":
-            raise ValueError(f"pipeline_parallel={pipeline}: pipeline stages are built for decoder-only models; "
-                             "T5 runs with pipeline_parallel=1 (tensor parallel only)")
-        if cfg.num_layers % pipeline:
+        if getattr(cfg, "arch", "gpt") == "t5":   # encoder and decoder each split into P stage blocks
+            for part, n in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
+                if n % pipeline:
+                    raise ValueError(f"pipeline_parallel={pipeline} does not divide the model's {n} {part} layers")
+        elif cfg.num_layers % pipeline:
             raise ValueError(f"pipeline_parallel={pipeline} does not divide the model's {cfg.num_layers} layers")
 
 
