@@ -69,6 +69,27 @@ def _np_dtype(name: str):
     raise ValueError(f"config.ini: unsupported weight_data_type {name!r} (expected fp32, fp16 or bf16)")
 
 
+class RawFiles:
+    """FT's raw little-endian weight files in one folder: `read(name, shape)` checks the byte size
+    (errors name the file and both sizes); `ranks(name, shape, axis)` joins `name.{r}.bin` over the
+    T tensor-parallel ranks."""
+
+    def __init__(self, root: str, dtype, T: int = 1):
+        self.root, self.dtype, self.T = root, np.dtype(dtype), T
+
+    def read(self, name, shape):
+        fn = os.path.join(self.root, name)
+        if not os.path.exists(fn):
+            raise ValueError(f"{self.root}: missing weight file {name}")
+        want, got = int(np.prod(shape)) * self.dtype.itemsize, os.path.getsize(fn)
+        if got != want:
+            raise ValueError(f"{fn}: {got} bytes, but shape {tuple(shape)} of {self.dtype.name} needs {want} bytes")
+        return np.fromfile(fn, dtype=self.dtype.newbyteorder("<")).astype(np.float32).reshape(shape)
+
+    def ranks(self, name, shape, axis):
+        return np.concatenate([self.read(f"{name}.{r}.bin", shape) for r in range(self.T)], axis=axis)
+
+
 def load_ft_gpt(path: str, progress: Callable[[str], None] | None = None) -> tuple[ModelConfig, dict[str, Any]]:
     """Returns (config, params as a nested dict of float32 numpy arrays in ftjax's layout)."""
     say = progress or (lambda msg: None)
@@ -90,16 +111,7 @@ def load_ft_gpt(path: str, progress: Callable[[str], None] | None = None) -> tup
         raise ValueError(f"{ini}: tensor_para_size {T} must divide head_num {n} and inter_size {f}")
     npr = n // T
 
-    def read(name, shape):
-        fn = os.path.join(root, name)
-        if not os.path.exists(fn):
-            raise ValueError(f"{root}: missing weight file {name}")
-        want = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        got = os.path.getsize(fn)
-        if got != want:
-            raise ValueError(f"{fn}: {got} bytes, but shape {tuple(shape)} of {np.dtype(dtype).name} "
-                             f"needs {want} bytes")
-        return np.fromfile(fn, dtype=np.dtype(dtype).newbyteorder("<")).astype(np.float32).reshape(shape)
+    read = RawFiles(root, dtype, T).read
 
     lm_head = os.path.exists(os.path.join(root, "model.lm_head.weight.bin"))
     if lm_head:
@@ -204,17 +216,8 @@ def _load_ft_rotary(root: str, fam: str, say) -> tuple[ModelConfig, dict[str, An
         raise ValueError(f"{ini}: tensor_para_size {T} must divide head_num {n} and inter_size {f}")
     npr, fr = n // T, f // T
 
-    def read(name, shape):
-        fn = os.path.join(root, name)
-        if not os.path.exists(fn):
-            raise ValueError(f"{root}: missing weight file {name}")
-        want, got = int(np.prod(shape)) * dtype.itemsize, os.path.getsize(fn)
-        if got != want:
-            raise ValueError(f"{fn}: {got} bytes, but shape {tuple(shape)} of {dtype.name} needs {want} bytes")
-        return np.fromfile(fn, dtype=dtype.newbyteorder("<")).astype(np.float32).reshape(shape)
-
-    def ranks(name, shape, axis):
-        return np.concatenate([read(f"{name}.{r}.bin", shape) for r in range(T)], axis=axis)
+    files = RawFiles(root, dtype, T)
+    read, ranks = files.read, files.ranks
 
     if not os.path.exists(os.path.join(root, "model.lm_head.weight.bin")):
         raise ValueError(f"{root}: missing weight file model.lm_head.weight.bin")

@@ -57,6 +57,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ftjax.checkpoint.common import check_params, nest
+from ftjax.checkpoint.ft import RawFiles
 from ftjax.config import T5Config
 
 _WEIGHT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -191,17 +192,8 @@ def load_ft_t5(path: str, progress: Callable[[str], None] | None = None) -> tupl
         raise ValueError(f"{ini}: {T} tensor-parallel ranks must divide num_heads {n} and d_ff {f}")
     npr, fr = n // T, f // T
 
-    def read(name, shape):
-        fn = os.path.join(root, name)
-        if not os.path.exists(fn):
-            raise ValueError(f"{root}: missing weight file {name}")
-        want, got = int(np.prod(shape)) * dtype.itemsize, os.path.getsize(fn)
-        if got != want:
-            raise ValueError(f"{fn}: {got} bytes, but shape {tuple(shape)} of {dtype.name} needs {want} bytes")
-        return np.fromfile(fn, dtype=dtype.newbyteorder("<")).astype(np.float32).reshape(shape)
-
-    def ranks(name, shape, axis):
-        return np.concatenate([read(f"{name}.{r}.bin", shape) for r in range(T)], axis=axis)
+    files = RawFiles(root, dtype, T)
+    read, ranks = files.read, files.ranks
 
     def attn(pre, out, fused=False):
         if fused:  # [d, 3, n/T, h] per rank -> [d, 3, n, h]
