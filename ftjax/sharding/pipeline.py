@@ -1,4 +1,5 @@
-"""Pipeline parallel for decoder-only models: stages of contiguous layers on the mesh's `pipeline` axis.
+"""Pipeline parallel for decoder-only models: stages of contiguous layers on the mesh's `pipeline` axis
+(T5: `pipeline_t5.PipelinedT5` runs its encoder and decoder on this same schedule).
 
 The model is not changed (DESIGN.md convention 8): `PipelinedGPT` drives the same Flax modules from
 outside — the embedding, one `gpt.Block` per layer, the final norm and logits — and implements the
