@@ -231,3 +231,24 @@ def test_bad_shape_names_the_key(weights, tmp_path):
     torch.save(sd, f)
     with pytest.raises(ValueError, match=r"mp_rank_01.*decoder\.layers\.1\.inter_attention\.key_value\.weight"):
         load_checkpoint(path)
+
+
+def test_tensor_parallel_and_pipeline_refusal(weights, ckpt):
+    """Megatron-LM T5 under tensor_parallel=2 equals one device; pipeline stages are refused by name."""
+    enc, dec = _ids(3)
+    one = _load(ckpt).logits(enc, dec)
+    tp = ftjax.load(ckpt, dtype="float32", attention="xla", max_seq_len=32, tensor_parallel=2)
+    two = tp.logits(enc, dec)
+    assert np.abs(two - one).max() / max(1.0, np.abs(one).max()) < 1e-5
+    assert tp.generate(enc, max_new_tokens=5, start_id=0).tokens == \
+        _load(ckpt).generate(enc, max_new_tokens=5, start_id=0).tokens
+    from ftjax.config import T5Config
+    from ftjax.models import t5
+    from ftjax.sharding.mesh import make_mesh
+
+    cfg = T5Config(vocab_size=V, hidden=16, head_dim=4, ffn_dim=32, num_heads=4, num_encoder_layers=2,
+                   num_decoder_layers=2, norm="layernorm", linear_bias=True, position="learned",
+                   lm_head_bias=True, tie_embeddings=True, scale_logits=False, max_positions=32)
+    with pytest.raises(ValueError, match="pipeline_parallel=2.*norm='layernorm'.*position='learned'"):
+        ftjax.LLM(cfg, t5.init_params(cfg), dtype="float32", attention="xla", max_seq_len=32,
+                  mesh=make_mesh(1, 2))

@@ -71,6 +71,12 @@ class PipelinedT5:
         self.mesh, self.rules = mesh, rules
         self.P = mesh.shape[R.PIPELINE]
         c, impl = self.cfg, base.model.impl
+        # Megatron-LM T5 options (LayerNorm, learned positions, LM-head bias) are not staged yet.
+        unsupported = [f"{k}={getattr(c, k)!r}" for k, ok in (("norm", "rmsnorm"), ("position", "relative"),
+                                                              ("lm_head_bias", False)) if getattr(c, k) != ok]
+        if unsupported:
+            raise ValueError(f"pipeline_parallel={self.P}: a T5 with {', '.join(unsupported)} (Megatron-LM T5) "
+                             "runs with pipeline_parallel=1 in this build (tensor parallel works)")
         self.Le = c.num_encoder_layers // self.P
         self.Ld = c.num_decoder_layers // self.P
         self.enc_layer = t5.EncoderLayer(c, base.dtype, impl)
