@@ -11,7 +11,6 @@ Shapes: B slots, S = max_seq_len, T = prefill bucket, b = rows in one prefill ca
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax

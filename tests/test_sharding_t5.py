@@ -11,25 +11,11 @@ import pytest
 import ftjax
 from ftjax.checkpoint import load_checkpoint
 from ftjax.sharding import rules as R
-from ftjax.sharding.mesh import make_mesh
+from tests.test_sharding import _close, _llm
 from tests.test_t5 import V, make_hf_t5
 
 ENC = [np.random.RandomState(7).randint(2, V, size=n).tolist() for n in (5, 11, 3, 8)]
 DEC = [[0] + e[:4] for e in ENC]
-
-
-def _llm(path, T=1, P=1, **kw):
-    cfg, params = load_checkpoint(path)
-    kw.setdefault("max_batch_size", 4)
-    kw.setdefault("max_beam_width", 1)
-    mesh = make_mesh(T, P) if T * P > 1 else None
-    return ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_seq_len=32, mesh=mesh, **kw)
-
-
-def _close(ours, ref):
-    assert ours.shape == ref.shape
-    err = np.abs(ours - ref).max() / max(1.0, np.abs(ref).max())
-    assert err < 1e-5, err
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from ftjax.sharding import pipeline as PP
 from ftjax.sharding import pipeline_t5 as PT5
