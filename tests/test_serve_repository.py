@@ -128,7 +128,8 @@ def test_cli_server_and_client(tmp_path, ft_folder):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     proc = subprocess.Popen([sys.executable, "-m", "ftjax.serve", "--model", ckpt, "--dtype", "float32",
                              "--max-batch-size", "2", "--grpc-port", str(gp), "--metrics-port", str(mp),
-                             "--request-timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--request-timeout", "60", "--compile-cache", str(tmp_path / "xla_cache")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env, text=True)
     try:
         with grpcclient.InferenceServerClient(f"127.0.0.1:{gp}") as c:
@@ -172,6 +173,10 @@ def test_cli_server_and_client(tmp_path, ft_folder):
 
         text = urllib.request.urlopen(f"http://127.0.0.1:{mp}/metrics", timeout=10).read().decode()
         assert 'nv_inference_request_success{model="fastertransformer",version="1"}' in text
+        from ftjax import compile_cache
+
+        # the compiled steps went to the persistent cache: a restarted server reads them back
+        assert compile_cache.entries(str(tmp_path / "xla_cache")) > 0
     finally:
         proc.terminate()
         try:

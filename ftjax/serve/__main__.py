@@ -27,6 +27,9 @@ def parse_args(argv=None):
     ap.add_argument("--metrics-port", type=int, default=8002)
     ap.add_argument("--max-queue", type=int, default=1024, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
     ap.add_argument("--request-timeout", type=float, default=None, help="seconds; a request past it is cancelled")
+    ap.add_argument("--compile-cache", default=None,
+                    help="jax's persistent compilation cache directory, so a restarted server does not compile "
+                         "again (default: $FTJAX_COMPILE_CACHE or ~/.cache/ftjax/jax; 'off' disables)")
     ap.add_argument("--stream-chunk", type=int, default=1,
                     help="decode steps per scheduler iteration while a stream is live (ftjax addition; each token "
                          "still gets its own response)")
@@ -59,6 +62,10 @@ def main(argv=None) -> int:
             return 2
     from ftjax.serve.server import Server, load_models
 
+    if a.compile_cache != "off":
+        from ftjax import compile_cache
+
+        log.info("persistent compilation cache: %s", compile_cache.enable(a.compile_cache))
     try:
         models = load_models(model=a.model, model_repository=a.model_repository, dtype=a.dtype,
                              max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len,
