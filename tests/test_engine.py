@@ -97,3 +97,22 @@ def test_bad_load_arguments(gpt2_dir):
         ftjax.LLM(cfg, params, dtype="float32", attention="cuda")
     with pytest.raises(ValueError, match="max_batch_size"):
         ftjax.LLM(cfg, params, dtype="float32", max_batch_size=0)
+
+
+def test_word_list_capacity_grows_without_losing_running_requests(llm):
+    """A request whose stop/bad word lists exceed the state's capacity pads the running slots' lists;
+    the request already decoding continues exactly as it would alone."""
+    eng = llm.engine
+    p0, p1 = [3, 4, 5, 6], [7, 8, 9]
+    alone = llm.generate([p0], max_new_tokens=12, end_id=None).tokens[0]
+    st = eng.prefill_insert(eng.init_state(), [p0], [0], [12], llm.sampling_params(1, end_id=None, bad_words=[[99]]))
+    st, _ = eng.generate_steps(st, 4)
+    cap = eng.word_capacity
+    many = [[10 + i, 11 + i, 12 + i, 13 + i, 14 + i, 15 + i] for i in range(9)]   # 9 words of 6 ids
+    st = eng.prefill_insert(st, [p1], [1], [12], llm.sampling_params(1, end_id=None, stop_words=many))
+    assert eng.word_capacity[0] > cap[0] and eng.word_capacity[1] > cap[1]
+    st, _ = eng.generate_steps(st, 20)
+    seq, n = np.asarray(st.seq), np.asarray(st.seq_len)
+    got = seq[0, len(p0):n[0]].tolist()
+    assert got == alone or 99 in alone    # (99 banned for row 0: identical unless greedy wanted 99)
+    assert int(st.gen_count[1]) >= 1
