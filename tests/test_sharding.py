@@ -26,6 +26,17 @@ def _llm(path, T=1, P=1, **kw):
     return ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_seq_len=32, mesh=mesh, **kw)
 
 
+def assert_no_stage_all_gather(hlo: str, stages) -> None:
+    """No all-gather in the compiled text produces a stacked stage weight's global shape (that would be
+    another stage's weights arriving)."""
+    shapes = {tuple(a.shape) for a in jax.tree.leaves(stages)}
+    for line in hlo.splitlines():
+        if "all-gather(" in line:
+            m = re.search(r"= \w+\[([\d,]*)\]", line)
+            got = tuple(int(x) for x in m.group(1).split(",") if x) if m else ()
+            assert got not in shapes, line.strip()[:200]
+
+
 def _close(ours, ref):
     """float32 logits within 1e-5 (relative to the largest logit: TP sums partial products in another order)."""
     assert ours.shape == ref.shape
@@ -190,12 +201,7 @@ def test_pipelined_step_moves_activations_not_weights(gpt2_untied):
     assert "collective-permute" in hlo
     # A stage's weights are [P=2, ...] globally, [1, ...] per device: an all-gather producing any
     # stacked weight's global shape would be another stage's weights arriving.
-    shapes = {tuple(a.shape) for a in jax.tree.leaves(eng.params["stages"])}
-    for line in hlo.splitlines():
-        if "all-gather(" in line:
-            m = re.search(r"= \w+\[([\d,]*)\]", line)
-            got = tuple(int(x) for x in m.group(1).split(",") if x) if m else ()
-            assert got not in shapes, line.strip()[:200]
+    assert_no_stage_all_gather(hlo, eng.params["stages"])
     pre = eng._prefill.lower(eng.params, np.zeros((4, 16), np.int32), np.ones((4,), np.int32),
                              eng._pack([], 4)).compile().as_text()
     assert "collective-permute" in pre

@@ -128,6 +128,24 @@ def is_megatron_t5(path: str) -> bool:
     return isinstance(lm, dict) and "decoder" in lm
 
 
+def _shard_readers(shards, files, T):
+    """(get, cat) over tensor-parallel state dicts: get(r, key, shape) checks presence and shape (errors
+    name the rank's file, the key and both shapes); cat(key, shape, axis) joins the T ranks."""
+    def get(r, key, shape):
+        sd = shards[r]
+        if key not in sd:
+            raise ValueError(f"{files[r]}: missing weight {key!r}")
+        a = _np(sd[key])
+        if tuple(a.shape) != tuple(shape):
+            raise ValueError(f"{files[r]}: weight {key!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+        return a.astype(np.float32)
+
+    def cat(key, shape, axis):
+        return np.concatenate([get(r, key, shape) for r in range(T)], axis=axis)
+
+    return get, cat
+
+
 def load_megatron_t5(path: str, progress: Callable[[str], None] | None = None,
                      **_) -> tuple[T5Config, dict[str, Any]]:
     """(T5Config, params as float32 numpy arrays) from a Megatron-LM T5 checkpoint (see the module docstring)."""
@@ -190,17 +208,7 @@ def load_megatron_t5(path: str, progress: Callable[[str], None] | None = None,
             flat["lm_head." + k] = v
         per_rank.append(flat)
 
-    def get(r, key, shape):
-        sd = per_rank[r]
-        if key not in sd:
-            raise ValueError(f"{files[r]}: missing weight {key!r}")
-        a = _np(sd[key])
-        if tuple(a.shape) != tuple(shape):
-            raise ValueError(f"{files[r]}: weight {key!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-        return a.astype(np.float32)
-
-    def cat(key, shape, axis):
-        return np.concatenate([get(r, key, shape) for r in range(T)], axis=axis)
+    get, cat = _shard_readers(per_rank, files, T)
 
     wte_key = "embedding.word_embeddings.weight"
     if wte_key not in per_rank[0]:
@@ -423,17 +431,7 @@ def _load_nemo_dir(root: str, source: str, say) -> tuple[T5Config, dict[str, Any
             raise ValueError(f"{fn}: not a NeMo state dict")
         shards.append({(k[6:] if k.startswith("model.") else k): v for k, v in sd.items()})
 
-    def get(r, key, shape):
-        sd = shards[r]
-        if key not in sd:
-            raise ValueError(f"{files[r]}: missing weight {key!r}")
-        a = _np(sd[key])
-        if tuple(a.shape) != tuple(shape):
-            raise ValueError(f"{files[r]}: weight {key!r} has shape {tuple(a.shape)}, the config needs {tuple(shape)}")
-        return a.astype(np.float32)
-
-    def cat(key, shape, axis):
-        return np.concatenate([get(r, key, shape) for r in range(T)], axis=axis)
+    get, cat = _shard_readers(shards, files, T)
 
     def fused(key, parts):  # [(np, parts, h) rows, d] per rank -> [parts] of [d, n, h]
         out = []
