@@ -33,6 +33,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp())
+    ap.add_argument("--sequence", default=None, help="write the kernel names of ~2 decode steps from the middle "
+                    "of the loop, in launch order with durations (us), to this file")
     a = ap.parse_args()
 
     import jax
@@ -95,6 +97,16 @@ def main():
           f"{len(kern) / steps / cfg.num_layers:.1f} per layer-step); span {(t_last - t_first) / 1e3:.2f} ms, "
           f"busy {busy / 1e3:.2f} ms ({100 * busy / max(t_last - t_first, 1):.0f}% of the span); "
           f"per step: span {(t_last - t_first) / steps:.0f} us, busy {busy / steps:.0f} us")
+    if a.sequence:
+        order = sorted(kern, key=lambda e: e["ts"])
+        per = max(1, len(order) // max(steps, 1))
+        mid = len(order) // 2
+        with open(a.sequence, "w") as f:
+            prev = None
+            for e in order[mid: mid + 2 * per]:
+                gap = e["ts"] - prev if prev is not None else 0.0
+                prev = e["ts"] + e.get("dur", 0)
+                f.write(f"{e.get('dur', 0):8.1f} {gap:8.1f}  {e['name']}\n")
     print("top kernels by total time (count, total us, mean us):")
     for name, (n, d) in sorted(by.items(), key=lambda kv: -kv[1][1])[:25]:
         print(f"  {n:6d} {d:10.0f} {d / n:8.1f}  {name[:110]}")

@@ -104,7 +104,15 @@ class Engine:
         else:
             self.params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype) if _is_float(a) else jnp.asarray(a),
                                        params)
-        self.B, self.S = ecfg.max_batch_size, ecfg.max_seq_len
+        # Rows of the decode state: at least 2, so that no projection in the decode step is a vector x
+        # matrix product (XLA:GPU strength-reduces those below ~10M elements into multiply + reduce
+        # fusions that run far below copy bandwidth). `slots` is what requests may use.
+        self.slots = ecfg.max_batch_size
+        self.B, self.S = max(2, ecfg.max_batch_size), ecfg.max_seq_len
+        # K/V capacity: max_seq_len rounded up so the attention kernels' key blocks divide it (no pad copy
+        # of the cache per step); positions past max_seq_len are never written nor attended.
+        self.S_cache = -(-self.S // (16 if self.S <= 128 else 128)) * (16 if self.S <= 128 else 128)
+        self._beam_heads: set[int] = set()   # host: slots heading a beam group that may still run
         self.word_capacity = (4, 4)   # (words, tokens per word) of stop/bad word lists; grows by doubling
         self.reset_capacity = 4       # top_p_reset_ids per request
         if not 1 <= ecfg.max_beam_width <= ecfg.max_batch_size:
@@ -112,7 +120,8 @@ class Engine:
         self.max_beam_width = ecfg.max_beam_width
         self._prefill = jax.jit(self._prefill_fn)
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
-        self._generate = jax.jit(self._generate_fn, donate_argnums=(1,))
+        self._generate = jax.jit(self._generate_fn, donate_argnums=(1,), static_argnames=("chunk", "beam"))
+        self._snapshot = jax.jit(self._snapshot_fn, static_argnames=("width",))
         self._logits = jax.jit(self._logits_fn)
         self._retire = jax.jit(self._retire_sharded, donate_argnums=(0,))
 
@@ -134,7 +143,7 @@ class Engine:
 
     def _init_state(self) -> DecodeState:
         B, S = self.B, self.S
-        cache = self.family.init_cache(B, S)
+        cache = self.family.init_cache(B, self.S_cache)
         sp = jax.tree.map(jnp.asarray, self._pack([], B))
         i = lambda v=0: jnp.full((B,), v, jnp.int32)  # noqa: E731
         W = self.max_beam_width
@@ -197,13 +206,13 @@ class Engine:
                 group_active=state.group_active.at[heads].set(True, mode="drop"))
         return self._constrain(st)
 
-    def _beam_update(self, st: DecodeState, logits, nxt):
+    def _beam_update(self, st: DecodeState, logits, nxt, valid):
         """One beam step for every live beam group: picks each beam's next id and reorders the rows
         (K/V cache, ids) so that beam j continues its parent. Returns (state, ids [B], beam-row mask
         [B], rows whose group finished [B])."""
         B = self.B
         gs = st.group_slots                                            # [G, W]
-        g_live = st.group_active & ~st.beam.done
+        g_live = st.group_active & ~st.beam.done & valid
         blp = sampling.beam_log_probs(logits, st.sp, st.seq, st.prompt_len, st.seq_len, st.gen_count)  # [B, V]
         glp = blp[jnp.clip(gs, 0, B - 1)]                              # [G, W, V]
         beam, parent, btok = sampling.beam_step(
@@ -219,29 +228,29 @@ class Engine:
         st = st._replace(cache=cache, seq=st.seq[src], logprobs=st.logprobs[src], beam=beam)
         return st, ids, is_beam, fin
 
-    def _generate_fn(self, params, state: DecodeState, n_steps):
-        """Up to n_steps decode steps for every live slot, inside one while loop."""
+    def _generate_fn(self, params, state: DecodeState, n_steps, *, chunk: int, beam: bool):
+        """Up to n_steps decode steps for every live slot: a while loop over chunks of `chunk` steps, each
+        chunk a loop of static trip count. XLA:GPU evaluates a while loop's condition on the host (a
+        device-to-host copy and a wait per iteration); a loop of known trip count runs without one, so the
+        host waits once per chunk, not once per token. Steps past n_steps inside the last chunk change
+        nothing (every row is masked), and the loop stops early once every slot is done.
+        beam: compile the beam-search step in (the host knows whether any beam group may be live; a
+        `lax.cond` on it would cost another host round trip per step)."""
         B, S = self.B, self.S
         rows = jnp.arange(B)
 
-        def cond(carry):
-            i, st = carry
-            return (i < n_steps) & jnp.any(st.active & ~st.done)
-
-        def body(carry):
-            i, st = carry
+        def step(i, st, count):
+            valid = i < n_steps
             pos = st.seq_len - 1                               # [B] where the pending id goes in the cache
             tok = st.seq[rows, pos]
             logits, cache = self.family.decode(params, tok, pos, st.cache)
-            live = st.active & ~st.done
+            live = st.active & ~st.done & valid
             nxt, lp = select(logits, st.sp, seq=st.seq, prompt_len=st.prompt_len, seq_len=st.seq_len,
                              gen_count=st.gen_count, top_p=st.top_p)
             st = st._replace(cache=cache)
             beam_row = beam_fin = jnp.zeros((B,), bool)
-            if st.beam is not None:
-                no_beam = lambda st, logits, nxt: (st, nxt, beam_row, beam_fin)  # noqa: E731
-                st, nxt, beam_row, beam_fin = jax.lax.cond(
-                    jnp.any(st.group_active & ~st.beam.done), self._beam_update, no_beam, st, logits, nxt)
+            if beam and st.beam is not None:
+                st, nxt, beam_row, beam_fin = self._beam_update(st, logits, nxt, valid)
                 cache = st.cache
             at = jnp.minimum(st.seq_len, S - 1)
             seq = st.seq.at[rows, at].set(jnp.where(live, nxt, st.seq[rows, at]))
@@ -253,11 +262,33 @@ class Engine:
             ended = jnp.where(beam_row, beam_fin, ended)
             done = st.done | (live & ended)
             top_p = jnp.where(live, sampling.next_top_p(st.top_p, nxt, st.sp), st.top_p)
-            return i + 1, self._constrain(st._replace(cache=cache, seq=seq, logprobs=logprobs, seq_len=seq_len,
-                                                      gen_count=gen_count, done=done, top_p=top_p))
+            st = self._constrain(st._replace(cache=cache, seq=seq, logprobs=logprobs, seq_len=seq_len,
+                                             gen_count=gen_count, done=done, top_p=top_p))
+            return st, count + jnp.any(live).astype(jnp.int32)
 
-        steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), self._constrain(state)))
+        def cond(carry):
+            i, st, _ = carry
+            return (i < n_steps) & jnp.any(st.active & ~st.done)
+
+        def body(carry):
+            i, st, count = carry
+
+            def inner(j, c):
+                return step(i + j, *c)
+
+            st, count = jax.lax.fori_loop(0, chunk, inner, (st, count))
+            return i + chunk, st, count
+
+        _, state, steps = jax.lax.while_loop(cond, body, (jnp.int32(0), self._constrain(state), jnp.int32(0)))
         return self._constrain(state), steps
+
+    def _snapshot_fn(self, state: DecodeState, *, width: int):
+        """What a server needs after a generate call, small and not donated: seq_len [B], done [B], and
+        the last `width` ids and log probs of every row ([B, width]; column -1 is seq[seq_len - 1])."""
+        idx = jnp.clip(state.seq_len[:, None] - width + jnp.arange(width)[None, :], 0, self.S - 1)
+        return {"seq_len": state.seq_len, "done": state.done,
+                "ids": jnp.take_along_axis(state.seq, idx, axis=1),
+                "logprobs": jnp.take_along_axis(state.logprobs, idx, axis=1)}
 
     @staticmethod
     def _retire_fn(state: DecodeState, slots):
@@ -306,6 +337,9 @@ class Engine:
                 raise ValueError(f"slots: request {i} has beam_width {prm.beam_width} but {len(sl)} slots")
             if prm.beam_width > 1:
                 gslots[i, : len(sl)] = sl
+                self._beam_heads.add(sl[0])
+            else:
+                self._beam_heads.difference_update(sl)
             src += [i] * len(sl)
             dst += sl
         m = bucket(len(dst), 1, self.B)
@@ -348,10 +382,36 @@ class Engine:
         """Cancel/free slots (host ints); their rows stop decoding immediately."""
         arr = np.full((self.B,), self.B, np.int32)
         arr[: len(slots)] = slots
+        self._beam_heads.difference_update(int(x) for x in slots)
         return self._retire(state, arr)
 
+    CHUNK = 16   # decode steps per host round trip inside generate
+
     def generate_steps(self, state: DecodeState, n_steps: int):
-        return self._generate(self.params, state, np.int32(n_steps))
+        """Runs up to n_steps decode steps (fewer when every slot finishes). -> (state, steps run).
+        n_steps = q * CHUNK + r: one call whose loop runs q chunks of CHUNK steps, then one call per
+        binary digit of r (chunks of 8, 4, 2, 1): no step is wasted past n_steps, and at most
+        log2(CHUNK) + 1 loop shapes compile."""
+        n = int(n_steps)
+        beam = bool(self._beam_heads) and self.max_beam_width > 1
+        total = None
+        parts = [(self.CHUNK, n - n % self.CHUNK)] if n >= self.CHUNK else []
+        r, c = n % self.CHUNK, self.CHUNK // 2
+        while c >= 1:
+            if r & c:
+                parts.append((c, c))
+            c //= 2
+        for chunk, count in parts:
+            state, steps = self._generate(self.params, state, np.int32(count), chunk=chunk, beam=beam)
+            total = steps if total is None else total + steps
+        return state, (total if total is not None else np.int32(0))
+
+    def generate_snap(self, state: DecodeState, n_steps: int):
+        """generate_steps, then a small snapshot of the result (`_snapshot_fn`, width n_steps + 1: enough
+        for every id a slot can have gained since the previous call, prefill's first id included).
+        -> (state, steps, snapshot dict of device arrays)."""
+        state, steps = self.generate_steps(state, n_steps)
+        return state, steps, self._snapshot(state, width=int(n_steps) + 1)
 
     def logits(self, *arrays):
         """GPT: (tokens, lengths); T5: (enc_tokens, enc_len, dec_tokens, dec_len) -> full logits."""

@@ -79,7 +79,7 @@ class LLM:
 
     @property
     def max_batch_size(self) -> int:
-        return self.engine.B
+        return self.engine.slots
 
     @property
     def max_seq_len(self) -> int:
@@ -103,7 +103,7 @@ class LLM:
         i = 0
         while i < len(prompts):
             chunk, slots, used = [], [], 0
-            while i < len(prompts) and used + plist[i].beam_width <= self.engine.B:
+            while i < len(prompts) and used + plist[i].beam_width <= self.engine.slots:
                 w = plist[i].beam_width
                 chunk.append(i)
                 slots.append(used if w == 1 else list(range(used, used + w)))

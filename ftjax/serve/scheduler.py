@@ -4,9 +4,12 @@ Each iteration of the scheduler thread:
   1. drops cancelled and timed-out requests (their slots are retired at once),
   2. admits waiting rows into free slots, first come first served (one `prefill_insert` call for all
      rows admitted this iteration; a request of several rows may be admitted across iterations),
-  3. runs `generate_steps(state, k)`: k = stream_chunk (default 1) while a streaming request is live (one
-     response per token as soon as it exists), otherwise a small chunk so that new arrivals join soon,
-  4. reads back `seq_len` / `done` of the live slots, pushes stream updates, completes finished requests.
+  3. dispatches `generate_snap(state, k)`: k = stream_chunk (default 1) while a streaming request is live
+     (one response per token as soon as it exists), otherwise a small chunk so that new arrivals join
+     soon; the call returns at once (JAX dispatch is asynchronous) with a small snapshot to come,
+  4. reads back the *previous* call's snapshot (seq_len, done, each row's last ids) while the device
+     runs this one: new ids are appended on the host, streamed, finished requests completed.
+  The host's per-token work (responses, gRPC) thus overlaps the device's decode steps.
 Every slot advances every step, so a short request submitted while a long one runs finishes first.
 The request handlers (gRPC threads) only enqueue `Request`s and wait on their events.
 """
@@ -57,6 +60,9 @@ class Request:
         self.result_lps: list[list[list[float]] | None] = [None] * len(rows)
         self.next_row = 0                         # rows admitted so far (in order)
         self.last_seqs: dict[int, list[int]] = {}   # streaming: ids last sent per row
+        self.known: list[int] = [0] * len(rows)      # per row: seq_len read back so far
+        self.gen: list[list[int]] = [[] for _ in rows]        # per row: generated ids read back so far
+        self.gen_lp: list[list[float]] = [[] for _ in rows]   # and their log probs (when asked)
         self.cancelled = threading.Event()
         self.finished = False
         self._events: queue.Queue[Update] = queue.Queue()
@@ -81,7 +87,7 @@ class Scheduler:
         self.llm = llm
         self.engine = llm.engine
         self.encdec = not self.engine.family.samples_at_prefill
-        self.B = self.engine.B
+        self.B = self.engine.slots
         self.max_queue = max_queue
         self.chunk = max(1, int(chunk))
         # Decode steps per iteration while a stream is live: 1 sends each token as soon as it exists;
@@ -95,6 +101,13 @@ class Scheduler:
         self._stop = False
         self._free = list(range(self.B))
         self._state = None
+        self._inflight: collections.deque = collections.deque()   # (call index, snapshot) not yet read back
+        self._ncalls = 0                                           # generate calls dispatched
+        self._valid_from = [0] * self.engine.B                     # per slot: first call that shows its row
+        self._out: list = []                                       # updates of this iteration
+        # Called once per iteration with [(request, update)]; the default pushes each one. An asyncio
+        # front end replaces it with one hop into its event loop.
+        self.deliver = self._deliver_each
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"ftjax-scheduler-{model_name}", daemon=True)
@@ -141,10 +154,11 @@ class Scheduler:
                 with self._cv:
                     if self._stop:
                         break
-                    if not self._live and not self._waiting:
+                    if not self._live and not self._waiting and not self._inflight:
                         self._cv.wait(timeout=0.5)
                         continue
                 self._iteration()
+                self._flush()
         except BaseException as e:  # noqa: BLE001 - the engine failed: fail everything, stop serving
             log.exception("scheduler failed")
             self.error = e
@@ -159,19 +173,23 @@ class Scheduler:
             for r in pending + self._live:
                 if not r.finished:
                     self._fail(r, "unavailable", "server is shutting down")
+            self._flush()
 
     def _iteration(self):
+        """Dispatch, then read back: the device runs generate call j+1 while the host turns call j's
+        snapshot into responses (JAX dispatch is asynchronous; only the snapshot's read-back waits)."""
         now = time.monotonic()
         self._drop_cancelled(now)
-        admitted = self._admit(now)
-        if admitted and any(r.stream for r in admitted):
-            self._sync()  # the first token exists after prefill: stream it now
-        live = [r for r in self._live if not r.finished]
-        if not live:
-            return
-        k = self.stream_chunk if any(r.stream for r in live) else self.chunk
-        self._state, _ = self.engine.generate_steps(self._state, k)
-        self._sync()
+        self._admit(now)
+        running = any(not r.finished for r in self._live)
+        if running:
+            k = self.stream_chunk if any(r.stream for r in self._live) else self.chunk
+            self._state, _, snap = self.engine.generate_snap(self._state, k)
+            self._inflight.append((self._ncalls, snap))
+            self._ncalls += 1
+        while len(self._inflight) > (1 if running else 0):
+            j, snap = self._inflight.popleft()
+            self._process(j, {k: np.asarray(v) for k, v in snap.items()})
 
     def _drop_cancelled(self, now):
         with self._cv:
@@ -233,6 +251,9 @@ class Scheduler:
         for r, i, s in picks:
             if r in reqs:
                 r.slots[i] = s
+                # Snapshots of generate calls dispatched before this insert say nothing about this row.
+                self._valid_from[s[0]] = self._ncalls
+                r.known[i] = 1 if self.encdec else len(r.rows[i].prompt)
         for r in reqs:
             if r.t_admitted is None:
                 r.t_admitted = now
@@ -257,54 +278,59 @@ class Scheduler:
                 self._live.remove(r)
                 self._fail(r, "internal", "engine state was reset")
             self._free = list(range(self.B))
+            self._inflight.clear()
             self._state = self.engine.init_state()
 
-    def _sync(self):
-        live = [r for r in self._live if not r.finished]
-        if not live:
-            return
-        st = self._state
-        seq_len = np.asarray(st.seq_len)
-        done = np.asarray(st.done)
-        plen = np.asarray(st.prompt_len)
-        finishing = [s[0] for r in live for s in r.slots if s is not None and done[s[0]]]
-        seq = np.asarray(st.seq) if finishing or any(r.stream for r in live) else None
-        lps = np.asarray(st.logprobs) if finishing and any(r.want_logprobs for r in live) else None
-        beam = None
-        if any(len(s) > 1 for s in [s for r in live for s in r.slots if s is not None] if s[0] in finishing):
-            beam = {k: np.asarray(getattr(st.beam, k)) for k in ("fin_tokens", "fin_logprobs", "fin_len", "fin_mask")}
+    def _process(self, j: int, snap: dict):
+        """Generate call j's snapshot -> new ids per live row (appended on the host), stream updates,
+        finished requests. Ids come from the snapshot's last-ids window, so nothing reads the state."""
+        seq_len, done, tail, tail_lp = snap["seq_len"], snap["done"], snap["ids"], snap["logprobs"]
+        W = tail.shape[1]
         now = time.monotonic()
         new_tokens = 0
-        for r in live:
-            steps = []   # (row, first new length, last length) for streaming
+        beam = None
+        for r in list(self._live):
+            if r.finished:
+                continue
+            steps = []   # rows with new ids (streaming)
             for i, sl in enumerate(r.slots):
                 if sl is None or r.row_done[i]:
                     continue
                 h = sl[0]
+                if self._valid_from[h] > j:
+                    continue
                 n = int(seq_len[h])
-                base = max(r.sent[i], int(plen[h]))
-                off = int(plen[h]) if self.encdec else 0   # T5 answers with the decoder's ids only
-                if n > base:
-                    new_tokens += (n - base) * len(sl)
+                new = n - r.known[i]
+                if new > 0:
+                    if new > W:   # cannot happen: the window covers every id one call can add
+                        raise RuntimeError(f"slot {h}: {new} new ids but a window of {W}")
+                    r.gen[i].extend(tail[h, W - new:].tolist())
+                    if r.want_logprobs:
+                        r.gen_lp[i].extend(tail_lp[h, W - new:].tolist())
+                    r.known[i] = n
+                    new_tokens += new * len(sl)
                     if r.t_first is None:
                         r.t_first = now
                         if self.metrics:
                             self.metrics.first_token(self.model_name, now - r.t_arrival)
                     if r.stream:
-                        steps.append((i, base - off, n - off, seq[h, off:n].tolist()))
-                    r.sent[i] = n
+                        steps.append((i, new))
                 if done[h]:
                     r.row_done[i] = True
                     prompt = self._shown(r.rows[i])
                     if len(sl) > 1:   # beam group headed by slot h: finished hypotheses, best first
+                        if beam is None:
+                            st = self._state.beam
+                            beam = {k: np.asarray(getattr(st, k)) for k in ("fin_tokens", "fin_logprobs",
+                                                                            "fin_len", "fin_mask")}
                         hyps = [(int(beam["fin_len"][h, b]), b) for b in range(len(sl))
                                 if beam["fin_mask"][h, b] and beam["fin_len"][h, b] > 0]
                         r.result_seqs[i] = [prompt + beam["fin_tokens"][h, b, :m].tolist() for m, b in hyps] or [prompt]
                         r.result_lps[i] = [beam["fin_logprobs"][h, b, :m].astype(float).tolist() for m, b in hyps] or [[]]
                     else:
-                        r.result_seqs[i] = [seq[h, off:n].tolist()]
-                        if lps is not None:
-                            r.result_lps[i] = [lps[h, plen[h]:n].astype(float).tolist()]
+                        r.result_seqs[i] = [prompt + r.gen[i]]
+                        if r.want_logprobs:
+                            r.result_lps[i] = [[float(x) for x in r.gen_lp[i]]]
                     self._free.extend(sl)
                     r.slots[i] = None
             if steps:
@@ -313,7 +339,7 @@ class Scheduler:
                 r.finished = True
                 self._live.remove(r)
                 lp = [x if x is not None else [[]] for x in r.result_lps] if r.want_logprobs else None
-                r.push(Update("done", seqs=r.result_seqs, logprobs=lp))
+                self._emit(r, Update("done", seqs=r.result_seqs, logprobs=lp))
                 if self.metrics:
                     gen = sum(len(x[0]) - len(self._shown(row)) for x, row in zip(r.result_seqs, r.rows))
                     self.metrics.request_done(self.model_name, True, now - r.t_arrival, gen, rows=len(r.rows))
@@ -325,21 +351,38 @@ class Scheduler:
         """One response per new token: every row's ids so far (FT's decoupled mode). Rows of a multi-row
         request advance together; a row that has finished repeats its last ids."""
         for i, row in enumerate(r.rows):
-            r.last_seqs.setdefault(i, list(self._shown(row)))
-        for t in range(1, max(n - b for _, b, n, _ in steps) + 1):
-            for i, b, n, ids in steps:
-                r.last_seqs[i] = ids[: min(b + t, n)]
-            r.push(Update("token", seqs=[r.last_seqs[i] for i in range(len(r.rows))]))
+            if i not in r.last_seqs:
+                r.last_seqs[i] = list(self._shown(row))
+        full = {i: self._shown(r.rows[i]) + r.gen[i] for i, _ in steps}
+        base = {i: len(full[i]) - new for i, new in steps}
+        for t in range(1, max(new for _, new in steps) + 1):
+            for i, new in steps:
+                r.last_seqs[i] = full[i][: base[i] + min(t, new)]
+            self._emit(r, Update("token", seqs=[r.last_seqs[i] for i in range(len(r.rows))]))
 
     def _shown(self, row) -> list[int]:
         """What an answer repeats before the generated ids: GPT the prompt (FT's output_ids), T5 nothing."""
         return [] if self.encdec else row.prompt
 
+    def _emit(self, r: Request, u: Update):
+        self._out.append((r, u))
+
+    def _flush(self):
+        """Hands this iteration's updates to the handlers in one batch (`deliver`)."""
+        if self._out:
+            items, self._out = self._out, []
+            self.deliver(items)
+
+    @staticmethod
+    def _deliver_each(items):
+        for r, u in items:
+            r.push(u)
+
     def _fail(self, r: Request, code: str, message: str):
         if r.finished:
             return
         r.finished = True
-        r.push(Update("error", code=code, message=message))
+        self._emit(r, Update("error", code=code, message=message))
         if self.metrics:
             self.metrics.request_done(self.model_name, False, time.monotonic() - r.t_arrival, 0)
 

@@ -1,5 +1,10 @@
 """Triton's `inference.GRPCInferenceService` over ftjax, with FasterTransformer's tensor names.
 
+The service runs on grpc's asyncio server in one event-loop thread: every stream and every unary call
+is a coroutine there, so per-token responses cost no thread hand-offs. Each model's scheduler thread
+(ftjax/serve/scheduler.py) owns its engine and hands each iteration's updates to the loop in one
+`call_soon_threadsafe`.
+
 Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig,
 ModelInfer, ModelStreamInfer, ModelStatistics, RepositoryIndex. The rest answer UNIMPLEMENTED
 (the generated servicer base class does that).
@@ -10,10 +15,9 @@ ModelInfer, ModelStreamInfer, ModelStatistics, RepositoryIndex. The rest answer 
 """
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import dataclasses
 import logging
-import queue
 import threading
 import time
 
@@ -25,7 +29,7 @@ from tritonclient.grpc import service_pb2_grpc as pbg
 import ftjax
 from ftjax.serve import repository, tensors
 from ftjax.serve.metrics import Metrics, MetricsServer
-from ftjax.serve.scheduler import QueueFull, Request, Scheduler, Update
+from ftjax.serve.scheduler import QueueFull, Request, Scheduler
 
 log = logging.getLogger("ftjax.serve")
 
@@ -66,33 +70,34 @@ class Service(pbg.GRPCInferenceServiceServicer):
         self.request_timeout = request_timeout
 
     # ------------------------------------------------------------------------------ health / info
-    def ServerLive(self, request, context):  # noqa: N802
+    async def ServerLive(self, request, context):  # noqa: N802
         return pb.ServerLiveResponse(live=True)
 
-    def ServerReady(self, request, context):  # noqa: N802
+    async def ServerReady(self, request, context):  # noqa: N802
         return pb.ServerReadyResponse(ready=all(self._ready(m) for m in self.models.values()))
 
     def _ready(self, m: Model) -> bool:
         return m.scheduler is not None and m.scheduler.ready.is_set() and m.scheduler.error is None
 
-    def _model(self, name, version, context) -> Model:
+    async def _model(self, name, version, context) -> Model:
         m = self.models.get(name)
         if m is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"model {name!r} not found; serving: {', '.join(self.models)}")
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"model {name!r} not found; serving: {', '.join(self.models)}")
         if version not in ("", "1"):
-            context.abort(grpc.StatusCode.NOT_FOUND, f"model {name!r} has no version {version!r} (only 1)")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {name!r} has no version {version!r} (only 1)")
         return m
 
-    def ModelReady(self, request, context):  # noqa: N802
+    async def ModelReady(self, request, context):  # noqa: N802
         m = self.models.get(request.name)
         return pb.ModelReadyResponse(ready=m is not None and request.version in ("", "1") and self._ready(m))
 
-    def ServerMetadata(self, request, context):  # noqa: N802
+    async def ServerMetadata(self, request, context):  # noqa: N802
         return pb.ServerMetadataResponse(name="ftjax", version=ftjax.__version__,
                                          extensions=["classification", "model_configuration", "statistics"])
 
-    def ModelMetadata(self, request, context):  # noqa: N802
-        m = self._model(request.name, request.version, context)
+    async def ModelMetadata(self, request, context):  # noqa: N802
+        m = await self._model(request.name, request.version, context)
         r = pb.ModelMetadataResponse(name=m.name, versions=["1"], platform="fastertransformer")
         batch = [-1] if m.config.max_batch_size > 0 else []
         for t in m.config.input:
@@ -101,11 +106,11 @@ class Service(pbg.GRPCInferenceServiceServicer):
             r.outputs.add(name=t.name, datatype=_dt(t.data_type), shape=batch + list(t.dims))
         return r
 
-    def ModelConfig(self, request, context):  # noqa: N802
-        m = self._model(request.name, request.version, context)
+    async def ModelConfig(self, request, context):  # noqa: N802
+        m = await self._model(request.name, request.version, context)
         return pb.ModelConfigResponse(config=m.config)
 
-    def RepositoryIndex(self, request, context):  # noqa: N802
+    async def RepositoryIndex(self, request, context):  # noqa: N802
         r = pb.RepositoryIndexResponse()
         for m in self.models.values():
             if request.ready and not self._ready(m):
@@ -113,11 +118,11 @@ class Service(pbg.GRPCInferenceServiceServicer):
             r.models.add(name=m.name, version="1", state="READY" if self._ready(m) else "UNAVAILABLE")
         return r
 
-    def ModelStatistics(self, request, context):  # noqa: N802
+    async def ModelStatistics(self, request, context):  # noqa: N802
         names = [request.name] if request.name else list(self.models)
         r = pb.ModelStatisticsResponse()
         for n in names:
-            m = self._model(n, request.version, context)
+            m = await self._model(n, request.version, context)
             s = r.model_stats.add(name=m.name, version="1", last_inference=m.last_ms,
                                   inference_count=m.n_inferences, execution_count=m.n_success)
             s.inference_stats.success.count = m.n_success
@@ -171,116 +176,107 @@ class Service(pbg.GRPCInferenceServiceServicer):
             m.ns_fail += ns
         m.last_ms = int(time.time() * 1000)
 
-    def ModelInfer(self, request, context):  # noqa: N802
-        m = self._model(request.model_name, request.model_version, context)
+    async def ModelInfer(self, request, context):  # noqa: N802
+        m = await self._model(request.model_name, request.model_version, context)
+        q: asyncio.Queue = asyncio.Queue()
         try:
-            req = self._make_request(m, request, stream=False)
+            req = self._make_request(m, request, stream=False, on_update=q.put_nowait)
         except ValueError as e:
             m.n_fail += 1
             self.metrics.failed(m.name)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        context.add_callback(req.cancel)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
             m.scheduler.submit(req)
         except QueueFull as e:
             m.n_fail += 1
             self.metrics.failed(m.name)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        while True:
-            try:
-                u = req.get(timeout=0.25)
-            except queue.Empty:
-                if not context.is_active():
-                    req.cancel()
-                    m.scheduler.wake()
-                continue
-            if u.kind == "done":
-                self._record(req, True)
-                return self._response(req, u.seqs, u.logprobs, None)
-            if u.kind == "error":
-                self._record(req, False)
-                context.abort(_CODES.get(u.code, grpc.StatusCode.INTERNAL), u.message)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        try:
+            while True:
+                u = await q.get()
+                if u.kind == "done":
+                    self._record(req, True)
+                    return self._response(req, u.seqs, u.logprobs, None)
+                if u.kind == "error":
+                    self._record(req, False)
+                    await context.abort(_CODES.get(u.code, grpc.StatusCode.INTERNAL), u.message)
+        except asyncio.CancelledError:   # the client went away: free the slot at once
+            req.cancel()
+            m.scheduler.wake()
+            raise
 
-    def ModelStreamInfer(self, request_iterator, context):  # noqa: N802
-        out: queue.Queue = queue.Queue()
-        pending = set()
-        lock = threading.Lock()
-        reader_done = threading.Event()
+    async def ModelStreamInfer(self, request_iterator, context):  # noqa: N802
+        out: asyncio.Queue = asyncio.Queue()
         reqs: list[Request] = []
+        state = {"pending": 0, "reader_done": False}
 
         def cancel_all():
-            for r in list(reqs):
+            for r in reqs:
                 r.cancel()
             for m in self.models.values():
                 if m.scheduler:
                     m.scheduler.wake()
 
-        context.add_callback(cancel_all)
-
-        def on_update(req, u: Update):
-            out.put((req, u))
-
-        def reader():
+        async def reader():
             try:
-                for request in request_iterator:
+                async for request in request_iterator:
                     m = self.models.get(request.model_name)
                     if m is None:
-                        out.put((None, f"model {request.model_name!r} not found; serving: {', '.join(self.models)}"))
+                        out.put_nowait((None, f"model {request.model_name!r} not found; serving: "
+                                              f"{', '.join(self.models)}"))
                         continue
+                    holder = {}
                     try:
-                        holder = {}
                         req = self._make_request(m, request, stream=True,
-                                                 on_update=lambda u, h=holder: on_update(h["r"], u))
+                                                 on_update=lambda u, h=holder: out.put_nowait((h["r"], u)))
                         holder["r"] = req
                         req.decoupled = m.decoupled
-                        with lock:
-                            pending.add(req)
-                        reqs.append(req)
                         m.scheduler.submit(req)
+                        reqs.append(req)
+                        state["pending"] += 1
                     except (ValueError, QueueFull) as e:
                         m.n_fail += 1
                         self.metrics.failed(m.name)
-                        with lock:
-                            pending.discard(holder.get("r"))
-                        out.put((None, str(e)))
+                        out.put_nowait((None, str(e)))
+            except asyncio.CancelledError:
+                raise
             except Exception as e:  # noqa: BLE001 - stream broken by the client
                 log.debug("stream reader ended: %s", e)
                 cancel_all()
             finally:
-                reader_done.set()
-                out.put(None)
+                out.put_nowait(None)
 
-        threading.Thread(target=reader, name="ftjax-stream-reader", daemon=True).start()
-        while True:
-            with lock:
-                if reader_done.is_set() and not pending and out.empty():
-                    return
-            try:
-                item = out.get(timeout=0.25)
-            except queue.Empty:
-                if not context.is_active():
-                    cancel_all()
-                    return
-                continue
-            if item is None:
-                continue
-            req, u = item
-            if req is None:
-                yield pb.ModelStreamInferResponse(error_message=u)
-                continue
-            if u.kind == "token":
-                if getattr(req, "decoupled", True):
-                    yield pb.ModelStreamInferResponse(
-                        infer_response=self._response(req, [[s] for s in u.seqs], None, False))
-                continue
-            with lock:
-                pending.discard(req)
-            if u.kind == "done":
-                self._record(req, True)
-                yield pb.ModelStreamInferResponse(infer_response=self._response(req, u.seqs, u.logprobs, True))
-            else:
-                self._record(req, False)
-                yield pb.ModelStreamInferResponse(error_message=f"[{u.code}] {u.message}")
+        task = asyncio.get_running_loop().create_task(reader())
+        try:
+            while not (state["reader_done"] and state["pending"] == 0 and out.empty()):
+                item = await out.get()
+                if item is None:
+                    state["reader_done"] = True
+                    continue
+                req, u = item
+                if req is None:
+                    yield pb.ModelStreamInferResponse(error_message=u)
+                    continue
+                if u.kind == "token":
+                    if getattr(req, "decoupled", True):
+                        yield pb.ModelStreamInferResponse(infer_response=self._token_response(req, u.seqs))
+                    continue
+                state["pending"] -= 1
+                if u.kind == "done":
+                    self._record(req, True)
+                    yield pb.ModelStreamInferResponse(infer_response=self._response(req, u.seqs, u.logprobs, True))
+                else:
+                    self._record(req, False)
+                    yield pb.ModelStreamInferResponse(error_message=f"[{u.code}] {u.message}")
+        finally:   # finished, or the client went away (the task is cancelled): free every slot
+            if not task.done():
+                task.cancel()
+            if state["pending"]:
+                cancel_all()
+
+    def _token_response(self, req: Request, seqs) -> pb.ModelInferResponse:
+        """A streamed token: output_ids [rows, 1, len] and sequence_length so far (no log probs)."""
+        return self._response(req, [[s] for s in seqs], None, False)
 
 
 def _is_t5(m) -> bool:
@@ -293,9 +289,11 @@ def _dt(t: int) -> str:
 
 
 class Server:
+    """The gRPC service (grpc.aio, on an event loop of its own thread), the schedulers and the metrics."""
+
     def __init__(self, models: list[Model], *, host: str = "127.0.0.1", grpc_port: int = 8001,
                  metrics_port: int | None = 8002, max_queue: int = 1024, request_timeout: float | None = None,
-                 chunk: int = 8, stream_chunk: int = 1, max_workers: int = 256):
+                 chunk: int = 8, stream_chunk: int = 1):
         self.metrics = Metrics()
         self.models = {m.name: m for m in models}
         for m in models:
@@ -303,16 +301,41 @@ class Server:
                                     metrics=self.metrics, model_name=m.name)
             self.metrics.waiting_fn[m.name] = (lambda s=m.scheduler: s.waiting)
         self.service = Service(self.models, self.metrics, request_timeout)
-        self.grpc = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=max_workers),
-                                options=[("grpc.max_send_message_length", -1),
-                                         ("grpc.max_receive_message_length", -1)])
-        pbg.add_GRPCInferenceServiceServicer_to_server(self.service, self.grpc)
-        self.grpc_port = self.grpc.add_insecure_port(f"{host}:{grpc_port}")
-        if self.grpc_port == 0:
-            raise OSError(f"cannot bind gRPC to {host}:{grpc_port}")
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="ftjax-grpc", daemon=True)
+        self._loop_thread.start()
+        for m in models:
+            m.scheduler.deliver = self._deliver
+        self.host = host
+        try:
+            self.grpc, self.grpc_port = self._call(self._build(host, grpc_port))
+        except BaseException:
+            self._close_loop()
+            raise
         self.metrics_server = MetricsServer(self.metrics, host, metrics_port) if metrics_port is not None else None
         self.metrics_port = self.metrics_server.port if self.metrics_server else None
-        self.host = host
+
+    async def _build(self, host, port):
+        srv = grpc.aio.server(options=[("grpc.max_send_message_length", -1),
+                                       ("grpc.max_receive_message_length", -1)])
+        pbg.add_GRPCInferenceServiceServicer_to_server(self.service, srv)
+        try:
+            bound = srv.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as e:   # grpc raises when the address is taken
+            raise OSError(f"cannot bind gRPC to {host}:{port}: {e}") from None
+        if bound == 0:
+            raise OSError(f"cannot bind gRPC to {host}:{port}")
+        return srv, bound
+
+    def _call(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _deliver(self, items):
+        """Scheduler thread -> event loop: one hop per scheduler iteration, whatever the stream count."""
+        try:
+            self._loop.call_soon_threadsafe(Scheduler._deliver_each, items)
+        except RuntimeError:   # the loop is closed: the server is gone
+            pass
 
     def start(self, wait_ready: float = 600.0):
         for m in self.models.values():
@@ -321,20 +344,30 @@ class Server:
             m.scheduler.ready.wait(wait_ready)
             if m.scheduler.error is not None:
                 raise RuntimeError(f"model {m.name}: engine failed to start: {m.scheduler.error}")
-        self.grpc.start()
+        self._call(self.grpc.start())
         if self.metrics_server:
             self.metrics_server.start()
         return self
 
     def stop(self, grace: float = 1.0):
-        self.grpc.stop(grace)
+        if self._loop.is_running():
+            try:
+                self._call(self.grpc.stop(grace), timeout=grace + 10)
+            except Exception:  # noqa: BLE001 - stopping anyway
+                log.exception("grpc stop")
         for m in self.models.values():
             m.scheduler.stop()
         if self.metrics_server:
             self.metrics_server.stop()
+        self._close_loop()
+
+    def _close_loop(self):
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(10)
 
     def wait(self):
-        self.grpc.wait_for_termination()
+        self._call(self.grpc.wait_for_termination())
 
 
 def load_models(*, model: str | None = None, model_repository: str | None = None, dtype: str | None = None,

@@ -70,7 +70,7 @@ def _client():
 class Leader:
     """Process 0's engine: publishes each call, then runs it. Anything else is the engine's own."""
 
-    CALLS = ("init_state", "prefill_insert", "retire", "generate_steps")
+    CALLS = ("init_state", "prefill_insert", "retire", "generate_steps", "generate_snap")
 
     def __init__(self, engine, channel: str = "0"):
         self._engine, self._channel, self._n = engine, channel, 0
@@ -103,6 +103,10 @@ class Leader:
     def generate_steps(self, state, n_steps: int):
         self._publish("generate_steps", (int(n_steps),))
         return self._engine.generate_steps(state, n_steps)
+
+    def generate_snap(self, state, n_steps: int):
+        self._publish("generate_snap", (int(n_steps),))
+        return self._engine.generate_snap(state, n_steps)
 
     def stop(self):
         self._publish("stop", ())
@@ -137,6 +141,8 @@ def follow(engine, channel: str = "0", poll_s: float = 1.0) -> int:
                 state = engine.retire(state, *args)
             elif op == "generate_steps":
                 state, _ = engine.generate_steps(state, *args)
+            elif op == "generate_snap":   # the snapshot is a computation over the mesh: every process runs it
+                state, _, _ = engine.generate_snap(state, *args)
             else:
                 raise RuntimeError(f"unknown engine call {op!r} from process 0")
         except ValueError as e:   # the same refusal happened on process 0 (it validated the same request)
