@@ -2,16 +2,17 @@
 T = 1, 2, 4, 8 (those the machine has GPUs for; on one GPU only T=1) and optionally P.
 
   PYTHONUNBUFFERED=1 python bench/scaling.py [--model 1.3b] [--batch 1,8,32] [--tp 1,2,4,8] [--pp 1]
-      [--prompt 128] [--steps 64] [--reps 3] [--dtype bfloat16] [--attention xla] [--out $OUT]
+      [--prompt 128] [--steps 64] [--reps 3] [--dtype bfloat16] [--attention auto] [--out $OUT]
   python bench/scaling.py --smoke      # CPU, 8 virtual devices, a tiny model: every code path once
 
 Random weights (bench/e2e.py's shapes), every token generated (greedy, end_id=None). Per (T, P, batch):
 the batch is prefilled and inserted once, then `generate_steps(steps)` is timed (median of --reps after a
 warm-up that compiles): step latency = time / steps, throughput = batch * steps / time. Speed-up is
 against T=1 at the same batch. Results: a markdown table last; JSON rows in $OUT/scaling.json when --out
-(or $OUT) is set. Attention defaults to "xla" here: XLA partitions it over heads like the projections,
-while the Pallas kernels (a custom call XLA cannot partition) would run on gathered heads at T > 1
-until ftjax/pallas/ops.py gives them a partitioning rule; `--attention pallas` measures that as is.
+(or $OUT) is set. Attention defaults to "auto" (the Pallas kernels on a GPU, XLA elsewhere): at T > 1
+ftjax/pallas/ops.py runs the kernels once per tensor shard (shard_map over the heads: each GPU attends
+with its own heads and kv heads, nothing gathered), as XLA partitions its own attention over heads;
+`--attention xla` measures the XLA path instead.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--attention", default="xla")
+    ap.add_argument("--attention", default="auto")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)

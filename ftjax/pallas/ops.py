@@ -17,13 +17,37 @@ Shapes (b batch, t/s query/key length, n heads, k kv heads, h head_dim):
 Contents of the cache past a row's length must be finite for "xla" (the engine writes only
 finite values and allocates the cache zeroed); the kernels mask them at load and accept
 anything there.
+
+On a tensor-parallel mesh. XLA's SPMD partitioner splits the "xla" einsums over heads by itself,
+but a Pallas kernel is a custom call it cannot split: left alone it would all-gather q, K/V and
+the cache onto every device and run the kernel on all heads. So "pallas" runs the kernel once per
+shard, under `jax.shard_map` over the mesh axes the rule table (ftjax/sharding/rules.py) puts the
+heads, kv heads and batch on: each device attends with its own heads and its own kv heads (and
+its own rows, were the batch split), nothing is gathered. The mesh and the rule table come from
+`ftjax.sharding.mesh.attention_mesh(mesh, rules)`, a context the layout enters while it traces a
+step (`Layout.wrap_family`); without it the kernel runs on the whole arrays as before.
+  * GQA/MQA with fewer kv heads than tensor ranks (the table replicates kv heads): every rank
+    holds all kv heads and takes the one its q heads use (q head i uses kv head i // g). With
+    k > 1 that is a dynamic slice, i.e. a copy of 1/k of the cache per layer and step (MQA, k = 1,
+    copies nothing); a kernel reading the kv head in place would save it.
+  * T5's relative-position bias [1|b, n, t, s] is split over heads like q.
+  * Inside a shard_map that is already manual over some mesh axes (the pipeline stages of
+    ftjax/sharding/pipeline*.py: manual over "pipeline", "tensor" left to XLA), the arrays are
+    already local on those axes: the inner shard_map is manual over the remaining axes only, on
+    the context's (abstract) mesh; when none remain the kernel runs directly on the local arrays.
+  * A split dimension that the mesh axis does not divide runs whole on that axis (as before).
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from ftjax.pallas import _common as C
+from ftjax.sharding import rules as R
+from ftjax.sharding.mesh import current_attention_mesh
 from ftjax.pallas.decode_attention import decode_attention
 from ftjax.pallas.prefill_attention import prefill_attention
 
@@ -83,13 +107,112 @@ def xla_prefill_attention(q, k, v, lengths, *, causal=True, bias=None, scale=Non
   return o.reshape(b, t, n, h).astype(q.dtype)
 
 
+# ------------------------------------------------------------------- the kernels, one call per shard
+# Logical axes of the kernels' arguments (rules.py names; None: never split).
+_DECODE_Q = ("batch", "heads", "head_dim")                 # q, out [b, n, h]
+_DECODE_KV = ("batch", "kv_heads", "seq", "head_dim")      # the cache [b, k, s, h]
+_PREFILL_Q = ("batch", None, "heads", "head_dim")          # q, out [b, t, n, h]
+_PREFILL_KV = ("batch", None, "kv_heads", "head_dim")      # k, v [b, s, k, h]
+_LENGTHS = ("batch",)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shards:
+  mesh: Any                      # concrete mesh (top level) or the context's abstract mesh
+  rules: dict
+  axes: frozenset                # mesh axes this call makes manual
+  kv_select: tuple | None        # (heads axis, size): kv heads replicated over the axis heads are split on
+
+
+def _shards(arrays) -> _Shards | None:
+  """How the kernel runs on the current mesh; None: once, on the whole arrays. `arrays`: (logical
+  axes, shape) of every argument."""
+  ctx = current_attention_mesh()
+  if ctx is None:
+    return None
+  mesh, rules = ctx
+  manual = frozenset()
+  amesh = jax.sharding.get_abstract_mesh()
+  if not amesh.empty:                      # inside a shard_map (or a jax.set_mesh) on this mesh
+    if tuple(amesh.axis_names) != tuple(mesh.axis_names) or dict(amesh.shape) != dict(mesh.shape):
+      return None
+    mesh, manual = amesh, frozenset(amesh.manual_axes)
+  sizes = dict(mesh.shape)
+  axes = set()
+  for name in ("batch", "heads", "kv_heads"):
+    a = rules.get(name)
+    if a is None or a in manual or sizes.get(a, 1) == 1:
+      continue
+    # every dimension on this mesh axis must divide, else it stays whole (the kernel sees it all)
+    if all(dim % sizes[a] == 0 for logical, shape in arrays for ln, dim in zip(logical, shape)
+           if ln is not None and rules.get(ln) == a):
+      axes.add(a)
+  heads = rules.get("heads")
+  kv_select = None
+  if heads is not None and rules.get("kv_heads") != heads and (heads in axes or heads in manual):
+    kv_select = (heads, sizes[heads])
+  if not axes and kv_select is None:
+    return None
+  return _Shards(mesh, rules, frozenset(axes), kv_select)
+
+
+def _own_kv_heads(x, dim: int, q_heads: int, axis: str, size: int):
+  """x [..., k, ...] (all kv heads, at `dim`) -> the kv heads this rank's `q_heads` local query heads
+  use: rank r holds q heads [r * q_heads, (r + 1) * q_heads), and q head i uses kv head i // g."""
+  kh = x.shape[dim]
+  n = q_heads * size
+  assert n % kh == 0, f"heads n={n} must be a multiple of kv heads k={kh}"
+  g = n // kh
+  count = max(1, q_heads // g)
+  if count == kh:
+    return x
+  assert (q_heads % g == 0) if q_heads >= g else (g % q_heads == 0), (
+      f"{q_heads} query heads per rank and {g} query heads per kv head do not nest")
+  start = jax.lax.axis_index(axis) * q_heads // g
+  return jax.lax.dynamic_slice_in_dim(x, start, count, dim)
+
+
+def _per_shard(kernel, args, arg_axes, out_axes, kv_args, q_heads_dim):
+  """kernel(*args) on every shard of the current mesh (see the module docstring). args may hold
+  None (an absent bias): passed through as None. kv_args: indices of the K/V arguments (kv heads at
+  dim 1 for the cache, 2 for prefill's k/v: their logical axes say which)."""
+  live = [i for i, a in enumerate(args) if a is not None]
+  sh = _shards([(arg_axes[i], args[i].shape) for i in live])
+  if sh is None:
+    return kernel(*args)
+
+  def body(*local):
+    full = list(args)
+    for i, a in zip(live, local):
+      full[i] = a
+    if sh.kv_select is not None:
+      axis, size = sh.kv_select
+      q_heads = full[0].shape[q_heads_dim]
+      for i in kv_args:
+        full[i] = _own_kv_heads(full[i], arg_axes[i].index("kv_heads"), q_heads, axis, size)
+    return kernel(*full)
+
+  if not sh.axes:   # every axis already manual: the arrays are local here
+    return body(*[args[i] for i in live])
+  in_specs = tuple(R.manual_spec(arg_axes[i], sh.rules, sh.axes) for i in live)
+  out_specs = R.manual_spec(out_axes, sh.rules, sh.axes)
+  return jax.shard_map(body, mesh=sh.mesh, in_specs=in_specs, out_specs=out_specs,
+                       axis_names=set(sh.axes), check_vma=False)(*[args[i] for i in live])
+
+
 def attention_decode(q, k_cache, v_cache, lengths, *, impl: str, scale=None):
   """q [b, n, h]; k_cache, v_cache [b, k, s, h]; lengths [b] -> [b, n, h]."""
   _check_impl(impl)
   if impl == "xla":
     return xla_decode_attention(q, k_cache, v_cache, lengths, scale=scale)
-  return decode_attention(q, k_cache, v_cache, lengths, scale=scale,
-                          interpret=C.default_interpret())
+
+  def kernel(q, k_cache, v_cache, lengths):
+    return decode_attention(q, k_cache, v_cache, lengths, scale=scale,
+                            interpret=C.default_interpret())
+
+  return _per_shard(kernel, (q, k_cache, v_cache, lengths),
+                    (_DECODE_Q, _DECODE_KV, _DECODE_KV, _LENGTHS), _DECODE_Q, kv_args=(1, 2),
+                    q_heads_dim=1)
 
 
 def attention_prefill(q, k, v, lengths, *, impl: str, causal=True, bias=None, scale=None):
@@ -97,5 +220,12 @@ def attention_prefill(q, k, v, lengths, *, impl: str, causal=True, bias=None, sc
   _check_impl(impl)
   if impl == "xla":
     return xla_prefill_attention(q, k, v, lengths, causal=causal, bias=bias, scale=scale)
-  return prefill_attention(q, k, v, lengths, scale=scale, causal=causal, bias=bias,
-                           interpret=C.default_interpret())
+
+  def kernel(q, k, v, lengths, bias):
+    return prefill_attention(q, k, v, lengths, scale=scale, causal=causal, bias=bias,
+                             interpret=C.default_interpret())
+
+  bias_axes = (None if bias is None or bias.shape[0] == 1 else "batch", "heads", None, None)
+  return _per_shard(kernel, (q, k, v, lengths, bias),
+                    (_PREFILL_Q, _PREFILL_KV, _PREFILL_KV, _LENGTHS, bias_axes), _PREFILL_Q,
+                    kv_args=(1, 2), q_heads_dim=2)

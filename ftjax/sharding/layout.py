@@ -3,6 +3,8 @@ state's shardings. The engine holds one `Layout` when it runs on a mesh; everyth
 the rule table (`rules.py`)."""
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 
 import jax
@@ -13,7 +15,7 @@ from jax.sharding import Mesh
 from ftjax.sharding import pipeline as PP
 from ftjax.sharding import pipeline_t5 as PT5
 from ftjax.sharding import rules as R
-from ftjax.sharding.mesh import check_layout, mesh_shape
+from ftjax.sharding.mesh import attention_mesh, check_layout, mesh_shape
 
 log = logging.getLogger("ftjax")
 
@@ -147,10 +149,15 @@ class Layout:
         return out
 
     def wrap_family(self, family):
-        if self.P == 1:
-            return family
-        cls = PT5.PipelinedT5 if _is_t5(family.cfg) else PP.PipelinedGPT
-        return cls(family, self.mesh, self.rules)
+        """The family the engine drives on this mesh: pipeline stages when P > 1; with the Pallas
+        kernels, every method traced under `attention_mesh` so that ftjax.pallas.ops runs them once
+        per shard (their own heads on each device) instead of on gathered arrays."""
+        if self.P > 1:
+            cls = PT5.PipelinedT5 if _is_t5(family.cfg) else PP.PipelinedGPT
+            family = cls(family, self.mesh, self.rules)
+        if getattr(getattr(family, "model", None), "impl", None) == "pallas":
+            family = OnMesh(family, self.mesh, self.rules)
+        return family
 
     # ---------------------------------------------------------------------------------------- state
     def state_shardings(self, state):
@@ -166,6 +173,29 @@ class Layout:
 
     def replicated(self):
         return R.replicated(self.mesh)
+
+
+class OnMesh:
+    """A family whose every method runs under `attention_mesh(mesh, rules)`: while a step is traced,
+    the attention calls in the model see the mesh (the modules themselves know none). Other attributes
+    (cfg, model, samples_at_prefill, ...) are the wrapped family's, unchanged."""
+
+    def __init__(self, family, mesh: Mesh, rules: dict):
+        self.__dict__.update(_family=family, _mesh=mesh, _rules=rules)
+
+    def __getattr__(self, name):
+        attr = getattr(self._family, name)
+        if not inspect.ismethod(attr):   # cfg, model (a Flax module: callable, but no method), ...
+            return attr
+
+        @functools.wraps(attr)
+        def on_mesh(*args, **kwargs):
+            with attention_mesh(self._mesh, self._rules):
+                return attr(*args, **kwargs)
+        return on_mesh
+
+    def __setattr__(self, name, value):
+        setattr(self._family, name, value)
 
 
 def as_layout(cfg, mesh) -> Layout | None:

@@ -8,6 +8,8 @@ P = nodes.
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 
 import jax
 import numpy as np
@@ -67,3 +69,26 @@ def make_mesh(tensor: int = 1, pipeline: int = 1, devices=None) -> Mesh:
 def mesh_shape(mesh: Mesh) -> tuple[int, int]:
     """(T, P) of a mesh made by make_mesh."""
     return mesh.shape[MESH_AXES[1]], mesh.shape[MESH_AXES[0]]
+
+
+# ------------------------------------------------------------------ the mesh the attention kernels see
+# The Pallas attention kernels are custom calls that XLA's SPMD partitioner cannot split: on a mesh,
+# `ftjax.pallas.ops` runs them once per shard under shard_map. The model modules know no mesh
+# (DESIGN.md convention 8), so the layout hands it to ops.py through this context while a step is
+# traced (`Layout.wrap_family` enters it around every family method).
+_ATTENTION_MESH: contextvars.ContextVar = contextvars.ContextVar("ftjax_attention_mesh", default=None)
+
+
+@contextlib.contextmanager
+def attention_mesh(mesh: Mesh, rules: dict):
+    """While tracing inside: attention runs per shard of `mesh`, its arrays laid out by `rules`."""
+    token = _ATTENTION_MESH.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ATTENTION_MESH.reset(token)
+
+
+def current_attention_mesh():
+    """(mesh, rules) set by `attention_mesh`, or None (one device, or traced outside a layout)."""
+    return _ATTENTION_MESH.get()

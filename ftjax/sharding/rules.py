@@ -72,6 +72,13 @@ def spec(axes, rules: dict[str, str | None]) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
+def manual_spec(axes, rules: dict[str, str | None], mesh_axes) -> PartitionSpec:
+    """spec(axes, rules) naming only the mesh axes in `mesh_axes` (the others: None): the in/out spec of
+    a shard_map manual over `mesh_axes`, inside which the dimensions on the other axes stay whole
+    (or are already local, inside an outer shard_map manual over them)."""
+    return PartitionSpec(*[a if a in mesh_axes else None for a in spec(axes, rules)])
+
+
 def named(mesh, axes, rules) -> NamedSharding:
     return NamedSharding(mesh, spec(axes, rules))
 
