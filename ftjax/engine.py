@@ -120,7 +120,7 @@ class Engine:
         self.max_beam_width = ecfg.max_beam_width
         self._prefill = jax.jit(self._prefill_fn)
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
-        self._generate = jax.jit(self._generate_fn, donate_argnums=(1,), static_argnames=("chunk", "beam"))
+        self._generate = jax.jit(self._generate_fn, donate_argnums=(1,), static_argnames=("rem", "chunked", "beam"))
         self._snapshot = jax.jit(self._snapshot_fn, static_argnames=("width",))
         self._logits = jax.jit(self._logits_fn)
         self._retire = jax.jit(self._retire_sharded, donate_argnums=(0,))
@@ -228,14 +228,17 @@ class Engine:
         st = st._replace(cache=cache, seq=st.seq[src], logprobs=st.logprobs[src], beam=beam)
         return st, ids, is_beam, fin
 
-    def _generate_fn(self, params, state: DecodeState, n_steps, *, chunk: int, beam: bool):
-        """Up to n_steps decode steps for every live slot: a while loop over chunks of `chunk` steps, each
-        chunk a loop of static trip count. XLA:GPU evaluates a while loop's condition on the host (a
-        device-to-host copy and a wait per iteration); a loop of known trip count runs without one, so the
-        host waits once per chunk, not once per token. Steps past n_steps inside the last chunk change
-        nothing (every row is masked), and the loop stops early once every slot is done.
+    def _generate_fn(self, params, state: DecodeState, n_chunks, *, rem: int, chunked: bool, beam: bool):
+        """n_chunks * CHUNK + rem decode steps for every live slot, in one call: (chunked) a while loop
+        over chunks of CHUNK steps, each chunk a loop of static trip count, then a loop of `rem` steps
+        (static). XLA:GPU evaluates a while loop's condition on the host (a device-to-host copy and a
+        wait per iteration); a loop of known trip count runs without one, so the host waits once per
+        CHUNK steps, and not at all for a call of fewer than CHUNK steps. The while loop stops early once
+        every slot is done; steps of the static loops after that change nothing (every row is masked).
         beam: compile the beam-search step in (the host knows whether any beam group may be live; a
         `lax.cond` on it would cost another host round trip per step)."""
+        chunk = self.CHUNK
+        n_steps = n_chunks * chunk + rem
         B, S = self.B, self.S
         rows = jnp.arange(B)
 
@@ -268,7 +271,7 @@ class Engine:
 
         def cond(carry):
             i, st, _ = carry
-            return (i < n_steps) & jnp.any(st.active & ~st.done)
+            return (i < n_chunks * chunk) & jnp.any(st.active & ~st.done)
 
         def body(carry):
             i, st, count = carry
@@ -279,7 +282,12 @@ class Engine:
             st, count = jax.lax.fori_loop(0, chunk, inner, (st, count))
             return i + chunk, st, count
 
-        _, state, steps = jax.lax.while_loop(cond, body, (jnp.int32(0), self._constrain(state), jnp.int32(0)))
+        carry = (jnp.int32(0), self._constrain(state), jnp.int32(0))
+        if chunked:
+            carry = jax.lax.while_loop(cond, body, carry)
+        i, state, steps = carry
+        if rem:
+            state, steps = jax.lax.fori_loop(0, rem, lambda j, c: step(i + j, *c), (state, steps))
         return self._constrain(state), steps
 
     def _snapshot_fn(self, state: DecodeState, *, width: int):
@@ -389,22 +397,11 @@ class Engine:
 
     def generate_steps(self, state: DecodeState, n_steps: int):
         """Runs up to n_steps decode steps (fewer when every slot finishes). -> (state, steps run).
-        n_steps = q * CHUNK + r: one call whose loop runs q chunks of CHUNK steps, then one call per
-        binary digit of r (chunks of 8, 4, 2, 1): no step is wasted past n_steps, and at most
-        log2(CHUNK) + 1 loop shapes compile."""
+        One compiled call; the loop compiles once per (n_steps mod CHUNK, n_steps >= CHUNK)."""
         n = int(n_steps)
         beam = bool(self._beam_heads) and self.max_beam_width > 1
-        total = None
-        parts = [(self.CHUNK, n - n % self.CHUNK)] if n >= self.CHUNK else []
-        r, c = n % self.CHUNK, self.CHUNK // 2
-        while c >= 1:
-            if r & c:
-                parts.append((c, c))
-            c //= 2
-        for chunk, count in parts:
-            state, steps = self._generate(self.params, state, np.int32(count), chunk=chunk, beam=beam)
-            total = steps if total is None else total + steps
-        return state, (total if total is not None else np.int32(0))
+        q, r = divmod(n, self.CHUNK)
+        return self._generate(self.params, state, np.int32(q), rem=r, chunked=q > 0, beam=beam)
 
     def generate_snap(self, state: DecodeState, n_steps: int):
         """generate_steps, then a small snapshot of the result (`_snapshot_fn`, width n_steps + 1: enough

@@ -197,7 +197,7 @@ def test_pipelined_step_moves_activations_not_weights(gpt2_untied):
     one = _llm(gpt2_untied, max_beam_width=2)
     kw = dict(max_new_tokens=5, end_id=None, beam_width=2)
     assert llm.generate(PROMPTS[:1], **kw).beams == one.generate(PROMPTS[:1], **kw).beams
-    hlo = eng._generate.lower(eng.params, st, np.int32(4), chunk=4, beam=True).compile().as_text()
+    hlo = eng._generate.lower(eng.params, st, np.int32(0), rem=4, chunked=False, beam=True).compile().as_text()
     assert "collective-permute" in hlo
     # A stage's weights are [P=2, ...] globally, [1, ...] per device: an all-gather producing any
     # stacked weight's global shape would be another stage's weights arriving.

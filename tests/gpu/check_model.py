@@ -62,10 +62,10 @@ def main():
                    f"{same}/{len(tp)} rows identical")
             eng = pal.engine
             st = eng.init_state()
-            gen_text = eng._generate.lower(eng.params, st, np.int32(4), chunk=4, beam=True).compile().as_text()
+            gen_text = eng._generate.lower(eng.params, st, np.int32(0), rem=4, chunked=False, beam=True).compile().as_text()
             report(f"{name} {dtype} compiled decode step holds the decode kernel", kernel_calls(gen_text) > 0,
                    f"{kernel_calls(gen_text)} kernel calls")
-            xtext = xla.engine._generate.lower(xla.engine.params, xla.engine.init_state(), np.int32(4), chunk=4, beam=True).compile().as_text()
+            xtext = xla.engine._generate.lower(xla.engine.params, xla.engine.init_state(), np.int32(0), rem=4, chunked=False, beam=True).compile().as_text()
             report(f"{name} {dtype} XLA path holds no kernel", kernel_calls(xtext) == 0)
             sp = eng._pack(pal.sampling_params(8), 8)
             pre_text = eng._prefill.lower(eng.params, np.zeros((8, 128), np.int32), np.ones((8,), np.int32),
