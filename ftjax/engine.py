@@ -22,6 +22,7 @@ from ftjax.config import ModelConfig
 from ftjax.models.families import family_for
 from ftjax.pallas import ops
 
+AUTO = "auto"   # max_batch_size: size the slots from the device memory left after the weights
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -65,7 +66,7 @@ def bucket(n: int, lo: int, hi: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int
+    max_batch_size: int | str         # or "auto"
     max_seq_len: int
     dtype: str = "bfloat16"
     attention: str = "auto"
@@ -81,8 +82,10 @@ class Engine:
         (ftjax/sharding/rules.py) and the compiled steps keep those shardings, so donation holds."""
         if ecfg.dtype not in DTYPES:
             raise ValueError(f"dtype: unknown {ecfg.dtype!r}; expected one of {sorted(DTYPES)}")
-        if ecfg.max_batch_size < 1:
-            raise ValueError(f"max_batch_size: must be >= 1, got {ecfg.max_batch_size}")
+        if ecfg.max_batch_size != AUTO and (isinstance(ecfg.max_batch_size, bool) or
+                                             not isinstance(ecfg.max_batch_size, (int, np.integer)) or
+                                             ecfg.max_batch_size < 1):
+            raise ValueError(f"max_batch_size: must be an integer >= 1 or 'auto', got {ecfg.max_batch_size!r}")
         if not 2 <= ecfg.max_seq_len <= cfg.max_positions:
             raise ValueError(f"max_seq_len: {ecfg.max_seq_len} not in [2, {cfg.max_positions}] "
                              f"(the model's maximum positions)")
@@ -104,14 +107,19 @@ class Engine:
         else:
             self.params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype) if _is_float(a) else jnp.asarray(a),
                                        params)
+        self.S = ecfg.max_seq_len
+        # K/V capacity: max_seq_len rounded up so the attention kernels' key blocks divide it (no pad copy
+        # of the cache per step); positions past max_seq_len are never written nor attended.
+        self.S_cache = -(-self.S // (16 if self.S <= 128 else 128)) * (16 if self.S <= 128 else 128)
+        if ecfg.max_batch_size == AUTO:   # as many slots as the device memory left after the weights holds
+            n = self.slots_for_free_memory()
+            ecfg = dataclasses.replace(ecfg, max_batch_size=n, max_beam_width=min(ecfg.max_beam_width, n))
+            self.ecfg = ecfg
         # Rows of the decode state: at least 2, so that no projection in the decode step is a vector x
         # matrix product (XLA:GPU strength-reduces those below ~10M elements into multiply + reduce
         # fusions that run far below copy bandwidth). `slots` is what requests may use.
         self.slots = ecfg.max_batch_size
-        self.B, self.S = max(2, ecfg.max_batch_size), ecfg.max_seq_len
-        # K/V capacity: max_seq_len rounded up so the attention kernels' key blocks divide it (no pad copy
-        # of the cache per step); positions past max_seq_len are never written nor attended.
-        self.S_cache = -(-self.S // (16 if self.S <= 128 else 128)) * (16 if self.S <= 128 else 128)
+        self.B = max(2, ecfg.max_batch_size)
         self._beam_heads: set[int] = set()   # host: slots heading a beam group that may still run
         self.word_capacity = (4, 4)   # (words, tokens per word) of stop/bad word lists; grows by doubling
         self.reset_capacity = 4       # top_p_reset_ids per request
@@ -126,6 +134,44 @@ class Engine:
         self._retire = jax.jit(self._retire_sharded, donate_argnums=(0,))
 
     # ------------------------------------------------------------------------------------ state
+    def slot_bytes(self) -> int:
+        """Device bytes one slot costs on the busiest device: its K/V cache (split over the mesh as the
+        rule table splits kv heads and layers), its id / log-prob rows, beam buffers, the decode step's
+        [V] logits passes, and a full-length prefill's activations (the largest temporary)."""
+        c = self.cfg
+        kv = sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+                 for a in jax.tree.leaves(jax.eval_shape(lambda: self.family.init_cache(1, self.S_cache))))
+        if self.layout is not None:
+            T, P = self.layout.mesh.shape["tensor"], self.layout.mesh.shape["pipeline"]
+            kv_heads = getattr(c, "kv_heads", getattr(c, "num_heads", 1))
+            kv //= P * (T if kv_heads % T == 0 else 1)
+        vocab = getattr(c, "vocab", getattr(c, "vocab_size", 0))
+        ffn = getattr(c, "ffn_dim", getattr(c, "d_ff", 4 * getattr(c, "hidden", getattr(c, "d_model", 0))))
+        rows = 8 * self.S * (1 + 2 * (self.ecfg.max_beam_width > 1))
+        return kv + rows + 16 * vocab + 8 * self.S * ffn
+
+    def slots_for_free_memory(self, fraction: float = 0.9, cap: int = 256) -> int:
+        """max_batch_size='auto': the slots that fit in `fraction` of the memory free on the fullest
+        local device once the weights are there (a multiple of 8 from 8 up, at most `cap`). Backends that
+        report no memory (CPU) get 8."""
+        jax.block_until_ready(self.params)
+        free = []
+        for d in jax.local_devices():
+            st = d.memory_stats() if hasattr(d, "memory_stats") else None
+            if not st or "bytes_limit" not in st:
+                return 8
+            free.append(st["bytes_limit"] - st.get("bytes_in_use", 0))
+        n = int(fraction * min(free) // self.slot_bytes())
+        if n < 1:
+            raise ValueError(f"max_batch_size='auto': not one slot of max_seq_len {self.S} fits in the "
+                             f"{min(free) / 2**30:.2f} GiB left after the weights; lower max_seq_len")
+        n = min(n, cap)
+        if jax.process_count() > 1:   # every process must build the same state: the smallest answer wins
+            from jax.experimental import multihost_utils
+
+            n = int(np.min(multihost_utils.process_allgather(np.int32(n))))
+        return n if n < 8 else n // 8 * 8
+
     def _pack(self, params_list, n):
         return sampling.pack(params_list, n, vocab=self.cfg.vocab, eos_id=self.cfg.eos_id,
                              word_capacity=self.word_capacity, reset_capacity=self.reset_capacity)

@@ -27,7 +27,8 @@ def load(path: str | None = None, dtype: str = "bfloat16", max_batch_size: int =
          attention: str = "auto", tensor_parallel: int = 1, pipeline_parallel: int = 1,
          quantize: str | None = None, max_beam_width: int = 4) -> "LLM":
     """Load a checkpoint (HF dir, Megatron checkpoint, FT-converted dir or ftjax dir); None -> the
-    embedded default model (a small GPT with seeded random weights). `max_beam_width` (an ftjax
+    embedded default model (a small GPT with seeded random weights). max_batch_size="auto": as many
+    slots as the device memory left after the weights holds (8 where the backend reports no memory). `max_beam_width` (an ftjax
     addition) is the widest beam search a request may ask for; a beam request takes beam_width rows."""
     mesh = None
     if tensor_parallel * pipeline_parallel > 1 or _process_count() > 1:   # ftjax/sharding: T x P mesh
@@ -59,7 +60,14 @@ def load(path: str | None = None, dtype: str = "bfloat16", max_batch_size: int =
 
         params = quantize_params(params, cfg, mode=quantize, delete_source=path is None)
     return LLM(cfg, params, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-               attention=attention, max_beam_width=min(max_beam_width, max_batch_size), mesh=mesh)
+               attention=attention, max_beam_width=_beam_cap(max_beam_width, max_batch_size), mesh=mesh)
+
+
+def _beam_cap(max_beam_width, max_batch_size):
+    """max_beam_width no wider than the slots (with 'auto' slots the engine caps it once it knows them)."""
+    if isinstance(max_batch_size, (int, np.integer)) and not isinstance(max_batch_size, bool):
+        return min(max_beam_width, max_batch_size)
+    return max_beam_width
 
 
 def _process_count() -> int:
@@ -72,7 +80,7 @@ class LLM:
     def __init__(self, cfg: ModelConfig, params, *, dtype="bfloat16", max_batch_size=8, max_seq_len=None,
                  attention="auto", max_beam_width=None, mesh=None):
         self.cfg = cfg
-        mbw = min(4, max_batch_size) if max_beam_width is None else max_beam_width
+        mbw = _beam_cap(4, max_batch_size) if max_beam_width is None else max_beam_width
         self.engine = Engine(cfg, params, EngineConfig(max_batch_size, max_seq_len or cfg.max_positions,
                                                        dtype, attention, mbw), mesh=mesh)
         self._state = None

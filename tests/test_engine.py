@@ -1,6 +1,7 @@
 """Engine mechanics: the decode state is donated and updated in place; one compiled loop; bad input."""
 import warnings
 
+import jax
 import numpy as np
 import pytest
 
@@ -129,3 +130,48 @@ def test_word_list_capacity_grows_without_losing_running_requests(llm):
     got = seq[0, len(p0):n[0]].tolist()
     assert got == alone or 99 in alone    # (99 banned for row 0: identical unless greedy wanted 99)
     assert int(st.gen_count[1]) >= 1
+
+
+class _FakeDevice:
+    def __init__(self, limit, used=0):
+        self.stats = {"bytes_limit": limit, "bytes_in_use": used}
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_auto_max_batch_size_from_free_memory(gpt2_dir, monkeypatch):
+    cfg, params = load_gpt2(gpt2_dir[0])
+    # A backend that reports no memory (CPU): 8 slots.
+    llm = ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_batch_size="auto", max_seq_len=40)
+    eng = llm.engine
+    assert llm.max_batch_size == 8
+    # slot_bytes covers what a slot really costs in the decode state: the state grows by at most that
+    # per slot, and by at least the slot's K/V cache (layers x k and v x heads x head_dim x capacity).
+    grow = [sum(a.nbytes for a in jax.tree.leaves(
+        ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_batch_size=b, max_seq_len=40,
+                  max_beam_width=1).engine.init_state())) for b in (2, 6)]
+    per_slot = (grow[1] - grow[0]) / 4
+    kv = cfg.num_layers * 2 * cfg.kv_heads * cfg.dim_per_head * eng.S_cache * 4
+    assert kv <= per_slot <= eng.slot_bytes()
+    # A device with room for 20.5 slots after the weights: 16 (a multiple of 8); for 5.5: 5.
+    sb = eng.slot_bytes()
+    for room, want in ((20.5, 16), (5.5, 5)):
+        monkeypatch.setattr(jax, "local_devices", lambda r=room: [_FakeDevice(int(r * sb / 0.9) + 100, 100)])
+        assert ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_batch_size="auto",
+                         max_seq_len=40).max_batch_size == want
+    monkeypatch.setattr(jax, "local_devices", lambda: [_FakeDevice(sb // 2)])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_batch_size="auto", max_seq_len=40)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_batch_size="many", max_seq_len=40)
+
+
+def test_serve_cli_max_batch_size_flag():
+    from ftjax.serve.__main__ import parse_args
+
+    assert parse_args([]).max_batch_size == "auto"
+    assert parse_args(["--max-batch-size", "12"]).max_batch_size == 12
+    for bad in ("0", "lots"):
+        with pytest.raises(SystemExit):
+            parse_args(["--max-batch-size", bad])

@@ -19,7 +19,9 @@ def parse_args(argv=None):
                     help="default: the config's data_type, else bfloat16")
     ap.add_argument("--tensor-parallel", type=int, default=1)
     ap.add_argument("--pipeline-parallel", type=int, default=1)
-    ap.add_argument("--max-batch-size", type=int, default=8, help="engine slots (rows decoded together)")
+    ap.add_argument("--max-batch-size", type=_slots, default="auto",
+                    help="engine slots (rows decoded together); 'auto' (default): as many as the device memory "
+                         "left after the weights holds at --max-seq-len (8 on a backend that reports no memory)")
     ap.add_argument("--max-seq-len", type=int, default=None, help="prompt + generated; default: the model's maximum")
     ap.add_argument("--quantize", choices=["int8"], default=None)
     ap.add_argument("--host", default="127.0.0.1")
@@ -38,7 +40,7 @@ def parse_args(argv=None):
     ap.add_argument("--process-id", type=int, default=None)
     a = ap.parse_args(argv)
     for f in ("max_batch_size", "max_queue", "tensor_parallel", "pipeline_parallel"):
-        if getattr(a, f) < 1:
+        if getattr(a, f) != "auto" and getattr(a, f) < 1:
             ap.error(f"--{f.replace('_', '-')} must be >= 1")
     if a.request_timeout is not None and a.request_timeout <= 0:
         ap.error("--request-timeout must be > 0")
@@ -46,6 +48,15 @@ def parse_args(argv=None):
     if any(v is not None for v in multi) and not all(v is not None for v in multi):
         ap.error("--coordinator-address, --num-processes and --process-id go together")
     return a
+
+
+def _slots(v: str):
+    if v == "auto":
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {v!r}") from None
 
 
 def main(argv=None) -> int:
