@@ -3,6 +3,7 @@ vs offline `llm.generate` on the same work.
 
     python bench/serve_load.py [--model PATH] [--dtype bfloat16] [--clients 64] [--requests 256]
         [--prompt-len 128] [--output-len 128] [--max-batch-size 64] [--max-seq-len 512] [--json out.json]
+        [--stream-chunk 1,4] [--frontends 1,4]
 
 Every client runs requests back to back over ModelStreamInfer (one response per token) with the real
 `tritonclient.grpc`, so the server sees `--clients` requests in flight. Reported: aggregate generated
@@ -186,6 +187,8 @@ def main():
     ap.add_argument("--stream-chunk", default="1", help="comma list: decode steps per scheduler iteration while a "
                     "stream is live (each token still gets its own response); one serve run per value")
     ap.add_argument("--client-procs", type=int, default=8)
+    ap.add_argument("--frontends", default="1", help="comma list: gRPC front-end processes (python -m ftjax.serve "
+                    "--frontends); one serve run per value and stream chunk")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -211,25 +214,26 @@ def main():
 
     precompile(llm, work, a.max_batch_size)
     runs = {}
-    for sc in [int(x) for x in a.stream_chunk.split(",")]:
-        srv = Server(models, grpc_port=0, metrics_port=None, chunk=a.chunk, stream_chunk=sc,
-                     max_queue=max(1024, a.requests)).start()
-        url = f"127.0.0.1:{srv.grpc_port}"
-        try:
-            run_clients(url, warm, a.clients, procs=a.client_procs)           # compile prefill buckets / steps
-            runs[sc] = run_clients(url, work, a.clients, procs=a.client_procs)
-        finally:
-            srv.stop()
-    for sc, r in runs.items():
-        report(a, llm, jax, ftjax, sc, r, off_s, off_tokens)
+    for fe in [int(x) for x in a.frontends.split(",")]:
+        for sc in [int(x) for x in a.stream_chunk.split(",")]:
+            srv = Server(models, grpc_port=0, metrics_port=None, chunk=a.chunk, stream_chunk=sc,
+                         max_queue=max(1024, a.requests), frontends=fe).start()
+            url = f"127.0.0.1:{srv.grpc_port}"
+            try:
+                run_clients(url, warm, a.clients, procs=a.client_procs)           # compile prefill buckets / steps
+                runs[(fe, sc)] = run_clients(url, work, a.clients, procs=a.client_procs)
+            finally:
+                srv.stop()
+    for (fe, sc), r in runs.items():
+        report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, fe)
 
 
-def report(a, llm, jax, ftjax, sc, r, off_s, off_tokens):
+def report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, frontends=1):
     out = {
         "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "ftjax": ftjax.__version__,
         "date": time.strftime("%Y-%m-%d"), "model": a.model or "embedded default", "dtype": a.dtype,
         "clients": a.clients, "requests": a.requests, "prompt_len": a.prompt_len, "output_len": a.output_len,
-        "max_batch_size": a.max_batch_size, "max_seq_len": a.max_seq_len, "chunk": a.chunk, "stream_chunk": sc,
+        "max_batch_size": a.max_batch_size, "max_seq_len": a.max_seq_len, "chunk": a.chunk, "stream_chunk": sc, "frontends": frontends,
         "client_procs": a.client_procs,
         "serve_tokens": r["tokens"], "serve_wall_s": round(r["wall_s"], 3),
         "serve_tokens_per_s": round(r["tokens"] / r["wall_s"], 1),

@@ -175,3 +175,6 @@ def test_serve_cli_max_batch_size_flag():
     for bad in ("0", "lots"):
         with pytest.raises(SystemExit):
             parse_args(["--max-batch-size", bad])
+    assert parse_args(["--frontends", "4"]).frontends == 4
+    with pytest.raises(SystemExit):
+        parse_args(["--frontends", "0"])

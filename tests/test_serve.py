@@ -20,14 +20,15 @@ SEQ = 128
 NAME = "fastertransformer"
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["in-process", "2-frontends"])
+def served(tmp_path_factory, request):
+    """The service in this process, and in 2 front-end processes sharing the port (--frontends 2)."""
     from ftjax.serve.server import Server, load_models
 
     path = str(tmp_path_factory.mktemp("serve_gpt2"))
     make_hf_gpt2(path, n_positions=SEQ, eos=7)
     models = load_models(model=path, dtype="float32", max_batch_size=8, max_seq_len=SEQ, attention="xla")
-    srv = Server(models, grpc_port=0, metrics_port=0, chunk=4).start()
+    srv = Server(models, grpc_port=0, metrics_port=0, chunk=4, frontends=request.param).start()
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
     yield srv, client, models[0].llm
     client.close()

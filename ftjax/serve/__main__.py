@@ -35,11 +35,14 @@ def parse_args(argv=None):
     ap.add_argument("--stream-chunk", type=int, default=1,
                     help="decode steps per scheduler iteration while a stream is live (ftjax addition; each token "
                          "still gets its own response)")
+    ap.add_argument("--frontends", type=int, default=1,
+                    help="gRPC front-end processes sharing --grpc-port (ftjax addition): with N > 1 this process "
+                         "keeps the engines and N spawned processes parse requests and send the responses")
     ap.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0 (multi-host)")
     ap.add_argument("--num-processes", type=int, default=None)
     ap.add_argument("--process-id", type=int, default=None)
     a = ap.parse_args(argv)
-    for f in ("max_batch_size", "max_queue", "tensor_parallel", "pipeline_parallel"):
+    for f in ("max_batch_size", "max_queue", "tensor_parallel", "pipeline_parallel", "frontends"):
         if getattr(a, f) != "auto" and getattr(a, f) < 1:
             ap.error(f"--{f.replace('_', '-')} must be >= 1")
     if a.request_timeout is not None and a.request_timeout <= 0:
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
             return 0
         server = Server(models, host=a.host, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
                         max_queue=a.max_queue, request_timeout=a.request_timeout,
-                        stream_chunk=a.stream_chunk).start()
+                        stream_chunk=a.stream_chunk, frontends=a.frontends).start()
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

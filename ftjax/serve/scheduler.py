@@ -34,13 +34,33 @@ class QueueFull(Exception):
 
 @dataclasses.dataclass
 class Update:
-    """What a request's handler receives. kind: "token" (streaming, one new token), "done", "error"."""
+    """What a request's handler receives. kind: "tokens" (streaming: the ids each row gained since the
+    last update; `StreamView` turns them into one response per token), "done", "error"."""
     kind: str
-    seqs: list | None = None       # "token": per row, prompt + generated so far; "done": per row, a list of
-                                   # beams (best first; one for sampling), each prompt + generated ids
+    seqs: list | None = None       # "done": per row, a list of beams (best first; one for sampling), each
+                                   # prompt + generated ids (T5: generated ids only)
+    new: list | None = None        # "tokens": per row, the new ids (possibly none)
     logprobs: list | None = None   # "done": per row, per beam, log prob of each generated token (when asked)
     code: str | None = None                    # "cancelled" | "deadline" | "invalid" | "internal" (errors)
     message: str = ""
+
+
+class StreamView:
+    """The handler's side of a stream: turns "tokens" updates into one `seqs` per token (every row's ids
+    so far: FT's decoupled mode). Rows of a multi-row request advance together; a row without a new id
+    at a token repeats its last ids. shown[i]: what row i's answers start with (GPT: the prompt)."""
+
+    def __init__(self, shown: list[list[int]]):
+        self.seqs = [list(s) for s in shown]
+
+    def expand(self, new: list[list[int]]) -> list[list[list[int]]]:
+        out = []
+        for t in range(max((len(x) for x in new), default=0)):
+            for i, ids in enumerate(new):
+                if t < len(ids):
+                    self.seqs[i].append(int(ids[t]))
+            out.append([list(s) for s in self.seqs])
+        return out
 
 
 class Request:
@@ -59,7 +79,6 @@ class Request:
         self.result_seqs: list[list[list[int]] | None] = [None] * len(rows)   # per row, per beam
         self.result_lps: list[list[list[float]] | None] = [None] * len(rows)
         self.next_row = 0                         # rows admitted so far (in order)
-        self.last_seqs: dict[int, list[int]] = {}   # streaming: ids last sent per row
         self.known: list[int] = [0] * len(rows)      # per row: seq_len read back so far
         self.gen: list[list[int]] = [[] for _ in rows]        # per row: generated ids read back so far
         self.gen_lp: list[list[float]] = [[] for _ in rows]   # and their log probs (when asked)
@@ -348,17 +367,11 @@ class Scheduler:
             self.metrics.occupancy(self.model_name, self.live_slots, self.B)
 
     def _stream(self, r: Request, steps):
-        """One response per new token: every row's ids so far (FT's decoupled mode). Rows of a multi-row
-        request advance together; a row that has finished repeats its last ids."""
-        for i, row in enumerate(r.rows):
-            if i not in r.last_seqs:
-                r.last_seqs[i] = list(self._shown(row))
-        full = {i: self._shown(r.rows[i]) + r.gen[i] for i, _ in steps}
-        base = {i: len(full[i]) - new for i, new in steps}
-        for t in range(1, max(new for _, new in steps) + 1):
-            for i, new in steps:
-                r.last_seqs[i] = full[i][: base[i] + min(t, new)]
-            self._emit(r, Update("token", seqs=[r.last_seqs[i] for i in range(len(r.rows))]))
+        """One "tokens" update per request per iteration: each row's new ids (the handler expands them)."""
+        new = [[] for _ in r.rows]
+        for i, n in steps:
+            new[i] = r.gen[i][len(r.gen[i]) - n:]
+        self._emit(r, Update("tokens", new=new))
 
     def _shown(self, row) -> list[int]:
         """What an answer repeats before the generated ids: GPT the prompt (FT's output_ids), T5 nothing."""

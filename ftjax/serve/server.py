@@ -29,11 +29,11 @@ from tritonclient.grpc import service_pb2_grpc as pbg
 import ftjax
 from ftjax.serve import repository, tensors
 from ftjax.serve.metrics import Metrics, MetricsServer
-from ftjax.serve.scheduler import QueueFull, Request, Scheduler
+from ftjax.serve.scheduler import QueueFull, Request, Scheduler, StreamView
 
 log = logging.getLogger("ftjax.serve")
 
-_CODES = {"cancelled": grpc.StatusCode.CANCELLED, "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+_CODES = {"full": grpc.StatusCode.RESOURCE_EXHAUSTED, "cancelled": grpc.StatusCode.CANCELLED, "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
           "invalid": grpc.StatusCode.INVALID_ARGUMENT, "internal": grpc.StatusCode.INTERNAL,
           "unavailable": grpc.StatusCode.UNAVAILABLE}
 
@@ -149,6 +149,7 @@ class Service(pbg.GRPCInferenceServiceServicer):
             if us > 0:
                 timeout = us / 1e6 if not timeout else min(timeout, us / 1e6)
         req = Request(rows, stream=stream, timeout=timeout, on_update=on_update, want_logprobs=want_lp)
+        req.view = StreamView([[] if _is_t5(m) else list(r.prompt) for r in rows]) if stream else None
         req.model = m
         req.request_id = request.id
         req.requested = {o.name for o in request.outputs}
@@ -257,9 +258,11 @@ class Service(pbg.GRPCInferenceServiceServicer):
                 if req is None:
                     yield pb.ModelStreamInferResponse(error_message=u)
                     continue
-                if u.kind == "token":
+                if u.kind == "tokens":
+                    seqs_per_token = req.view.expand(u.new)
                     if getattr(req, "decoupled", True):
-                        yield pb.ModelStreamInferResponse(infer_response=self._token_response(req, u.seqs))
+                        for seqs in seqs_per_token:
+                            yield pb.ModelStreamInferResponse(infer_response=self._token_response(req, seqs))
                     continue
                 state["pending"] -= 1
                 if u.kind == "done":
@@ -289,35 +292,50 @@ def _dt(t: int) -> str:
 
 
 class Server:
-    """The gRPC service (grpc.aio, on an event loop of its own thread), the schedulers and the metrics."""
+    """The gRPC service (grpc.aio, on an event loop of its own thread), the schedulers and the metrics.
+    frontends > 1: the service runs in that many spawned processes sharing the port (ftjax/serve/
+    frontend.py); this process keeps the engines. remote: this *is* such a front end (no engines)."""
 
     def __init__(self, models: list[Model], *, host: str = "127.0.0.1", grpc_port: int = 8001,
                  metrics_port: int | None = 8002, max_queue: int = 1024, request_timeout: float | None = None,
-                 chunk: int = 8, stream_chunk: int = 1):
+                 chunk: int = 8, stream_chunk: int = 1, frontends: int = 1, remote=None):
+        if frontends < 1:
+            raise ValueError(f"frontends: must be >= 1, got {frontends}")
         self.metrics = Metrics()
         self.models = {m.name: m for m in models}
         for m in models:
+            if remote is not None:
+                m.scheduler = remote.proxy(m.name)
+                continue
             m.scheduler = Scheduler(m.llm, max_queue=max_queue, chunk=chunk, stream_chunk=stream_chunk,
                                     metrics=self.metrics, model_name=m.name)
             self.metrics.waiting_fn[m.name] = (lambda s=m.scheduler: s.waiting)
-        self.service = Service(self.models, self.metrics, request_timeout)
-        self._loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="ftjax-grpc", daemon=True)
-        self._loop_thread.start()
-        for m in models:
-            m.scheduler.deliver = self._deliver
         self.host = host
-        try:
-            self.grpc, self.grpc_port = self._call(self._build(host, grpc_port))
-        except BaseException:
-            self._close_loop()
-            raise
+        self._hub = self._loop = None
+        if frontends > 1:
+            from ftjax.serve.frontend import Hub
+
+            self._hub = Hub(self.models, host, grpc_port, frontends, request_timeout)
+            self.grpc_port = self._hub.port
+        else:
+            self.service = Service(self.models, self.metrics, request_timeout)
+            self._loop = asyncio.new_event_loop()
+            self._loop_thread = threading.Thread(target=self._loop.run_forever, name="ftjax-grpc", daemon=True)
+            self._loop_thread.start()
+            for m in models:
+                m.scheduler.deliver = self._deliver
+            try:
+                self.grpc, self.grpc_port = self._call(self._build(host, grpc_port, reuseport=remote is not None))
+            except BaseException:
+                self._close_loop()
+                raise
         self.metrics_server = MetricsServer(self.metrics, host, metrics_port) if metrics_port is not None else None
         self.metrics_port = self.metrics_server.port if self.metrics_server else None
 
-    async def _build(self, host, port):
+    async def _build(self, host, port, reuseport=False):
         srv = grpc.aio.server(options=[("grpc.max_send_message_length", -1),
-                                       ("grpc.max_receive_message_length", -1)])
+                                       ("grpc.max_receive_message_length", -1),
+                                       ("grpc.so_reuseport", 1 if reuseport else 0)])
         pbg.add_GRPCInferenceServiceServicer_to_server(self.service, srv)
         try:
             bound = srv.add_insecure_port(f"{host}:{port}")
@@ -344,13 +362,22 @@ class Server:
             m.scheduler.ready.wait(wait_ready)
             if m.scheduler.error is not None:
                 raise RuntimeError(f"model {m.name}: engine failed to start: {m.scheduler.error}")
-        self._call(self.grpc.start())
+        if self._hub is not None:
+            try:
+                self._hub.start()
+            except BaseException:
+                self.stop()
+                raise
+        else:
+            self._call(self.grpc.start())
         if self.metrics_server:
             self.metrics_server.start()
         return self
 
     def stop(self, grace: float = 1.0):
-        if self._loop.is_running():
+        if self._hub is not None:
+            self._hub.stop(grace)
+        elif self._loop.is_running():
             try:
                 self._call(self.grpc.stop(grace), timeout=grace + 10)
             except Exception:  # noqa: BLE001 - stopping anyway
@@ -362,12 +389,15 @@ class Server:
         self._close_loop()
 
     def _close_loop(self):
-        if self._loop.is_running():
+        if self._loop is not None and self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(10)
 
     def wait(self):
-        self._call(self.grpc.wait_for_termination())
+        if self._hub is not None:
+            self._hub.wait()
+        else:
+            self._call(self.grpc.wait_for_termination())
 
 
 def load_models(*, model: str | None = None, model_repository: str | None = None, dtype: str | None = None,
