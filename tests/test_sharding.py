@@ -59,14 +59,12 @@ def gpt2_tied(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def llama_gqa(tmp_path_factory):
-    """8 heads, 2 kv heads: at T=4 the kv heads are replicated."""
+def write_llama_gqa(path: str, hidden: int, seed: int) -> str:
+    """A random HF LLaMA with 8 heads and 2 kv heads, 2 layers (at T=4 the kv heads are replicated)."""
     import transformers as tf
 
-    path = str(tmp_path_factory.mktemp("tp_llama"))
-    torch.manual_seed(5)
-    cfg = tf.LlamaConfig(vocab_size=211, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=211, hidden_size=hidden, num_attention_heads=8, num_key_value_heads=2,
                          num_hidden_layers=2, intermediate_size=96, max_position_embeddings=128,
                          bos_token_id=0, eos_token_id=210, pad_token_id=0)
     model = tf.LlamaForCausalLM(cfg).eval()
@@ -75,6 +73,12 @@ def llama_gqa(tmp_path_factory):
             p.normal_(0.0, 0.2) if p.dim() >= 2 else p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def llama_gqa(tmp_path_factory):
+    """8 heads, 2 kv heads: at T=4 the kv heads are replicated."""
+    return write_llama_gqa(str(tmp_path_factory.mktemp("tp_llama")), hidden=64, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import re
 import jax
 import numpy as np
 import pytest
-import torch
 
 import ftjax
 from ftjax.checkpoint import load_checkpoint
@@ -16,7 +15,7 @@ from ftjax.sharding import rules as R
 from ftjax.sharding.layout import OnMesh
 from ftjax.sharding.mesh import attention_mesh, make_mesh
 from tests.conftest import random_prompts
-from tests.test_sharding import _close
+from tests.test_sharding import _close, write_llama_gqa
 from tests.test_t5 import V, make_hf_t5
 
 PROMPTS = random_prompts(np.random.RandomState(0), 4, 1, 14)
@@ -35,19 +34,7 @@ def _llm(path, T=1, P=1, **kw):
 def llama_gqa(tmp_path_factory):
     """8 heads, 2 kv heads, 2 layers: kv heads split at T=2, replicated at T=4 (rank r then uses kv head
     r // 2)."""
-    import transformers as tf
-
-    path = str(tmp_path_factory.mktemp("tp_pallas_llama"))
-    torch.manual_seed(22)
-    cfg = tf.LlamaConfig(vocab_size=211, hidden_size=32, num_attention_heads=8, num_key_value_heads=2,
-                         num_hidden_layers=2, intermediate_size=96, max_position_embeddings=128,
-                         bos_token_id=0, eos_token_id=210, pad_token_id=0)
-    model = tf.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2) if p.dim() >= 2 else p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
-    return path
+    return write_llama_gqa(str(tmp_path_factory.mktemp("tp_pallas_llama")), hidden=32, seed=22)
 
 
 @pytest.fixture(scope="module")
