@@ -49,11 +49,11 @@ class Prefix(NamedTuple):
     first_logprob: jax.Array  # [b] float32
 
 
-def select(logits, sp, *, seq, prompt_len, seq_len, gen_count, top_p):
+def select(logits, sp, *, seq, prompt_len, seq_len, gen_count, top_p, sampled=True):
     """Per-row decoding of one step: penalties/bans/temperature, then greedy or top-k/top-p draw.
-    logits [B, v] -> (ids [B] int32, log probs [B] f32)."""
+    logits [B, v] -> (ids [B] int32, log probs [B] f32). sampled=False: every row is greedy (static)."""
     x = sampling.process_logits(logits, sp, seq, prompt_len, seq_len, gen_count)
-    return sampling.sample(x, sp, gen_count, top_p)
+    return sampling.sample(x, sp, gen_count, top_p, sampled=sampled)
 
 
 def bucket(n: int, lo: int, hi: int) -> int:
@@ -121,14 +121,15 @@ class Engine:
         self.slots = ecfg.max_batch_size
         self.B = max(2, ecfg.max_batch_size)
         self._beam_heads: set[int] = set()   # host: slots heading a beam group that may still run
+        self._sampled_slots: set[int] = set()   # host: slots holding a request that samples (not greedy)
         self.word_capacity = (4, 4)   # (words, tokens per word) of stop/bad word lists; grows by doubling
         self.reset_capacity = 4       # top_p_reset_ids per request
         if not 1 <= ecfg.max_beam_width <= ecfg.max_batch_size:
             raise ValueError(f"max_beam_width: {ecfg.max_beam_width} not in [1, max_batch_size={ecfg.max_batch_size}]")
         self.max_beam_width = ecfg.max_beam_width
-        self._prefill = jax.jit(self._prefill_fn)
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampled",))
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
-        self._generate = jax.jit(self._generate_fn, donate_argnums=(1,), static_argnames=("rem", "chunked", "beam"))
+        self._generate = jax.jit(self._generate_fn, donate_argnums=(1,), static_argnames=("rem", "chunked", "beam", "sampled"))
         self._snapshot = jax.jit(self._snapshot_fn, static_argnames=("width",))
         self._logits = jax.jit(self._logits_fn)
         self._retire = jax.jit(self._retire_sharded, donate_argnums=(0,))
@@ -206,14 +207,14 @@ class Engine:
     def _logits_fn(self, params, *args):  # GPT: (tokens [b, t], lengths) -> [b, t, v]
         return self.family.full_logits(params, *args)
 
-    def _prefill_fn(self, params, tokens, lengths, sp):
+    def _prefill_fn(self, params, tokens, lengths, sp, sampled=True):
         """tokens [b, T]; lengths [b]; sp SlotParams [b] -> Prefix (GPT samples the first id here)."""
         logits, kv = self.family.prefill(params, tokens, lengths)  # [b, v] (or None), family prefix
         zeros = jnp.zeros_like(lengths)
         if logits is None:
             return Prefix(kv=kv, first=zeros, first_logprob=jnp.zeros(lengths.shape, jnp.float32))
         tok, lp = select(logits, sp, seq=tokens, prompt_len=lengths, seq_len=lengths, gen_count=zeros,
-                         top_p=sp.top_p)
+                         top_p=sp.top_p, sampled=sampled)
         return Prefix(kv=kv, first=tok, first_logprob=lp)
 
     def _insert_fn(self, state: DecodeState, prefix: Prefix, tokens, lengths, max_new, sp, src, slots, gslots):
@@ -274,7 +275,8 @@ class Engine:
         st = st._replace(cache=cache, seq=st.seq[src], logprobs=st.logprobs[src], beam=beam)
         return st, ids, is_beam, fin
 
-    def _generate_fn(self, params, state: DecodeState, n_chunks, *, rem: int, chunked: bool, beam: bool):
+    def _generate_fn(self, params, state: DecodeState, n_chunks, *, rem: int, chunked: bool, beam: bool,
+                     sampled: bool = True):
         """n_chunks * CHUNK + rem decode steps for every live slot, in one call: (chunked) a while loop
         over chunks of CHUNK steps, each chunk a loop of static trip count, then a loop of `rem` steps
         (static). XLA:GPU evaluates a while loop's condition on the host (a device-to-host copy and a
@@ -282,7 +284,8 @@ class Engine:
         CHUNK steps, and not at all for a call of fewer than CHUNK steps. The while loop stops early once
         every slot is done; steps of the static loops after that change nothing (every row is masked).
         beam: compile the beam-search step in (the host knows whether any beam group may be live; a
-        `lax.cond` on it would cost another host round trip per step)."""
+        `lax.cond` on it would cost another host round trip per step). sampled: likewise whether any live
+        slot samples (else the draw is not compiled in: argmax only)."""
         chunk = self.CHUNK
         n_steps = n_chunks * chunk + rem
         B, S = self.B, self.S
@@ -295,7 +298,7 @@ class Engine:
             logits, cache = self.family.decode(params, tok, pos, st.cache)
             live = st.active & ~st.done & valid
             nxt, lp = select(logits, st.sp, seq=st.seq, prompt_len=st.prompt_len, seq_len=st.seq_len,
-                             gen_count=st.gen_count, top_p=st.top_p)
+                             gen_count=st.gen_count, top_p=st.top_p, sampled=sampled)
             st = st._replace(cache=cache)
             beam_row = beam_fin = jnp.zeros((B,), bool)
             if beam and st.beam is not None:
@@ -394,6 +397,10 @@ class Engine:
                 self._beam_heads.add(sl[0])
             else:
                 self._beam_heads.difference_update(sl)
+            if prm.beam_width == 1 and not prm.greedy:
+                self._sampled_slots.update(sl)
+            else:
+                self._sampled_slots.difference_update(sl)
             src += [i] * len(sl)
             dst += sl
         m = bucket(len(dst), 1, self.B)
@@ -403,7 +410,8 @@ class Engine:
         dst_arr[: len(dst)] = dst
         state = self._grow_capacity(state, params_list)
         sp = self._pack(list(params_list), b)
-        prefix = self._prefill(self.params, tokens, lengths, sp)
+        prefix = self._prefill(self.params, tokens, lengths, sp,
+                               sampled=any(p.beam_width == 1 and not p.greedy for p in params_list))
         if not self.family.samples_at_prefill:
             # Encoder-decoder: the decoder sequence starts as [start_id], pending for the first step.
             start = [self.cfg.bos_id if p.start_id is None else p.start_id for p in params_list]
@@ -437,6 +445,7 @@ class Engine:
         arr = np.full((self.B,), self.B, np.int32)
         arr[: len(slots)] = slots
         self._beam_heads.difference_update(int(x) for x in slots)
+        self._sampled_slots.difference_update(int(x) for x in slots)
         return self._retire(state, arr)
 
     CHUNK = 16   # decode steps per host round trip inside generate
@@ -447,7 +456,8 @@ class Engine:
         n = int(n_steps)
         beam = bool(self._beam_heads) and self.max_beam_width > 1
         q, r = divmod(n, self.CHUNK)
-        return self._generate(self.params, state, np.int32(q), rem=r, chunked=q > 0, beam=beam)
+        return self._generate(self.params, state, np.int32(q), rem=r, chunked=q > 0, beam=beam,
+                              sampled=bool(self._sampled_slots))
 
     def generate_snap(self, state: DecodeState, n_steps: int):
         """generate_steps, then a small snapshot of the result (`_snapshot_fn`, width n_steps + 1: enough

@@ -529,7 +529,7 @@ def _thresholds(vals, lse, top_k, p, use_p, vocab):
     return thr, complete
 
 
-def sample(logits, sp: SlotParams, gen_count, top_p_current=None, *, max_top_k: int = 16):
+def sample(logits, sp: SlotParams, gen_count, top_p_current=None, *, max_top_k: int = 16, sampled: bool = True):
     """Processed logits [B, V] -> (tokens [B] int32, logprobs [B] f32).
 
     Greedy rows: argmax (first index on ties). Others: top-k, then top-p on the renormalised top-k
@@ -550,7 +550,7 @@ def sample(logits, sp: SlotParams, gen_count, top_p_current=None, *, max_top_k: 
 
     C = max(1, min(max_top_k, V))
 
-    def sampled(_):
+    def draw(_):
         vals, idx = jax.lax.top_k(x, C)
         thr, complete = _thresholds(vals, lse, sp.top_k, p_cur, use_p, V)
         g = _gumbel(keys, idx)
@@ -569,8 +569,9 @@ def sample(logits, sp: SlotParams, gen_count, top_p_current=None, *, max_top_k: 
             return tok_fast
         return jax.lax.cond(jnp.any(need_full), full, lambda _: tok_fast, None)
 
-    tok = jax.lax.cond(jnp.all(sp.greedy), lambda _: greedy_tok, sampled, None)
-    tok = jnp.where(sp.greedy, greedy_tok, tok)
+    # Whether any row samples is the caller's (static) knowledge: a `lax.cond` on `all(greedy)` would
+    # cost a host round trip per step on XLA:GPU (a conditional's predicate goes to the host).
+    tok = jnp.where(sp.greedy, greedy_tok, draw(None)) if sampled else greedy_tok
     logprob = jnp.take_along_axis(x, tok[:, None], 1)[:, 0] - lse
     return tok, logprob
 

@@ -178,3 +178,25 @@ def test_serve_cli_max_batch_size_flag():
     assert parse_args(["--frontends", "4"]).frontends == 4
     with pytest.raises(SystemExit):
         parse_args(["--frontends", "0"])
+
+
+def test_greedy_decode_loop_has_no_conditional(llm):
+    """XLA:GPU sends a conditional's predicate to the host and waits, once per step: a greedy batch's
+    decode loop compiles none (sampling and beam search are compiled in only when a live slot needs them)."""
+    eng = llm.engine
+    st = eng.init_state()
+
+    def conds(**kw):
+        text = eng._generate.lower(eng.params, st, np.int32(0), rem=4, chunked=False, **kw).as_text()
+        return text.count("stablehlo.case") + text.count("stablehlo.if")
+
+    assert conds(beam=False, sampled=False) == 0
+    assert conds(beam=False, sampled=True) > 0        # the full-sort fallback of a wide nucleus
+    # the host's view follows the requests: greedy -> sampled -> slot reused greedy
+    sp = llm.sampling_params
+    st = eng.prefill_insert(st, [[1, 2]], [0], [4], sp(1, end_id=None))
+    assert not eng._sampled_slots
+    st = eng.prefill_insert(st, [[1, 2]], [1], [4], sp(1, top_k=5, end_id=None))
+    assert eng._sampled_slots == {1}
+    st = eng.prefill_insert(st, [[1, 2]], [1], [4], sp(1, end_id=None))
+    assert not eng._sampled_slots

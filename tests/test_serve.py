@@ -325,6 +325,10 @@ def test_protocol_endpoints_and_metrics(served):
     with pytest.raises(InferenceServerException) as e:
         client.unload_model(NAME)
     assert "UNIMPLEMENTED" in e.value.status()
+    # a request the engine fails (Triton's per-request timeout, 1 us, long before 100 tokens exist), so
+    # that this test sees a failure counted whatever ran before it on this worker
+    with pytest.raises(InferenceServerException):
+        client.infer(NAME, ft_inputs([[1, 2]], 100), timeout=1)
     text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
     for metric in ("nv_inference_request_success", "nv_inference_request_failure", "ftjax_queue_seconds_count",
                    "ftjax_time_to_first_token_seconds_bucket", "ftjax_generated_tokens_total",
