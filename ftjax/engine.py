@@ -253,13 +253,13 @@ class Engine:
                 group_active=state.group_active.at[heads].set(True, mode="drop"))
         return self._constrain(st)
 
-    def _beam_update(self, st: DecodeState, logits, nxt, valid):
+    def _beam_update(self, st: DecodeState, logits, nxt):
         """One beam step for every live beam group: picks each beam's next id and reorders the rows
         (K/V cache, ids) so that beam j continues its parent. Returns (state, ids [B], beam-row mask
         [B], rows whose group finished [B])."""
         B = self.B
         gs = st.group_slots                                            # [G, W]
-        g_live = st.group_active & ~st.beam.done & valid
+        g_live = st.group_active & ~st.beam.done
         blp = sampling.beam_log_probs(logits, st.sp, st.seq, st.prompt_len, st.seq_len, st.gen_count)  # [B, V]
         glp = blp[jnp.clip(gs, 0, B - 1)]                              # [G, W, V]
         beam, parent, btok = sampling.beam_step(
@@ -287,22 +287,20 @@ class Engine:
         `lax.cond` on it would cost another host round trip per step). sampled: likewise whether any live
         slot samples (else the draw is not compiled in: argmax only)."""
         chunk = self.CHUNK
-        n_steps = n_chunks * chunk + rem
         B, S = self.B, self.S
         rows = jnp.arange(B)
 
-        def step(i, st, count):
-            valid = i < n_steps
+        def step(st, count):   # every step a call runs is one it was asked for: no step index needed
             pos = st.seq_len - 1                               # [B] where the pending id goes in the cache
             tok = st.seq[rows, pos]
             logits, cache = self.family.decode(params, tok, pos, st.cache)
-            live = st.active & ~st.done & valid
+            live = st.active & ~st.done
             nxt, lp = select(logits, st.sp, seq=st.seq, prompt_len=st.prompt_len, seq_len=st.seq_len,
                              gen_count=st.gen_count, top_p=st.top_p, sampled=sampled)
             st = st._replace(cache=cache)
             beam_row = beam_fin = jnp.zeros((B,), bool)
             if beam and st.beam is not None:
-                st, nxt, beam_row, beam_fin = self._beam_update(st, logits, nxt, valid)
+                st, nxt, beam_row, beam_fin = self._beam_update(st, logits, nxt)
                 cache = st.cache
             at = jnp.minimum(st.seq_len, S - 1)
             seq = st.seq.at[rows, at].set(jnp.where(live, nxt, st.seq[rows, at]))
@@ -324,19 +322,15 @@ class Engine:
 
         def body(carry):
             i, st, count = carry
-
-            def inner(j, c):
-                return step(i + j, *c)
-
-            st, count = jax.lax.fori_loop(0, chunk, inner, (st, count))
+            st, count = jax.lax.fori_loop(0, chunk, lambda _, c: step(*c), (st, count))
             return i + chunk, st, count
 
         carry = (jnp.int32(0), self._constrain(state), jnp.int32(0))
         if chunked:
             carry = jax.lax.while_loop(cond, body, carry)
-        i, state, steps = carry
+        _, state, steps = carry
         if rem:
-            state, steps = jax.lax.fori_loop(0, rem, lambda j, c: step(i + j, *c), (state, steps))
+            state, steps = jax.lax.fori_loop(0, rem, lambda _, c: step(*c), (state, steps))
         return self._constrain(state), steps
 
     def _snapshot_fn(self, state: DecodeState, *, width: int):

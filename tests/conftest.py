@@ -72,3 +72,30 @@ def assert_greedy_match(ours, ref, ref_logits, tie_tol=1e-3):
             assert top2[1] - top2[0] < tie_tol, f"step {j}: ours {a} vs reference {b} (not a near-tie); ours={ours} ref={ref}"
             return
     assert len(ours) == len(ref), f"lengths differ: ours={ours} ref={ref}"
+
+
+def infer_input(name, arr, datatype):
+    """A tritonclient InferInput carrying `arr`."""
+    import tritonclient.grpc as grpcclient
+
+    t = grpcclient.InferInput(name, list(arr.shape), datatype)
+    t.set_data_from_numpy(arr)
+    return t
+
+
+def wait_server_ready(client, procs, timeout: float):
+    """Polls a tritonclient until its server is ready; fails at once, with its output, when one of the
+    server processes `procs` (subprocess.Popen, stdout piped) has exited."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for p in procs:
+            assert p.poll() is None, p.stdout.read()[-3000:]
+        try:
+            if client.is_server_ready():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.25)

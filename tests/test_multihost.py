@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import ftjax
-from tests.conftest import make_hf_gpt2, random_prompts
+from tests.conftest import make_hf_gpt2, random_prompts, wait_server_ready
 
 PROMPTS = random_prompts(np.random.RandomState(2), 4, 1, 12)
 
@@ -116,17 +116,7 @@ def test_two_process_server_answers_a_client(ckpt):
         ref = ftjax.load(ckpt, dtype="float32", attention="xla", max_batch_size=4, max_seq_len=32)
         want = ref.generate(PROMPTS[:2], max_new_tokens=6, end_id=None).tokens
         with grpcclient.InferenceServerClient(f"127.0.0.1:{gp}") as c:
-            deadline = time.monotonic() + 180
-            while True:
-                for p in procs:
-                    assert p.poll() is None, p.stdout.read()[-3000:]
-                try:
-                    if c.is_server_ready():
-                        break
-                except Exception:  # noqa: BLE001 - not up yet
-                    pass
-                assert time.monotonic() < deadline, "server did not come up"
-                time.sleep(0.25)
+            wait_server_ready(c, procs, 180)
             for prompt, toks in zip(PROMPTS[:2], want):
                 ins = []
                 for name, arr in (("input_ids", np.array([prompt], np.uint32)),

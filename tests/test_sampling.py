@@ -405,7 +405,7 @@ def test_beam_search_matches_hf(len_penalty, rep):
 
 def test_beam_diversity_rate_ranks_siblings():
     # two parents, a huge negative diversity rate: the children of each parent's best token win
-    G, W, Vb = 1, 2, 6
+    G, W = 1, 2
     st = S.beam_init(G, W, 5)._replace(cum=jnp.array([[0.0, -1.0]]), step=jnp.array([1]))
     lp = jnp.log(jnp.array([[[0.5, 0.4, 0.1, 0, 0, 0], [0.5, 0.4, 0.1, 0, 0, 0]]]) + 1e-9)
     kw = dict(end_id=jnp.array([-1]), len_penalty=jnp.array([1.0]), beam_width=jnp.array([2]),

@@ -14,6 +14,7 @@ import pytest
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from conftest import infer_input as _t  # noqa: E402
 from conftest import make_hf_gpt2  # noqa: E402
 
 SEQ = 128
@@ -33,12 +34,6 @@ def served(tmp_path_factory, request):
     yield srv, client, models[0].llm
     client.close()
     srv.stop()
-
-
-def _t(name, arr, dt):
-    t = grpcclient.InferInput(name, list(arr.shape), dt)
-    t.set_data_from_numpy(arr)
-    return t
 
 
 def ft_inputs(prompts, out_len, **extra):

@@ -6,13 +6,13 @@ import re
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
+from conftest import wait_server_ready  # noqa: E402
 from test_checkpoint_formats import _hf_model, write_ft  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,16 +133,7 @@ def test_cli_server_and_client(tmp_path, ft_folder):
                             env=env, text=True)
     try:
         with grpcclient.InferenceServerClient(f"127.0.0.1:{gp}") as c:
-            deadline = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None, proc.stdout.read()
-                try:
-                    if c.is_server_ready():
-                        break
-                except Exception:  # noqa: BLE001 - not up yet
-                    pass
-                assert time.monotonic() < deadline, "server did not come up"
-                time.sleep(0.25)
+            wait_server_ready(c, [proc], 120)
         req = tmp_path / "req.json"
         req.write_text(json.dumps({"request": [
             {"name": "input_ids", "data": [[5, 17, 33, 2]], "dtype": "uint32"},

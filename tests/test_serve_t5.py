@@ -7,6 +7,7 @@ import pytest
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from tests.conftest import infer_input as _t  # noqa: E402
 from tests.test_t5 import make_hf_t5  # noqa: E402
 
 NAME = "fastertransformer"
@@ -24,12 +25,6 @@ def served(tmp_path_factory):
     yield srv, client, models[0].llm, path
     client.close()
     srv.stop()
-
-
-def _t(name, arr, dt):
-    t = grpcclient.InferInput(name, list(arr.shape), dt)
-    t.set_data_from_numpy(arr)
-    return t
 
 
 def t5_inputs(prompts, out_len, **extra):

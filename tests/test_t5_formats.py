@@ -178,7 +178,6 @@ def nemo_state_dict(model, T, *, legacy=False, scale_scores=True, untied=False, 
             ranks[r][pre + name] = t.clone() if axis is None else torch.chunk(t, T, dim=axis)[r].clone()
 
     def fuse(ws):  # [n*h, d] each -> per-rank rows (np, parts, h) or legacy (parts, np, h), concatenated over ranks
-        parts = len(ws)
         w = torch.stack([x.reshape(n, h, -1) for x in ws], 0)                 # [parts, n, h, d]
         out = []
         for r in range(T):

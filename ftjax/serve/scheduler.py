@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Callable
 
+import jax
 import numpy as np
 
 log = logging.getLogger("ftjax.serve")
@@ -74,12 +75,10 @@ class Request:
         self.t_admitted: float | None = None
         self.t_first: float | None = None
         self.slots: list[list[int] | None] = [None] * len(rows)   # per row: its slots (beam_width of them)
-        self.sent: list[int] = [0] * len(rows)    # seq_len reported so far per row (streaming)
         self.row_done: list[bool] = [False] * len(rows)
         self.result_seqs: list[list[list[int]] | None] = [None] * len(rows)   # per row, per beam
         self.result_lps: list[list[list[float]] | None] = [None] * len(rows)
         self.next_row = 0                         # rows admitted so far (in order)
-        self.known: list[int] = [0] * len(rows)      # per row: seq_len read back so far
         self.gen: list[list[int]] = [[] for _ in rows]        # per row: generated ids read back so far
         self.gen_lp: list[list[float]] = [[] for _ in rows]   # and their log probs (when asked)
         self.cancelled = threading.Event()
@@ -208,7 +207,7 @@ class Scheduler:
             self._ncalls += 1
         while len(self._inflight) > (1 if running else 0):
             j, snap = self._inflight.popleft()
-            self._process(j, {k: np.asarray(v) for k, v in snap.items()})
+            self._process(j, jax.device_get(snap))   # one read-back of the four small arrays
 
     def _drop_cancelled(self, now):
         with self._cv:
@@ -272,7 +271,6 @@ class Scheduler:
                 r.slots[i] = s
                 # Snapshots of generate calls dispatched before this insert say nothing about this row.
                 self._valid_from[s[0]] = self._ncalls
-                r.known[i] = 1 if self.encdec else len(r.rows[i].prompt)
         for r in reqs:
             if r.t_admitted is None:
                 r.t_admitted = now
@@ -319,14 +317,13 @@ class Scheduler:
                 if self._valid_from[h] > j:
                     continue
                 n = int(seq_len[h])
-                new = n - r.known[i]
+                new = n - self._known(r, i)
                 if new > 0:
                     if new > W:   # cannot happen: the window covers every id one call can add
                         raise RuntimeError(f"slot {h}: {new} new ids but a window of {W}")
                     r.gen[i].extend(tail[h, W - new:].tolist())
                     if r.want_logprobs:
                         r.gen_lp[i].extend(tail_lp[h, W - new:].tolist())
-                    r.known[i] = n
                     new_tokens += new * len(sl)
                     if r.t_first is None:
                         r.t_first = now
@@ -365,6 +362,11 @@ class Scheduler:
         if self.metrics:
             self.metrics.tokens(self.model_name, new_tokens)
             self.metrics.occupancy(self.model_name, self.live_slots, self.B)
+
+    def _known(self, r: Request, i: int) -> int:
+        """Row i's seq_len as read back so far: its start (T5: the decoder start id; GPT: the prompt) and
+        the ids appended since."""
+        return (1 if self.encdec else len(r.rows[i].prompt)) + len(r.gen[i])
 
     def _stream(self, r: Request, steps):
         """One "tokens" update per request per iteration: each row's new ids (the handler expands them)."""
