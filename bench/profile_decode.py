@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--quantize", default=None, choices=[None, "int8"], help="weight-only int8 (as ftjax.load)")
     ap.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp())
     ap.add_argument("--sequence", default=None, help="write the kernel names of ~2 decode steps from the middle "
                     "of the loop, in launch order with durations (us), to this file")
@@ -51,6 +52,9 @@ def main():
     params = jax.tree.unflatten(tree, [
         (0.02 * jax.random.normal(jax.random.fold_in(key, i), s.shape)).astype("bfloat16")
         for i, s in enumerate(leaves)])
+    if a.quantize:
+        from ftjax import quantize as Q
+        params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16)
     llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=max(a.batch, 1), max_seq_len=a.prompt + a.steps + 8,
                     attention=a.attention)
     rng = np.random.RandomState(0)

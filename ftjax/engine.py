@@ -444,14 +444,32 @@ class Engine:
 
     CHUNK = 16   # decode steps per host round trip inside generate
 
+    # "pieces": n = q * CHUNK + r runs as one call for the q chunks (with r's top bit, 8, folded in) and
+    # one call per remaining binary digit of r (4, 2, 1): at most 4 calls, and at most 2 x 4 loop shapes
+    # compiled per (beam, sampled) whatever n is. "exact": one call, compiled per (n mod CHUNK, n >= CHUNK).
+    steps_mode = "pieces"
+
     def generate_steps(self, state: DecodeState, n_steps: int):
-        """Runs up to n_steps decode steps (fewer when every slot finishes). -> (state, steps run).
-        One compiled call; the loop compiles once per (n_steps mod CHUNK, n_steps >= CHUNK)."""
+        """Runs up to n_steps decode steps (fewer when every slot finishes). -> (state, steps run)."""
         n = int(n_steps)
         beam = bool(self._beam_heads) and self.max_beam_width > 1
+        sampled = bool(self._sampled_slots)
         q, r = divmod(n, self.CHUNK)
-        return self._generate(self.params, state, np.int32(q), rem=r, chunked=q > 0, beam=beam,
-                              sampled=bool(self._sampled_slots))
+        if self.steps_mode == "exact":
+            return self._generate(self.params, state, np.int32(q), rem=r, chunked=q > 0, beam=beam,
+                                  sampled=sampled)
+        first = r & 8 if q > 0 else (1 << (r.bit_length() - 1) if r else 0)   # r's top piece rides along
+        calls = [(q, first)] + [(0, b) for b in (4, 2, 1) if r & b and b != first]
+        total = None
+        for cq, cr in calls:
+            if cq == 0 and cr == 0:
+                continue
+            state, steps = self._generate(self.params, state, np.int32(cq), rem=cr, chunked=cq > 0, beam=beam,
+                                          sampled=sampled)
+            total = steps if total is None else total + steps
+        if total is None:
+            total = jnp.int32(0)
+        return state, total
 
     def generate_snap(self, state: DecodeState, n_steps: int):
         """generate_steps, then a small snapshot of the result (`_snapshot_fn`, width n_steps + 1: enough

@@ -61,12 +61,28 @@ def test_no_recompile_for_new_prompts_and_lengths(llm):
 
 
 def test_generate_chunks_add_up_to_n_steps(llm):
-    """generate_steps(n) for n that are not multiples of the chunk runs exactly n steps."""
+    """generate_steps(n) for n that are not multiples of the chunk runs exactly n steps in either
+    step-count mode, with the same tokens; "pieces" compiles a bounded set of loop shapes whatever n."""
     eng = llm.engine
-    for n in (1, 7, 16, 19, 40):
-        st = eng.prefill_insert(eng.init_state(), [[1, 2, 3]], [0], [100], llm.sampling_params(1, end_id=None))
-        st, steps = eng.generate_steps(st, n)
-        assert int(steps) == n and int(st.gen_count[0]) == n + 1 and int(st.seq_len[0]) == 3 + n + 1
+    try:
+        seqs = {}
+        for mode in ("exact", "pieces"):
+            eng.steps_mode = mode
+            for n in (1, 7, 16, 19, 40, 13, 31):
+                st = eng.prefill_insert(eng.init_state(), [[1, 2, 3]], [0], [100],
+                                        llm.sampling_params(1, end_id=None))
+                st, steps = eng.generate_steps(st, n)
+                assert int(steps) == n and int(st.gen_count[0]) == n + 1 and int(st.seq_len[0]) == 3 + n + 1
+                seqs[mode, n] = np.asarray(st.seq[0, : 3 + n + 1])
+        for n in (1, 7, 16, 19, 40, 13, 31):
+            np.testing.assert_array_equal(seqs["exact", n], seqs["pieces", n])
+        before = eng._generate._cache_size()
+        for n in range(1, 48):
+            eng.generate_steps(eng.init_state(), n)
+        # loop shapes of "pieces": chunks with remainder 0 or 8, and 8, 4, 2, 1 alone (all seen above)
+        assert eng._generate._cache_size() == before
+    finally:
+        eng.steps_mode = type(eng).steps_mode
 
 
 @pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.08), ("float16", 0.02)])

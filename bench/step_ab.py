@@ -1,0 +1,127 @@
+"""Decode-step time and per-call cost, A/B over XLA flags and engine options, each variant in its own
+process (XLA_FLAGS must be set before jax starts).
+
+    PYTHONUNBUFFERED=1 python bench/step_ab.py --models 350m,1.3b --batch 1 \
+        --variants 'default=' 'exhaustive=--xla_gpu_exhaustive_tiling_search=true'
+
+Per (variant, model, weights): the decode step in ms, from the difference of two calls of
+`generate_steps` (64 and 16 steps: fixed costs cancel), and the wall time of short calls (1, 7 and 15
+steps) including their fixed cost, for the engine's step-count modes. Random bf16 weights, the
+GPT-2 350M / 1.3B shapes of bench/e2e.py, prompt 128, every slot live. Results as JSON lines, with
+a table at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {"350m": dict(hidden=1024, num_layers=24, num_heads=16, ffn_dim=4096),
+          "1.3b": dict(hidden=2048, num_layers=24, num_heads=16, ffn_dim=8192),
+          "tiny": dict(hidden=64, num_layers=2, num_heads=2, ffn_dim=256)}   # CPU smoke
+
+
+def child(a):
+    import jax
+    import numpy as np
+
+    import ftjax
+    from ftjax import quantize as Q
+    from ftjax.config import ModelConfig
+    from ftjax.models import gpt
+
+    for model in a.models.split(","):
+        cfg = ModelConfig(vocab_size=50257, max_positions=1024, bos_id=0, eos_id=1, **SHAPES[model])
+        shapes, _ = gpt.abstract_params(cfg)
+        key = jax.random.key(0)
+        leaves, tree = jax.tree.flatten(shapes)
+        base = jax.tree.unflatten(tree, [
+            (0.02 * jax.random.normal(jax.random.fold_in(key, i), s.shape)).astype("bfloat16")
+            for i, s in enumerate(leaves)])
+        for wq in a.weights.split(","):
+            params = base if wq == "bf16" else Q.quantize_params(base, cfg, scale_dtype=jax.numpy.bfloat16)
+            llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=a.batch, max_seq_len=512,
+                            attention=a.attention)
+            eng = llm.engine
+            rng = np.random.RandomState(0)
+            prompts = [rng.randint(2, 50000, size=128).tolist() for _ in range(a.batch)]
+            plist = llm.sampling_params(a.batch, end_id=None)
+
+            def fresh():
+                st = eng.init_state()
+                st = eng.prefill_insert(st, prompts, list(range(a.batch)), [400] * a.batch, plist)
+                jax.block_until_ready(st)
+                return st
+
+            def timed(n, reps=5):
+                ts = []
+                for _ in range(reps + 1):
+                    st = fresh()
+                    t0 = time.perf_counter()
+                    st, _ = eng.generate_steps(st, n)
+                    jax.block_until_ready(st)
+                    ts.append(time.perf_counter() - t0)
+                    del st
+                return statistics.median(ts[1:]) * 1e3
+
+            row = {"variant": a.name, "model": model, "weights": wq, "batch": a.batch,
+                   "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+            t64, t16 = timed(64), timed(16)
+            row["step_ms"] = round((t64 - t16) / 48, 4)
+            for mode in [m for m in a.modes.split(",") if m]:
+                if hasattr(eng, "steps_mode"):
+                    eng.steps_mode = mode
+                elif mode != a.modes.split(",")[0]:
+                    continue
+                for n in (1, 7, 15):
+                    row[f"{mode}_{n}_ms"] = round(timed(n), 3)
+            print("ROW " + json.dumps(row), flush=True)
+            del llm, eng, params
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="350m,1.3b")
+    ap.add_argument("--weights", default="bf16", help="comma list of bf16, int8")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--modes", default="exact", help="engine step-count modes to time short calls in")
+    ap.add_argument("--variants", nargs="*", default=["default="], help="name=XLA_FLAGS")
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--name", default="default")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    if a.child:
+        return child(a)
+    rows = []
+    for v in a.variants:
+        name, _, flags = v.partition("=")
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+        cmd = [sys.executable, __file__, "--child", "--name", name, "--models", a.models, "--weights", a.weights,
+               "--batch", str(a.batch), "--attention", a.attention, "--modes", a.modes]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        got = [json.loads(l[4:]) for l in p.stdout.splitlines() if l.startswith("ROW ")]
+        if p.returncode or not got:
+            print(f"variant {name}: rc {p.returncode}\n{p.stderr[-3000:]}", flush=True)
+        for r in got:
+            print(json.dumps(r), flush=True)
+        rows += got
+    if a.json:
+        with open(a.json, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    keys = [k for k in (rows[0] if rows else {}) if k.endswith("_ms")]
+    print("| variant | model | weights | " + " | ".join(keys) + " |")
+    for r in rows:
+        print(f"| {r['variant']} | {r['model']} | {r['weights']} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
