@@ -44,11 +44,13 @@ def child(a):
         base = jax.tree.unflatten(tree, [
             (0.02 * jax.random.normal(jax.random.fold_in(key, i), s.shape)).astype("bfloat16")
             for i, s in enumerate(leaves)])
-        for wq in a.weights.split(","):
+        for wq, sm in [(w, m) for w in a.weights.split(",") for m in a.small_m.split(",")]:
             params = base if wq == "bf16" else Q.quantize_params(base, cfg, scale_dtype=jax.numpy.bfloat16)
             llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=a.batch, max_seq_len=512,
                             attention=a.attention)
             eng = llm.engine
+            if sm != "auto":
+                eng.small_m = sm == "on"
             rng = np.random.RandomState(0)
             prompts = [rng.randint(2, 50000, size=128).tolist() for _ in range(a.batch)]
             plist = llm.sampling_params(a.batch, end_id=None)
@@ -70,7 +72,7 @@ def child(a):
                     del st
                 return statistics.median(ts[1:]) * 1e3
 
-            row = {"variant": a.name, "model": model, "weights": wq, "batch": a.batch,
+            row = {"variant": a.name, "model": model, "weights": wq, "small_m": bool(eng.small_m), "batch": a.batch,
                    "device": jax.devices()[0].device_kind, "jax": jax.__version__}
             t64, t16 = timed(64), timed(16)
             row["step_ms"] = round((t64 - t16) / 48, 4)
@@ -91,6 +93,7 @@ def main():
     ap.add_argument("--weights", default="bf16", help="comma list of bf16, int8")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--small-m", default="auto", help="comma list of auto/on/off: the Pallas small-M projections")
     ap.add_argument("--modes", default="exact", help="engine step-count modes to time short calls in")
     ap.add_argument("--variants", nargs="*", default=["default="], help="name=XLA_FLAGS")
     ap.add_argument("--child", action="store_true")
@@ -105,22 +108,26 @@ def main():
         env = dict(os.environ)
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
         cmd = [sys.executable, __file__, "--child", "--name", name, "--models", a.models, "--weights", a.weights,
-               "--batch", str(a.batch), "--attention", a.attention, "--modes", a.modes]
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        got = [json.loads(l[4:]) for l in p.stdout.splitlines() if l.startswith("ROW ")]
+               "--batch", str(a.batch), "--attention", a.attention, "--modes", a.modes, "--small-m", a.small_m]
+        got = []
+        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+            for line in p.stdout:          # rows as they come (a run cut by a timeout keeps what it has)
+                if line.startswith("ROW "):
+                    got.append(json.loads(line[4:]))
+                    print(json.dumps(got[-1]), flush=True)
+            err = p.stderr.read()
         if p.returncode or not got:
-            print(f"variant {name}: rc {p.returncode}\n{p.stderr[-3000:]}", flush=True)
-        for r in got:
-            print(json.dumps(r), flush=True)
+            print(f"variant {name}: rc {p.returncode}\n{err[-3000:]}", flush=True)
         rows += got
     if a.json:
         with open(a.json, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     keys = [k for k in (rows[0] if rows else {}) if k.endswith("_ms")]
-    print("| variant | model | weights | " + " | ".join(keys) + " |")
+    print("| variant | model | weights | small_m | batch | " + " | ".join(keys) + " |")
     for r in rows:
-        print(f"| {r['variant']} | {r['model']} | {r['weights']} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
+        print(f"| {r['variant']} | {r['model']} | {r['weights']} | {r['small_m']} | {r['batch']} | "
+              + " | ".join(str(r.get(k, "")) for k in keys) + " |")
 
 
 if __name__ == "__main__":

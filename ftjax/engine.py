@@ -19,6 +19,7 @@ import numpy as np
 
 from ftjax import sampling
 from ftjax.config import ModelConfig
+from ftjax.layers.linear import small_m_kernel
 from ftjax.models.families import family_for
 from ftjax.pallas import ops
 
@@ -120,6 +121,11 @@ class Engine:
         # fusions that run far below copy bandwidth). `slots` is what requests may use.
         self.slots = ecfg.max_batch_size
         self.B = max(2, ecfg.max_batch_size)
+        # Decode-step projections (<= 16 rows) through the Pallas small-M kernel: on a GPU with the Pallas
+        # attention, one device per shard (a tensor-parallel mesh keeps XLA's partitioned dots). Read when
+        # the decode loop is traced; tests set it to run the kernel interpreted on CPU.
+        self.small_m = (self.impl == "pallas" and jax.default_backend() == "gpu"
+                        and (self.layout is None or self.layout.mesh.size == 1))
         self._beam_heads: set[int] = set()   # host: slots heading a beam group that may still run
         self._sampled_slots: set[int] = set()   # host: slots holding a request that samples (not greedy)
         self.word_capacity = (4, 4)   # (words, tokens per word) of stop/bad word lists; grows by doubling
@@ -293,7 +299,8 @@ class Engine:
         def step(st, count):   # every step a call runs is one it was asked for: no step index needed
             pos = st.seq_len - 1                               # [B] where the pending id goes in the cache
             tok = st.seq[rows, pos]
-            logits, cache = self.family.decode(params, tok, pos, st.cache)
+            with small_m_kernel(self.small_m, interpret=jax.default_backend() != "gpu"):
+                logits, cache = self.family.decode(params, tok, pos, st.cache)
             live = st.active & ~st.done
             nxt, lp = select(logits, st.sp, seq=st.seq, prompt_len=st.prompt_len, seq_len=st.seq_len,
                              gen_count=st.gen_count, top_p=st.top_p, sampled=sampled)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
-from ftjax.layers.linear import Linear
+from ftjax.layers.linear import Linear, fused_linears
 from ftjax.layers.position import apply_rotary
 from ftjax.pallas import ops
 
@@ -31,7 +31,7 @@ class Attention(nn.Module):
         self.o = Linear((n, h), (d,), ("heads", "head_dim"), ("embed",), c.attn_bias, self.dtype)
 
     def _qkv(self, x, positions):
-        q, k, v = self.q(x), self.k(x), self.v(x)  # [..., n, h], [..., k, h], [..., k, h]
+        q, k, v = fused_linears([self.q, self.k, self.v], x)  # [..., n, h], [..., k, h], [..., k, h]
         if self.cfg.position == "rotary":
             q = apply_rotary(q, positions, self.cfg)
             k = apply_rotary(k, positions, self.cfg)

@@ -6,6 +6,9 @@ per-output-channel scales) — models never branch on the weight type (DESIGN.md
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -24,8 +27,85 @@ class QuantizedWeight(NamedTuple):
         return self.q.shape
 
 
+# Small-M projections (decode: a few rows against a big weight) through the Pallas kernel of
+# ftjax/pallas/small_linear.py instead of XLA's dot: None = off, else {"interpret": bool}. The engine
+# turns it on while it traces its decode step (`small_m_kernel`), on a GPU with the Pallas attention
+# and no tensor-parallel mesh (the kernel is a custom call XLA's partitioner cannot split).
+_SMALL_M = contextvars.ContextVar("ftjax_small_m_linear", default=None)
+SMALL_M_ROWS = 16   # the kernel's row limit: more rows (prefill, large batches) go to XLA's GEMM
+
+
+@contextlib.contextmanager
+def small_m_kernel(enabled: bool = True, *, interpret: bool = False):
+    """While tracing inside: projections of <= SMALL_M_ROWS rows run the Pallas small-M kernel."""
+    token = _SMALL_M.set({"interpret": interpret} if enabled else None)
+    try:
+        yield
+    finally:
+        _SMALL_M.reset(token)
+
+
+def _small_m_mode(x, ws, n_in):
+    mode = _SMALL_M.get()
+    if mode is None or x.ndim < n_in:
+        return None
+    from ftjax.sharding.mesh import current_attention_mesh
+    on = current_attention_mesh()
+    if on is not None and on[0].size > 1:
+        return None
+    rows = math.prod(x.shape[: x.ndim - n_in])
+    if not 1 <= rows <= SMALL_M_ROWS or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return None
+    return mode
+
+
+def _flat(w, n_in):
+    """-> (2-D weight [K, N] (int8 values for a QuantizedWeight), scale [N] or None, out shape)."""
+    if isinstance(w, QuantizedWeight):
+        q, scale = w.q, w.scale
+    else:
+        q, scale = w, None
+    k = math.prod(q.shape[:n_in])
+    out = tuple(q.shape[n_in:])
+    return q.reshape(k, math.prod(out)), (None if scale is None else scale.reshape(-1)), out
+
+
+def linear_many(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[jax.Array]:
+    """Several projections of the same x (q/k/v; gate/up): [linear(x, w, n_in) for w in ws], as ONE
+    kernel launch when the small-M kernel is on (XLA fuses plain dots of one operand by itself, but
+    not custom calls, nor dots behind the int8 barrier)."""
+    mode = _small_m_mode(x, ws, n_in)
+    if mode is None:
+        return [linear(x, w, n_in) for w in ws]
+    from ftjax.pallas.small_linear import small_linear
+
+    lead = x.shape[: x.ndim - n_in]
+    flats = [_flat(w, n_in) for w in ws]
+    x2 = x.reshape(math.prod(lead), -1)
+    ys = small_linear(x2, [f[0] for f in flats], [f[1] for f in flats], interpret=mode["interpret"])
+    return [y.reshape(*lead, *f[2]) for y, f in zip(ys, flats)]
+
+
+def fused_linears(mods: Sequence["Linear"], x: jax.Array) -> list[jax.Array]:
+    """[m(x) for m in mods] for Linear modules that read the same x, as one small-M kernel launch when
+    that kernel is on (their params read directly; at init, and otherwise, each module is called)."""
+    n_in = len(mods[0].in_shape)
+    if _small_m_mode(x, (), n_in) is None or mods[0].is_initializing():
+        return [m(x) for m in mods]
+    ps = [m.variables["params"] for m in mods]
+    ys = linear_many(x, [p["kernel"] for p in ps], n_in)
+    out = []
+    for m, p, y in zip(mods, ps, ys):
+        if m.use_bias:
+            y = y + p["bias"].astype(jnp.float32)
+        out.append(y.astype(m.dtype))
+    return out
+
+
 def linear(x: jax.Array, w: Any, n_in: int = 1) -> jax.Array:
     """x [..., *in]; w [*in, *out] (array or QuantizedWeight) -> [..., *out], float32 accumulation."""
+    if _small_m_mode(x, (w,), n_in) is not None:
+        return linear_many(x, (w,), n_in)[0]
     nx = x.ndim
     dims = (tuple(range(nx - n_in, nx)), tuple(range(n_in)))
     if isinstance(w, QuantizedWeight):

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftjax.layers.linear import Linear
+from ftjax.layers.linear import Linear, fused_linears
 
 
 def activation(name: str, x):
@@ -33,10 +33,11 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):  # x [..., d] -> [..., d]
         d, f = self.dim, self.ffn_dim
-        up = Linear((d,), (f,), ("embed",), ("mlp",), self.use_bias, self.dtype, name="wi")(x).astype(jnp.float32)
+        wi = Linear((d,), (f,), ("embed",), ("mlp",), self.use_bias, self.dtype, name="wi")
         if self.gated:
-            gate = Linear((d,), (f,), ("embed",), ("mlp",), self.use_bias, self.dtype, name="wg")(x)
-            h = activation(self.act, gate.astype(jnp.float32)) * up
+            wg = Linear((d,), (f,), ("embed",), ("mlp",), self.use_bias, self.dtype, name="wg")
+            up, gate = fused_linears([wi, wg], x)
+            h = activation(self.act, gate.astype(jnp.float32)) * up.astype(jnp.float32)
         else:
-            h = activation(self.act, up)
+            h = activation(self.act, wi(x).astype(jnp.float32))
         return Linear((f,), (d,), ("mlp",), ("embed",), self.use_bias, self.dtype, name="wo")(h.astype(self.dtype))

@@ -1,0 +1,369 @@
+"""Small-M linear: y_i[M, N_i] = x[M, K] @ W_i[K, N_i] for a few weights sharing K, M <= 16.
+
+Batch-1..16 decode is a chain of "skinny" matmuls: M (rows) is tiny and each weight is large
+(2-64 MB), so the op is a pure stream of W through the SMs; the ideal time is bytes(W) / HBM
+bandwidth. This kernel streams the weights at close to that and does the attention q/k/v
+projections (three weights sharing the input) in one launch.
+
+Shapes (letter legend: M rows, K input features, N_i output features of weight i):
+  x        [M, K]      bf16 / f16 / f32; M in 1..16
+  ws[i]    [K, N_i]    bf16 / f16 / f32, or int8 (weight-only quantised)
+  scales[i][N_i]       optional per-output-channel scale (of an int8 weight)
+  out[i]   [M, N_i]    float32 (the caller adds bias / activation / cast in XLA)
+
+Semantics: each weight is cast to x.dtype (as `ftjax.layers.linear.linear` does; int8 -> float
+is exact), products are accumulated in float32, and the scale multiplies the float32 sum
+(scales are per output channel, so they commute with the sum over K).
+
+Algorithm. One `pallas_call` for all weights. Grid axis 0 enumerates the `block_n`-column
+blocks of all weights back to back: weight i owns program ids [first_i, first_i + nb_i).
+Inside the kernel a static Python loop over the weights puts each weight's code under a
+`pl.when` on that range, so a program only ever streams its own weight's tile. Grid axis 1 is
+split-K: program (j, s) walks K-blocks [s * per_split, min((s + 1) * per_split, nkb)) of its
+column block with a `fori_loop`; each step loads an x tile [16, block_k] (16 rows, the
+smallest tensor-core tile: rows >= M are masked off, so they are zeros and cost no memory
+traffic) and a W tile [block_k, block_n] (int8 converted to x.dtype in registers after the
+load), and accumulates `dot(x, w)` in float32. The program stores rows < M, columns < N_i of
+its [16, block_n] result into out_i[s] ([num_splits, M, N_i] float32, one output per weight).
+x, the weights and the outputs are passed whole and indexed in the kernel with `pl.ds` and
+masks: a K that is not a multiple of block_k and an N that is not a multiple of block_n are
+masked loads (`other=0`) / masked stores of the last block, and nothing is padded or copied
+around the call. After the call plain jnp sums the partials over s and multiplies the scale:
+XLA fuses that with whatever elementwise epilogue the caller applies (bias, activation, cast)
+into one small kernel; with one split the partial is the result (a free reshape).
+
+Auto configuration (`choose_config`): the W tile starts at about `tile_bytes` (16 KB: block_n
+= 128 bytes of a row for 1- and 2-byte weights, 64 columns for float32; block_k the rest) and
+shrinks (block_k first, down to 32, then block_n, down to 32, never below `min_tile_bytes`,
+8 KB) while the weights have fewer than `target_programs * min_blocks_per_split` tiles; then
+num_splits = ceil(target_programs / column blocks over all weights), capped so that each split
+keeps >= `min_blocks_per_split` K-blocks, at `max_splits`, and so that the float32 partials
+(num_splits * M * sum N_i * 4 bytes) stay below `max_partial_fraction` of the weight bytes (or
+below 2 MB, which stays in L2); finally rounded so that no split is empty. `num_stages` is
+lowered where the pipeline stages would not fit the shared memory.
+
+Lowering: Pallas' Triton lowering (`CompilerParams` of `jax.experimental.pallas.triton`,
+passed explicitly). The op is a memory-bound stream whose matrix products have 16 rows, so
+Hopper's wgmma (64-row tiles) buys nothing; what matters is enough W bytes in flight per SM,
+which Triton's software pipelining of the W loads (`num_stages`) and several resident
+programs per SM give. The same kernel body runs on CPU under `interpret=True` in jax 0.10 and
+0.11, which is what CI tests.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from ftjax.pallas import _common as C
+
+ROWS = 16                                    # rows of an x tile (masked past M): the smallest dot tile
+MAX_WEIGHTS = 3
+WEIGHT_DTYPES = C.SUPPORTED_DTYPES + (jnp.dtype(jnp.int8),)
+SMEM_BUDGET = 192 * 1024                     # H100: 227 KB of shared memory per block, with margin
+L2_PARTIAL_BYTES = 2 * 2**20                 # partials this small stay in the 50 MB L2
+
+
+def _pow2(v) -> bool:
+  return v >= 16 and v & (v - 1) == 0
+
+
+def _floor_pow2(v: float) -> int:
+  return 1 << max(0, int(math.floor(math.log2(max(v, 1)))))
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallLinearConfig:
+  """Tunables of the small-M linear kernel.
+
+  block_n: output columns per program (a power of two >= 16); None = auto.
+  block_k: K rows per loop step (a power of two >= 16); None = auto.
+  num_splits: split-K factor (clamped to the number of K-blocks); None = auto, so that
+    (column blocks over all weights) * splits ~ target_programs.
+  num_warps, num_stages: Triton launch / software-pipelining depth (num_stages is lowered where
+    the stages would not fit the shared memory).
+  target_programs: programs to aim for: 4 waves of a 132-SM H100 (several programs are
+    resident per SM, so this keeps many W tiles in flight).
+  min_blocks_per_split: auto splits keep at least this many K-blocks per program.
+  max_splits: auto splits never exceed this.
+  tile_bytes: auto tiles start at about this many bytes of W per loop step.
+  min_tile_bytes: auto tiles never shrink below this many bytes of W.
+  max_partial_fraction: auto splits keep the float32 partials written (splits * M * N * 4
+    bytes) below this fraction of the weight bytes (or below 2 MB, which stays in L2).
+  """
+  block_n: int | None = None
+  block_k: int | None = None
+  num_splits: int | None = None
+  num_warps: int = 4
+  num_stages: int = 3
+  target_programs: int = 528
+  min_blocks_per_split: int = 2
+  max_splits: int = 32
+  tile_bytes: int = 16384
+  min_tile_bytes: int = 8192
+  max_partial_fraction: float = 0.25
+
+  def __post_init__(self):
+    for name in ("block_n", "block_k"):
+      v = getattr(self, name)
+      assert v is None or (isinstance(v, int) and _pow2(v)), (
+          f"SmallLinearConfig.{name}={v} must be a power of two >= 16 (or None)")
+    assert self.num_splits is None or (isinstance(self.num_splits, int) and self.num_splits >= 1), (
+        f"SmallLinearConfig.num_splits={self.num_splits} must be >= 1 or None")
+    assert self.num_warps in (1, 2, 4, 8, 16), (
+        f"SmallLinearConfig.num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
+    assert isinstance(self.num_stages, int) and self.num_stages >= 1, (
+        f"SmallLinearConfig.num_stages={self.num_stages} must be >= 1")
+    assert self.target_programs >= 1, (
+        f"SmallLinearConfig.target_programs={self.target_programs} must be >= 1")
+    assert self.min_blocks_per_split >= 1, (
+        f"SmallLinearConfig.min_blocks_per_split={self.min_blocks_per_split} must be >= 1")
+    assert self.max_splits >= 1, f"SmallLinearConfig.max_splits={self.max_splits} must be >= 1"
+    assert self.tile_bytes >= 1 and self.min_tile_bytes >= 1, (
+        f"SmallLinearConfig.tile_bytes={self.tile_bytes} / min_tile_bytes={self.min_tile_bytes} "
+        "must be >= 1")
+    assert self.max_partial_fraction > 0, (
+        f"SmallLinearConfig.max_partial_fraction={self.max_partial_fraction} must be > 0")
+
+  @property
+  def resolved(self) -> bool:
+    return None not in (self.block_n, self.block_k, self.num_splits)
+
+
+def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = None
+                  ) -> SmallLinearConfig:
+  """The fully resolved config (no None) the kernel runs with for these shapes.
+
+  M rows, K input features, Ns the output features of each weight, dtype the weights' dtype
+  (the widest one if they differ; int8 for weight-only quantised). Fields set in `config` are
+  kept (num_splits clamped to the K-blocks, num_stages to the shared memory); None fields are
+  chosen as described in the module docstring.
+  """
+  config = config or SmallLinearConfig()
+  Ns = tuple(int(n) for n in Ns)
+  assert Ns and all(n >= 1 for n in Ns), f"Ns={Ns} must be >= 1 each"
+  assert K >= 1, f"K={K} must be >= 1"
+  itemsize = jnp.dtype(dtype).itemsize
+  max_bn = max(16, pl.next_power_of_2(max(Ns)))
+  max_bk = max(16, pl.next_power_of_2(K))
+
+  bn = config.block_n or min(max_bn, max(16, 128 // itemsize if itemsize <= 2 else 64))
+  bk = config.block_k or min(max_bk, max(16, min(256, _floor_pow2(config.tile_bytes / (bn * itemsize)))))
+
+  def n_blocks(bn_):
+    return sum(pl.cdiv(n, bn_) for n in Ns)
+
+  # Small weights: shrink the tile until there are enough tiles to spread over the GPU.
+  want_tiles = config.target_programs * config.min_blocks_per_split
+  while n_blocks(bn) * pl.cdiv(K, bk) < want_tiles:
+    if config.block_k is None and bk > 32 and (bk // 2) * bn * itemsize >= config.min_tile_bytes:
+      bk //= 2
+    elif config.block_n is None and bn > 32 and bk * (bn // 2) * itemsize >= config.min_tile_bytes:
+      bn //= 2
+    else:
+      break
+
+  nb = n_blocks(bn)
+  nkb = pl.cdiv(K, bk)
+  if config.num_splits is not None:
+    splits = min(config.num_splits, nkb)
+  else:
+    want = pl.cdiv(config.target_programs, nb)
+    cap = max(1, nkb // config.min_blocks_per_split)
+    w_bytes = K * sum(Ns) * itemsize
+    partial_row_bytes = M * sum(Ns) * 4
+    cap_partial = max(1, int(max(config.max_partial_fraction * w_bytes, L2_PARTIAL_BYTES)
+                             // partial_row_bytes))
+    splits = max(1, min(want, cap, config.max_splits, cap_partial))
+  # No empty split: the last split gets what is left.
+  splits = pl.cdiv(nkb, pl.cdiv(nkb, splits))
+
+  stage_bytes = bk * bn * itemsize + ROWS * bk * 4
+  stages = max(1, min(config.num_stages, SMEM_BUDGET // stage_bytes))
+  return dataclasses.replace(config, block_n=bn, block_k=bk, num_splits=splits, num_stages=stages)
+
+
+def _normalize(ws, scales):
+  assert isinstance(ws, (list, tuple)), (
+      f"ws must be a list of 1..{MAX_WEIGHTS} weights [K, N_i], got {type(ws).__name__}")
+  ws = list(ws)
+  assert 1 <= len(ws) <= MAX_WEIGHTS, f"ws must hold 1..{MAX_WEIGHTS} weights, got {len(ws)}"
+  if scales is None:
+    scales = [None] * len(ws)
+  assert isinstance(scales, (list, tuple)), (
+      f"scales must be None or a list aligned with ws, got {type(scales).__name__}")
+  scales = list(scales)
+  assert len(scales) == len(ws), f"scales has {len(scales)} entries but ws has {len(ws)}"
+  return ws, scales
+
+
+def _check(x, ws, scales):
+  assert hasattr(x, "shape") and x.ndim == 2, (
+      f"x must be [M, K], got shape {getattr(x, 'shape', None)}")
+  M, K = x.shape
+  assert 1 <= M <= ROWS, f"x has M={M} rows; small_linear supports 1..{ROWS} (x.shape={x.shape})"
+  assert K >= 1, f"x.shape={x.shape}: K must be >= 1"
+  C.check_dtype("x", x)
+  for i, w in enumerate(ws):
+    assert hasattr(w, "shape") and w.ndim == 2, (
+        f"ws[{i}] must be [K, N], got shape {getattr(w, 'shape', None)}")
+    assert w.shape[0] == K, (
+        f"ws[{i}].shape={w.shape}: its K={w.shape[0]} != K={K} of x.shape={x.shape}")
+    assert w.shape[1] >= 1, f"ws[{i}].shape={w.shape}: N must be >= 1"
+    assert jnp.dtype(w.dtype) in WEIGHT_DTYPES, (
+        f"ws[{i}].dtype={w.dtype} is not supported; expected one of "
+        f"{[str(d) for d in WEIGHT_DTYPES]}")
+  for i, (w, s) in enumerate(zip(ws, scales)):
+    if s is None:
+      continue
+    assert hasattr(s, "shape") and s.shape == (w.shape[1],), (
+        f"scales[{i}] must be [N]=[{w.shape[1]}] for ws[{i}].shape={w.shape}, "
+        f"got shape {getattr(s, 'shape', None)}")
+    assert jnp.issubdtype(s.dtype, jnp.floating), f"scales[{i}].dtype={s.dtype} must be float"
+
+
+def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int,
+            num_splits: int, per_split: int, n_kblocks: int, precision):
+  """x_ref [M, K]; refs = (*w_refs [K, N_i], *out_refs [num_splits, M, N_i]), all whole arrays.
+
+  Program (j, s) computes column block j (of the weight that owns j) over K-split s and
+  stores rows < M, columns < N_i of the [16, block_n] float32 result into out_i[s].
+  """
+  n_w = len(Ns)
+  w_refs, o_refs = refs[:n_w], refs[n_w:]
+  cdtype = x_ref.dtype
+  pid = pl.program_id(0)
+  # A traced zero, not the literal 0, where a ref is indexed at 0 (see row0 below; a Python int
+  # scalar index also trips the interpreter's store rule in jax 0.10).
+  zero = pid * 0
+  split = pl.program_id(1) if num_splits > 1 else zero
+  if num_splits == 1:
+    lo, hi = 0, n_kblocks
+  else:
+    lo = split * per_split
+    hi = jnp.minimum(lo + per_split, n_kblocks)
+  ragged_k = K % block_k != 0
+  # x has M <= 16 rows: the tile reads 16 (the smallest dot tile), the rows >= M masked off
+  # (zeros, no memory traffic). The row start is a traced zero: the slice overruns the [M, K]
+  # ref on purpose (masked), which a static start could be bounds-checked against.
+  row0 = zero
+  rmask = None if M == ROWS else (jnp.arange(ROWS) < M)[:, None]          # [16, 1]
+
+  def run(w_ref, o_ref, N: int, first: int):
+    n0 = (pid - first) * block_n
+    nmask = None
+    if N % block_n:
+      nmask = ((n0 + jnp.arange(block_n)) < N)[None, :]                   # [1, bn]
+
+    def body(kb, acc):
+      k0 = kb * block_k
+      kmask = ((k0 + jnp.arange(block_k)) < K) if ragged_k else None      # [bk]
+      xm = _and(rmask, None if kmask is None else kmask[None, :])
+      xs = x_ref.at[pl.ds(row0, ROWS), pl.ds(k0, block_k)]
+      xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)       # [16, bk]
+      wm = _and(None if kmask is None else kmask[:, None], nmask)
+      ws = w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)]
+      wb = ws[...] if wm is None else C.load(ws, mask=wm, other=0)       # [bk, bn]
+      return acc + C.dot(xb, wb.astype(cdtype), precision=precision)
+
+    acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((ROWS, block_n), jnp.float32))
+    dst = o_ref.at[split, pl.ds(row0, ROWS), pl.ds(n0, block_n)]
+    om = _and(rmask, nmask)
+    if om is None:
+      dst[...] = acc
+    else:
+      C.store(dst, acc, mask=jnp.broadcast_to(om, (ROWS, block_n)))
+
+  if n_w == 1:
+    run(w_refs[0], o_refs[0], Ns[0], 0)
+    return
+  for i in range(n_w):
+    if i == 0:
+      cond = pid < firsts[1]
+    elif i == n_w - 1:
+      cond = pid >= firsts[i]
+    else:
+      cond = (pid >= firsts[i]) & (pid < firsts[i + 1])
+    pl.when(cond)(functools.partial(run, w_refs[i], o_refs[i], Ns[i], firsts[i]))
+
+
+def _and(a, b):
+  if a is None:
+    return b
+  return a if b is None else a & b
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _small_linear(x, ws, scales, *, config, interpret):
+  M, K = x.shape
+  Ns = tuple(int(w.shape[1]) for w in ws)
+  wdtype = max((jnp.dtype(w.dtype) for w in ws), key=lambda d: d.itemsize)
+  cfg = choose_config(M, K, Ns, wdtype, config)
+  bn, bk, splits = cfg.block_n, cfg.block_k, cfg.num_splits
+  n_kblocks = pl.cdiv(K, bk)
+  per_split = pl.cdiv(n_kblocks, splits)
+  nbs = [pl.cdiv(n, bn) for n in Ns]
+  firsts = tuple(int(sum(nbs[:i])) for i in range(len(ws)))
+
+  kernel = functools.partial(
+      _kernel, Ns=Ns, firsts=firsts, K=K, M=M, block_n=bn, block_k=bk, num_splits=splits,
+      per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype))
+  # Whole-array blocks (index 0): the kernel indexes x, W and the outputs itself (pl.ds + masks),
+  # so nothing is padded or copied around the call.
+  whole = lambda shape: pl.BlockSpec(tuple(shape), lambda j, s: (0,) * len(shape))  # noqa: E731
+  out_shapes = [(splits, M, n) for n in Ns]
+  parts = pl.pallas_call(
+      kernel,
+      grid=(int(sum(nbs)), splits),
+      in_specs=[whole(x.shape)] + [whole(w.shape) for w in ws],
+      out_specs=[whole(sh) for sh in out_shapes],
+      out_shape=[jax.ShapeDtypeStruct(sh, jnp.float32) for sh in out_shapes],
+      compiler_params=C.triton_compiler_params(cfg.num_warps, cfg.num_stages),
+      interpret=interpret,
+      name="ftjax_small_linear",
+  )(x, *ws)
+
+  # Split-K reduction and scales: plain jnp, which XLA fuses with the caller's epilogue (with
+  # one split the partial is the result: a free reshape).
+  outs = []
+  for part, s in zip(parts, scales):
+    y = part[0] if splits == 1 else jnp.sum(part, axis=0)
+    if s is not None:
+      y = y * s.astype(jnp.float32)
+    outs.append(y)
+  return outs
+
+
+def small_linear(x, ws, scales=None, *, config: SmallLinearConfig | None = None,
+                 interpret: bool = False):
+  """x [M, K] (M <= 16); ws list of 1..3 weights [K, N_i]; scales None or a list aligned with
+  ws of None or [N_i] -> list of [M, N_i] float32 (x @ ws[i].astype(x.dtype), times scales[i]).
+
+  One kernel launch for all weights; `config` None picks the tiles and split-K with
+  `choose_config`; `interpret=True` runs the kernel body on CPU.
+  """
+  ws, scales = _normalize(ws, scales)
+  _check(x, ws, scales)
+  assert config is None or isinstance(config, SmallLinearConfig), (
+      f"config must be a SmallLinearConfig or None, got {type(config).__name__}")
+  return _small_linear(x, tuple(ws), tuple(scales), config=config or SmallLinearConfig(),
+                       interpret=bool(interpret))
+
+
+def small_linear_reference(x, ws, scales=None):
+  """Float32 plain-jnp twin of `small_linear` (same arguments, same list of [M, N_i] float32)."""
+  ws, scales = _normalize(ws, scales)
+  _check(x, ws, scales)
+  xf = x.astype(jnp.float32)
+  outs = []
+  for w, s in zip(ws, scales):
+    wf = w.astype(x.dtype).astype(jnp.float32)     # the kernel's semantics: W cast to x.dtype
+    y = jnp.dot(xf, wf, precision=jax.lax.Precision.HIGHEST)
+    if s is not None:
+      y = y * s.astype(jnp.float32)
+    outs.append(y)
+  return outs

@@ -1,0 +1,62 @@
+"""The decode step's projections through the Pallas small-M kernel (interpreted on CPU) against the same
+engine on XLA's dots: same tokens and log probs, for a GPT-2-like and a LLaMA-like model (GQA, SwiGLU,
+untied head), float32 and INT8 weight-only; the kernel is really in the compiled step (one launch for
+q/k/v, one for gate/up)."""
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+import ftjax
+from ftjax import quantize as Q
+from ftjax.config import ModelConfig
+from ftjax.models import gpt
+
+SHAPES = {
+    "gpt2": dict(),
+    "llama": dict(position="rotary", norm="rmsnorm", gated_ffn=True, activation="silu", num_kv_heads=2,
+                  attn_bias=False, mlp_bias=False, tie_embeddings=False),
+}
+
+
+def _llm(cfg, params, small_m):
+    llm = ftjax.LLM(cfg, params, dtype="float32", attention="pallas", max_batch_size=3, max_seq_len=48)
+    llm.engine.small_m = small_m
+    return llm
+
+
+@pytest.mark.parametrize("family", sorted(SHAPES))
+@pytest.mark.parametrize("int8", [False, True])
+def test_decode_with_small_m_kernel_matches_xla(family, int8):
+    seed = np.random.randint(1 << 30)
+    cfg = ModelConfig(vocab_size=300, max_positions=64, hidden=64, num_layers=2, num_heads=4, ffn_dim=96,
+                      bos_id=0, eos_id=1, **SHAPES[family])
+    params = gpt.init_params(cfg, seed=seed % 1000)
+    if int8:
+        params = Q.quantize_params(params, cfg)
+    prompts = [list(r) for r in np.random.RandomState(seed % 997).randint(2, 300, size=(3, 7))]
+    res = {}
+    for small_m in (False, True):
+        res[small_m] = _llm(cfg, params, small_m).generate(prompts, max_new_tokens=6, end_id=None,
+                                                         return_log_probs=True)
+    assert res[True].tokens == res[False].tokens, f"seed {seed}"
+    np.testing.assert_allclose(np.asarray(res[True].output_log_probs, np.float32),
+                               np.asarray(res[False].output_log_probs, np.float32), atol=2e-4, rtol=1e-4)
+
+
+def test_kernel_is_in_the_decode_step_once_per_projection_group():
+    cfg = ModelConfig(vocab_size=300, max_positions=64, hidden=64, num_layers=2, num_heads=4, ffn_dim=96,
+                      bos_id=0, eos_id=1, **SHAPES["llama"])
+    eng = _llm(cfg, gpt.init_params(cfg), True).engine
+    txt = str(jax.make_jaxpr(lambda s: eng._generate_fn(eng.params, s, 0, rem=1, chunked=False, beam=False,
+                                                        sampled=False))(eng.init_state()))
+    # per layer: q/k/v (one launch), o, gate/up (one launch), down; then the untied head
+    assert len(re.findall(r"name=_small_linear\b", txt)) == 4 * cfg.num_layers + 1
+    # off: XLA's dots only
+    eng2 = _llm(cfg, gpt.init_params(cfg), False).engine
+    txt2 = str(jax.make_jaxpr(lambda s: eng2._generate_fn(eng2.params, s, 0, rem=1, chunked=False, beam=False,
+                                                          sampled=False))(eng2.init_state()))
+    assert "_small_linear" not in txt2
