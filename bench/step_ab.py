@@ -84,7 +84,7 @@ def child(a):
                 for n in (1, 7, 15):
                     row[f"{mode}_{n}_ms"] = round(timed(n), 3)
             print("ROW " + json.dumps(row), flush=True)
-            del llm, eng, params
+            llm = eng = params = None
 
 
 def main():
