@@ -63,7 +63,7 @@ def main():
     t0 = time.perf_counter()
     llm.generate(prompts, max_new_tokens=a.steps, end_id=None)
     untraced = time.perf_counter() - t0
-    tdir = os.path.join(a.out, "trace")
+    tdir = tempfile.mkdtemp(prefix="trace_", dir=a.out)
     with jax.profiler.trace(tdir, create_perfetto_trace=True):
         t0 = time.perf_counter()
         llm.generate(prompts, max_new_tokens=a.steps, end_id=None)
@@ -111,6 +111,29 @@ def main():
                 gap = e["ts"] - prev if prev is not None else 0.0
                 prev = e["ts"] + e.get("dur", 0)
                 f.write(f"{e.get('dur', 0):8.1f} {gap:8.1f}  {e['name']}\n")
+    # Before the decode loop: prefill + insert (everything launched before the first decode-attention
+    # kernel, or before the first kernel of the decode loop's XLA attention when --attention xla).
+    order = sorted(kern, key=lambda e: e["ts"])
+    first_dec = next((i for i, e in enumerate(order) if "decode_attention" in e["name"]), None)
+    if first_dec:
+        pre = order[:first_dec]
+        # the decode loop's first step starts after the last kernel of the prefill/insert calls: take the
+        # largest gap before the first decode-attention kernel as the boundary
+        gaps = [(order[i]["ts"] - (order[i - 1]["ts"] + order[i - 1].get("dur", 0)), i) for i in range(1, first_dec + 1)]
+        g, cut = max(gaps)
+        pre = order[:cut]
+        p_span = pre[-1]["ts"] + pre[-1].get("dur", 0) - pre[0]["ts"]
+        p_busy = sum(e.get("dur", 0) for e in pre)
+        print(f"prefill+insert: {len(pre)} kernels, span {p_span:.0f} us, busy {p_busy:.0f} us; then an idle gap of "
+              f"{g:.0f} us before the decode loop; traced wall {traced * 1e6:.0f} us vs GPU span "
+              f"{t_last - t_first:.0f} us (the rest is host time outside any kernel)")
+        if a.sequence:
+            with open(a.sequence + ".prefill", "w") as f:
+                prev = None
+                for e in pre:
+                    gap = e["ts"] - prev if prev is not None else 0.0
+                    prev = e["ts"] + e.get("dur", 0)
+                    f.write(f"{e.get('dur', 0):8.1f} {gap:8.1f}  {e['name']}\n")
     print("top kernels by total time (count, total us, mean us):")
     for name, (n, d) in sorted(by.items(), key=lambda kv: -kv[1][1])[:25]:
         print(f"  {n:6d} {d:10.0f} {d / n:8.1f}  {name[:110]}")
