@@ -133,8 +133,9 @@ class Engine:
         if not 1 <= ecfg.max_beam_width <= ecfg.max_batch_size:
             raise ValueError(f"max_beam_width: {ecfg.max_beam_width} not in [1, max_batch_size={ecfg.max_batch_size}]")
         self.max_beam_width = ecfg.max_beam_width
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampled",))
-        self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
+        # prefill and insert as ONE executable: a call costs the host milliseconds on the GPU (dispatching
+        # ~400 arrays, updating the call's command buffers), and the prompt's K/V go straight into the cache
+        self._admit = jax.jit(self._admit_fn, donate_argnums=(1,), static_argnames=("sampled",))
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,), static_argnames=("rem", "chunked", "beam", "sampled"))
         self._snapshot = jax.jit(self._snapshot_fn, static_argnames=("width",))
         self._logits = jax.jit(self._logits_fn)
@@ -222,6 +223,12 @@ class Engine:
         tok, lp = select(logits, sp, seq=tokens, prompt_len=lengths, seq_len=lengths, gen_count=zeros,
                          top_p=sp.top_p, sampled=sampled)
         return Prefix(kv=kv, first=tok, first_logprob=lp)
+
+    def _admit_fn(self, params, state: DecodeState, tokens, lengths, sp, dec_tokens, dec_lengths, max_new, src,
+                  slots, gslots, *, sampled: bool):
+        """_prefill_fn then _insert_fn (dec_tokens / dec_lengths: what the decoder's rows start from)."""
+        prefix = self._prefill_fn(params, tokens, lengths, sp, sampled=sampled)
+        return self._insert_fn(state, prefix, dec_tokens, dec_lengths, max_new, sp, src, slots, gslots)
 
     def _insert_fn(self, state: DecodeState, prefix: Prefix, tokens, lengths, max_new, sp, src, slots, gslots):
         """Writes prefilled requests into slots. Request rows [b]: tokens [b, T], lengths, max_new, sp.
@@ -411,15 +418,15 @@ class Engine:
         dst_arr[: len(dst)] = dst
         state = self._grow_capacity(state, params_list)
         sp = self._pack(list(params_list), b)
-        prefix = self._prefill(self.params, tokens, lengths, sp,
-                               sampled=any(p.beam_width == 1 and not p.greedy for p in params_list))
+        dec_tokens, dec_lengths = tokens, lengths
         if not self.family.samples_at_prefill:
             # Encoder-decoder: the decoder sequence starts as [start_id], pending for the first step.
             start = [self.cfg.bos_id if p.start_id is None else p.start_id for p in params_list]
-            tokens = np.zeros((b, 1), np.int32)
-            tokens[: len(start), 0] = start
-            lengths = np.ones((b,), np.int32)
-        return self._insert(state, prefix, tokens, lengths, mx, sp, src_arr, dst_arr, gslots)
+            dec_tokens = np.zeros((b, 1), np.int32)
+            dec_tokens[: len(start), 0] = start
+            dec_lengths = np.ones((b,), np.int32)
+        return self._admit(self.params, state, tokens, lengths, sp, dec_tokens, dec_lengths, mx, src_arr,
+                           dst_arr, gslots, sampled=any(p.beam_width == 1 and not p.greedy for p in params_list))
 
     def _grow_capacity(self, state: DecodeState, params_list) -> DecodeState:
         """Word-list / reset-id capacities grow (doubling) when a request needs more; the running slots'

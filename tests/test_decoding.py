@@ -161,12 +161,12 @@ def test_changing_values_never_recompiles(pair):
     # (the decode loop compiles per step count mod 16: both calls ask the same count)
     llm.generate(prompts, max_new_tokens=9, beam_width=[1, 2, 1, 1], top_k=[0, 0, 5, 0], end_id=None)
     eng = llm.engine
-    sizes = (eng._prefill._cache_size(), eng._insert._cache_size(), eng._generate._cache_size())
+    sizes = (eng._admit._cache_size(), eng._generate._cache_size())
     llm.generate(prompts, max_new_tokens=9, beam_width=[2, 1, 3, 1], top_k=[3, 0, 0, 40], top_p=[0, 0.5, 0, 0.8],
                  temperature=[1.0, 0.7, 1.0, 1.5], repetition_penalty=[1.0, 1.2, 1.0, 0.9],
                  presence_penalty=[0.0, 0.5, 0.0, 0.0], min_length=[0, 2, 0, 1], random_seed=[1, 2, 3, 4],
                  stop_words=[[7, 8]], bad_words=[[9]], len_penalty=0.5)
-    assert (eng._prefill._cache_size(), eng._insert._cache_size(), eng._generate._cache_size()) == sizes
+    assert (eng._admit._cache_size(), eng._generate._cache_size()) == sizes
 
 
 @pytest.mark.parametrize("kw,field", [

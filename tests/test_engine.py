@@ -54,10 +54,10 @@ def test_no_recompile_for_new_prompts_and_lengths(llm):
     prompts = random_prompts(np.random.RandomState(1), 3, 2, 12)
     llm.generate(prompts, max_new_tokens=5)
     llm.generate(prompts, max_new_tokens=21)
-    sizes = (llm.engine._generate._cache_size(), llm.engine._insert._cache_size())
+    sizes = (llm.engine._generate._cache_size(), llm.engine._admit._cache_size())
     for seed, n in ((2, 5), (3, 21), (4, 21)):
         llm.generate(random_prompts(np.random.RandomState(seed), 3, 2, 12), max_new_tokens=n)
-    assert (llm.engine._generate._cache_size(), llm.engine._insert._cache_size()) == sizes
+    assert (llm.engine._generate._cache_size(), llm.engine._admit._cache_size()) == sizes
 
 
 def test_generate_chunks_add_up_to_n_steps(llm):
