@@ -189,6 +189,8 @@ def main():
     ap.add_argument("--client-procs", type=int, default=8)
     ap.add_argument("--frontends", default="1", help="comma list: gRPC front-end processes (python -m ftjax.serve "
                     "--frontends); one serve run per value and stream chunk")
+    ap.add_argument("--early-release", default="1", help="comma list of 1/0: the scheduler reuses a slot as soon "
+                    "as its row must have ended (1, the default) or once its snapshot says so (0); one run per value")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -214,26 +216,29 @@ def main():
 
     precompile(llm, work, a.max_batch_size)
     runs = {}
-    for fe in [int(x) for x in a.frontends.split(",")]:
-        for sc in [int(x) for x in a.stream_chunk.split(",")]:
-            srv = Server(models, grpc_port=0, metrics_port=None, chunk=a.chunk, stream_chunk=sc,
-                         max_queue=max(1024, a.requests), frontends=fe).start()
-            url = f"127.0.0.1:{srv.grpc_port}"
-            try:
-                run_clients(url, warm, a.clients, procs=a.client_procs)           # compile prefill buckets / steps
-                runs[(fe, sc)] = run_clients(url, work, a.clients, procs=a.client_procs)
-            finally:
-                srv.stop()
-    for (fe, sc), r in runs.items():
-        report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, fe)
+    for fe, sc, er in [(f, c, e) for f in a.frontends.split(",") for c in a.stream_chunk.split(",")
+                       for e in a.early_release.split(",")]:
+        fe, sc, er = int(fe), int(sc), bool(int(er))
+        srv = Server(models, grpc_port=0, metrics_port=None, chunk=a.chunk, stream_chunk=sc,
+                     max_queue=max(1024, a.requests), frontends=fe).start()
+        for m in models:
+            m.scheduler.early_release = er
+        url = f"127.0.0.1:{srv.grpc_port}"
+        try:
+            run_clients(url, warm, a.clients, procs=a.client_procs)           # compile prefill buckets / steps
+            runs[(fe, sc, er)] = run_clients(url, work, a.clients, procs=a.client_procs)
+        finally:
+            srv.stop()
+    for (fe, sc, er), r in runs.items():
+        report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, fe, er)
 
 
-def report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, frontends=1):
+def report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, frontends=1, early_release=True):
     out = {
         "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "ftjax": ftjax.__version__,
         "date": time.strftime("%Y-%m-%d"), "model": a.model or "embedded default", "dtype": a.dtype,
         "clients": a.clients, "requests": a.requests, "prompt_len": a.prompt_len, "output_len": a.output_len,
-        "max_batch_size": a.max_batch_size, "max_seq_len": a.max_seq_len, "chunk": a.chunk, "stream_chunk": sc, "frontends": frontends,
+        "max_batch_size": a.max_batch_size, "max_seq_len": a.max_seq_len, "chunk": a.chunk, "stream_chunk": sc, "frontends": frontends, "early_release": early_release,
         "client_procs": a.client_procs,
         "serve_tokens": r["tokens"], "serve_wall_s": round(r["wall_s"], 3),
         "serve_tokens_per_s": round(r["tokens"] / r["wall_s"], 1),

@@ -136,8 +136,8 @@ class Engine:
         # prefill and insert as ONE executable: a call costs the host milliseconds on the GPU (dispatching
         # ~400 arrays, updating the call's command buffers), and the prompt's K/V go straight into the cache
         self._admit = jax.jit(self._admit_fn, donate_argnums=(1,), static_argnames=("sampled",))
-        self._generate = jax.jit(self._generate_fn, donate_argnums=(1,), static_argnames=("rem", "chunked", "beam", "sampled"))
-        self._snapshot = jax.jit(self._snapshot_fn, static_argnames=("width",))
+        self._generate = jax.jit(self._generate_fn, donate_argnums=(1,),
+                                 static_argnames=("rem", "chunked", "beam", "sampled", "snap"))
         self._logits = jax.jit(self._logits_fn)
         self._retire = jax.jit(self._retire_sharded, donate_argnums=(0,))
 
@@ -289,7 +289,7 @@ class Engine:
         return st, ids, is_beam, fin
 
     def _generate_fn(self, params, state: DecodeState, n_chunks, *, rem: int, chunked: bool, beam: bool,
-                     sampled: bool = True):
+                     sampled: bool = True, snap: int = 0):
         """n_chunks * CHUNK + rem decode steps for every live slot, in one call: (chunked) a while loop
         over chunks of CHUNK steps, each chunk a loop of static trip count, then a loop of `rem` steps
         (static). XLA:GPU evaluates a while loop's condition on the host (a device-to-host copy and a
@@ -345,7 +345,10 @@ class Engine:
         _, state, steps = carry
         if rem:
             state, steps = jax.lax.fori_loop(0, rem, lambda _, c: step(*c), (state, steps))
-        return self._constrain(state), steps
+        state = self._constrain(state)
+        if snap:   # the server's snapshot, in the same executable (one call less per scheduler iteration)
+            return state, steps, self._snapshot_fn(state, width=snap)
+        return state, steps
 
     def _snapshot_fn(self, state: DecodeState, *, width: int):
         """What a server needs after a generate call, small and not donated: seq_len [B], done [B], and
@@ -463,34 +466,34 @@ class Engine:
     # compiled per (beam, sampled) whatever n is. "exact": one call, compiled per (n mod CHUNK, n >= CHUNK).
     steps_mode = "pieces"
 
-    def generate_steps(self, state: DecodeState, n_steps: int):
-        """Runs up to n_steps decode steps (fewer when every slot finishes). -> (state, steps run)."""
+    def generate_steps(self, state: DecodeState, n_steps: int, *, snap: int = 0):
+        """Runs up to n_steps decode steps (fewer when every slot finishes). -> (state, steps run), and with
+        snap > 0 also `_snapshot_fn(state, width=snap)` computed by the last call."""
         n = int(n_steps)
         beam = bool(self._beam_heads) and self.max_beam_width > 1
         sampled = bool(self._sampled_slots)
         q, r = divmod(n, self.CHUNK)
         if self.steps_mode == "exact":
-            return self._generate(self.params, state, np.int32(q), rem=r, chunked=q > 0, beam=beam,
-                                  sampled=sampled)
-        first = r & 8 if q > 0 else (1 << (r.bit_length() - 1) if r else 0)   # r's top piece rides along
-        calls = [(q, first)] + [(0, b) for b in (4, 2, 1) if r & b and b != first]
-        total = None
-        for cq, cr in calls:
-            if cq == 0 and cr == 0:
-                continue
-            state, steps = self._generate(self.params, state, np.int32(cq), rem=cr, chunked=cq > 0, beam=beam,
-                                          sampled=sampled)
+            calls = [(q, r)]
+        else:
+            first = r & 8 if q > 0 else (1 << (r.bit_length() - 1) if r else 0)   # r's top piece rides along
+            calls = [(q, first)] + [(0, b) for b in (4, 2, 1) if r & b and b != first]
+        calls = [c for c in calls if c != (0, 0)] or [(0, 0)]
+        total = snapshot = None
+        for k, (cq, cr) in enumerate(calls):
+            out = self._generate(self.params, state, np.int32(cq), rem=cr, chunked=cq > 0, beam=beam,
+                                 sampled=sampled, snap=snap if k == len(calls) - 1 else 0)
+            state, steps = out[0], out[1]
+            if len(out) == 3:
+                snapshot = out[2]
             total = steps if total is None else total + steps
-        if total is None:
-            total = jnp.int32(0)
-        return state, total
+        return (state, total, snapshot) if snap else (state, total)
 
     def generate_snap(self, state: DecodeState, n_steps: int):
         """generate_steps, then a small snapshot of the result (`_snapshot_fn`, width n_steps + 1: enough
-        for every id a slot can have gained since the previous call, prefill's first id included).
-        -> (state, steps, snapshot dict of device arrays)."""
-        state, steps = self.generate_steps(state, n_steps)
-        return state, steps, self._snapshot(state, width=int(n_steps) + 1)
+        for every id a slot can have gained since the previous call, prefill's first id included), computed
+        inside the last generate call. -> (state, steps, snapshot dict of device arrays)."""
+        return self.generate_steps(state, n_steps, snap=int(n_steps) + 1)
 
     def logits(self, *arrays):
         """GPT: (tokens, lengths); T5: (enc_tokens, enc_len, dec_tokens, dec_len) -> full logits."""

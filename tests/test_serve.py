@@ -178,9 +178,9 @@ def _slow(llm, delay):
     eng = llm.engine
     orig = eng.generate_steps
 
-    def slow(state, n):
+    def slow(state, n, **kw):
         time.sleep(delay)
-        return orig(state, n)
+        return orig(state, n, **kw)
 
     eng.generate_steps = slow
     return lambda: setattr(eng, "generate_steps", orig) if eng.generate_steps is slow else None

@@ -81,6 +81,10 @@ class Request:
         self.next_row = 0                         # rows admitted so far (in order)
         self.gen: list[list[int]] = [[] for _ in rows]        # per row: generated ids read back so far
         self.gen_lp: list[list[float]] = [[] for _ in rows]   # and their log probs (when asked)
+        self.valid_from = [0] * len(rows)     # per row: the first generate call whose snapshot shows it
+        self.gen_bound = [0] * len(rows)      # per row: ids it will have generated once every dispatched call ran
+        self.released: list[int | None] = [None] * len(rows)   # per row: the call by whose end it had to
+                                                                # finish, once its slot went back to the free list
         self.cancelled = threading.Event()
         self.finished = False
         self._events: queue.Queue[Update] = queue.Queue()
@@ -121,8 +125,8 @@ class Scheduler:
         self._state = None
         self._inflight: collections.deque = collections.deque()   # (call index, snapshot) not yet read back
         self._ncalls = 0                                           # generate calls dispatched
-        self._valid_from = [0] * self.engine.B                     # per slot: first call that shows its row
         self._out: list = []                                       # updates of this iteration
+        self.early_release = True   # free a slot as soon as its row must have ended (`_release_finishing`)
         # Called once per iteration with [(request, update)]; the default pushes each one. An asyncio
         # front end replaces it with one hop into its event loop.
         self.deliver = self._deliver_each
@@ -205,9 +209,28 @@ class Scheduler:
             self._state, _, snap = self.engine.generate_snap(self._state, k)
             self._inflight.append((self._ncalls, snap))
             self._ncalls += 1
+            if self.early_release:
+                self._release_finishing(k)
         while len(self._inflight) > (1 if running else 0):
             j, snap = self._inflight.popleft()
             self._process(j, jax.device_get(snap))   # one read-back of the four small arrays
+
+    def _release_finishing(self, k: int):
+        """Frees, at once, the slot of every row certain to have finished by the end of the calls dispatched
+        so far: a row generates one id per step until it ends, so once its ids after insert plus the steps
+        dispatched since reach max_new, the last dispatched call ends it (earlier, if it met an end id).
+        Its final ids are in that call's snapshot, taken before any later insert reuses the slot, so the
+        next iteration can admit a waiting request there instead of leaving the slot idle until that
+        snapshot has been read back (one pipelined iteration later). Beam groups end by their own rule
+        and are not released early."""
+        for r in self._live:
+            for i, sl in enumerate(r.slots):
+                if sl is None or len(sl) > 1 or r.row_done[i] or r.released[i] is not None:
+                    continue
+                r.gen_bound[i] += k
+                if r.gen_bound[i] >= r.rows[i].max_new:
+                    r.released[i] = self._ncalls - 1
+                    self._free.extend(sl)
 
     def _drop_cancelled(self, now):
         with self._cv:
@@ -217,7 +240,8 @@ class Scheduler:
         retire = []
         for r in list(self._live):
             if r.cancelled.is_set() or (r.deadline and now > r.deadline):
-                retire += [x for s in r.slots if s is not None for x in s]
+                # a released row's slot may already hold another request: not this one's to retire
+                retire += [x for i, s in enumerate(r.slots) if s is not None and r.released[i] is None for x in s]
                 gone.append(r)
                 self._live.remove(r)
         if retire:
@@ -270,7 +294,10 @@ class Scheduler:
             if r in reqs:
                 r.slots[i] = s
                 # Snapshots of generate calls dispatched before this insert say nothing about this row.
-                self._valid_from[s[0]] = self._ncalls
+                r.valid_from[i] = self._ncalls
+                # generated ids after the insert: GPT's first id comes from prefill (beam: none yet; T5:
+                # the decoder start id is pending)
+                r.gen_bound[i] = 0 if (self.encdec or len(s) > 1) else 1
         for r in reqs:
             if r.t_admitted is None:
                 r.t_admitted = now
@@ -314,8 +341,10 @@ class Scheduler:
                 if sl is None or r.row_done[i]:
                     continue
                 h = sl[0]
-                if self._valid_from[h] > j:
+                if r.valid_from[i] > j:
                     continue
+                if r.released[i] is not None and j > r.released[i]:   # cannot happen (see _release_finishing)
+                    raise RuntimeError(f"slot {h}: released after call {r.released[i]} but not done by it")
                 n = int(seq_len[h])
                 new = n - self._known(r, i)
                 if new > 0:
@@ -347,7 +376,8 @@ class Scheduler:
                         r.result_seqs[i] = [prompt + r.gen[i]]
                         if r.want_logprobs:
                             r.result_lps[i] = [[float(x) for x in r.gen_lp[i]]]
-                    self._free.extend(sl)
+                    if r.released[i] is None:
+                        self._free.extend(sl)
                     r.slots[i] = None
             if steps:
                 self._stream(r, steps)
