@@ -206,7 +206,7 @@ def test_pipelined_step_moves_activations_not_weights(gpt2_untied):
     # A stage's weights are [P=2, ...] globally, [1, ...] per device: an all-gather producing any
     # stacked weight's global shape would be another stage's weights arriving.
     assert_no_stage_all_gather(hlo, eng.params["stages"])
-    pre = eng._prefill.lower(eng.params, np.zeros((4, 16), np.int32), np.ones((4,), np.int32),
+    pre = jax.jit(eng._prefill_fn).lower(eng.params, np.zeros((4, 16), np.int32), np.ones((4,), np.int32),
                              eng._pack([], 4)).compile().as_text()
     assert "collective-permute" in pre
 

@@ -92,7 +92,7 @@ def test_t5_pipeline_placement_beams_and_hlo(t5_22):
     hlo = eng._generate.lower(eng.params, st, np.int32(0), rem=4, chunked=False, beam=True).compile().as_text()
     assert "collective-permute" in hlo
     assert_no_stage_all_gather(hlo, [eng.params[p]["stages"] for p in ("encoder", "decoder")])
-    pre = eng._prefill.lower(eng.params, np.zeros((4, 16), np.int32), np.ones((4,), np.int32),
+    pre = jax.jit(eng._prefill_fn).lower(eng.params, np.zeros((4, 16), np.int32), np.ones((4,), np.int32),
                              eng._pack([], 4)).compile().as_text()
     assert "collective-permute" in pre
 
