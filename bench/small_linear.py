@@ -26,6 +26,12 @@ with its own x, the weights rotating over enough copies to exceed 3x the 50 MB L
 ~2 ms of device work per program, median of --reps repeats. GB/s = weight bytes / time.
 Rows go to --json (rewritten after every row, so a cut run keeps what it measured) and a
 markdown table is printed at the end.
+
+Caveat (H100, 2026-11-25): the per-call times this gives are 5-6x the same projections' kernel times
+in the decode loop's profile (GPT-350M q/k/v: ~28 us here, 5.5 us in the model), for the kernel and
+for XLA alike, so a fixed per-call cost of the timed program dominates at these sizes. Until the
+timing takes kernel durations from a profiler trace, compare implementations with
+`bench/step_ab.py --small-m off,on` (the decode step itself), not with these µs.
 """
 from __future__ import annotations
 
