@@ -9,8 +9,13 @@ overhead is amortised and the clocks stay up.
 """
 from __future__ import annotations
 
+import glob
+import gzip
+import json
 import math
+import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -84,3 +89,41 @@ def matmul_rate(n: int = 8192, dtype=jnp.bfloat16, sets: int = 3) -> float:
                    reps=5)
   del arg_sets
   return 2.0 * n ** 3 / t
+
+
+def trace_kernels(run, tdir: str | None = None) -> list[tuple[str, float, float]] | None:
+  """Runs `run()` under the JAX profiler and returns its GPU kernel events (name, start us, duration us),
+  memcpy / memset left out; None where the trace has no GPU stream (CPU)."""
+  tdir = tdir or tempfile.mkdtemp(prefix="ftjax_trace_")
+  with jax.profiler.trace(tdir, create_perfetto_trace=True):
+    run()
+  files = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)
+  if not files:
+    return None
+  with gzip.open(files[0], "rt") as f:
+    tr = json.load(f)
+  events = tr["traceEvents"] if isinstance(tr, dict) else tr
+  pname, tname = {}, {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      pname[e["pid"]] = e["args"].get("name", "")
+    if e.get("ph") == "M" and e.get("name") == "thread_name":
+      tname[(e["pid"], e.get("tid"))] = e["args"].get("name", "")
+  out = [(e["name"], e["ts"], e.get("dur", 0.0)) for e in events
+         if e.get("ph") == "X" and "GPU" in pname.get(e.get("pid"), "")
+         and "Stream" in tname.get((e.get("pid"), e.get("tid")), "")
+         and "memcpy" not in e.get("name", "").lower() and "memset" not in e.get("name", "").lower()]
+  return out or None
+
+
+def kernel_time_call(fn, arg_sets, *, reps: int = 5):
+  """Like time_call, but the time of one call is the GPU kernels' busy time (from a profiler trace)
+  divided by the calls, so the host's per-program cost (dispatch, argument handling) is left out.
+  Returns (seconds, outputs); (None, outputs) where no GPU kernels are traced (CPU)."""
+  multi = jax.jit(lambda sets: [fn(*a) for a in sets])
+  out = block(multi(arg_sets))
+  block(multi(arg_sets))
+  ev = trace_kernels(lambda: [block(multi(arg_sets)) for _ in range(reps)])
+  if not ev:
+    return None, out
+  return sum(d for _, _, d in ev) / 1e6 / (reps * len(arg_sets)), out

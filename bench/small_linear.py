@@ -27,11 +27,11 @@ with its own x, the weights rotating over enough copies to exceed 3x the 50 MB L
 Rows go to --json (rewritten after every row, so a cut run keeps what it measured) and a
 markdown table is printed at the end.
 
-Caveat (H100, 2026-11-25): the per-call times this gives are 5-6x the same projections' kernel times
-in the decode loop's profile (GPT-350M q/k/v: ~28 us here, 5.5 us in the model), for the kernel and
-for XLA alike, so a fixed per-call cost of the timed program dominates at these sizes. Until the
-timing takes kernel durations from a profiler trace, compare implementations with
-`bench/step_ab.py --small-m off,on` (the decode step itself), not with these µs.
+Caveat (H100, 2026-11-25): with `--timing wall` (then the only timing) the per-call times were 5-6x
+the same projections' kernel times in the decode loop's profile (GPT-350M q/k/v: ~28 us here, 5.5 us
+in the model), for the kernel and for XLA alike: the timed program's fixed host cost dominated. The
+default is now `--timing trace` (kernel busy time from a profiler trace, per call), not yet run on
+the GPU; `bench/step_ab.py --small-m off,on` measures the decode step itself.
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax
 import jax.numpy as jnp
 
-from bench.common import calls_per_program, copy_bandwidth, device_info, n_rotations, time_call
+from bench.common import (calls_per_program, copy_bandwidth, device_info, kernel_time_call, n_rotations,
+                          time_call)
 from ftjax.layers.linear import QuantizedWeight, linear
 from ftjax.pallas import _common as C
 from ftjax.pallas.small_linear import (SmallLinearConfig, choose_config, small_linear,
@@ -168,6 +169,10 @@ class Shape:
                 M=M, MB=round(self.w_bytes / 1e6, 2), epilogue=ARGS.epilogue)
 
   def time(self, fn, arg_sets):
+    if ARGS.timing == "trace":   # kernel busy time from a profiler trace (wall time where none: CPU)
+      t, _ = kernel_time_call(fn, arg_sets, reps=min(ARGS.reps, 5))
+      if t is not None:
+        return t
     t, _ = time_call(fn, arg_sets, reps=ARGS.reps)
     return t
 
@@ -377,6 +382,9 @@ def main():
   ap.add_argument("--ms", default="1,2,8,16")
   ap.add_argument("--dtypes", default="bf16,int8")
   ap.add_argument("--sweep-budget", type=float, default=240.0, help="seconds for the sweep part")
+  ap.add_argument("--timing", choices=("trace", "wall"), default="trace",
+                  help="trace: a call's time is its GPU kernels' busy time from a profiler trace (the host's "
+                       "per-program cost left out); wall: time_call's synchronised wall time per call")
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--max-calls", type=int, default=64)
   ap.add_argument("--max-rot", type=int, default=32)
