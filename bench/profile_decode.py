@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
 import sys
 import tempfile
@@ -21,13 +18,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHAPES = {"350m": dict(hidden=1024, num_layers=24, num_heads=16, ffn_dim=4096),
-          "1.3b": dict(hidden=2048, num_layers=24, num_heads=16, ffn_dim=8192)}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="350m", choices=sorted(SHAPES))
+    from bench.e2e import MODELS
+
+    ap.add_argument("--model", default="350m", choices=sorted(MODELS))
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
@@ -42,16 +39,12 @@ def main():
     import numpy as np
 
     import ftjax
+    from bench.common import trace_kernels
+    from bench.e2e import random_params
     from ftjax.config import ModelConfig
-    from ftjax.models import gpt
 
-    cfg = ModelConfig(vocab_size=50257, max_positions=1024, bos_id=0, eos_id=1, **SHAPES[a.model])
-    shapes, _ = gpt.abstract_params(cfg)
-    key = jax.random.key(0)
-    leaves, tree = jax.tree.flatten(shapes)
-    params = jax.tree.unflatten(tree, [
-        (0.02 * jax.random.normal(jax.random.fold_in(key, i), s.shape)).astype("bfloat16")
-        for i, s in enumerate(leaves)])
+    cfg = ModelConfig(**MODELS[a.model])
+    params = random_params(cfg)
     if a.quantize:
         from ftjax import quantize as Q
         params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16)
@@ -63,30 +56,19 @@ def main():
     t0 = time.perf_counter()
     llm.generate(prompts, max_new_tokens=a.steps, end_id=None)
     untraced = time.perf_counter() - t0
-    tdir = tempfile.mkdtemp(prefix="trace_", dir=a.out)
-    with jax.profiler.trace(tdir, create_perfetto_trace=True):
+    traced = []
+
+    def run():
         t0 = time.perf_counter()
         llm.generate(prompts, max_new_tokens=a.steps, end_id=None)
-        traced = time.perf_counter() - t0
-    files = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)
-    if not files:
-        print("no perfetto trace written under", tdir)
+        traced.append(time.perf_counter() - t0)
+
+    ev = trace_kernels(run, tempfile.mkdtemp(prefix="trace_", dir=a.out))
+    traced = traced[0]
+    if not ev:
+        print("no GPU kernels in the trace")
         return
-    with gzip.open(files[0], "rt") as f:
-        tr = json.load(f)
-    events = tr["traceEvents"] if isinstance(tr, dict) else tr
-    pname, tname = {}, {}
-    for e in events:
-        if e.get("ph") == "M" and e.get("name") == "process_name":
-            pname[e["pid"]] = e["args"].get("name", "")
-        if e.get("ph") == "M" and e.get("name") == "thread_name":
-            tname[(e["pid"], e.get("tid"))] = e["args"].get("name", "")
-    gpu = [e for e in events if e.get("ph") == "X" and "GPU" in pname.get(e.get("pid"), "")
-           and "Stream" in tname.get((e.get("pid"), e.get("tid")), "")]
-    if not gpu:
-        print("processes:", sorted(set(pname.values())))
-        return
-    kern = [e for e in gpu if "memcpy" not in e.get("name", "").lower() and "memset" not in e.get("name", "").lower()]
+    kern = [{"name": n, "ts": ts, "dur": d} for n, ts, d in ev]
     t_first = min(e["ts"] for e in kern)
     t_last = max(e["ts"] + e.get("dur", 0) for e in kern)
     busy = sum(e.get("dur", 0) for e in kern)

@@ -6,9 +6,9 @@ process (XLA_FLAGS must be set before jax starts).
 
 Per (variant, model, weights): the decode step in ms, from the difference of two calls of
 `generate_steps` (64 and 16 steps: fixed costs cancel), and the wall time of short calls (1, 7 and 15
-steps) including their fixed cost, for the engine's step-count modes. Random bf16 weights, the
-GPT-2 350M / 1.3B shapes of bench/e2e.py, prompt 128, every slot live. Results as JSON lines, with
-a table at the end.
+steps) including their fixed cost, for the engine's step-count modes. Random bf16 weights
+(bench/e2e.py's models and `random_params`; tiny-gpt is a CPU smoke), prompt 128 (tiny-gpt: 32),
+every slot live. Results as JSON lines, with a table at the end.
 """
 from __future__ import annotations
 
@@ -22,9 +22,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHAPES = {"350m": dict(hidden=1024, num_layers=24, num_heads=16, ffn_dim=4096),
-          "1.3b": dict(hidden=2048, num_layers=24, num_heads=16, ffn_dim=8192),
-          "tiny": dict(hidden=64, num_layers=2, num_heads=2, ffn_dim=256)}   # CPU smoke
 
 
 def child(a):
@@ -32,32 +29,29 @@ def child(a):
     import numpy as np
 
     import ftjax
+    from bench.e2e import MODELS, SMOKE_MODELS, random_params
     from ftjax import quantize as Q
     from ftjax.config import ModelConfig
-    from ftjax.models import gpt
 
     for model in a.models.split(","):
-        cfg = ModelConfig(vocab_size=50257, max_positions=1024, bos_id=0, eos_id=1, **SHAPES[model])
-        shapes, _ = gpt.abstract_params(cfg)
-        key = jax.random.key(0)
-        leaves, tree = jax.tree.flatten(shapes)
-        base = jax.tree.unflatten(tree, [
-            (0.02 * jax.random.normal(jax.random.fold_in(key, i), s.shape)).astype("bfloat16")
-            for i, s in enumerate(leaves)])
+        cfg = ModelConfig(**{**MODELS, **SMOKE_MODELS}[model])
+        base = random_params(cfg)
         for wq, sm in [(w, m) for w in a.weights.split(",") for m in a.small_m.split(",")]:
             params = base if wq == "bf16" else Q.quantize_params(base, cfg, scale_dtype=jax.numpy.bfloat16)
-            llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=a.batch, max_seq_len=512,
+            S = min(512, cfg.max_positions)
+            P = min(128, S // 4)
+            llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=a.batch, max_seq_len=S,
                             attention=a.attention)
             eng = llm.engine
             if sm != "auto":
                 eng.small_m = sm == "on"
             rng = np.random.RandomState(0)
-            prompts = [rng.randint(2, 50000, size=128).tolist() for _ in range(a.batch)]
+            prompts = [rng.randint(2, cfg.vocab_size, size=P).tolist() for _ in range(a.batch)]
             plist = llm.sampling_params(a.batch, end_id=None)
 
             def fresh():
                 st = eng.init_state()
-                st = eng.prefill_insert(st, prompts, list(range(a.batch)), [400] * a.batch, plist)
+                st = eng.prefill_insert(st, prompts, list(range(a.batch)), [S - P - 1] * a.batch, plist)
                 jax.block_until_ready(st)
                 return st
 
@@ -77,10 +71,7 @@ def child(a):
             t64, t16 = timed(64), timed(16)
             row["step_ms"] = round((t64 - t16) / 48, 4)
             for mode in [m for m in a.modes.split(",") if m]:
-                if hasattr(eng, "steps_mode"):
-                    eng.steps_mode = mode
-                elif mode != a.modes.split(",")[0]:
-                    continue
+                eng.steps_mode = mode
                 for n in (1, 7, 15):
                     row[f"{mode}_{n}_ms"] = round(timed(n), 3)
             print("ROW " + json.dumps(row), flush=True)

@@ -22,6 +22,7 @@ from ftjax.config import ModelConfig
 from ftjax.layers.linear import small_m_kernel
 from ftjax.models.families import family_for
 from ftjax.pallas import ops
+from ftjax.pallas._common import default_interpret
 
 AUTO = "auto"   # max_batch_size: size the slots from the device memory left after the weights
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -306,7 +307,7 @@ class Engine:
         def step(st, count):   # every step a call runs is one it was asked for: no step index needed
             pos = st.seq_len - 1                               # [B] where the pending id goes in the cache
             tok = st.seq[rows, pos]
-            with small_m_kernel(self.small_m, interpret=jax.default_backend() != "gpu"):
+            with small_m_kernel(self.small_m, interpret=default_interpret()):
                 logits, cache = self.family.decode(params, tok, pos, st.cache)
             live = st.active & ~st.done
             nxt, lp = select(logits, st.sp, seq=st.seq, prompt_len=st.prompt_len, seq_len=st.seq_len,
@@ -479,15 +480,13 @@ class Engine:
             first = r & 8 if q > 0 else (1 << (r.bit_length() - 1) if r else 0)   # r's top piece rides along
             calls = [(q, first)] + [(0, b) for b in (4, 2, 1) if r & b and b != first]
         calls = [c for c in calls if c != (0, 0)] or [(0, 0)]
-        total = snapshot = None
+        total = None
         for k, (cq, cr) in enumerate(calls):
             out = self._generate(self.params, state, np.int32(cq), rem=cr, chunked=cq > 0, beam=beam,
                                  sampled=sampled, snap=snap if k == len(calls) - 1 else 0)
-            state, steps = out[0], out[1]
-            if len(out) == 3:
-                snapshot = out[2]
+            state, steps = out[:2]
             total = steps if total is None else total + steps
-        return (state, total, snapshot) if snap else (state, total)
+        return (state, total, out[2]) if snap else (state, total)
 
     def generate_snap(self, state: DecodeState, n_steps: int):
         """generate_steps, then a small snapshot of the result (`_snapshot_fn`, width n_steps + 1: enough

@@ -45,7 +45,7 @@ def small_m_kernel(enabled: bool = True, *, interpret: bool = False):
         _SMALL_M.reset(token)
 
 
-def _small_m_mode(x, ws, n_in):
+def _small_m_mode(x, n_in):
     mode = _SMALL_M.get()
     if mode is None or x.ndim < n_in:
         return None
@@ -74,7 +74,7 @@ def linear_many(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[jax.Arra
     """Several projections of the same x (q/k/v; gate/up): [linear(x, w, n_in) for w in ws], as ONE
     kernel launch when the small-M kernel is on (XLA fuses plain dots of one operand by itself, but
     not custom calls, nor dots behind the int8 barrier)."""
-    mode = _small_m_mode(x, ws, n_in)
+    mode = _small_m_mode(x, n_in)
     if mode is None:
         return [linear(x, w, n_in) for w in ws]
     from ftjax.pallas.small_linear import small_linear
@@ -90,7 +90,7 @@ def fused_linears(mods: Sequence["Linear"], x: jax.Array) -> list[jax.Array]:
     """[m(x) for m in mods] for Linear modules that read the same x, as one small-M kernel launch when
     that kernel is on (their params read directly; at init, and otherwise, each module is called)."""
     n_in = len(mods[0].in_shape)
-    if _small_m_mode(x, (), n_in) is None or mods[0].is_initializing():
+    if _small_m_mode(x, n_in) is None or mods[0].is_initializing():
         return [m(x) for m in mods]
     ps = [m.variables["params"] for m in mods]
     ys = linear_many(x, [p["kernel"] for p in ps], n_in)
@@ -104,7 +104,7 @@ def fused_linears(mods: Sequence["Linear"], x: jax.Array) -> list[jax.Array]:
 
 def linear(x: jax.Array, w: Any, n_in: int = 1) -> jax.Array:
     """x [..., *in]; w [*in, *out] (array or QuantizedWeight) -> [..., *out], float32 accumulation."""
-    if _small_m_mode(x, (w,), n_in) is not None:
+    if _small_m_mode(x, n_in) is not None:
         return linear_many(x, (w,), n_in)[0]
     nx = x.ndim
     dims = (tuple(range(nx - n_in, nx)), tuple(range(n_in)))
