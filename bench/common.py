@@ -91,15 +91,25 @@ def matmul_rate(n: int = 8192, dtype=jnp.bfloat16, sets: int = 3) -> float:
   return 2.0 * n ** 3 / t
 
 
-def trace_kernels(run, tdir: str | None = None) -> list[tuple[str, float, float]] | None:
+def trace_kernels(run, tdir: str | None = None, *, host: bool = False,
+                  save: str | None = None) -> list[tuple[str, float, float]] | None:
   """Runs `run()` under the JAX profiler and returns its GPU kernel events (name, start us, duration us),
-  memcpy / memset left out; None where the trace has no GPU stream (CPU)."""
+  memcpy / memset left out; None where the trace has no GPU stream (CPU). host: also trace the host
+  (XLA runtime TraceMe events at level 2 and Python calls); save: copy the Perfetto JSON (.json.gz) there."""
   tdir = tdir or tempfile.mkdtemp(prefix="ftjax_trace_")
-  with jax.profiler.trace(tdir, create_perfetto_trace=True):
+  opts = None
+  if host:
+    opts = jax.profiler.ProfileOptions()
+    opts.host_tracer_level = 2
+    opts.python_tracer_level = 1
+  with jax.profiler.trace(tdir, create_perfetto_trace=True, profiler_options=opts):
     run()
   files = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)
   if not files:
     return None
+  if save:
+    import shutil
+    shutil.copyfile(files[0], save)
   with gzip.open(files[0], "rt") as f:
     tr = json.load(f)
   events = tr["traceEvents"] if isinstance(tr, dict) else tr

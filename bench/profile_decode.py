@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main():
     ap = argparse.ArgumentParser()
-    from bench.e2e import MODELS
+    from bench.e2e import MODELS, SMOKE_MODELS
+    MODELS = {**MODELS, **SMOKE_MODELS}
 
     ap.add_argument("--model", default="350m", choices=sorted(MODELS))
     ap.add_argument("--batch", type=int, default=1)
@@ -33,6 +34,9 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp())
     ap.add_argument("--sequence", default=None, help="write the kernel names of ~2 decode steps from the middle "
                     "of the loop, in launch order with durations (us), to this file")
+    ap.add_argument("--save-trace", default=None, help="trace the host too (XLA runtime and Python) and copy the "
+                    "Perfetto JSON (.json.gz) here; read it with bench/host_trace.py")
+    ap.add_argument("--steps-mode", default=None, choices=[None, "pieces", "exact"])
     a = ap.parse_args()
 
     import jax
@@ -50,8 +54,10 @@ def main():
         params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16)
     llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=max(a.batch, 1), max_seq_len=a.prompt + a.steps + 8,
                     attention=a.attention)
+    if a.steps_mode:
+        llm.engine.steps_mode = a.steps_mode
     rng = np.random.RandomState(0)
-    prompts = [rng.randint(2, 50000, size=a.prompt).tolist() for _ in range(a.batch)]
+    prompts = [rng.randint(2, min(50000, cfg.vocab_size), size=a.prompt).tolist() for _ in range(a.batch)]
     llm.generate(prompts, max_new_tokens=a.steps, end_id=None)        # compile
     t0 = time.perf_counter()
     llm.generate(prompts, max_new_tokens=a.steps, end_id=None)
@@ -63,7 +69,7 @@ def main():
         llm.generate(prompts, max_new_tokens=a.steps, end_id=None)
         traced.append(time.perf_counter() - t0)
 
-    ev = trace_kernels(run, tempfile.mkdtemp(prefix="trace_", dir=a.out))
+    ev = trace_kernels(run, tempfile.mkdtemp(prefix="trace_", dir=a.out), host=bool(a.save_trace), save=a.save_trace)
     traced = traced[0]
     if not ev:
         print("no GPU kernels in the trace")
