@@ -136,9 +136,14 @@ class Engine:
         self.max_beam_width = ecfg.max_beam_width
         # prefill and insert as ONE executable: a call costs the host milliseconds on the GPU (dispatching
         # ~400 arrays, updating the call's command buffers), and the prompt's K/V go straight into the cache
-        self._admit = jax.jit(self._admit_fn, donate_argnums=(1,), static_argnames=("sampled",))
+        # The host inputs of a call travel as ONE int32 array (`pack_words`): each array handed to a jitted
+        # call is its own host-to-device copy, and ~25 of them cost the admit call milliseconds of host time.
+        opts = {k: dict(v) for k, v in type(self).compiler_options.items()}
+        self._admit = jax.jit(self._admit_fn, donate_argnums=(1,), static_argnames=("spec", "sampled"),
+                              **_copts(opts.get("admit")))
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,),
-                                 static_argnames=("rem", "chunked", "beam", "sampled", "snap"))
+                                 static_argnames=("rem", "chunked", "beam", "sampled", "snap", "chunk"),
+                                 **_copts(opts.get("generate")))
         self._logits = jax.jit(self._logits_fn)
         self._retire = jax.jit(self._retire_sharded, donate_argnums=(0,))
 
@@ -225,9 +230,10 @@ class Engine:
                          top_p=sp.top_p, sampled=sampled)
         return Prefix(kv=kv, first=tok, first_logprob=lp)
 
-    def _admit_fn(self, params, state: DecodeState, tokens, lengths, sp, dec_tokens, dec_lengths, max_new, src,
-                  slots, gslots, *, sampled: bool):
-        """_prefill_fn then _insert_fn (dec_tokens / dec_lengths: what the decoder's rows start from)."""
+    def _admit_fn(self, params, state: DecodeState, words, *, spec, sampled: bool):
+        """_prefill_fn then _insert_fn. `words`/`spec`: pack_words of (tokens, lengths, sp, dec_tokens,
+        dec_lengths, max_new, src, slots, gslots) (dec_*: what the decoder's rows start from)."""
+        tokens, lengths, sp, dec_tokens, dec_lengths, max_new, src, slots, gslots = unpack_words(words, spec)
         prefix = self._prefill_fn(params, tokens, lengths, sp, sampled=sampled)
         return self._insert_fn(state, prefix, dec_tokens, dec_lengths, max_new, sp, src, slots, gslots)
 
@@ -290,7 +296,7 @@ class Engine:
         return st, ids, is_beam, fin
 
     def _generate_fn(self, params, state: DecodeState, n_chunks, *, rem: int, chunked: bool, beam: bool,
-                     sampled: bool = True, snap: int = 0):
+                     sampled: bool = True, snap: int = 0, chunk: int = 0):
         """n_chunks * CHUNK + rem decode steps for every live slot, in one call: (chunked) a while loop
         over chunks of CHUNK steps, each chunk a loop of static trip count, then a loop of `rem` steps
         (static). XLA:GPU evaluates a while loop's condition on the host (a device-to-host copy and a
@@ -299,8 +305,9 @@ class Engine:
         every slot is done; steps of the static loops after that change nothing (every row is masked).
         beam: compile the beam-search step in (the host knows whether any beam group may be live; a
         `lax.cond` on it would cost another host round trip per step). sampled: likewise whether any live
-        slot samples (else the draw is not compiled in: argmax only)."""
-        chunk = self.CHUNK
+        slot samples (else the draw is not compiled in: argmax only). chunk: steps per while-loop
+        iteration (0: CHUNK); 1 is steps_mode "dynamic"."""
+        chunk = chunk or self.CHUNK
         B, S = self.B, self.S
         rows = jnp.arange(B)
 
@@ -429,8 +436,9 @@ class Engine:
             dec_tokens = np.zeros((b, 1), np.int32)
             dec_tokens[: len(start), 0] = start
             dec_lengths = np.ones((b,), np.int32)
-        return self._admit(self.params, state, tokens, lengths, sp, dec_tokens, dec_lengths, mx, src_arr,
-                           dst_arr, gslots, sampled=any(p.beam_width == 1 and not p.greedy for p in params_list))
+        words, spec = pack_words((tokens, lengths, sp, dec_tokens, dec_lengths, mx, src_arr, dst_arr, gslots))
+        return self._admit(self.params, state, words, spec=spec,
+                           sampled=any(p.beam_width == 1 and not p.greedy for p in params_list))
 
     def _grow_capacity(self, state: DecodeState, params_list) -> DecodeState:
         """Word-list / reset-id capacities grow (doubling) when a request needs more; the running slots'
@@ -462,9 +470,16 @@ class Engine:
 
     CHUNK = 16   # decode steps per host round trip inside generate
 
+    # XLA options per executable ({"admit": {...}, "generate": {...}}, jax.jit's compiler_options), read
+    # when an Engine is built: e.g. {"admit": {"xla_gpu_enable_command_buffer": ""}} (bench/request_ab.py).
+    compiler_options: dict = {}
+
     # "pieces": n = q * CHUNK + r runs as one call for the q chunks (with r's top bit, 8, folded in) and
     # one call per remaining binary digit of r (4, 2, 1): at most 4 calls, and at most 2 x 4 loop shapes
     # compiled per (beam, sampled) whatever n is. "exact": one call, compiled per (n mod CHUNK, n >= CHUNK).
+    # "dynamic": one call and one loop shape for every n: a while loop of single steps, whose condition
+    # XLA:GPU evaluates on the device only when WHILE is among the command-buffer types of the generate
+    # executable (compiler_options); otherwise the host waits on it every step.
     steps_mode = "pieces"
 
     def generate_steps(self, state: DecodeState, n_steps: int, *, snap: int = 0):
@@ -474,6 +489,10 @@ class Engine:
         beam = bool(self._beam_heads) and self.max_beam_width > 1
         sampled = bool(self._sampled_slots)
         q, r = divmod(n, self.CHUNK)
+        if self.steps_mode == "dynamic":
+            out = self._generate(self.params, state, np.int32(n), rem=0, chunked=n > 0, beam=beam,
+                                 sampled=sampled, snap=snap, chunk=1)
+            return out if snap else out[:2]
         if self.steps_mode == "exact":
             calls = [(q, r)]
         else:
@@ -497,6 +516,46 @@ class Engine:
     def logits(self, *arrays):
         """GPT: (tokens, lengths); T5: (enc_tokens, enc_len, dec_tokens, dec_len) -> full logits."""
         return self._logits(self.params, *arrays)
+
+
+def _copts(options) -> dict:
+    return {"compiler_options": dict(options)} if options else {}
+
+
+_WORD_DTYPES = ("int32", "uint32", "float32", "bool")
+
+
+def pack_words(tree):
+    """A pytree of numpy arrays (int32 / uint32 / float32 / bool) -> (one int32 vector, spec): what a jitted
+    call unpacks with `unpack_words(vector, spec)`. The spec (tree structure, shapes, dtypes) is hashable,
+    for a static argument; the vector is one host-to-device copy instead of one per array."""
+    leaves, treedef = jax.tree.flatten(tree)
+    parts, shapes = [], []
+    for a in leaves:
+        a = np.asarray(a)
+        if a.dtype.name not in _WORD_DTYPES:
+            raise TypeError(f"pack_words: {a.dtype} not one of {_WORD_DTYPES}")
+        shapes.append((a.shape, a.dtype.name))
+        a = np.ascontiguousarray(a)
+        parts.append((a.astype(np.int32) if a.dtype == bool else a.view(np.int32)).reshape(-1))
+    words = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+    return words, (treedef, tuple(shapes))
+
+
+def unpack_words(words, spec):
+    """Inverse of pack_words, traced: slices and bitcasts of the int32 vector."""
+    treedef, shapes = spec
+    out, o = [], 0
+    for shape, dt in shapes:
+        n = int(np.prod(shape, dtype=np.int64))
+        w = words[o: o + n].reshape(shape)
+        o += n
+        if dt == "bool":
+            w = w != 0
+        elif dt != "int32":
+            w = jax.lax.bitcast_convert_type(w, jnp.dtype(dt))
+        out.append(w)
+    return jax.tree.unflatten(treedef, out)
 
 
 def _is_float(a) -> bool:

@@ -66,7 +66,7 @@ def test_generate_chunks_add_up_to_n_steps(llm):
     eng = llm.engine
     try:
         seqs = {}
-        for mode in ("exact", "pieces"):
+        for mode in ("exact", "pieces", "dynamic"):
             eng.steps_mode = mode
             for n in (1, 7, 16, 19, 40, 13, 31):
                 st = eng.prefill_insert(eng.init_state(), [[1, 2, 3]], [0], [100],
@@ -76,6 +76,8 @@ def test_generate_chunks_add_up_to_n_steps(llm):
                 seqs[mode, n] = np.asarray(st.seq[0, : 3 + n + 1])
         for n in (1, 7, 16, 19, 40, 13, 31):
             np.testing.assert_array_equal(seqs["exact", n], seqs["pieces", n])
+            np.testing.assert_array_equal(seqs["exact", n], seqs["dynamic", n])
+        eng.steps_mode = "pieces"
         before = eng._generate._cache_size()
         for n in range(1, 48):
             eng.generate_steps(eng.init_state(), n)
@@ -216,3 +218,29 @@ def test_greedy_decode_loop_has_no_conditional(llm):
     assert eng._sampled_slots == {1}
     st = eng.prefill_insert(st, [[1, 2]], [1], [4], sp(1, end_id=None))
     assert not eng._sampled_slots
+
+
+def test_pack_words_round_trip():
+    """The admit call's single host array: every dtype and shape survives pack_words -> unpack_words
+    (jitted), float bit patterns included (NaN, -0.0, subnormals)."""
+    import jax
+
+    from ftjax.engine import pack_words, unpack_words
+
+    rng = np.random.default_rng()
+    f = rng.standard_normal((3, 5)).astype(np.float32)
+    f[0, :3] = [np.nan, -0.0, 1e-42]
+    tree = {"i": rng.integers(-2**31, 2**31 - 1, (4, 7), dtype=np.int64).astype(np.int32),
+            "u": rng.integers(0, 2**32 - 1, (2, 2), dtype=np.uint64).astype(np.uint32),
+            "f": f, "b": rng.random((6,)) < 0.5, "s": np.int32(rng.integers(0, 100)),
+            "e": np.zeros((0, 3), np.int32)}
+    words, spec = pack_words(tree)
+    assert words.dtype == np.int32 and words.ndim == 1 and hash(spec) is not None
+    out = jax.jit(unpack_words, static_argnums=1)(words, spec)
+    for k, v in tree.items():
+        got = np.asarray(out[k])
+        assert got.dtype == np.asarray(v).dtype and got.shape == np.shape(v), k
+        np.testing.assert_array_equal(got.view(np.uint8) if k == "f" else got,
+                                      np.asarray(v).view(np.uint8) if k == "f" else v)
+    with pytest.raises(TypeError, match="float64"):
+        pack_words([np.zeros(2)])

@@ -1,0 +1,119 @@
+"""A/B of whole requests (`LLM.generate` latency, host costs included) across engine variants, in one
+process, side by side: the step-count mode and XLA options per executable (e.g. command buffers off for
+the admit call, WHILE loops inside command buffers for the generate call).
+
+    PYTHONUNBUFFERED=1 python bench/request_ab.py --model 350m --cases 1-128-8,1-512-32 \
+        --variants pieces,exact,dyn_while [--reps 9] [--json FILE]
+
+Each variant builds its own Engine on the same device weights; each case is compiled (two warm-up
+requests) before its timed requests; rows print as they come. A variant is a preset name (PRESETS) or
+`name=mode;exe:option=value;...` (exe: admit or generate; mode: pieces, exact or dynamic).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CB_DEFAULT = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION"   # XLA's default set
+CB_WHILE = CB_DEFAULT + ",WHILE,CONDITIONAL"
+PRESETS = {
+    "pieces": "pieces",
+    "exact": "exact",
+    "dynamic": "dynamic",
+    "exact_admitnocb": "exact;admit:xla_gpu_enable_command_buffer=",
+    "exact_while": f"exact;generate:xla_gpu_enable_command_buffer={CB_WHILE}",
+    "dyn_while": f"dynamic;generate:xla_gpu_enable_command_buffer={CB_WHILE}",
+    "dyn_while_admitnocb": f"dynamic;generate:xla_gpu_enable_command_buffer={CB_WHILE};"
+                           "admit:xla_gpu_enable_command_buffer=",
+}
+
+
+def parse_variant(v: str):
+    name, _, body = v.partition("=") if "=" in v.split(";")[0] else (v, "", PRESETS[v])
+    if not body:
+        body = PRESETS[name]
+    parts = body.split(";")
+    mode, opts = parts[0], {}
+    for p in parts[1:]:
+        exe, _, kv = p.partition(":")
+        k, _, val = kv.partition("=")
+        if exe not in ("admit", "generate") or not k:
+            raise SystemExit(f"variant {v!r}: expected exe:option=value with exe admit or generate, got {p!r}")
+        opts.setdefault(exe, {})[k] = int(val) if val.isdigit() else val
+    if mode not in ("pieces", "exact", "dynamic"):
+        raise SystemExit(f"variant {v!r}: unknown mode {mode!r}")
+    return name, mode, opts
+
+
+def main():
+    from bench.e2e import MODELS, SMOKE_MODELS
+
+    models = {**MODELS, **SMOKE_MODELS}
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="350m", choices=sorted(models))
+    ap.add_argument("--cases", default="1-128-8,1-512-32", help="batch-input-output, comma separated")
+    ap.add_argument("--variants", default="pieces,exact,dyn_while")
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+
+    import jax
+    import numpy as np
+
+    from bench.e2e import random_params
+    from ftjax.config import ModelConfig
+    from ftjax.engine import Engine
+    from ftjax.llm import LLM
+
+    cfg = ModelConfig(**models[a.model])
+    params = jax.tree.map(lambda x: jax.device_put(np.asarray(x)), random_params(cfg))
+    cases = [tuple(int(x) for x in c.split("-")) for c in a.cases.split(",")]
+    variants = [parse_variant(v) for v in a.variants.split(",")]
+    print(f"{a.model} on {jax.devices()[0].device_kind}, jax {jax.__version__}; ms per request, median of "
+          f"{a.reps} (min in brackets)")
+    out = open(a.json, "a") if a.json else None
+    ref = {}   # case -> the first variant's tokens (greedy: every variant must give the same)
+    for name, mode, opts in variants:
+        for b, t_in, t_out in cases:
+            Engine.compiler_options = opts
+            try:
+                llm = LLM(cfg, params, dtype="bfloat16", max_batch_size=b, max_seq_len=t_in + t_out,
+                          max_beam_width=1, attention=a.attention)
+            finally:
+                Engine.compiler_options = {}
+            llm.engine.steps_mode = mode
+            rng = np.random.RandomState(0)
+            prompts = rng.randint(1, cfg.vocab, size=(b, t_in)).tolist()
+            t0 = time.perf_counter()
+            llm.generate(prompts, max_new_tokens=t_out, end_id=None)
+            first = time.perf_counter() - t0
+            llm.generate(prompts, max_new_tokens=t_out, end_id=None)
+            lat = []
+            for _ in range(a.reps):
+                t0 = time.perf_counter()
+                res = llm.generate(prompts, max_new_tokens=t_out, end_id=None)
+                lat.append(time.perf_counter() - t0)
+            assert all(len(t) == t_out for t in res.tokens)
+            same = ref.setdefault((b, t_in, t_out), res.tokens) == res.tokens
+            row = {"model": a.model, "case": f"b{b}-{t_in}-{t_out}", "variant": name, "mode": mode,
+                   "options": opts, "ms": 1e3 * statistics.median(lat), "min_ms": 1e3 * min(lat),
+                   "first_s": first, "same_tokens": same, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+            print(f"  {row['case']:14s} {name:22s} {row['ms']:8.2f} ({row['min_ms']:.2f})  first {first:.1f} s"
+                  f"{'' if same else '  TOKENS DIFFER from the first variant'}")
+            if out:
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+            del llm, res
+            gc.collect()
+
+
+if __name__ == "__main__":
+    main()
