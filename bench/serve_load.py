@@ -173,6 +173,27 @@ def precompile(llm, work, B):
     np.asarray(st.seq_len)
 
 
+def trace_window(dest, after_s, dur_s):
+    """Profile this process for dur_s seconds, after_s seconds from now; the Perfetto JSON goes to dest."""
+    import glob
+    import shutil
+    import tempfile
+
+    import jax
+
+    time.sleep(after_s)
+    tdir = tempfile.mkdtemp(prefix="serve_trace_")
+    opts = jax.profiler.ProfileOptions()
+    opts.host_tracer_level = 2
+    opts.python_tracer_level = 1
+    jax.profiler.start_trace(tdir, create_perfetto_trace=True, profiler_options=opts)
+    time.sleep(dur_s)
+    jax.profiler.stop_trace()
+    files = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if files:
+        shutil.copyfile(files[0], dest)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)
@@ -193,6 +214,11 @@ def main():
                     "as its row must have ended (1, the default) or once its snapshot says so (0); one run per value")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--trace", default=None, help="profile the server process (GPU kernels, XLA runtime and "
+                    "Python, all threads) for --trace-s seconds, --trace-after seconds into each timed run, and "
+                    "copy the Perfetto JSON here (a run's tag is added to the name); read with bench/host_trace.py")
+    ap.add_argument("--trace-s", type=float, default=1.0)
+    ap.add_argument("--trace-after", type=float, default=3.0)
     a = ap.parse_args()
 
     import jax
@@ -226,7 +252,15 @@ def main():
         url = f"127.0.0.1:{srv.grpc_port}"
         try:
             run_clients(url, warm, a.clients, procs=a.client_procs)           # compile prefill buckets / steps
+            tracer = None
+            if a.trace:
+                tracer = threading.Thread(target=trace_window, daemon=True,
+                                          args=(a.trace.replace(".json.gz", "") + f"_fe{fe}_sc{sc}_er{int(er)}.json.gz",
+                                                a.trace_after, a.trace_s))
+                tracer.start()
             runs[(fe, sc, er)] = run_clients(url, work, a.clients, procs=a.client_procs)
+            if tracer is not None:
+                tracer.join(timeout=120)
         finally:
             srv.stop()
     for (fe, sc, er), r in runs.items():
