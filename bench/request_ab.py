@@ -7,7 +7,8 @@ the admit call, WHILE loops inside command buffers for the generate call).
 
 Each variant builds its own Engine on the same device weights; each case is compiled (two warm-up
 requests) before its timed requests; rows print as they come. A variant is a preset name (PRESETS) or
-`name=mode;exe:option=value;...` (exe: admit or generate; mode: pieces, exact or dynamic).
+`name=mode;exe:option=value;...` (exe: admit or generate for XLA options, engine for an Engine
+attribute; mode: pieces, exact or dynamic).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ PRESETS = {
     "dyn_while": f"dynamic;generate:xla_gpu_enable_command_buffer={CB_WHILE}",
     "dyn_while_admitnocb": f"dynamic;generate:xla_gpu_enable_command_buffer={CB_WHILE};"
                            "admit:xla_gpu_enable_command_buffer=",
+    "exact_nostage": "exact;engine:stage_inputs=0",
 }
 
 
@@ -44,8 +46,9 @@ def parse_variant(v: str):
     for p in parts[1:]:
         exe, _, kv = p.partition(":")
         k, _, val = kv.partition("=")
-        if exe not in ("admit", "generate") or not k:
-            raise SystemExit(f"variant {v!r}: expected exe:option=value with exe admit or generate, got {p!r}")
+        if exe not in ("admit", "generate", "engine") or not k:
+            raise SystemExit(f"variant {v!r}: expected exe:option=value with exe admit, generate or engine "
+                             f"(an Engine attribute), got {p!r}")
         opts.setdefault(exe, {})[k] = int(val) if val.isdigit() else val
     if mode not in ("pieces", "exact", "dynamic"):
         raise SystemExit(f"variant {v!r}: unknown mode {mode!r}")
@@ -83,6 +86,7 @@ def main():
     ref = {}   # case -> the first variant's tokens (greedy: every variant must give the same)
     for name, mode, opts in variants:
         for b, t_in, t_out in cases:
+            attrs = opts.pop("engine", {})
             Engine.compiler_options = opts
             try:
                 llm = LLM(cfg, params, dtype="bfloat16", max_batch_size=b, max_seq_len=t_in + t_out,
@@ -90,6 +94,9 @@ def main():
             finally:
                 Engine.compiler_options = {}
             llm.engine.steps_mode = mode
+            for k, val in attrs.items():
+                setattr(llm.engine, k, type(getattr(llm.engine, k))(val))
+            opts = {**opts, "engine": attrs} if attrs else opts
             rng = np.random.RandomState(0)
             prompts = rng.randint(1, cfg.vocab, size=(b, t_in)).tolist()
             t0 = time.perf_counter()
