@@ -33,7 +33,6 @@ PRESETS = {
     "dyn_while": f"dynamic;generate:xla_gpu_enable_command_buffer={CB_WHILE}",
     "dyn_while_admitnocb": f"dynamic;generate:xla_gpu_enable_command_buffer={CB_WHILE};"
                            "admit:xla_gpu_enable_command_buffer=",
-    "exact_nostage": "exact;engine:stage_inputs=0",
 }
 
 

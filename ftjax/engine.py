@@ -437,27 +437,8 @@ class Engine:
             dec_tokens[: len(start), 0] = start
             dec_lengths = np.ones((b,), np.int32)
         words, spec = pack_words((tokens, lengths, sp, dec_tokens, dec_lengths, mx, src_arr, dst_arr, gslots))
-        if self.stage_inputs and self.layout is None:
-            words = self._staged(words)
         return self._admit(self.params, state, words, spec=spec,
                            sampled=any(p.beam_width == 1 and not p.greedy for p in params_list))
-
-    # The admit call reads its host inputs from one persistent device buffer, refreshed in place by a tiny
-    # donated copy call: XLA re-records a command buffer (CUDA graph) whenever a buffer it touches moves,
-    # and a fresh input array each call made the admit call rebuild its whole graph (hundreds of kernels,
-    # milliseconds of host time) every time. (One device only: on a mesh the inputs are passed directly.)
-    stage_inputs = True
-
-    def _staged(self, words: np.ndarray):
-        n = words.shape[0]
-        buf = getattr(self, "_stage_buf", None)
-        if buf is None or buf.shape[0] < n:
-            cap = 1 << max(12, (n - 1).bit_length())
-            buf = jnp.zeros((cap,), jnp.int32)
-            if getattr(self, "_stage_fn", None) is None:
-                self._stage_fn = jax.jit(lambda b, w: jax.lax.dynamic_update_slice(b, w, (0,)), donate_argnums=(0,))
-        self._stage_buf = self._stage_fn(buf, words)
-        return self._stage_buf
 
     def _grow_capacity(self, state: DecodeState, params_list) -> DecodeState:
         """Word-list / reset-id capacities grow (doubling) when a request needs more; the running slots'
