@@ -1,6 +1,7 @@
 """The scheduler without gRPC: few slots, many requests of known lengths. Every request's answer equals the
 library's `generate` of it alone (the oracle), and a slot whose row must have ended is reused without
-waiting for that row's snapshot (fewer generate calls for the same work)."""
+waiting for that row's snapshot (fewer generate calls for the same work); admitting before or after the
+next generate call's dispatch gives the same answers."""
 import numpy as np
 import pytest
 
@@ -19,9 +20,10 @@ def llm():
                      attention="xla", max_batch_size=2, max_seq_len=48)
 
 
-def _serve(llm, jobs, early: bool, stream_chunk: int):
+def _serve(llm, jobs, early: bool, stream_chunk: int, admit_after: bool = True):
     sched = Scheduler(llm, chunk=4, stream_chunk=stream_chunk)
     sched.early_release = early
+    sched.admit_after_dispatch = admit_after
     sched.start()
     try:
         reqs = []
@@ -52,3 +54,16 @@ def test_slots_reused_early_answers_unchanged(llm, stream_chunk):
         ref = prompt + llm.generate([prompt], max_new_tokens=n, end_id=None).tokens[0]
         assert a == ref and b == ref
     assert calls_early < calls_late, (calls_early, calls_late)
+
+
+def test_admit_before_or_after_dispatch_same_answers(llm):
+    """Admitting while rows decode, before the next generate call or right after dispatching it (the
+    default): every answer is the reference either way, with 2 slots and more requests than slots."""
+    rng = np.random.RandomState(np.random.randint(1 << 20))
+    jobs = [(rng.randint(2, 200, size=rng.randint(2, 9)).tolist(), int(rng.randint(1, 14)), k % 3 == 0)
+            for k in range(6)]
+    after, _ = _serve(llm, jobs, True, 2, admit_after=True)
+    before, _ = _serve(llm, jobs, True, 2, admit_after=False)
+    for (prompt, n, _), a, b in zip(jobs, after, before):
+        ref = prompt + llm.generate([prompt], max_new_tokens=n, end_id=None).tokens[0]
+        assert a == ref and b == ref

@@ -127,6 +127,10 @@ class Scheduler:
         self._ncalls = 0                                           # generate calls dispatched
         self._out: list = []                                       # updates of this iteration
         self.early_release = True   # free a slot as soon as its row must have ended (`_release_finishing`)
+        # While rows are decoding, admit waiting requests right AFTER dispatching the next generate call, not
+        # before it: the admit's host work (packing, dispatch) then overlaps the device's decode steps
+        # instead of leaving the device idle between calls. An admitted request joins the call after.
+        self.admit_after_dispatch = True
         # Called once per iteration with [(request, update)]; the default pushes each one. An asyncio
         # front end replaces it with one hop into its event loop.
         self.deliver = self._deliver_each
@@ -202,7 +206,9 @@ class Scheduler:
         snapshot into responses (JAX dispatch is asynchronous; only the snapshot's read-back waits)."""
         now = time.monotonic()
         self._drop_cancelled(now)
-        self._admit(now)
+        late = self.admit_after_dispatch and any(not r.finished for r in self._live)
+        if not late:
+            self._admit(now)
         running = any(not r.finished for r in self._live)
         if running:
             k = self.stream_chunk if any(r.stream for r in self._live) else self.chunk
@@ -211,6 +217,8 @@ class Scheduler:
             self._ncalls += 1
             if self.early_release:
                 self._release_finishing(k)
+        if late:
+            self._admit(now)   # valid_from = the next call: the rows' first ids show in its snapshot
         while len(self._inflight) > (1 if running else 0):
             j, snap = self._inflight.popleft()
             self._process(j, jax.device_get(snap))   # one read-back of the four small arrays
