@@ -218,7 +218,9 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--trace", default=None, help="profile the server process (GPU kernels, XLA runtime and "
                     "Python, all threads) for --trace-s seconds, --trace-after seconds into each timed run, and "
-                    "copy the Perfetto JSON here (a run's tag is added to the name); read with bench/host_trace.py")
+                    "copy the Perfetto JSON here (a run's tag is added to the name); read with bench/host_trace.py. "
+                    "For diagnosis only: on the H100 (jax 0.11.2) both profiled runs failed with "
+                    "CUDA_ERROR_LAUNCH_FAILED after the window (bench/RESULTS.md)")
     ap.add_argument("--trace-s", type=float, default=1.0)
     ap.add_argument("--trace-after", type=float, default=3.0)
     a = ap.parse_args()
