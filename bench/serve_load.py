@@ -214,6 +214,8 @@ def main():
                     "as its row must have ended (1, the default) or once its snapshot says so (0); one run per value")
     ap.add_argument("--admit-after", default="1", help="comma list of 1/0: while rows decode, the scheduler admits "
                     "waiting requests after dispatching the next generate call (1) or before it (0)")
+    ap.add_argument("--admit-min-rows", default="1", help="comma list: Scheduler.admit_min_rows (while rows decode, "
+                    "an admit call waits for this many rows or admit_max_wait_s)")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--json", default=None)
     ap.add_argument("--trace", default=None, help="profile the server process (GPU kernels, XLA runtime and "
@@ -246,38 +248,41 @@ def main():
 
     precompile(llm, work, a.max_batch_size)
     runs = {}
-    for fe, sc, er, aa in [(f, c, e, x) for f in a.frontends.split(",") for c in a.stream_chunk.split(",")
-                           for e in a.early_release.split(",") for x in a.admit_after.split(",")]:
-        fe, sc, er, aa = int(fe), int(sc), bool(int(er)), bool(int(aa))
+    for fe, sc, er, aa, am in [(f, c, e, x, m) for f in a.frontends.split(",") for c in a.stream_chunk.split(",")
+                               for e in a.early_release.split(",") for x in a.admit_after.split(",")
+                               for m in a.admit_min_rows.split(",")]:
+        fe, sc, er, aa, am = int(fe), int(sc), bool(int(er)), bool(int(aa)), int(am)
         srv = Server(models, grpc_port=0, metrics_port=None, chunk=a.chunk, stream_chunk=sc,
                      max_queue=max(1024, a.requests), frontends=fe).start()
         for m in models:
             m.scheduler.early_release = er
             m.scheduler.admit_after_dispatch = aa
+            m.scheduler.admit_min_rows = am
         url = f"127.0.0.1:{srv.grpc_port}"
         try:
             run_clients(url, warm, a.clients, procs=a.client_procs)           # compile prefill buckets / steps
             tracer = None
             if a.trace:
                 tracer = threading.Thread(target=trace_window, daemon=True,
-                                          args=(a.trace.replace(".json.gz", "") + f"_fe{fe}_sc{sc}_er{int(er)}_aa{int(aa)}.json.gz",
+                                          args=(a.trace.replace(".json.gz", "") + f"_fe{fe}_sc{sc}_er{int(er)}_aa{int(aa)}_am{am}.json.gz",
                                                 a.trace_after, a.trace_s))
                 tracer.start()
-            runs[(fe, sc, er, aa)] = run_clients(url, work, a.clients, procs=a.client_procs)
+            runs[(fe, sc, er, aa, am)] = run_clients(url, work, a.clients, procs=a.client_procs)
             if tracer is not None:
                 tracer.join(timeout=120)
         finally:
             srv.stop()
-    for (fe, sc, er, aa), r in runs.items():
-        report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, fe, er, aa)
+    for (fe, sc, er, aa, am), r in runs.items():
+        report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, fe, er, aa, am)
 
 
-def report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, frontends=1, early_release=True, admit_after=True):
+def report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, frontends=1, early_release=True, admit_after=True,
+           admit_min_rows=1):
     out = {
         "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "ftjax": ftjax.__version__,
         "date": time.strftime("%Y-%m-%d"), "model": a.model or "embedded default", "dtype": a.dtype,
         "clients": a.clients, "requests": a.requests, "prompt_len": a.prompt_len, "output_len": a.output_len,
-        "max_batch_size": a.max_batch_size, "max_seq_len": a.max_seq_len, "chunk": a.chunk, "stream_chunk": sc, "frontends": frontends, "early_release": early_release, "admit_after_dispatch": admit_after,
+        "max_batch_size": a.max_batch_size, "max_seq_len": a.max_seq_len, "chunk": a.chunk, "stream_chunk": sc, "frontends": frontends, "early_release": early_release, "admit_after_dispatch": admit_after, "admit_min_rows": admit_min_rows,
         "client_procs": a.client_procs,
         "serve_tokens": r["tokens"], "serve_wall_s": round(r["wall_s"], 3),
         "serve_tokens_per_s": round(r["tokens"] / r["wall_s"], 1),

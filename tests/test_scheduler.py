@@ -20,10 +20,11 @@ def llm():
                      attention="xla", max_batch_size=2, max_seq_len=48)
 
 
-def _serve(llm, jobs, early: bool, stream_chunk: int, admit_after: bool = True):
+def _serve(llm, jobs, early: bool, stream_chunk: int, admit_after: bool = True, admit_min_rows: int = 1):
     sched = Scheduler(llm, chunk=4, stream_chunk=stream_chunk)
     sched.early_release = early
     sched.admit_after_dispatch = admit_after
+    sched.admit_min_rows = admit_min_rows
     sched.start()
     try:
         reqs = []
@@ -58,12 +59,14 @@ def test_slots_reused_early_answers_unchanged(llm, stream_chunk):
 
 def test_admit_before_or_after_dispatch_same_answers(llm):
     """Admitting while rows decode, before the next generate call or right after dispatching it (the
-    default): every answer is the reference either way, with 2 slots and more requests than slots."""
+    default), or only once 2 rows can go in one admit call: every answer is the reference each way, with
+    2 slots and more requests than slots."""
     rng = np.random.RandomState(np.random.randint(1 << 20))
     jobs = [(rng.randint(2, 200, size=rng.randint(2, 9)).tolist(), int(rng.randint(1, 14)), k % 3 == 0)
             for k in range(6)]
     after, _ = _serve(llm, jobs, True, 2, admit_after=True)
     before, _ = _serve(llm, jobs, True, 2, admit_after=False)
-    for (prompt, n, _), a, b in zip(jobs, after, before):
+    batched, _ = _serve(llm, jobs, True, 2, admit_min_rows=2)   # admits wait for 2 rows (or 20 ms)
+    for (prompt, n, _), a, b, c in zip(jobs, after, before, batched):
         ref = prompt + llm.generate([prompt], max_new_tokens=n, end_id=None).tokens[0]
-        assert a == ref and b == ref
+        assert a == ref and b == ref and c == ref

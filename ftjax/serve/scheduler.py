@@ -131,6 +131,11 @@ class Scheduler:
         # before it: the admit's host work (packing, dispatch) then overlaps the device's decode steps
         # instead of leaving the device idle between calls. An admitted request joins the call after.
         self.admit_after_dispatch = True
+        # While rows decode, an admit call (prefill + insert: hundreds of kernels, milliseconds of host time
+        # whatever its size) waits until it can take `admit_min_rows` rows, or until the oldest waiting
+        # request has waited `admit_max_wait_s`; with nothing decoding it admits at once. 1 = every iteration.
+        self.admit_min_rows = 1
+        self.admit_max_wait_s = 0.02
         # Called once per iteration with [(request, update)]; the default pushes each one. An asyncio
         # front end replaces it with one hop into its event loop.
         self.deliver = self._deliver_each
@@ -264,6 +269,10 @@ class Scheduler:
     def _admit(self, now) -> list[Request]:
         picks: list[tuple[Request, int, list[int]]] = []   # (request, row index, slots)
         with self._cv:
+            if (self.admit_min_rows > 1 and self._waiting and any(not r.finished for r in self._live)
+                    and now - self._waiting[0].t_arrival < self.admit_max_wait_s
+                    and min(len(self._free), sum(len(r.rows) - r.next_row for r in self._waiting)) < self.admit_min_rows):
+                return []   # too few rows to be worth a call yet (see admit_min_rows)
             while self._free and self._waiting:
                 r = self._waiting[0]
                 i = r.next_row
