@@ -91,6 +91,21 @@ def matmul_rate(n: int = 8192, dtype=jnp.bfloat16, sets: int = 3) -> float:
   return 2.0 * n ** 3 / t
 
 
+def perfetto_events(path: str):
+  """A Perfetto JSON trace (.json or .json.gz) -> (events, process names by pid, thread names by
+  (pid, tid))."""
+  with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+    tr = json.load(f)
+  events = tr["traceEvents"] if isinstance(tr, dict) else tr
+  pname, tname = {}, {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      pname[e["pid"]] = e["args"].get("name", "")
+    if e.get("ph") == "M" and e.get("name") == "thread_name":
+      tname[(e["pid"], e.get("tid"))] = e["args"].get("name", "")
+  return events, pname, tname
+
+
 def trace_kernels(run, tdir: str | None = None, *, host: bool = False,
                   save: str | None = None) -> list[tuple[str, float, float]] | None:
   """Runs `run()` under the JAX profiler and returns its GPU kernel events (name, start us, duration us),
@@ -110,15 +125,7 @@ def trace_kernels(run, tdir: str | None = None, *, host: bool = False,
   if save:
     import shutil
     shutil.copyfile(files[0], save)
-  with gzip.open(files[0], "rt") as f:
-    tr = json.load(f)
-  events = tr["traceEvents"] if isinstance(tr, dict) else tr
-  pname, tname = {}, {}
-  for e in events:
-    if e.get("ph") == "M" and e.get("name") == "process_name":
-      pname[e["pid"]] = e["args"].get("name", "")
-    if e.get("ph") == "M" and e.get("name") == "thread_name":
-      tname[(e["pid"], e.get("tid"))] = e["args"].get("name", "")
+  events, pname, tname = perfetto_events(files[0])
   out = [(e["name"], e["ts"], e.get("dur", 0.0)) for e in events
          if e.get("ph") == "X" and "GPU" in pname.get(e.get("pid"), "")
          and "Stream" in tname.get((e.get("pid"), e.get("tid")), "")

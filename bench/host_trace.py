@@ -8,20 +8,16 @@ the time in which the GPU waits.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import perfetto_events  # noqa: E402
 
 
 def load(path):
-    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
-        tr = json.load(f)
-    events = tr["traceEvents"] if isinstance(tr, dict) else tr
-    pname, tname = {}, {}
-    for e in events:
-        if e.get("ph") == "M" and e.get("name") == "process_name":
-            pname[e["pid"]] = e["args"].get("name", "")
-        if e.get("ph") == "M" and e.get("name") == "thread_name":
-            tname[(e["pid"], e.get("tid"))] = e["args"].get("name", "")
+    events, pname, tname = perfetto_events(path)
     gpu, host = [], []
     for e in events:
         if e.get("ph") != "X":
