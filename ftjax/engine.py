@@ -134,8 +134,9 @@ class Engine:
         if not 1 <= ecfg.max_beam_width <= ecfg.max_batch_size:
             raise ValueError(f"max_beam_width: {ecfg.max_beam_width} not in [1, max_batch_size={ecfg.max_batch_size}]")
         self.max_beam_width = ecfg.max_beam_width
-        # prefill and insert as ONE executable: a call costs the host milliseconds on the GPU (dispatching
-        # ~400 arrays, updating the call's command buffers), and the prompt's K/V go straight into the cache
+        # prefill and insert as ONE executable: a call costs the host milliseconds on the GPU (mostly the
+        # launch of its CUDA graph of ~500 kernels, bench/RESULTS.md), and the prompt's K/V go straight into
+        # the cache
         # The host inputs of a call travel as ONE int32 array (`pack_words`): each array handed to a jitted
         # call is its own host-to-device copy, and ~25 of them cost the admit call milliseconds of host time.
         opts = {k: dict(v) for k, v in type(self).compiler_options.items()}
