@@ -267,7 +267,12 @@ def main():
                                           args=(a.trace.replace(".json.gz", "") + f"_fe{fe}_sc{sc}_er{int(er)}_aa{int(aa)}_am{am}.json.gz",
                                                 a.trace_after, a.trace_s))
                 tracer.start()
+            sch = models[0].scheduler
+            c0 = (sch.steps_dispatched, sch.slot_steps_dispatched)
             runs[(fe, sc, er, aa, am)] = run_clients(url, work, a.clients, procs=a.client_procs)
+            steps = sch.steps_dispatched - c0[0]
+            runs[(fe, sc, er, aa, am)].update(
+                decode_steps=steps, occupancy=(sch.slot_steps_dispatched - c0[1]) / max(1, steps * sch.B))
             if tracer is not None:
                 tracer.join(timeout=120)
         finally:
@@ -291,6 +296,10 @@ def report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, frontends=1, early_rele
         "itl_p50_ms": round(1e3 * pct(r["itl"], 50), 2), "itl_p99_ms": round(1e3 * pct(r["itl"], 99), 2),
         "itl_mean_ms": round(1e3 * statistics.fmean(r["itl"]), 2) if r["itl"] else None,
         "errors": r["n_errors"], "error_samples": r["errors"],
+        # slots holding a request, averaged over the decode steps dispatched (weighted by steps), and the
+        # decode steps per second: tokens/s = steps/s x slots x occupancy x (share of held slots producing)
+        "occupancy": round(r.get("occupancy", float("nan")), 3),
+        "decode_steps_per_s": round(r.get("decode_steps", 0) / r["wall_s"], 1),
         "offline_tokens": off_tokens, "offline_wall_s": round(off_s, 3),
         "offline_tokens_per_s": round(off_tokens / off_s, 1),
     }

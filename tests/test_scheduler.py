@@ -39,6 +39,9 @@ def _serve(llm, jobs, early: bool, stream_chunk: int, admit_after: bool = True, 
                 if u.kind == "done":
                     out.append(u.seqs[0][0])
                     break
+        # the benchmark counters: every dispatched step counted, with at most B slots held at each
+        assert sched.steps_dispatched >= max(n for _, n, _ in jobs) - 1
+        assert 0 < sched.slot_steps_dispatched <= sched.steps_dispatched * sched.B
         return out, sched._ncalls
     finally:
         sched.stop()

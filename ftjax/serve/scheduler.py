@@ -140,6 +140,10 @@ class Scheduler:
         # request has waited `admit_max_wait_s`; with nothing decoding it admits at once. 1 = every iteration.
         self.admit_min_rows = 1
         self.admit_max_wait_s = 0.02
+        # Counters for benchmarks: decode steps dispatched, and the same weighted by the slots holding a
+        # request at dispatch (their ratio over a window, divided by the slots, is the batch occupancy).
+        self.steps_dispatched = 0
+        self.slot_steps_dispatched = 0
         # Called once per iteration with [(request, update)]; the default pushes each one. An asyncio
         # front end replaces it with one hop into its event loop.
         self.deliver = self._deliver_each
@@ -224,6 +228,8 @@ class Scheduler:
             self._state, _, snap = self.engine.generate_snap(self._state, k)
             self._inflight.append((self._ncalls, snap))
             self._ncalls += 1
+            self.steps_dispatched += k
+            self.slot_steps_dispatched += k * self.live_slots
             if self.early_release:
                 self._release_finishing(k)
         if late:
