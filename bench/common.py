@@ -106,26 +106,35 @@ def perfetto_events(path: str):
   return events, pname, tname
 
 
+def host_profile_options():
+  """Profiler options that trace the host too: XLA runtime TraceMe events (level 2) and Python calls."""
+  opts = jax.profiler.ProfileOptions()
+  opts.host_tracer_level = 2
+  opts.python_tracer_level = 1
+  return opts
+
+
+def perfetto_file(tdir: str, save: str | None = None) -> str | None:
+  """The Perfetto JSON a profile wrote under tdir (None if none), copied to `save` when given."""
+  files = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)
+  if files and save:
+    import shutil
+    shutil.copyfile(files[0], save)
+  return files[0] if files else None
+
+
 def trace_kernels(run, tdir: str | None = None, *, host: bool = False,
                   save: str | None = None) -> list[tuple[str, float, float]] | None:
   """Runs `run()` under the JAX profiler and returns its GPU kernel events (name, start us, duration us),
   memcpy / memset left out; None where the trace has no GPU stream (CPU). host: also trace the host
   (XLA runtime TraceMe events at level 2 and Python calls); save: copy the Perfetto JSON (.json.gz) there."""
   tdir = tdir or tempfile.mkdtemp(prefix="ftjax_trace_")
-  opts = None
-  if host:
-    opts = jax.profiler.ProfileOptions()
-    opts.host_tracer_level = 2
-    opts.python_tracer_level = 1
-  with jax.profiler.trace(tdir, create_perfetto_trace=True, profiler_options=opts):
+  with jax.profiler.trace(tdir, create_perfetto_trace=True, profiler_options=host_profile_options() if host else None):
     run()
-  files = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)
-  if not files:
+  path = perfetto_file(tdir, save)
+  if path is None:
     return None
-  if save:
-    import shutil
-    shutil.copyfile(files[0], save)
-  events, pname, tname = perfetto_events(files[0])
+  events, pname, tname = perfetto_events(path)
   out = [(e["name"], e["ts"], e.get("dur", 0.0)) for e in events
          if e.get("ph") == "X" and "GPU" in pname.get(e.get("pid"), "")
          and "Stream" in tname.get((e.get("pid"), e.get("tid")), "")

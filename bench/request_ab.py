@@ -41,17 +41,21 @@ def parse_variant(v: str):
     if not body:
         body = PRESETS[name]
     parts = body.split(";")
-    mode, opts = parts[0], {}
+    mode, opts, attrs = parts[0], {}, {}
     for p in parts[1:]:
         exe, _, kv = p.partition(":")
         k, _, val = kv.partition("=")
         if exe not in ("admit", "generate", "engine") or not k:
             raise SystemExit(f"variant {v!r}: expected exe:option=value with exe admit, generate or engine "
                              f"(an Engine attribute), got {p!r}")
-        opts.setdefault(exe, {})[k] = int(val) if val.isdigit() else val
+        val = int(val) if val.isdigit() else val
+        if exe == "engine":
+            attrs[k] = val
+        else:
+            opts.setdefault(exe, {})[k] = val
     if mode not in ("pieces", "exact", "dynamic"):
         raise SystemExit(f"variant {v!r}: unknown mode {mode!r}")
-    return name, mode, opts
+    return name, mode, opts, attrs
 
 
 def main():
@@ -83,9 +87,8 @@ def main():
           f"{a.reps} (min in brackets)")
     out = open(a.json, "a") if a.json else None
     ref = {}   # case -> the first variant's tokens (greedy: every variant must give the same)
-    for name, mode, opts in variants:
+    for name, mode, opts, attrs in variants:
         for b, t_in, t_out in cases:
-            attrs = opts.pop("engine", {})
             Engine.compiler_options = opts
             try:
                 llm = LLM(cfg, params, dtype="bfloat16", max_batch_size=b, max_seq_len=t_in + t_out,
@@ -95,7 +98,6 @@ def main():
             llm.engine.steps_mode = mode
             for k, val in attrs.items():
                 setattr(llm.engine, k, type(getattr(llm.engine, k))(val))
-            opts = {**opts, "engine": attrs} if attrs else opts
             rng = np.random.RandomState(0)
             prompts = rng.randint(1, cfg.vocab, size=(b, t_in)).tolist()
             t0 = time.perf_counter()
@@ -110,7 +112,7 @@ def main():
             assert all(len(t) == t_out for t in res.tokens)
             same = ref.setdefault((b, t_in, t_out), res.tokens) == res.tokens
             row = {"model": a.model, "case": f"b{b}-{t_in}-{t_out}", "variant": name, "mode": mode,
-                   "options": opts, "ms": 1e3 * statistics.median(lat), "min_ms": 1e3 * min(lat),
+                   "options": {**opts, "engine": attrs} if attrs else opts, "ms": 1e3 * statistics.median(lat), "min_ms": 1e3 * min(lat),
                    "first_s": first, "same_tokens": same, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
             print(f"  {row['case']:14s} {name:22s} {row['ms']:8.2f} ({row['min_ms']:.2f})  first {first:.1f} s"
                   f"{'' if same else '  TOKENS DIFFER from the first variant'}")

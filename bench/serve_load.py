@@ -175,23 +175,18 @@ def precompile(llm, work, B):
 
 def trace_window(dest, after_s, dur_s):
     """Profile this process for dur_s seconds, after_s seconds from now; the Perfetto JSON goes to dest."""
-    import glob
-    import shutil
     import tempfile
 
     import jax
 
+    from bench.common import host_profile_options, perfetto_file
+
     time.sleep(after_s)
     tdir = tempfile.mkdtemp(prefix="serve_trace_")
-    opts = jax.profiler.ProfileOptions()
-    opts.host_tracer_level = 2
-    opts.python_tracer_level = 1
-    jax.profiler.start_trace(tdir, create_perfetto_trace=True, profiler_options=opts)
+    jax.profiler.start_trace(tdir, create_perfetto_trace=True, profiler_options=host_profile_options())
     time.sleep(dur_s)
     jax.profiler.stop_trace()
-    files = glob.glob(os.path.join(tdir, "**", "perfetto_trace.json.gz"), recursive=True)
-    if files:
-        shutil.copyfile(files[0], dest)
+    perfetto_file(tdir, dest)
 
 
 def main():

@@ -139,7 +139,7 @@ class Engine:
         # the cache
         # The host inputs of a call travel as ONE int32 array (`pack_words`): each array handed to a jitted
         # call is its own host-to-device copy, and ~25 of them cost the admit call milliseconds of host time.
-        opts = {k: dict(v) for k, v in type(self).compiler_options.items()}
+        opts = self.compiler_options
         self._admit = jax.jit(self._admit_fn, donate_argnums=(1,), static_argnames=("spec", "sampled"),
                               **_copts(opts.get("admit")))
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,),

@@ -134,11 +134,11 @@ class LLM:
     def _collect(self, st, chunk, slots, plist, out: GenerationResult):
         # one jax.device_get: every copy is started before the first is waited on (each np.asarray of a
         # device array on its own is a round trip of ~0.5 ms on a GPU)
-        want = {k: getattr(st, k) for k in ("seq", "seq_len", "prompt_len", "logprobs")}
+        beam = None
         if st.beam is not None and any(plist[j].beam_width > 1 for j in chunk):
-            want.update({"beam_" + k: getattr(st.beam, k) for k in ("fin_tokens", "fin_logprobs", "fin_len", "fin_mask")})
-        host = jax.device_get(want)
-        beam = {k[5:]: v for k, v in host.items() if k.startswith("beam_")} or None
+            beam = {k: getattr(st.beam, k) for k in ("fin_tokens", "fin_logprobs", "fin_len", "fin_mask")}
+        host, beam = jax.device_get(({k: getattr(st, k) for k in ("seq", "seq_len", "prompt_len", "logprobs")},
+                                     beam))
         for j, sl in zip(chunk, slots):
             if plist[j].beam_width > 1:
                 g = sl[0]
