@@ -33,6 +33,16 @@ PRESETS = {
     "dyn_while": f"dynamic;generate:xla_gpu_enable_command_buffer={CB_WHILE}",
     "dyn_while_admitnocb": f"dynamic;generate:xla_gpu_enable_command_buffer={CB_WHILE};"
                            "admit:xla_gpu_enable_command_buffer=",
+    # loops of known trip count unrolled into the generate call's command buffer: one CUDA graph (one
+    # launch) for the steps of a call under CHUNK, instead of one launch of the loop body per step
+    "exact_unroll": f"exact;generate:xla_gpu_enable_command_buffer={CB_WHILE};"
+                    "generate:xla_gpu_command_buffer_unroll_loops=true",
+    # the same with every call of up to 32 steps one loop of known trip count (no while loop): one graph
+    "exact_unroll32": f"exact;generate:xla_gpu_enable_command_buffer={CB_WHILE};"
+                      "generate:xla_gpu_command_buffer_unroll_loops=true;engine:CHUNK=32",
+    # programmatic dependent launch (Hopper): a kernel may start while its predecessor drains
+    "exact_pdl": "exact;generate:xla_gpu_enable_pdl=true;admit:xla_gpu_enable_pdl=true",
+    "exact_nopdl": "exact;generate:xla_gpu_enable_pdl=false;admit:xla_gpu_enable_pdl=false",
 }
 
 
@@ -48,7 +58,7 @@ def parse_variant(v: str):
         if exe not in ("admit", "generate", "engine") or not k:
             raise SystemExit(f"variant {v!r}: expected exe:option=value with exe admit, generate or engine "
                              f"(an Engine attribute), got {p!r}")
-        val = int(val) if val.isdigit() else val
+        val = int(val) if val.isdigit() else {"true": True, "false": False}.get(val, val)
         if exe == "engine":
             attrs[k] = val
         else:
