@@ -211,6 +211,8 @@ def main():
                     "waiting requests after dispatching the next generate call (1) or before it (0)")
     ap.add_argument("--admit-min-rows", default="1", help="comma list: Scheduler.admit_min_rows (while rows decode, "
                     "an admit call waits for this many rows or admit_max_wait_s)")
+    ap.add_argument("--reader", default="0", help="comma list of 1/0: Scheduler.reader_thread (snapshots read back "
+                    "and turned into responses on a second thread)")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--json", default=None)
     ap.add_argument("--trace", default=None, help="profile the server process (GPU kernels, XLA runtime and "
@@ -243,16 +245,17 @@ def main():
 
     precompile(llm, work, a.max_batch_size)
     runs = {}
-    for fe, sc, er, aa, am in [(f, c, e, x, m) for f in a.frontends.split(",") for c in a.stream_chunk.split(",")
-                               for e in a.early_release.split(",") for x in a.admit_after.split(",")
-                               for m in a.admit_min_rows.split(",")]:
-        fe, sc, er, aa, am = int(fe), int(sc), bool(int(er)), bool(int(aa)), int(am)
+    for fe, sc, er, aa, am, rd in [(f, c, e, x, m, d) for f in a.frontends.split(",") for c in a.stream_chunk.split(",")
+                                   for e in a.early_release.split(",") for x in a.admit_after.split(",")
+                                   for m in a.admit_min_rows.split(",") for d in a.reader.split(",")]:
+        fe, sc, er, aa, am, rd = int(fe), int(sc), bool(int(er)), bool(int(aa)), int(am), bool(int(rd))
         srv = Server(models, grpc_port=0, metrics_port=None, chunk=a.chunk, stream_chunk=sc,
                      max_queue=max(1024, a.requests), frontends=fe).start()
         for m in models:
             m.scheduler.early_release = er
             m.scheduler.admit_after_dispatch = aa
             m.scheduler.admit_min_rows = am
+            m.scheduler.reader_thread = rd
         url = f"127.0.0.1:{srv.grpc_port}"
         try:
             run_clients(url, warm, a.clients, procs=a.client_procs)           # compile prefill buckets / steps
@@ -264,25 +267,27 @@ def main():
                 tracer.start()
             sch = models[0].scheduler
             c0 = (sch.steps_dispatched, sch.slot_steps_dispatched)
-            runs[(fe, sc, er, aa, am)] = run_clients(url, work, a.clients, procs=a.client_procs)
+            ph0 = dict(sch.phase_s)
+            runs[(fe, sc, er, aa, am, rd)] = run_clients(url, work, a.clients, procs=a.client_procs)
             steps = sch.steps_dispatched - c0[0]
-            runs[(fe, sc, er, aa, am)].update(
-                decode_steps=steps, occupancy=(sch.slot_steps_dispatched - c0[1]) / max(1, steps * sch.B))
+            runs[(fe, sc, er, aa, am, rd)].update(
+                decode_steps=steps, occupancy=(sch.slot_steps_dispatched - c0[1]) / max(1, steps * sch.B),
+                phase_s={k: round(v - ph0.get(k, 0.0), 3) for k, v in sch.phase_s.items()})
             if tracer is not None:
                 tracer.join(timeout=120)
         finally:
             srv.stop()
-    for (fe, sc, er, aa, am), r in runs.items():
-        report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, fe, er, aa, am)
+    for (fe, sc, er, aa, am, rd), r in runs.items():
+        report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, fe, er, aa, am, rd)
 
 
 def report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, frontends=1, early_release=True, admit_after=True,
-           admit_min_rows=1):
+           admit_min_rows=1, reader=False):
     out = {
         "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "ftjax": ftjax.__version__,
         "date": time.strftime("%Y-%m-%d"), "model": a.model or "embedded default", "dtype": a.dtype,
         "clients": a.clients, "requests": a.requests, "prompt_len": a.prompt_len, "output_len": a.output_len,
-        "max_batch_size": a.max_batch_size, "max_seq_len": a.max_seq_len, "chunk": a.chunk, "stream_chunk": sc, "frontends": frontends, "early_release": early_release, "admit_after_dispatch": admit_after, "admit_min_rows": admit_min_rows,
+        "max_batch_size": a.max_batch_size, "max_seq_len": a.max_seq_len, "chunk": a.chunk, "stream_chunk": sc, "frontends": frontends, "early_release": early_release, "admit_after_dispatch": admit_after, "admit_min_rows": admit_min_rows, "reader_thread": reader,
         "client_procs": a.client_procs,
         "serve_tokens": r["tokens"], "serve_wall_s": round(r["wall_s"], 3),
         "serve_tokens_per_s": round(r["tokens"] / r["wall_s"], 1),
@@ -295,6 +300,9 @@ def report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, frontends=1, early_rele
         # decode steps per second: tokens/s = steps/s x slots x occupancy x (share of held slots producing)
         "occupancy": round(r.get("occupancy", float("nan")), 3),
         "decode_steps_per_s": round(r.get("decode_steps", 0) / r["wall_s"], 1),
+        # the scheduler's host seconds per phase over the timed run (dispatch = generate calls; with the
+        # reader thread, readback/process/deliver overlap the dispatch thread's work)
+        "phase_s": r.get("phase_s"),
         "offline_tokens": off_tokens, "offline_wall_s": round(off_s, 3),
         "offline_tokens_per_s": round(off_tokens / off_s, 1),
     }

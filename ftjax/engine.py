@@ -356,16 +356,21 @@ class Engine:
             state, steps = jax.lax.fori_loop(0, rem, lambda _, c: step(*c), (state, steps))
         state = self._constrain(state)
         if snap:   # the server's snapshot, in the same executable (one call less per scheduler iteration)
-            return state, steps, self._snapshot_fn(state, width=snap)
+            return state, steps, self._snapshot_fn(state, width=snap, beam=beam)
         return state, steps
 
-    def _snapshot_fn(self, state: DecodeState, *, width: int):
+    def _snapshot_fn(self, state: DecodeState, *, width: int, beam: bool = False):
         """What a server needs after a generate call, small and not donated: seq_len [B], done [B], and
-        the last `width` ids and log probs of every row ([B, width]; column -1 is seq[seq_len - 1])."""
+        the last `width` ids and log probs of every row ([B, width]; column -1 is seq[seq_len - 1]); with
+        `beam` (a beam group may be live) also the finished hypotheses (fin_tokens, fin_logprobs, fin_len,
+        fin_mask of sampling.BeamState), so that no reader needs the (donated) state itself."""
         idx = jnp.clip(state.seq_len[:, None] - width + jnp.arange(width)[None, :], 0, self.S - 1)
-        return {"seq_len": state.seq_len, "done": state.done,
-                "ids": jnp.take_along_axis(state.seq, idx, axis=1),
-                "logprobs": jnp.take_along_axis(state.logprobs, idx, axis=1)}
+        out = {"seq_len": state.seq_len, "done": state.done,
+               "ids": jnp.take_along_axis(state.seq, idx, axis=1),
+               "logprobs": jnp.take_along_axis(state.logprobs, idx, axis=1)}
+        if beam and state.beam is not None:
+            out.update({k: getattr(state.beam, k) for k in ("fin_tokens", "fin_logprobs", "fin_len", "fin_mask")})
+        return out
 
     @staticmethod
     def _retire_fn(state: DecodeState, slots):

@@ -20,11 +20,13 @@ def llm():
                      attention="xla", max_batch_size=2, max_seq_len=48)
 
 
-def _serve(llm, jobs, early: bool, stream_chunk: int, admit_after: bool = True, admit_min_rows: int = 1):
+def _serve(llm, jobs, early: bool, stream_chunk: int, admit_after: bool = True, admit_min_rows: int = 1,
+           reader: bool = False):
     sched = Scheduler(llm, chunk=4, stream_chunk=stream_chunk)
     sched.early_release = early
     sched.admit_after_dispatch = admit_after
     sched.admit_min_rows = admit_min_rows
+    sched.reader_thread = reader
     sched.start()
     try:
         reqs = []
@@ -42,18 +44,21 @@ def _serve(llm, jobs, early: bool, stream_chunk: int, admit_after: bool = True, 
         # the benchmark counters: every dispatched step counted, with at most B slots held at each
         assert sched.steps_dispatched >= max(n for _, n, _ in jobs) - 1
         assert 0 < sched.slot_steps_dispatched <= sched.steps_dispatched * sched.B
+        # host time per phase: every phase ran, none took longer than the whole
+        assert all(0 < sched.phase_s[k] for k in ("dispatch", "admit", "readback", "process", "deliver")), \
+            dict(sched.phase_s)
         return out, sched._ncalls
     finally:
         sched.stop()
 
 
-@pytest.mark.parametrize("stream_chunk", [1, 4])
-def test_slots_reused_early_answers_unchanged(llm, stream_chunk):
+@pytest.mark.parametrize("stream_chunk,reader", [(1, False), (4, False), (4, True)])
+def test_slots_reused_early_answers_unchanged(llm, stream_chunk, reader):
     rng = np.random.RandomState(np.random.randint(1 << 20))
     jobs = [(rng.randint(2, 200, size=rng.randint(2, 9)).tolist(), int(rng.randint(1, 14)), k % 2 == 0)
             for k in range(7)]
-    got_early, calls_early = _serve(llm, jobs, True, stream_chunk)
-    got_late, calls_late = _serve(llm, jobs, False, stream_chunk)
+    got_early, calls_early = _serve(llm, jobs, True, stream_chunk, reader=reader)
+    got_late, calls_late = _serve(llm, jobs, False, stream_chunk, reader=reader)
     for (prompt, n, _), a, b in zip(jobs, got_early, got_late):
         ref = prompt + llm.generate([prompt], max_new_tokens=n, end_id=None).tokens[0]
         assert a == ref and b == ref
@@ -73,3 +78,40 @@ def test_admit_before_or_after_dispatch_same_answers(llm):
     for (prompt, n, _), a, b, c in zip(jobs, after, before, batched):
         ref = prompt + llm.generate([prompt], max_new_tokens=n, end_id=None).tokens[0]
         assert a == ref and b == ref and c == ref
+
+
+def test_reader_thread_same_answers_beam_and_streams(llm):
+    """With the snapshot read back on a second thread: greedy and streamed requests, and a beam request
+    (its finished hypotheses come in the call's snapshot, not from the donated state) all equal the
+    library's answers; every streamed token arrives once, in order."""
+    rng = np.random.RandomState(np.random.randint(1 << 20))
+    sched = Scheduler(llm, chunk=4, stream_chunk=2)
+    sched.reader_thread = True
+    sched.start()
+    try:
+        jobs = [(rng.randint(2, 200, size=rng.randint(2, 9)).tolist(), int(rng.randint(2, 12)), k % 2 == 1)
+                for k in range(5)]
+        reqs = [sched.submit(Request([Row(p, n, llm.sampling_params(1, end_id=None)[0])], stream=st))
+                for p, n, st in jobs]
+        bprompt = rng.randint(2, 200, size=5).tolist()
+        bparams = llm.sampling_params(1, end_id=None, beam_width=2)[0]
+        breq = sched.submit(Request([Row(bprompt, 6, bparams)]))
+        for (prompt, n, stream), r in zip(jobs, reqs):
+            streamed = []
+            while True:
+                u = r.get(timeout=120)
+                assert u.kind != "error", u.message
+                if u.kind == "tokens":
+                    streamed += u.new[0]
+                if u.kind == "done":
+                    break
+            ref = prompt + llm.generate([prompt], max_new_tokens=n, end_id=None).tokens[0]
+            assert u.seqs[0][0] == ref
+            if stream:
+                assert prompt + streamed == ref
+        u = breq.get(timeout=120)
+        assert u.kind == "done", u.message
+        want = llm.generate([bprompt], max_new_tokens=6, end_id=None, beam_width=2)
+        assert [s[len(bprompt):] for s in u.seqs[0]] == want.beams[0]
+    finally:
+        sched.stop()

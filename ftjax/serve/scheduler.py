@@ -123,7 +123,9 @@ class Scheduler:
         self.model_name = model_name
         self._waiting: collections.deque[Request] = collections.deque()
         self._live: list[Request] = []
-        self._cv = threading.Condition()
+        # One lock for the queue and all bookkeeping (slots, requests, updates). Re-entrant: the helpers take it
+        # themselves and are also called with it held. Engine calls (dispatches) run without it.
+        self._cv = threading.Condition(threading.RLock())
         self._stop = False
         self._free = list(range(self.B))
         self._state = None
@@ -147,6 +149,19 @@ class Scheduler:
         # Called once per iteration with [(request, update)]; the default pushes each one. An asyncio
         # front end replaces it with one hop into its event loop.
         self.deliver = self._deliver_each
+        # Read back each generate call's snapshot on a second thread ("reader"): it waits for the call, turns
+        # the snapshot into responses and hands them over while this thread dispatches the next calls and
+        # admits (a dispatch spends most of its host time launching CUDA graphs, without the GIL). The
+        # dispatch thread stays at most one unread call ahead, as without the reader. Read at start().
+        self.reader_thread = False
+        self._reader: threading.Thread | None = None
+        self._reader_q: queue.Queue = queue.Queue()
+        self._reader_error: BaseException | None = None
+        self._read_calls = 0                # generate calls whose snapshot has been processed (reader mode)
+        self._flush_lock = threading.Lock()
+        # Host seconds per phase, for benchmarks: dispatch (generate calls), admit (prefill + insert calls and
+        # their bookkeeping), readback (waiting for a snapshot), process (snapshot -> updates), deliver.
+        self.phase_s: dict[str, float] = collections.defaultdict(float)
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"ftjax-scheduler-{model_name}", daemon=True)
@@ -188,13 +203,25 @@ class Scheduler:
     def _run(self):
         try:
             self._state = self.engine.init_state()
+            if self.reader_thread:
+                self._reader = threading.Thread(target=self._read_loop, name=self._thread.name + "-reader",
+                                                daemon=True)
+                self._reader.start()
             self.ready.set()
             while True:
                 with self._cv:
                     if self._stop:
                         break
-                    if not self._live and not self._waiting and not self._inflight:
-                        self._cv.wait(timeout=0.5)
+                    if self._reader_error is not None:
+                        raise self._reader_error
+                    idle = not self._live and not self._waiting
+                    if self._reader is None:
+                        if idle and not self._inflight:
+                            self._cv.wait(timeout=0.5)
+                            continue
+                    elif idle or self._read_calls < self._ncalls - 1:
+                        # nothing to do, or one unread call ahead already: the reader's progress wakes us
+                        self._cv.wait(timeout=0.5 if idle else 0.05)
                         continue
                 self._iteration()
                 self._flush()
@@ -202,41 +229,91 @@ class Scheduler:
             log.exception("scheduler failed")
             self.error = e
             self.ready.set()
-            for r in list(self._live) + list(self._waiting):
-                self._fail(r, "internal", f"engine failure: {e}")
+            self._stop_reader()
+            with self._cv:
+                for r in list(self._live) + list(self._waiting):
+                    self._fail(r, "internal", f"engine failure: {e}")
         finally:
             with self._cv:
                 self._stop = True
+            self._stop_reader()   # it reads back (and answers) what was already dispatched
+            with self._cv:
                 pending = list(self._waiting)
                 self._waiting.clear()
-            for r in pending + self._live:
-                if not r.finished:
-                    self._fail(r, "unavailable", "server is shutting down")
+                for r in pending + self._live:
+                    if not r.finished:
+                        self._fail(r, "unavailable", "server is shutting down")
             self._flush()
+
+    def _stop_reader(self):
+        if self._reader is not None:
+            self._reader_q.put(None)
+            self._reader.join(timeout=60)
+            self._reader = None
+
+    def _read_loop(self):
+        """Reader thread: each dispatched call's snapshot, in order -> `_process` -> hand-off."""
+        while True:
+            item = self._reader_q.get()
+            if item is None:
+                return
+            j, snap = item
+            try:
+                t0 = time.perf_counter()
+                host = jax.device_get(snap)   # waits for call j (without the GIL)
+                t1 = time.perf_counter()
+                with self._cv:
+                    self._process(j, host)
+                    self._read_calls = j + 1
+                    self._cv.notify_all()
+                t2 = time.perf_counter()
+                self.phase_s["readback"] += t1 - t0
+                self.phase_s["process"] += t2 - t1
+                self._flush()
+            except BaseException as e:  # noqa: BLE001 - the dispatch thread fails everything with it
+                log.exception("scheduler reader failed")
+                with self._cv:
+                    self._reader_error = e
+                    self._cv.notify_all()
+                return
 
     def _iteration(self):
         """Dispatch, then read back: the device runs generate call j+1 while the host turns call j's
         snapshot into responses (JAX dispatch is asynchronous; only the snapshot's read-back waits)."""
         now = time.monotonic()
-        self._drop_cancelled(now)
-        late = self.admit_after_dispatch and any(not r.finished for r in self._live)
+        with self._cv:
+            self._drop_cancelled(now)
+            late = self.admit_after_dispatch and any(not r.finished for r in self._live)
         if not late:
             self._admit(now)
-        running = any(not r.finished for r in self._live)
-        if running:
+        with self._cv:
+            running = any(not r.finished for r in self._live)
             k = self.stream_chunk if any(r.stream for r in self._live) else self.chunk
+        if running:
+            t0 = time.perf_counter()
             self._state, _, snap = self.engine.generate_snap(self._state, k)
-            self._inflight.append((self._ncalls, snap))
-            self._ncalls += 1
-            self.steps_dispatched += k
-            self.slot_steps_dispatched += k * self.live_slots
-            if self.early_release:
-                self._release_finishing(k)
+            self.phase_s["dispatch"] += time.perf_counter() - t0
+            with self._cv:
+                j = self._ncalls
+                self._ncalls += 1
+                self.steps_dispatched += k
+                self.slot_steps_dispatched += k * self.live_slots
+                if self.early_release:
+                    self._release_finishing(k)
+            if self._reader is not None:
+                self._reader_q.put((j, snap))
+            else:
+                self._inflight.append((j, snap))
         if late:
             self._admit(now)   # valid_from = the next call: the rows' first ids show in its snapshot
         while len(self._inflight) > (1 if running else 0):
             j, snap = self._inflight.popleft()
-            self._process(j, jax.device_get(snap))   # one read-back of the four small arrays
+            t0 = time.perf_counter()
+            host = jax.device_get(snap)   # one read-back of the four small arrays
+            t1 = time.perf_counter()
+            self._process(j, host)
+            self.phase_s["readback"] += t1 - t0
+            self.phase_s["process"] += time.perf_counter() - t1
 
     def _release_finishing(self, k: int):
         """Frees, at once, the slot of every row certain to have finished by the end of the calls dispatched
@@ -297,26 +374,42 @@ class Scheduler:
                     self._waiting.popleft()
         if not picks:
             return []
+        t0 = time.perf_counter()
+        try:
+            return self._admit_picks(now, picks)
+        finally:
+            self.phase_s["admit"] += time.perf_counter() - t0
+
+    def _admit_picks(self, now, picks) -> list[Request]:
         reqs = list(dict.fromkeys(r for r, _, _ in picks))
         try:
-            self._prefill([(r.rows[i], s) for r, i, s in picks])
+            self._prefill([(r.rows[i], s) for r, i, s in picks])   # without the lock: the reader goes on
         except ValueError:
-            # One request's params did not fit (e.g. word-list capacity): admit one by one, fail the bad.
-            self._ensure_state()
-            ok = []
-            for r in reqs:
-                mine = [(r.rows[i], s) for rr, i, s in picks if rr is r]
-                try:
-                    self._prefill(mine)
-                    ok.append(r)
-                except ValueError as e:
-                    self._ensure_state()
-                    self._free.extend(x for rr, _, s in picks if rr is r for x in s)
-                    with self._cv:
-                        if r in self._waiting:
-                            self._waiting.remove(r)
-                    self._fail(r, "invalid", str(e))
-            reqs = ok
+            with self._cv:
+                reqs = self._admit_one_by_one(picks, reqs)
+        with self._cv:
+            return self._admitted(now, picks, reqs)
+
+    def _admit_one_by_one(self, picks, reqs) -> list[Request]:
+        """One request's params did not fit (e.g. word-list capacity): admit one by one, fail the bad
+        (the lock held)."""
+        self._ensure_state()
+        ok = []
+        for r in reqs:
+            mine = [(r.rows[i], s) for rr, i, s in picks if rr is r]
+            try:
+                self._prefill(mine)
+                ok.append(r)
+            except ValueError as e:
+                self._ensure_state()
+                self._free.extend(x for rr, _, s in picks if rr is r for x in s)
+                if r in self._waiting:
+                    self._waiting.remove(r)
+                self._fail(r, "invalid", str(e))
+        return ok
+
+    def _admitted(self, now, picks, reqs) -> list[Request]:
+        """Bookkeeping of an admit call (the lock held)."""
         for r, i, s in picks:
             if r in reqs:
                 r.slots[i] = s
@@ -391,10 +484,10 @@ class Scheduler:
                     r.row_done[i] = True
                     prompt = self._shown(r.rows[i])
                     if len(sl) > 1:   # beam group headed by slot h: finished hypotheses, best first
-                        if beam is None:
-                            st = self._state.beam
-                            beam = {k: np.asarray(getattr(st, k)) for k in ("fin_tokens", "fin_logprobs",
-                                                                            "fin_len", "fin_mask")}
+                        if beam is None:   # the call's own snapshot carries them (the reader must not
+                            keys = ("fin_tokens", "fin_logprobs", "fin_len", "fin_mask")   # touch the state)
+                            st = snap if "fin_tokens" in snap else self._state.beam._asdict()
+                            beam = {k: np.asarray(st[k]) for k in keys}
                         hyps = [(int(beam["fin_len"][h, b]), b) for b in range(len(sl))
                                 if beam["fin_mask"][h, b] and beam["fin_len"][h, b] > 0]
                         r.result_seqs[i] = [prompt + beam["fin_tokens"][h, b, :m].tolist() for m, b in hyps] or [prompt]
@@ -440,10 +533,16 @@ class Scheduler:
         self._out.append((r, u))
 
     def _flush(self):
-        """Hands this iteration's updates to the handlers in one batch (`deliver`)."""
-        if self._out:
-            items, self._out = self._out, []
+        """Hands this iteration's updates to the handlers in one batch (`deliver`). Both threads flush; the
+        flush lock keeps the batches in the order their updates were made."""
+        with self._flush_lock:
+            with self._cv:
+                if not self._out:
+                    return
+                items, self._out = self._out, []
+            t0 = time.perf_counter()
             self.deliver(items)
+            self.phase_s["deliver"] += time.perf_counter() - t0
 
     @staticmethod
     def _deliver_each(items):
