@@ -44,6 +44,7 @@ def _serve(llm, jobs, early: bool, stream_chunk: int, admit_after: bool = True, 
         # the benchmark counters: every dispatched step counted, with at most B slots held at each
         assert sched.steps_dispatched >= max(n for _, n, _ in jobs) - 1
         assert 0 < sched.slot_steps_dispatched <= sched.steps_dispatched * sched.B
+        assert 0 < sched.admit_calls <= sched.rows_admitted == len(jobs)
         # host time per phase: every phase ran, none took longer than the whole
         assert all(0 < sched.phase_s[k] for k in ("dispatch", "admit", "readback", "process", "deliver")), \
             dict(sched.phase_s)

@@ -146,6 +146,8 @@ class Scheduler:
         # request at dispatch (their ratio over a window, divided by the slots, is the batch occupancy).
         self.steps_dispatched = 0
         self.slot_steps_dispatched = 0
+        self.admit_calls = 0      # prefill + insert calls, and the rows they admitted
+        self.rows_admitted = 0
         # Called once per iteration with [(request, update)]; the default pushes each one. An asyncio
         # front end replaces it with one hop into its event loop.
         self.deliver = self._deliver_each
@@ -410,6 +412,8 @@ class Scheduler:
 
     def _admitted(self, now, picks, reqs) -> list[Request]:
         """Bookkeeping of an admit call (the lock held)."""
+        self.admit_calls += 1
+        self.rows_admitted += len(picks)
         for r, i, s in picks:
             if r in reqs:
                 r.slots[i] = s
