@@ -315,9 +315,13 @@ class Engine:
         def step(st, count):   # every step a call runs is one it was asked for: no step index needed
             pos = st.seq_len - 1                               # [B] where the pending id goes in the cache
             tok = st.seq[rows, pos]
-            with small_m_kernel(self.small_m, interpret=default_interpret()):
-                logits, cache = self.family.decode(params, tok, pos, st.cache)
             live = st.active & ~st.done
+            # A row that is not live (free slot, or finished and not yet retired) decodes at position 0: its
+            # outputs are discarded, and its attention then reads one key block instead of its whole past
+            # (it never resumes: an insert rewrites the slot, cache included)
+            dpos = jnp.where(live, pos, 0)
+            with small_m_kernel(self.small_m, interpret=default_interpret()):
+                logits, cache = self.family.decode(params, tok, dpos, st.cache)
             nxt, lp = select(logits, st.sp, seq=st.seq, prompt_len=st.prompt_len, seq_len=st.seq_len,
                              gen_count=st.gen_count, top_p=st.top_p, sampled=sampled)
             st = st._replace(cache=cache)
