@@ -84,20 +84,23 @@ def test_admit_before_or_after_dispatch_same_answers(llm):
 def test_reader_thread_same_answers_beam_and_streams(llm):
     """With the snapshot read back on a second thread: greedy and streamed requests, and a beam request
     (its finished hypotheses come in the call's snapshot, not from the donated state) all equal the
-    library's answers; every streamed token arrives once, in order."""
+    library's answers; every streamed token arrives once, in order. (The references are computed before
+    the scheduler starts: a scheduler owns its engine, whose host-side slot sets `generate` would change.)"""
     rng = np.random.RandomState(np.random.randint(1 << 20))
+    jobs = [(rng.randint(2, 200, size=rng.randint(2, 9)).tolist(), int(rng.randint(2, 12)), k % 2 == 1)
+            for k in range(5)]
+    refs = [prompt + llm.generate([prompt], max_new_tokens=n, end_id=None).tokens[0] for prompt, n, _ in jobs]
+    bprompt = rng.randint(2, 200, size=5).tolist()
+    want = llm.generate([bprompt], max_new_tokens=6, end_id=None, beam_width=2).beams[0]
     sched = Scheduler(llm, chunk=4, stream_chunk=2)
     sched.reader_thread = True
     sched.start()
     try:
-        jobs = [(rng.randint(2, 200, size=rng.randint(2, 9)).tolist(), int(rng.randint(2, 12)), k % 2 == 1)
-                for k in range(5)]
         reqs = [sched.submit(Request([Row(p, n, llm.sampling_params(1, end_id=None)[0])], stream=st))
                 for p, n, st in jobs]
-        bprompt = rng.randint(2, 200, size=5).tolist()
         bparams = llm.sampling_params(1, end_id=None, beam_width=2)[0]
         breq = sched.submit(Request([Row(bprompt, 6, bparams)]))
-        for (prompt, n, stream), r in zip(jobs, reqs):
+        for (prompt, n, stream), r, ref in zip(jobs, reqs, refs):
             streamed = []
             while True:
                 u = r.get(timeout=120)
@@ -106,13 +109,11 @@ def test_reader_thread_same_answers_beam_and_streams(llm):
                     streamed += u.new[0]
                 if u.kind == "done":
                     break
-            ref = prompt + llm.generate([prompt], max_new_tokens=n, end_id=None).tokens[0]
             assert u.seqs[0][0] == ref
             if stream:
                 assert prompt + streamed == ref
         u = breq.get(timeout=120)
         assert u.kind == "done", u.message
-        want = llm.generate([bprompt], max_new_tokens=6, end_id=None, beam_width=2)
-        assert [s[len(bprompt):] for s in u.seqs[0]] == want.beams[0]
+        assert [s[len(bprompt):] for s in u.seqs[0]] == want
     finally:
         sched.stop()

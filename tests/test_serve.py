@@ -324,10 +324,16 @@ def test_protocol_endpoints_and_metrics(served):
     # that this test sees a failure counted whatever ran before it on this worker
     with pytest.raises(InferenceServerException):
         client.infer(NAME, ft_inputs([[1, 2]], 100), timeout=1)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
-    for metric in ("nv_inference_request_success", "nv_inference_request_failure", "ftjax_queue_seconds_count",
-                   "ftjax_time_to_first_token_seconds_bucket", "ftjax_generated_tokens_total",
-                   "ftjax_batch_occupancy"):
+    names = ("nv_inference_request_success", "nv_inference_request_failure", "ftjax_queue_seconds_count",
+             "ftjax_time_to_first_token_seconds_bucket", "ftjax_generated_tokens_total", "ftjax_batch_occupancy")
+    # the timed-out request is counted when the server notices the client gave up: asynchronously
+    deadline = time.monotonic() + 30
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+        if all(f"{m}{{" in text for m in names) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for metric in names:
         assert f"{metric}{{" in text, metric
     tok = [ln for ln in text.splitlines() if ln.startswith("ftjax_generated_tokens_total{")]
     assert float(tok[0].split()[-1]) > 0

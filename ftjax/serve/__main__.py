@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -32,12 +33,14 @@ def parse_args(argv=None):
     ap.add_argument("--compile-cache", default=None,
                     help="jax's persistent compilation cache directory, so a restarted server does not compile "
                          "again (default: $FTJAX_COMPILE_CACHE or ~/.cache/ftjax/jax; 'off' disables)")
-    ap.add_argument("--stream-chunk", type=int, default=1,
+    ap.add_argument("--stream-chunk", type=int, default=4,
                     help="decode steps per scheduler iteration while a stream is live (ftjax addition; each token "
-                         "still gets its own response)")
-    ap.add_argument("--frontends", type=int, default=1,
+                         "still gets its own response, k at a time). 1 sends each token the moment it exists; 4 "
+                         "(the default) keeps up with many streams (bench/RESULTS.md, serving)")
+    ap.add_argument("--frontends", type=_frontends, default="auto",
                     help="gRPC front-end processes sharing --grpc-port (ftjax addition): with N > 1 this process "
-                         "keeps the engines and N spawned processes parse requests and send the responses")
+                         "keeps the engines and N spawned processes parse requests and send the responses. "
+                         "auto (the default): one per 4 CPU cores, 1 to 4")
     ap.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0 (multi-host)")
     ap.add_argument("--num-processes", type=int, default=None)
     ap.add_argument("--process-id", type=int, default=None)
@@ -51,6 +54,17 @@ def parse_args(argv=None):
     if any(v is not None for v in multi) and not all(v is not None for v in multi):
         ap.error("--coordinator-address, --num-processes and --process-id go together")
     return a
+
+
+def _frontends(v: str):
+    """--frontends: an integer, or auto = one front end per 4 CPU cores, between 1 and 4 (a 2-core box
+    keeps the service in this process; a 16-core GPU host gets 4, which serving was measured with)."""
+    if v == "auto":
+        return min(4, max(1, (os.cpu_count() or 1) // 4))
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {v!r}") from None
 
 
 def _slots(v: str):

@@ -154,7 +154,9 @@ class Scheduler:
         # Read back each generate call's snapshot on a second thread ("reader"): it waits for the call, turns
         # the snapshot into responses and hands them over while this thread dispatches the next calls and
         # admits (a dispatch spends most of its host time launching CUDA graphs, without the GIL). The
-        # dispatch thread stays at most one unread call ahead, as without the reader. Read at start().
+        # dispatch thread stays at most one unread call ahead, as without the reader. Read at start(). Off by
+        # default: on the H100 (64 streaming clients, 350M) three A/Bs gave 0.90 -> 1.01, 0.94 -> 0.95 and
+        # 0.98 -> 0.81 x offline, within the benchmark's run-to-run spread (bench/RESULTS.md).
         self.reader_thread = False
         self._reader: threading.Thread | None = None
         self._reader_q: queue.Queue = queue.Queue()
