@@ -2,7 +2,7 @@
 
 Each iteration of the scheduler thread:
   1. drops cancelled and timed-out requests (their slots are retired at once),
-  2. dispatches `generate_snap(state, k)`: k = stream_chunk (default 1) while a streaming request is live
+  2. dispatches `generate_snap(state, k)`: k = stream_chunk (1 here; the CLI's default is 4) while a stream is live
      (one response per token as soon as it exists), otherwise a small chunk so that new arrivals join
      soon; the call returns once its kernels are launched (JAX dispatch is asynchronous) with a small
      snapshot to come; slots whose rows must have ended by this call are freed at once (early release),
@@ -10,10 +10,14 @@ Each iteration of the scheduler thread:
      rows admitted this iteration; a request of several rows may be admitted across iterations); they
      join the next generate call. (With nothing decoding, or `admit_after_dispatch` off, the admit comes
      before step 2 instead.) Admitting after the dispatch overlaps the admit's host work with the
-     device's steps (H100: serving 0.58 -> 0.67x offline at stream_chunk 4, bench/RESULTS.md),
+     device's steps (H100: serving 0.58 -> 0.67x offline at stream_chunk 4 in the old timed window),
   4. reads back the *previous* call's snapshot (seq_len, done, each row's last ids) while the device
      runs this one: new ids are appended on the host, streamed, finished requests completed.
-  The host's per-token work (responses, gRPC) thus overlaps the device's decode steps.
+  The host's per-token work (responses, gRPC) thus overlaps the device's decode steps. With
+  `reader_thread` on, step 4 runs on a second thread as soon as each call ends (off by default: no gain
+  beyond the benchmark's spread on the H100). `phase_s` counts the host seconds of each phase.
+The scheduler owns its engine: the engine's host-side slot sets (beam heads, sampling slots) describe
+this scheduler's state, so nothing else may run the same engine (e.g. `LLM.generate`) while it serves.
 Every slot advances every step, so a short request submitted while a long one runs finishes first.
 The request handlers (gRPC threads) only enqueue `Request`s and wait on their events.
 """
