@@ -37,13 +37,12 @@ PRESETS = {
     # launch) for the steps of a call under CHUNK, instead of one launch of the loop body per step
     "exact_unroll": f"exact;generate:xla_gpu_enable_command_buffer={CB_WHILE};"
                     "generate:xla_gpu_command_buffer_unroll_loops=true",
-    # the same with every call of up to 32 steps one loop of known trip count (no while loop): one graph
-    "exact_unroll32": f"exact;generate:xla_gpu_enable_command_buffer={CB_WHILE};"
-                      "generate:xla_gpu_command_buffer_unroll_loops=true;engine:CHUNK=32",
     # programmatic dependent launch (Hopper): a kernel may start while its predecessor drains
     "exact_pdl": "exact;generate:xla_gpu_enable_pdl=true;admit:xla_gpu_enable_pdl=true",
     "exact_nopdl": "exact;generate:xla_gpu_enable_pdl=false;admit:xla_gpu_enable_pdl=false",
 }
+# exact_unroll with every call of up to 32 steps one loop of known trip count (no while loop): one graph
+PRESETS["exact_unroll32"] = PRESETS["exact_unroll"] + ";engine:CHUNK=32"
 
 
 def parse_variant(v: str):

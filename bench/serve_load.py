@@ -281,7 +281,7 @@ def main():
             tracer = None
             if a.trace:
                 tracer = threading.Thread(target=trace_window, daemon=True,
-                                          args=(a.trace.replace(".json.gz", "") + f"_fe{fe}_sc{sc}_er{int(er)}_aa{int(aa)}_am{am}.json.gz",
+                                          args=(a.trace.replace(".json.gz", "") + f"_fe{fe}_sc{sc}_er{int(er)}_aa{int(aa)}_am{am}_rd{int(rd)}.json.gz",
                                                 a.trace_after, a.trace_s))
                 tracer.start()
             sch = models[0].scheduler

@@ -59,12 +59,8 @@ def parse_args(argv=None):
 def _frontends(v: str):
     """--frontends: an integer, or auto = one front end per 4 CPU cores, between 1 and 4 (a 2-core box
     keeps the service in this process; a 16-core GPU host gets 4, which serving was measured with)."""
-    if v == "auto":
-        return min(4, max(1, (os.cpu_count() or 1) // 4))
-    try:
-        return int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {v!r}") from None
+    v = _slots(v)
+    return min(4, max(1, (os.cpu_count() or 1) // 4)) if v == "auto" else v
 
 
 def _slots(v: str):

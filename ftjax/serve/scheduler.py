@@ -165,7 +165,7 @@ class Scheduler:
         self._reader: threading.Thread | None = None
         self._reader_q: queue.Queue = queue.Queue()
         self._reader_error: BaseException | None = None
-        self._read_calls = 0                # generate calls whose snapshot has been processed (reader mode)
+        self._read_calls = 0                # generate calls whose snapshot has been processed
         self._flush_lock = threading.Lock()
         # Host seconds per phase, for benchmarks: dispatch (generate calls), admit (prefill + insert calls and
         # their bookkeeping), readback (waiting for a snapshot), process (snapshot -> updates), deliver.
@@ -265,18 +265,8 @@ class Scheduler:
             item = self._reader_q.get()
             if item is None:
                 return
-            j, snap = item
             try:
-                t0 = time.perf_counter()
-                host = jax.device_get(snap)   # waits for call j (without the GIL)
-                t1 = time.perf_counter()
-                with self._cv:
-                    self._process(j, host)
-                    self._read_calls = j + 1
-                    self._cv.notify_all()
-                t2 = time.perf_counter()
-                self.phase_s["readback"] += t1 - t0
-                self.phase_s["process"] += t2 - t1
+                self._read_back(*item)
                 self._flush()
             except BaseException as e:  # noqa: BLE001 - the dispatch thread fails everything with it
                 log.exception("scheduler reader failed")
@@ -315,13 +305,20 @@ class Scheduler:
         if late:
             self._admit(now)   # valid_from = the next call: the rows' first ids show in its snapshot
         while len(self._inflight) > (1 if running else 0):
-            j, snap = self._inflight.popleft()
-            t0 = time.perf_counter()
-            host = jax.device_get(snap)   # one read-back of the four small arrays
-            t1 = time.perf_counter()
+            self._read_back(*self._inflight.popleft())
+
+    def _read_back(self, j: int, snap):
+        """Generate call j's snapshot: one read-back of its small arrays (waiting for the call, without the
+        GIL), then `_process` under the lock; the reader thread's progress wakes the dispatch thread."""
+        t0 = time.perf_counter()
+        host = jax.device_get(snap)
+        t1 = time.perf_counter()
+        with self._cv:
             self._process(j, host)
-            self.phase_s["readback"] += t1 - t0
-            self.phase_s["process"] += time.perf_counter() - t1
+            self._read_calls = j + 1
+            self._cv.notify_all()
+        self.phase_s["readback"] += t1 - t0
+        self.phase_s["process"] += time.perf_counter() - t1
 
     def _release_finishing(self, k: int):
         """Frees, at once, the slot of every row certain to have finished by the end of the calls dispatched
@@ -494,10 +491,9 @@ class Scheduler:
                     r.row_done[i] = True
                     prompt = self._shown(r.rows[i])
                     if len(sl) > 1:   # beam group headed by slot h: finished hypotheses, best first
-                        if beam is None:   # the call's own snapshot carries them (the reader must not
-                            keys = ("fin_tokens", "fin_logprobs", "fin_len", "fin_mask")   # touch the state)
-                            st = snap if "fin_tokens" in snap else self._state.beam._asdict()
-                            beam = {k: np.asarray(st[k]) for k in keys}
+                        if beam is None:   # the call's own snapshot carries them (a call runs with the beam
+                            beam = {k: np.asarray(snap[k])   # step while a group is live): no state read
+                                    for k in ("fin_tokens", "fin_logprobs", "fin_len", "fin_mask")}
                         hyps = [(int(beam["fin_len"][h, b]), b) for b in range(len(sl))
                                 if beam["fin_mask"][h, b] and beam["fin_len"][h, b] > 0]
                         r.result_seqs[i] = [prompt + beam["fin_tokens"][h, b, :m].tolist() for m, b in hyps] or [prompt]
