@@ -40,6 +40,8 @@ PRESETS = {
     # programmatic dependent launch (Hopper): a kernel may start while its predecessor drains
     "exact_pdl": "exact;generate:xla_gpu_enable_pdl=true;admit:xla_gpu_enable_pdl=true",
     "exact_nopdl": "exact;generate:xla_gpu_enable_pdl=false;admit:xla_gpu_enable_pdl=false",
+    # the decode step without the fused path (small-M projections reduced by XLA, K/V scattered by XLA)
+    "exact_unfused": "exact;engine:fuse_decode=false",
 }
 # exact_unroll with every call of up to 32 steps one loop of known trip count (no while loop): one graph
 PRESETS["exact_unroll32"] = PRESETS["exact_unroll"] + ";engine:CHUNK=32"

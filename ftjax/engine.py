@@ -127,6 +127,9 @@ class Engine:
         # the decode loop is traced; tests set it to run the kernel interpreted on CPU.
         self.small_m = (self.impl == "pallas" and jax.default_backend() == "gpu"
                         and (self.layout is None or self.layout.mesh.size == 1))
+        # With the small-M kernel: the fused decode path of ftjax/models/gpt.py (split-K partials handed to
+        # the residual add + norm kernel and to the attention kernel, which writes the new K/V itself)
+        self.fuse_decode = True
         self._beam_heads: set[int] = set()   # host: slots heading a beam group that may still run
         self._sampled_slots: set[int] = set()   # host: slots holding a request that samples (not greedy)
         self.word_capacity = (4, 4)   # (words, tokens per word) of stop/bad word lists; grows by doubling
@@ -320,7 +323,7 @@ class Engine:
             # outputs are discarded, and its attention then reads one key block instead of its whole past
             # (it never resumes: an insert rewrites the slot, cache included)
             dpos = jnp.where(live, pos, 0)
-            with small_m_kernel(self.small_m, interpret=default_interpret()):
+            with small_m_kernel(self.small_m, interpret=default_interpret(), fuse=self.fuse_decode):
                 logits, cache = self.family.decode(params, tok, dpos, st.cache)
             nxt, lp = select(logits, st.sp, seq=st.seq, prompt_len=st.prompt_len, seq_len=st.seq_len,
                              gen_count=st.gen_count, top_p=st.top_p, sampled=sampled)

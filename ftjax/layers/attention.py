@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
-from ftjax.layers.linear import Linear, fused_linears
+from ftjax.layers.linear import Linear, fused_linears, linear_parts
 from ftjax.layers.position import apply_rotary
 from ftjax.pallas import ops
 
@@ -54,3 +54,41 @@ class Attention(nn.Module):
         v_cache = v_cache.at[rows, :, positions].set(v.astype(v_cache.dtype))
         out = ops.attention_decode(q, k_cache, v_cache, positions + 1, impl=self.impl)  # [b, n, h]
         return self.o(out), k_cache, v_cache
+
+    def decode_fused(self, x, positions, k_cache, v_cache, *, interpret: bool = False):
+        """The fused decode path (small-M kernel on, ftjax/pallas/decode_attention.py's append kernel):
+        x [b, d] (normed) -> ((parts [S, b, d], scale, bias) of the output projection, k_cache, v_cache).
+
+        q/k/v leave their projection as split-K partials that the attention kernel sums itself, biases, and
+        writes into the cache (rotary models finish q and k in XLA first: the rotation needs whole values)."""
+        from ftjax.pallas.decode_attention import decode_attention_append
+
+        c = self.cfg
+        mods = [self.q, self.k, self.v]
+        ps = [m.variables["params"] for m in mods]
+        parts = linear_parts(x, [p["kernel"] for p in ps])
+        biases = tuple(p["bias"] for p in ps) if c.attn_bias else None
+        if c.position == "rotary":
+            fin = []
+            for (part, scale), p in zip(parts, ps):
+                y = jnp.sum(part, axis=0)
+                if scale is not None:
+                    y = y * scale.astype(jnp.float32)
+                if c.attn_bias:
+                    y = y + p["bias"].astype(jnp.float32)
+                fin.append(y.astype(self.dtype))
+            q = apply_rotary(fin[0], positions, c)
+            k = apply_rotary(fin[1], positions, c)
+            srcs, mults, biases = (q[None], k[None], fin[2][None]), None, None
+        else:
+            srcs = tuple(pt for pt, _ in parts)
+            scales = [sc for _, sc in parts]
+            mults = None
+            if any(sc is not None for sc in scales):
+                mults = tuple(jnp.ones(m.out_shape, jnp.float32) if sc is None else sc
+                              for m, sc in zip(mods, scales))
+        out, k_cache, v_cache = decode_attention_append(*srcs, k_cache, v_cache, positions, mults, biases,
+                                                        interpret=interpret)
+        po = self.o.variables["params"]
+        (part, scale), = linear_parts(out.astype(self.dtype), [po["kernel"]], 2)
+        return (part, scale, po["bias"] if c.attn_bias else None), k_cache, v_cache

@@ -36,9 +36,12 @@ SMALL_M_ROWS = 16   # the kernel's row limit: more rows (prefill, large batches)
 
 
 @contextlib.contextmanager
-def small_m_kernel(enabled: bool = True, *, interpret: bool = False):
-    """While tracing inside: projections of <= SMALL_M_ROWS rows run the Pallas small-M kernel."""
-    token = _SMALL_M.set({"interpret": interpret} if enabled else None)
+def small_m_kernel(enabled: bool = True, *, interpret: bool = False, fuse: bool = True):
+    """While tracing inside: projections of <= SMALL_M_ROWS rows run the Pallas small-M kernel. `fuse`:
+    the model may also take the fused decode path (`fused_decode_mode`): split-K partials handed
+    straight to the next kernel (residual add + norm, attention with the K/V write) instead of being
+    reduced by XLA."""
+    token = _SMALL_M.set({"interpret": interpret, "fuse": fuse} if enabled else None)
     try:
         yield
     finally:
@@ -57,6 +60,31 @@ def _small_m_mode(x, n_in):
     if not 1 <= rows <= SMALL_M_ROWS or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         return None
     return mode
+
+
+def fused_decode_mode(x, n_in: int = 1):
+    """The small-M mode dict when projections of x run the kernel and fusion is on, else None."""
+    mode = _small_m_mode(x, n_in)
+    return mode if mode is not None and mode.get("fuse") else None
+
+
+def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[tuple[jax.Array, Any]]:
+    """Projections of x (<= SMALL_M_ROWS rows; the small-M kernel must be on) left unreduced: for each
+    w a pair (parts [S, *lead, *out] float32, scale [*out] or None) with linear(x, w) = sum(parts, 0) *
+    scale (before any bias), all weights in one kernel launch. For consumers that sum the partials in
+    their own kernel (ftjax/pallas/add_norm.py, decode_attention_append)."""
+    mode = _small_m_mode(x, n_in)
+    assert mode is not None, "linear_parts: the small-M kernel is off for this input"
+    from ftjax.pallas.small_linear import small_linear_parts
+
+    lead = x.shape[: x.ndim - n_in]
+    flats = [_flat(w, n_in) for w in ws]
+    x2 = x.reshape(math.prod(lead), -1)
+    parts = small_linear_parts(x2, [f[0] for f in flats], interpret=mode["interpret"])
+    out = []
+    for p, (_, scale, shape) in zip(parts, flats):
+        out.append((p.reshape(p.shape[0], *lead, *shape), None if scale is None else scale.reshape(shape)))
+    return out
 
 
 def _flat(w, n_in):

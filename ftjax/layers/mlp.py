@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftjax.layers.linear import Linear, fused_linears
+from ftjax.layers.linear import Linear, fused_linears, linear_parts
 
 
 def activation(name: str, x):
@@ -30,14 +30,36 @@ class MLP(nn.Module):
     use_bias: bool = True
     dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x):  # x [..., d] -> [..., d]
+    def setup(self):
         d, f = self.dim, self.ffn_dim
-        wi = Linear((d,), (f,), ("embed",), ("mlp",), self.use_bias, self.dtype, name="wi")
+        self.wi = Linear((d,), (f,), ("embed",), ("mlp",), self.use_bias, self.dtype)
         if self.gated:
-            wg = Linear((d,), (f,), ("embed",), ("mlp",), self.use_bias, self.dtype, name="wg")
-            up, gate = fused_linears([wi, wg], x)
+            self.wg = Linear((d,), (f,), ("embed",), ("mlp",), self.use_bias, self.dtype)
+        self.wo = Linear((f,), (d,), ("mlp",), ("embed",), self.use_bias, self.dtype)
+
+    def __call__(self, x):  # x [..., d] -> [..., d]
+        if self.gated:
+            up, gate = fused_linears([self.wi, self.wg], x)
             h = activation(self.act, gate.astype(jnp.float32)) * up.astype(jnp.float32)
         else:
-            h = activation(self.act, wi(x).astype(jnp.float32))
-        return Linear((f,), (d,), ("mlp",), ("embed",), self.use_bias, self.dtype, name="wo")(h.astype(self.dtype))
+            h = activation(self.act, self.wi(x).astype(jnp.float32))
+        return self.wo(h.astype(self.dtype))
+
+    def parts(self, x):
+        """The fused decode path: x [M, d] -> (parts [S, M, d] float32, scale or None, bias or None) of the
+        output projection, unreduced (the caller's residual add + norm kernel sums them); the input
+        projections' partials are reduced here with bias and activation (one XLA fusion)."""
+        mods = [self.wi, self.wg] if self.gated else [self.wi]
+        ps = [m.variables["params"] for m in mods]
+        ys = []
+        for (part, scale), p in zip(linear_parts(x, [p["kernel"] for p in ps]), ps):
+            y = jnp.sum(part, axis=0)
+            if scale is not None:
+                y = y * scale.astype(jnp.float32)
+            if self.use_bias:
+                y = y + p["bias"].astype(jnp.float32)
+            ys.append(y.astype(self.dtype).astype(jnp.float32))
+        h = activation(self.act, ys[1]) * ys[0] if self.gated else activation(self.act, ys[0])
+        po = self.wo.variables["params"]
+        (part, scale), = linear_parts(h.astype(self.dtype), [po["kernel"]])
+        return part, scale, (po["bias"] if self.use_bias else None)

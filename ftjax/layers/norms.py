@@ -30,3 +30,13 @@ class Norm(nn.Module):
             var = (xf * xf).mean(-1, keepdims=True)
             y = xf * jnp.reciprocal(jnp.sqrt(var + self.eps)) * scale.astype(jnp.float32)
         return y.astype(self.dtype)
+
+    def add(self, x, parts=None, pscale=None, pbias=None, *, interpret: bool = False):
+        """The fused decode path: (x_new, norm(x_new)) with x_new = x + sum(parts, 0) * pscale + pbias, in
+        one Pallas kernel (ftjax/pallas/add_norm.py). x [M, d]; parts [S, M, d] float32 or None."""
+        from ftjax.pallas.add_norm import add_norm
+
+        p = self.variables["params"]
+        return add_norm(x, parts, pscale, pbias, gamma=p["scale"],
+                        beta=p["bias"] if self.kind == "layernorm" else None, kind=self.kind, eps=float(self.eps),
+                        interpret=interpret)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from ftjax.config import ModelConfig
 from ftjax.layers.attention import Attention
 from ftjax.layers.embed import Embed
-from ftjax.layers.linear import Linear
+from ftjax.layers.linear import Linear, fused_decode_mode
 from ftjax.layers.mlp import MLP
 from ftjax.layers.norms import Norm
 
@@ -54,6 +54,14 @@ class Block(nn.Module):
         a, k_cache, v_cache = self.attn.decode(h1, positions, k_cache, v_cache)
         return self._residual(x, h1, a), k_cache, v_cache
 
+    def decode_fused(self, pending, positions, k_cache, v_cache, interpret: bool):
+        """The fused decode path (sequential residual): pending = (x, parts, scale, bias), the residual
+        stream with the previous block's output projection not yet added; returns this block's."""
+        x, h1 = self.ln1.add(*pending, interpret=interpret)
+        o_pend, k_cache, v_cache = self.attn.decode_fused(h1, positions, k_cache, v_cache, interpret=interpret)
+        x, h2 = self.ln2.add(x, *o_pend, interpret=interpret)
+        return (x, *self.mlp.parts(h2)), k_cache, v_cache
+
 
 class GPT(nn.Module):
     cfg: ModelConfig
@@ -75,6 +83,18 @@ class GPT(nn.Module):
             out = jnp.where(jnp.arange(c.vocab_size) < c.vocab, out, _NEG)
         return out
 
+    def _fused_mode(self, x, cache):
+        """The small-M mode when this decode step can take the fused path, else None."""
+        from ftjax.pallas.decode_attention import append_supported
+
+        c = self.cfg
+        mode = fused_decode_mode(x)
+        if (mode is None or self.impl != "pallas" or c.parallel_residual or not cache
+                or cache[0]["k"].dtype != x.dtype
+                or not append_supported(c.dim_per_head, cache[0]["k"].shape[2])):
+            return None
+        return mode
+
     def prefill(self, tokens, lengths, all_logits: bool = False):
         """tokens [b, t] (right padded); lengths [b] >= 1.
 
@@ -95,6 +115,17 @@ class GPT(nn.Module):
     def decode(self, tokens, positions, cache):
         """tokens [b]; positions [b]; cache list of {"k", "v"} [b, k, s, h] -> (logits [b, v], cache)."""
         x = self.embed(tokens, positions)
+        mode = self._fused_mode(x, cache)
+        if mode is not None:
+            # Fused: each block's output projection stays as split-K partials until the next norm's
+            # kernel adds them to the residual stream (bench/RESULTS.md: 16 -> 8 kernels a layer)
+            new_cache = []
+            pending = (x, None, None, None)
+            for layer, c in zip(self.layers, cache):
+                pending, k, v = layer.decode_fused(pending, positions, c["k"], c["v"], mode["interpret"])
+                new_cache.append({"k": k, "v": v})
+            _, h = self.final_norm.add(*pending, interpret=mode["interpret"])
+            return self.logits(h), new_cache
         new_cache = []
         for layer, c in zip(self.layers, cache):
             x, k, v = layer.decode(x, positions, c["k"], c["v"])

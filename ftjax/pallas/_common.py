@@ -32,7 +32,10 @@ def triton_compiler_params(num_warps: int, num_stages: int):
 
 
 def load(ref, *, mask=None, other=None):
-  """Masked load through the Triton lowering's primitive (works in interpret mode too)."""
+  """Masked load through the Triton lowering's primitive (works in interpret mode too). Without a mask
+  `other` is dropped (the Triton lowering rejects it; the interpreter would not)."""
+  if mask is None:
+    return pltriton.load(ref)
   return pltriton.load(ref, mask=mask, other=other)
 
 

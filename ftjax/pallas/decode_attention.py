@@ -305,3 +305,243 @@ def decode_attention_reference(q, k_cache, v_cache, lengths, *, scale=None):
   vf = jnp.where(valid[:, None, :, None], vf, 0.0)
   o = jnp.einsum("bkgs,bksh->bkgh", p, vf, precision=jax.lax.Precision.HIGHEST)
   return o.reshape(b, n, h).astype(q.dtype)
+
+
+# ----------------------------------------------------------- append: the new token's K/V written inside
+# `decode_attention_append` is the decode step's attention with the steps around it folded in. The
+# q/k/v projection hands over its split-K partials ([S, b, heads, h] float32, unreduced); each program
+# sums the slices of its own heads, applies the per-channel scale (int8 weights) and the bias, rounds
+# them to the cache dtype (what the cache holds and what `decode_attention` would have read), writes
+# the new key and value into the cache at `positions` (the caches are aliased to the outputs: donated
+# and updated in place) and attends over keys [0, positions] with the new key taken from registers.
+# That replaces the XLA kernels between the projection and the attention (the sum + bias + cast of q,
+# one scatter each for k and v: ~6 us a layer at batch 1 on an H100). Splits: only the split holding
+# `positions` (the last valid key) writes. head_dim must be a power of two >= 16 (the cache blocks
+# are stored whole); other shapes use `decode_attention` after an XLA scatter.
+
+
+def _append_prologue(i, j, refs, *, S, g, hp, has_mult, has_bias, dtype):
+  """(q [hp] or [gp, hp], k_new [hp], v_new [hp]) float32 for row i, kv head j, rounded to dtype."""
+  q_ref, k_ref, v_ref = refs[:3]
+  extra = list(refs[3:])
+  mults = [extra.pop(0) for _ in range(3)] if has_mult else [None] * 3
+  biases = [extra.pop(0) for _ in range(3)] if has_bias else [None] * 3
+  zero = i * 0
+
+  def gather(ref, mref, bref, rows):
+    # ref [S, b, kh, rows?, h]: the row's partials of kv head j (g query heads for q)
+    def at(r, *lead):
+      if rows is None:
+        return r.at[(*lead, j, pl.ds(zero, hp))]
+      return r.at[(*lead, j, pl.ds(zero, rows), pl.ds(zero, hp))]
+
+    mask = None if rows is None or rows == g else (jnp.arange(rows) < g)[:, None]
+    ld = lambda r, *lead: (C.load(at(r, *lead), mask=mask, other=0) if mask is not None  # noqa: E731
+                           else at(r, *lead)[...]).astype(jnp.float32)
+    acc = ld(ref, zero, i)
+    for s in range(1, S):
+      acc = acc + ld(ref, zero + s, i)
+    if mref is not None:
+      acc = acc * ld(mref)
+    if bref is not None:
+      acc = acc + ld(bref)
+    return acc.astype(dtype).astype(jnp.float32)
+
+  gp = None if g == 1 else max(16, pl.next_power_of_2(g))
+  q = gather(q_ref, mults[0], biases[0], gp)
+  k_new = gather(k_ref, mults[1], biases[1], None)
+  v_new = gather(v_ref, mults[2], biases[2], None)
+  return q, k_new, v_new
+
+
+def _kernel_append(pos_ref, *refs, S, g, hp, has_mult, has_bias, qk_scale, block_k, num_splits,
+                   precision, s_cap):
+  n_in = 3 + 3 * has_mult + 3 * has_bias
+  src, (kc_ref, vc_ref), outs = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
+  o_outs, (ko_ref, vo_ref) = outs[:-2], outs[-2:]
+  i, j = pl.program_id(0), pl.program_id(1)
+  dtype = kc_ref.dtype
+  q, k_new, v_new = _append_prologue(i, j, src, S=S, g=g, hp=hp, has_mult=has_mult, has_bias=has_bias,
+                                     dtype=dtype)
+  pos = jnp.minimum(pos_ref[()], s_cap - 1)
+  length = pos + 1
+  lo, hi = _split_range(length, block_k, num_splits)
+  writer = True
+  if num_splits > 1:
+    per_split = pl.cdiv(pl.cdiv(length, block_k), num_splits)
+    writer = pl.program_id(2) == (pos // block_k) // per_split
+
+  @pl.when(writer)
+  def _():
+    zero = i * 0
+    C.store(ko_ref.at[pl.ds(pos, 1), pl.ds(zero, hp)], k_new[None, :].astype(ko_ref.dtype))
+    C.store(vo_ref.at[pl.ds(pos, 1), pl.ds(zero, hp)], v_new[None, :].astype(vo_ref.dtype))
+
+  def kv_block(ref, new, start):
+    rows = start + jnp.arange(block_k)
+    blk = C.load(ref.at[pl.ds(start, block_k), :], mask=(rows < length)[:, None], other=0.0)
+    blk = blk.astype(jnp.float32)
+    return rows, jnp.where((rows == pos)[:, None], new[None, :], blk)   # the new token from registers
+
+  if g == 1:
+    qs = q * qk_scale
+
+    def body(b_, carry):
+      o, m, l = carry
+      rows, kb = kv_block(kc_ref, k_new, b_ * block_k)
+      s = jnp.where(rows < length, jnp.sum(kb * qs[None, :], axis=1), C.MASK_VALUE)
+      m_new = jnp.maximum(m, jnp.max(s))
+      alpha = jnp.exp2(m - m_new)
+      p = jnp.exp2(s - m_new)
+      _, vb = kv_block(vc_ref, v_new, b_ * block_k)
+      return o * alpha + jnp.sum(p[:, None] * vb, axis=0), m_new, l * alpha + jnp.sum(p)
+
+    init = (jnp.zeros((hp,), jnp.float32), jnp.float32(C.MASK_VALUE), jnp.float32(0.0))
+  else:
+    qd = q.astype(dtype)
+    gp = q.shape[0]
+
+    def body(b_, carry):
+      o, m, l = carry
+      rows, kb = kv_block(kc_ref, k_new, b_ * block_k)
+      s = C.dot(qd, kb.astype(dtype), trans_b=True, precision=precision) * qk_scale    # [gp, bk]
+      s = jnp.where((rows < length)[None, :], s, C.MASK_VALUE)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      alpha = jnp.exp2(m - m_new)
+      p = jnp.exp2(s - m_new[:, None])
+      _, vb = kv_block(vc_ref, v_new, b_ * block_k)
+      o = o * alpha[:, None] + C.dot(p.astype(dtype), vb.astype(dtype), precision=precision)
+      return o, m_new, l * alpha + jnp.sum(p, axis=1)
+
+    init = (jnp.zeros((gp, hp), jnp.float32), jnp.full((gp,), C.MASK_VALUE, jnp.float32),
+            jnp.zeros((gp,), jnp.float32))
+  o, m, l = jax.lax.fori_loop(lo, hi, body, init)
+  _write(o_outs, o, m, l, num_splits=num_splits)
+
+
+def append_supported(head_dim: int, capacity: int) -> bool:
+  """Whether `decode_attention_append` takes these shapes (else: XLA scatter + decode_attention)."""
+  return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and capacity % 16 == 0
+
+
+def _check_append(q, k, v, k_cache, v_cache, positions, mults, biases):
+  assert q.ndim == 4 and k.ndim == 4 and v.ndim == 4, (
+      f"q, k, v must be [S, b, heads, h] partials, got shapes {q.shape}, {k.shape}, {v.shape}")
+  assert k_cache.ndim == 4 and k_cache.shape == v_cache.shape, (
+      f"k_cache {k_cache.shape} / v_cache {v_cache.shape} must be equal [b, k, s, h]")
+  b, kh, s, h = k_cache.shape
+  S, qb, n, qh = q.shape
+  assert (qb, qh) == (b, h) and n % kh == 0, f"q {q.shape} does not match the cache {k_cache.shape}"
+  for name, t in (("k", k), ("v", v)):
+    assert t.shape[1:] == (b, kh, h) and t.shape[0] >= 1, (
+        f"{name} must be [S, b, k, h]=[S, {b}, {kh}, {h}], got {t.shape}")
+  assert q.shape[0] == k.shape[0] == v.shape[0], f"q/k/v partial counts differ: {q.shape}, {k.shape}, {v.shape}"
+  assert positions.shape == (b,), f"positions must be [b]=[{b}], got {positions.shape}"
+  assert append_supported(h, s), (
+      f"decode_attention_append needs a power-of-two head_dim in 16..256 and a cache capacity that is a "
+      f"multiple of 16 (head_dim={h}, capacity={s})")
+  C.check_dtype("k_cache", k_cache)
+  assert k_cache.dtype == v_cache.dtype, f"k_cache {k_cache.dtype} != v_cache {v_cache.dtype}"
+  for name, group in (("mults", mults), ("biases", biases)):
+    if group is None:
+      continue
+    assert len(group) == 3, f"{name} must be (q, k, v)"
+    for t, want in zip(group, ((n, h), (kh, h), (kh, h))):
+      assert t.shape == want, f"{name}: expected shape {want}, got {t.shape}"
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"), donate_argnums=(3, 4))
+def decode_attention_append(q, k, v, k_cache, v_cache, positions, mults=None, biases=None, *, scale=None,
+                            config=None, interpret=False):
+  """The decode step's attention, the new token's K/V written in the same kernel.
+
+  q [S, b, n, h], k / v [S, b, k, h]: split-K partials of the q/k/v projections (float32; S = 1 for
+  finished values); mults (q [n, h], k [k, h], v [k, h]) or None: per-channel scales of the partials'
+  sums (int8 weights); biases likewise or None; k_cache / v_cache [b, k, s, h] (donated); positions
+  [b] int32, where each row's new token goes (< s; keys [0, positions] are attended).
+  -> (out [b, n, h] in the cache dtype, k_cache, v_cache) with the new K/V at `positions`.
+  """
+  _check_append(q, k, v, k_cache, v_cache, positions, mults, biases)
+  config = config or DecodeConfig()
+  S, b, n, h = q.shape
+  _, kh, s, _ = k_cache.shape
+  g = n // kh
+  scale = h ** -0.5 if scale is None else float(scale)
+  use_dot = g > 1
+  block_k, num_stages = config.resolve(use_dot, h)
+  bk = _block_k_for(s, block_k)
+  num_splits = choose_num_splits(config, b, kh, s, bk)
+  positions = positions.astype(jnp.int32)
+  qx = q.reshape(S, b, kh, h) if g == 1 else q.reshape(S, b, kh, g, h)
+  flat = lambda t: None if t is None else (t.reshape(kh, h) if g == 1 else t.reshape(kh, g, h))  # noqa: E731
+  extra = []
+  if mults is not None:
+    extra += [flat(mults[0]), mults[1], mults[2]]
+  if biases is not None:
+    extra += [flat(biases[0]), biases[1], biases[2]]
+  srcs = [qx, k, v] + extra
+
+  whole = lambda a: pl.BlockSpec(tuple(a.shape), lambda i, j, p: (0,) * a.ndim)  # noqa: E731
+  kv_spec = pl.BlockSpec((None, None, s, h), lambda i, j, p: (i, j, 0, 0))
+  pos_spec = pl.BlockSpec((None,), lambda i, j, p: (i,))
+  rows = () if g == 1 else (max(16, pl.next_power_of_2(g)),)
+  if num_splits == 1:
+    o_shape = [jax.ShapeDtypeStruct((b, kh, *rows, h), k_cache.dtype)]
+    o_specs = [pl.BlockSpec((None, None, *rows, h), lambda i, j, p: (i, j) + (0,) * (len(rows) + 1))]
+  else:
+    z = (0,) * len(rows)
+    o_shape = [jax.ShapeDtypeStruct((b, kh, num_splits, *rows, h), jnp.float32),
+               jax.ShapeDtypeStruct((b, kh, num_splits, *rows), jnp.float32),
+               jax.ShapeDtypeStruct((b, kh, num_splits, *rows), jnp.float32)]
+    o_specs = [pl.BlockSpec((None, None, None, *rows, h), lambda i, j, p: (i, j, p, *z, 0)),
+               pl.BlockSpec((None, None, None, *rows), lambda i, j, p: (i, j, p, *z)),
+               pl.BlockSpec((None, None, None, *rows), lambda i, j, p: (i, j, p, *z))]
+  n_src = len(srcs)
+  kernel = functools.partial(
+      _kernel_append, S=S, g=g, hp=h, has_mult=mults is not None, has_bias=biases is not None,
+      qk_scale=scale * C.LOG2E, block_k=bk, num_splits=num_splits,
+      precision=C.dot_precision(k_cache.dtype), s_cap=s)
+  outs = pl.pallas_call(
+      kernel,
+      grid=(b, kh, num_splits),
+      in_specs=[pos_spec] + [whole(a) for a in srcs] + [kv_spec, kv_spec],
+      out_specs=o_specs + [kv_spec, kv_spec],
+      out_shape=o_shape + [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype)] * 2,
+      input_output_aliases={1 + n_src: len(o_shape), 2 + n_src: len(o_shape) + 1},
+      compiler_params=C.triton_compiler_params(config.num_warps, num_stages),
+      interpret=interpret,
+      name="ftjax_decode_attention_append",
+  )(positions, *srcs, k_cache, v_cache)
+  k_cache, v_cache = outs[-2:]
+  if num_splits == 1:
+    o = outs[0]
+  else:
+    o_part, m_part, l_part = outs[:3]
+    m_max = jnp.max(m_part, axis=2, keepdims=True)
+    w = jnp.exp2(m_part - m_max)
+    l_tot = jnp.sum(l_part * w, axis=2)
+    o = jnp.sum(o_part * w[..., None], axis=2) / jnp.maximum(l_tot, 1e-30)[..., None]
+    o = o.astype(k_cache.dtype)
+  if g > 1:
+    o = o[:, :, :g]
+  return o.reshape(b, n, h), k_cache, v_cache
+
+
+def decode_attention_append_reference(q, k, v, k_cache, v_cache, positions, mults=None, biases=None, *,
+                                      scale=None):
+  """Plain-jnp twin of `decode_attention_append`: finish q/k/v, scatter, `decode_attention_reference`."""
+  def finish(t, i):
+    y = jnp.sum(t.astype(jnp.float32), axis=0)
+    if mults is not None:
+      y = y * mults[i].astype(jnp.float32)
+    if biases is not None:
+      y = y + biases[i].astype(jnp.float32)
+    return y.astype(k_cache.dtype)
+
+  qf, kf, vf = finish(q, 0), finish(k, 1), finish(v, 2)
+  rows = jnp.arange(k_cache.shape[0])
+  positions = jnp.minimum(positions.astype(jnp.int32), k_cache.shape[2] - 1)
+  k_cache = k_cache.at[rows, :, positions].set(kf)
+  v_cache = v_cache.at[rows, :, positions].set(vf)
+  out = decode_attention_reference(qf, k_cache, v_cache, positions + 1, scale=scale)
+  return out, k_cache, v_cache

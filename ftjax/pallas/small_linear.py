@@ -297,8 +297,8 @@ def _and(a, b):
   return a if b is None else a & b
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def _small_linear(x, ws, scales, *, config, interpret):
+def _parts(x, ws, *, config, interpret):
+  """The kernel call: list of [num_splits, M, N_i] float32 split-K partials (scales not applied)."""
   M, K = x.shape
   Ns = tuple(int(w.shape[1]) for w in ws)
   wdtype = max((jnp.dtype(w.dtype) for w in ws), key=lambda d: d.itemsize)
@@ -316,7 +316,7 @@ def _small_linear(x, ws, scales, *, config, interpret):
   # so nothing is padded or copied around the call.
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda j, s: (0,) * len(shape))  # noqa: E731
   out_shapes = [(splits, M, n) for n in Ns]
-  parts = pl.pallas_call(
+  return list(pl.pallas_call(
       kernel,
       grid=(int(sum(nbs)), splits),
       in_specs=[whole(x.shape)] + [whole(w.shape) for w in ws],
@@ -325,17 +325,26 @@ def _small_linear(x, ws, scales, *, config, interpret):
       compiler_params=C.triton_compiler_params(cfg.num_warps, cfg.num_stages),
       interpret=interpret,
       name="ftjax_small_linear",
-  )(x, *ws)
+  )(x, *ws))
 
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _small_linear(x, ws, scales, *, config, interpret):
+  parts = _parts(x, ws, config=config, interpret=interpret)
   # Split-K reduction and scales: plain jnp, which XLA fuses with the caller's epilogue (with
   # one split the partial is the result: a free reshape).
   outs = []
   for part, s in zip(parts, scales):
-    y = part[0] if splits == 1 else jnp.sum(part, axis=0)
+    y = part[0] if part.shape[0] == 1 else jnp.sum(part, axis=0)
     if s is not None:
       y = y * s.astype(jnp.float32)
     outs.append(y)
   return outs
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _small_linear_parts(x, ws, *, config, interpret):
+  return _parts(x, ws, config=config, interpret=interpret)
 
 
 def small_linear(x, ws, scales=None, *, config: SmallLinearConfig | None = None,
@@ -352,6 +361,18 @@ def small_linear(x, ws, scales=None, *, config: SmallLinearConfig | None = None,
       f"config must be a SmallLinearConfig or None, got {type(config).__name__}")
   return _small_linear(x, tuple(ws), tuple(scales), config=config or SmallLinearConfig(),
                        interpret=bool(interpret))
+
+
+def small_linear_parts(x, ws, *, config: SmallLinearConfig | None = None, interpret: bool = False):
+  """Like `small_linear` without the reduction: list of [S, M, N_i] float32 split-K partials whose
+  sum over S is x @ ws[i].astype(x.dtype) (scales are the caller's to apply, after the sum). For a
+  consumer kernel that sums them itself (`add_norm`, `decode_attention_append`): no XLA kernel runs
+  between the projection and it."""
+  ws, _ = _normalize(ws, None)
+  _check(x, ws, [None] * len(ws))
+  assert config is None or isinstance(config, SmallLinearConfig), (
+      f"config must be a SmallLinearConfig or None, got {type(config).__name__}")
+  return _small_linear_parts(x, tuple(ws), config=config or SmallLinearConfig(), interpret=bool(interpret))
 
 
 def small_linear_reference(x, ws, scales=None):

@@ -1,0 +1,152 @@
+"""Residual add + norm in one kernel, fed by a projection's split-K partials (the decode step, M <= 16).
+
+In a batch-1..16 decode step every sub-block ends the same way: the projection's split-K partials
+are summed, dequantised, biased and added to the residual stream, and the next norm's statistics
+and output are computed from the result. As XLA fusions that is three small kernels (sum + bias +
+add, the norm's statistics, the normalisation), each ~1.3-2 us of mostly latency on an H100, 4 to 6
+per layer. This kernel does all of it in one launch:
+
+  x       [M, D]            the residual stream (float dtype)
+  parts   [S, M, D] f32     optional: split-K partials of the projection (S >= 1); None = nothing
+  pscale  [D]               optional: per-output-channel scale of the partials' sum (int8 weights)
+  pbias   [D]               optional: the projection's bias
+  gamma   [D], beta [D]     the norm's scale and (LayerNorm only) bias
+  ->  x_new [M, D] x.dtype  x + (sum_s parts[s]) * pscale + pbias, rounded to x.dtype
+      h     [M, D] x.dtype  norm(x_new), computed in float32 from the rounded x_new
+
+`kind` is "layernorm" (mean and variance) or "rmsnorm" (mean of squares), eps added to the variance,
+exactly as `ftjax.layers.norms.Norm`. One program per row: it loads the row's partials (a static loop
+over S, so every load is in flight at once), the residual and the parameters as [Dp] vectors (D padded
+to a power of two by masked loads, nothing copied), and stores both outputs. Pallas' Triton lowering;
+`interpret=True` runs the same body on CPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from ftjax.pallas import _common as C
+
+KINDS = ("layernorm", "rmsnorm")
+MAX_ROWS = 16
+
+
+def _kernel(x_ref, *refs, D: int, S: int, kind: str, eps: float, has_scale: bool, has_bias: bool,
+            has_beta: bool):
+  it = iter(refs)
+  parts_ref = next(it) if S else None
+  ps_ref = next(it) if has_scale else None
+  pb_ref = next(it) if has_bias else None
+  g_ref = next(it)
+  b_ref = next(it) if has_beta else None
+  xo_ref, h_ref = next(it), next(it)
+  Dp = max(16, pl.next_power_of_2(D))
+  row = pl.program_id(0)
+  # Traced zeros, not literals, as starts and indices: a [Dp] slice overruns a [D] ref on purpose
+  # (masked), which a static start could be bounds-checked against (see small_linear.py).
+  zero = row * 0
+  cols = jnp.arange(Dp)
+  mask = (cols < D)[None, :] if Dp != D else None                        # [1, Dp]
+
+  def vec(ref, *lead):
+    r = ref.at[(*lead, pl.ds(zero, Dp))] if lead else ref.at[pl.ds(zero, Dp)]
+    v = C.load(r, mask=None if mask is None else (mask if lead else mask[0]), other=0)
+    return v.astype(jnp.float32)
+
+  # [1, Dp] views: a row of a 2-D ref through a size-1 slice keeps every load/store 2-D
+  x = vec(x_ref, pl.ds(row, 1))                                           # [1, Dp]
+  if S:
+    acc = vec(parts_ref, zero, pl.ds(row, 1))
+    for s in range(1, S):                                                 # static: all loads in flight
+      acc = acc + vec(parts_ref, zero + s, pl.ds(row, 1))
+    if has_scale:
+      acc = acc * vec(ps_ref)[None, :]
+    if has_bias:
+      acc = acc + vec(pb_ref)[None, :]
+    x = x + acc
+  xr = x.astype(xo_ref.dtype)
+  C.store(xo_ref.at[pl.ds(row, 1), pl.ds(zero, Dp)], xr, mask=mask)
+  xf = xr.astype(jnp.float32)
+  if kind == "layernorm":
+    mean = jnp.sum(xf, axis=1, keepdims=True) / D
+    var = jnp.maximum(jnp.sum(xf * xf, axis=1, keepdims=True) / D - mean * mean, 0.0)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps) * vec(g_ref)[None, :]
+    if has_beta:
+      y = y + vec(b_ref)[None, :]
+  else:
+    var = jnp.sum(xf * xf, axis=1, keepdims=True) / D
+    y = xf * jax.lax.rsqrt(var + eps) * vec(g_ref)[None, :]
+  C.store(h_ref.at[pl.ds(row, 1), pl.ds(zero, Dp)], y.astype(h_ref.dtype), mask=mask)
+
+
+def _check(x, parts, pscale, pbias, gamma, beta, kind):
+  assert hasattr(x, "shape") and x.ndim == 2, f"x must be [M, D], got shape {getattr(x, 'shape', None)}"
+  M, D = x.shape
+  assert 1 <= M <= MAX_ROWS, f"x has M={M} rows; add_norm supports 1..{MAX_ROWS} (x.shape={x.shape})"
+  C.check_dtype("x", x)
+  assert kind in KINDS, f"kind={kind!r} is not one of {KINDS}"
+  if parts is not None:
+    assert parts.ndim == 3 and parts.shape[1:] == (M, D) and parts.shape[0] >= 1, (
+        f"parts must be [S, M, D]=[S, {M}, {D}], got shape {parts.shape}")
+  else:
+    assert pscale is None and pbias is None, "pscale / pbias given without parts"
+  for name, v in (("pscale", pscale), ("pbias", pbias), ("gamma", gamma), ("beta", beta)):
+    if v is not None:
+      assert v.shape == (D,), f"{name} must be [D]=[{D}], got shape {v.shape}"
+  assert gamma is not None, "gamma (the norm's scale) is required"
+  assert beta is None or kind == "layernorm", "beta is a LayerNorm parameter (kind='rmsnorm' has none)"
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "eps", "num_warps", "interpret"))
+def add_norm(x, parts=None, pscale=None, pbias=None, *, gamma, beta=None, kind="layernorm", eps=1e-5,
+             num_warps=None, interpret=False):
+  """-> (x_new [M, D], h [M, D]) in x.dtype: x_new = x + sum(parts) * pscale + pbias, h = norm(x_new)."""
+  _check(x, parts, pscale, pbias, gamma, beta, kind)
+  M, D = x.shape
+  S = 0 if parts is None else int(parts.shape[0])
+  Dp = max(16, pl.next_power_of_2(D))
+  warps = num_warps or (4 if Dp <= 1024 else 8 if Dp <= 4096 else 16)
+  args = [x] + ([parts] if S else []) + [v for v in (pscale, pbias) if v is not None] + [gamma] \
+      + ([beta] if beta is not None else [])
+  whole = lambda a: pl.BlockSpec(tuple(a.shape), lambda i: (0,) * a.ndim)  # noqa: E731
+  kernel = functools.partial(_kernel, D=D, S=S, kind=kind, eps=float(eps), has_scale=pscale is not None,
+                             has_bias=pbias is not None, has_beta=beta is not None)
+  out_shape = [jax.ShapeDtypeStruct((M, D), x.dtype)] * 2
+  return tuple(pl.pallas_call(
+      kernel,
+      grid=(M,),
+      in_specs=[whole(a) for a in args],
+      out_specs=[pl.BlockSpec((M, D), lambda i: (0, 0))] * 2,
+      out_shape=out_shape,
+      compiler_params=C.triton_compiler_params(warps, 1),
+      interpret=interpret,
+      name="ftjax_add_norm",
+  )(*args))
+
+
+def add_norm_reference(x, parts=None, pscale=None, pbias=None, *, gamma, beta=None, kind="layernorm",
+                       eps=1e-5):
+  """Float32 plain-jnp twin of `add_norm` (same arguments and outputs)."""
+  _check(x, parts, pscale, pbias, gamma, beta, kind)
+  xf = x.astype(jnp.float32)
+  if parts is not None:
+    acc = jnp.sum(parts.astype(jnp.float32), axis=0)
+    if pscale is not None:
+      acc = acc * pscale.astype(jnp.float32)
+    if pbias is not None:
+      acc = acc + pbias.astype(jnp.float32)
+    xf = xf + acc
+  xr = xf.astype(x.dtype)
+  xf = xr.astype(jnp.float32)
+  if kind == "layernorm":
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
+    y = (xf - mean) / jnp.sqrt(var + eps) * gamma.astype(jnp.float32)
+    if beta is not None:
+      y = y + beta.astype(jnp.float32)
+  else:
+    y = xf / jnp.sqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps) * gamma.astype(jnp.float32)
+  return xr, y.astype(x.dtype)

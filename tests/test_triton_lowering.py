@@ -1,0 +1,98 @@
+"""Every Pallas kernel of the decode step lowers through Pallas' Triton lowering for CUDA, checked on this
+CPU machine: `jax.export` lowers for the "cuda" platform without a GPU, and the Triton lowering runs in
+Python during that lowering. Interpret-mode tests cannot catch a kernel the Triton lowering rejects (the
+interpreter accepts more, e.g. a load's `other` without a mask); this does, before any device time is
+spent. The fused decode step of two model shapes is lowered whole, and its kernel calls are counted."""
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+from ftjax.config import ModelConfig
+from ftjax.layers.linear import small_m_kernel
+from ftjax.models import gpt
+from ftjax.pallas.add_norm import add_norm
+from ftjax.pallas.decode_attention import decode_attention, decode_attention_append
+from ftjax.pallas.small_linear import small_linear, small_linear_parts
+
+TRITON = "__gpu$xla.gpu.triton"
+
+
+def lower_cuda(f, *args) -> str:
+    exp = export.export(jax.jit(f), platforms=["cuda"],
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
+    return exp.mlir_module()
+
+
+def sds(shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize("M,D,S,kind", [(1, 1024, 8, "layernorm"), (3, 1600, 0, "rmsnorm"), (16, 4096, 2, "layernorm")])
+def test_add_norm_lowers(M, D, S, kind):
+    beta = sds((D,)) if kind == "layernorm" else None
+    parts = sds((S, M, D), jnp.float32) if S else None
+    pb = sds((D,)) if S else None
+    txt = lower_cuda(lambda x, p, b, g, be: add_norm(x, p, None, b, gamma=g, beta=be, kind=kind),
+                     sds((M, D)), parts, pb, sds((D,)), beta)
+    assert txt.count(TRITON) == 1
+
+
+@pytest.mark.parametrize("b,n,kh,h,S", [(1, 16, 16, 64, 4), (2, 32, 8, 128, 1), (3, 8, 1, 64, 2)])
+def test_decode_attention_append_lowers(b, n, kh, h, S):
+    s = 512
+    mult = (sds((n, h), jnp.float32), sds((kh, h), jnp.float32), sds((kh, h), jnp.float32))
+    txt = lower_cuda(lambda q, k, v, kc, vc, p, m: decode_attention_append(q, k, v, kc, vc, p, m, None),
+                     sds((S, b, n, h), jnp.float32), sds((S, b, kh, h), jnp.float32), sds((S, b, kh, h), jnp.float32),
+                     sds((b, kh, s, h)), sds((b, kh, s, h)), sds((b,), jnp.int32), mult)
+    assert txt.count(TRITON) == 1
+
+
+def test_projection_and_attention_kernels_lower():
+    x = sds((2, 1000))
+    ws = [sds((1000, 384)), sds((1000, 96), jnp.int8)]
+    assert lower_cuda(lambda x, a, c, s: small_linear(x, [a, c], [None, s]), x, *ws,
+                      sds((96,), jnp.float32)).count(TRITON) == 1
+    assert lower_cuda(lambda x, a, c: small_linear_parts(x, [a, c]), x, *ws).count(TRITON) == 1
+    assert lower_cuda(lambda q, k, v, n: decode_attention(q, k, v, n), sds((2, 8, 64)), sds((2, 2, 256, 64)),
+                      sds((2, 2, 256, 64)), sds((2,), jnp.int32)).count(TRITON) == 1
+
+
+SHAPES = {
+    "gpt2": dict(),
+    "llama": dict(position="rotary", norm="rmsnorm", gated_ffn=True, activation="silu", num_kv_heads=2,
+                  attn_bias=False, mlp_bias=False, tie_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SHAPES))
+def test_fused_decode_step_lowers(family):
+    cfg = ModelConfig(vocab_size=300, max_positions=256, hidden=128, num_layers=2, num_heads=4, ffn_dim=256,
+                      bos_id=0, eos_id=1, **SHAPES[family])
+    model = gpt.build(cfg, jnp.bfloat16, "pallas")
+    params = jax.eval_shape(lambda: gpt.init_params(cfg, dtype=jnp.bfloat16))
+    b, s = 2, 256
+    cache = [{"k": sds((b, cfg.kv_heads, s, cfg.dim_per_head)), "v": sds((b, cfg.kv_heads, s, cfg.dim_per_head))}
+             for _ in range(cfg.num_layers)]
+
+    def step(p, tok, pos, c):
+        with small_m_kernel(True, interpret=False, fuse=True):
+            return model.apply({"params": p}, tok, pos, c, method=gpt.GPT.decode)
+
+    args = (params, sds((b,), jnp.int32), sds((b,), jnp.int32), cache)
+    txt = lower_cuda(step, *args)
+    for name in ("ftjax_add_norm", "ftjax_decode_attention_append", "ftjax_small_linear"):
+        assert f'name = "{name}"' in txt, name
+    # kernel call sites (the lowered module holds each distinct kernel once): per layer two add+norm, one
+    # q/k/v, one attention with the K/V write, o, MLP in, MLP out; then the final norm and (untied) the head
+    jtxt = str(jax.make_jaxpr(step)(*args))
+    L = cfg.num_layers
+    assert len(re.findall(r"name=add_norm\b", jtxt)) == 2 * L + 1
+    assert len(re.findall(r"name=decode_attention_append\b", jtxt)) == L
+    assert len(re.findall(r"name=_small_linear_parts\b", jtxt)) == 4 * L
+    assert len(re.findall(r"name=_small_linear\b", jtxt)) == (0 if cfg.tie_embeddings else 1)
+    assert "scatter" not in jtxt        # the K/V write is the attention kernel's
