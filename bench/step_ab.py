@@ -44,8 +44,8 @@ def child(a):
                             attention=a.attention)
             eng = llm.engine
             if sm != "auto":
-                eng.small_m = sm in ("on", "fused")
-                eng.fuse_decode = sm == "fused"
+                eng.small_m = sm != "off"
+                eng.fuse_decode = {"on": False, "fused": True}.get(sm, sm)
             rng = np.random.RandomState(0)
             prompts = [rng.randint(2, cfg.vocab_size, size=P).tolist() for _ in range(a.batch)]
             plist = llm.sampling_params(a.batch, end_id=None)
@@ -67,7 +67,7 @@ def child(a):
                     del st
                 return statistics.median(ts[1:]) * 1e3
 
-            row = {"variant": a.name, "model": model, "weights": wq, "small_m": ("fused" if eng.fuse_decode else "on") if eng.small_m else "off", "batch": a.batch,
+            row = {"variant": a.name, "model": model, "weights": wq, "small_m": (str(eng.fuse_decode) if eng.fuse_decode else "on") if eng.small_m else "off", "batch": a.batch,
                    "device": jax.devices()[0].device_kind, "jax": jax.__version__}
             t64, t16 = timed(64), timed(16)
             row["step_ms"] = round((t64 - t16) / 48, 4)
@@ -86,7 +86,8 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--small-m", default="auto", help="comma list of auto/off/on/fused: the Pallas small-M projections "
-                    "(on: reduced by XLA; fused: partials handed to the add+norm and attention kernels)")
+                    "(on: reduced by XLA; fused: partials handed to the add+norm and attention kernels; or a fuse "
+                    "mode of ftjax.layers.linear.small_m_kernel: stats, stats_loop, norm)")
     ap.add_argument("--modes", default="exact", help="engine step-count modes to time short calls in")
     ap.add_argument("--variants", nargs="*", default=["default="], help="name=XLA_FLAGS")
     ap.add_argument("--child", action="store_true")

@@ -52,6 +52,19 @@ def test_decode_attention_append_lowers(b, n, kh, h, S):
     assert txt.count(TRITON) == 1
 
 
+@pytest.mark.parametrize("M,D,S", [(1, 2048, 16), (3, 1600, 0)])
+def test_add_stats_and_normalising_projection_lower(M, D, S):
+    from ftjax.pallas.add_norm import add_stats, normalise
+    parts = sds((S, M, D), jnp.float32) if S else None
+    assert lower_cuda(lambda x, p: add_stats(x, p), sds((M, D)), parts).count(TRITON) == 1
+    assert lower_cuda(lambda x, st, g, b: normalise(x, st, g, b), sds((M, D)), sds((2, M, 13), jnp.float32),
+                      sds((D,)), sds((D,))).count(TRITON) == 1
+    norm = lambda st, g, b: (st, g, b, "layernorm", 1e-5)  # noqa: E731
+    txt = lower_cuda(lambda x, w, st, g, b: small_linear_parts(x, [w], norm=norm(st, g, b)), sds((M, D)),
+                     sds((D, 512)), sds((2, M, 16), jnp.float32), sds((D,)), sds((D,)))
+    assert txt.count(TRITON) == 1
+
+
 def test_projection_and_attention_kernels_lower():
     x = sds((2, 1000))
     ws = [sds((1000, 384)), sds((1000, 96), jnp.int8)]
@@ -85,13 +98,15 @@ def test_fused_decode_step_lowers(family):
 
     args = (params, sds((b,), jnp.int32), sds((b,), jnp.int32), cache)
     txt = lower_cuda(step, *args)
-    for name in ("ftjax_add_norm", "ftjax_decode_attention_append", "ftjax_small_linear"):
+    for name in ("ftjax_add_stats", "ftjax_add_norm", "ftjax_decode_attention_append", "ftjax_small_linear"):
         assert f'name = "{name}"' in txt, name
-    # kernel call sites (the lowered module holds each distinct kernel once): per layer two add+norm, one
-    # q/k/v, one attention with the K/V write, o, MLP in, MLP out; then the final norm and (untied) the head
+    # kernel call sites (the lowered module holds each distinct kernel once): per layer two residual adds
+    # with row statistics (the norms are applied inside the next projection), one q/k/v, one attention with
+    # the K/V write, o, MLP in, MLP out; then the final add + norm and (untied) the head
     jtxt = str(jax.make_jaxpr(step)(*args))
     L = cfg.num_layers
-    assert len(re.findall(r"name=add_norm\b", jtxt)) == 2 * L + 1
+    assert len(re.findall(r"name=add_stats\b", jtxt)) == 2 * L
+    assert len(re.findall(r"name=add_norm\b", jtxt)) == 1
     assert len(re.findall(r"name=decode_attention_append\b", jtxt)) == L
     assert len(re.findall(r"name=_small_linear_parts\b", jtxt)) == 4 * L
     assert len(re.findall(r"name=_small_linear\b", jtxt)) == (0 if cfg.tie_embeddings else 1)

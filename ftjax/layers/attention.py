@@ -57,7 +57,8 @@ class Attention(nn.Module):
 
     def decode_fused(self, x, positions, k_cache, v_cache, *, interpret: bool = False):
         """The fused decode path (small-M kernel on, ftjax/pallas/decode_attention.py's append kernel):
-        x [b, d] (normed) -> ((parts [S, b, d], scale, bias) of the output projection, k_cache, v_cache).
+        x [b, d] (normed, or a NormedInput) -> ((parts [S, b, d], scale, bias) of the output projection,
+        k_cache, v_cache).
 
         q/k/v leave their projection as split-K partials that the attention kernel sums itself, biases, and
         writes into the cache (rotary models finish q and k in XLA first: the rotation needs whole values)."""

@@ -40,7 +40,11 @@ def small_m_kernel(enabled: bool = True, *, interpret: bool = False, fuse: bool 
     """While tracing inside: projections of <= SMALL_M_ROWS rows run the Pallas small-M kernel. `fuse`:
     the model may also take the fused decode path (`fused_decode_mode`): split-K partials handed
     straight to the next kernel (residual add + norm, attention with the K/V write) instead of being
-    reduced by XLA."""
+    reduced by XLA. fuse: True / "stats" (the next projection normalises its input from row statistics),
+    "stats_loop" (the same, statistics read inside its K loop), "norm" (a residual add + norm kernel),
+    "stats2" (residual add + statistics, then a normalise kernel)."""
+    fuse = "stats" if fuse is True else fuse
+    assert fuse in (False, None, "stats", "stats_loop", "norm", "stats2"), f"small_m_kernel: fuse={fuse!r}"
     token = _SMALL_M.set({"interpret": interpret, "fuse": fuse} if enabled else None)
     try:
         yield
@@ -62,6 +66,18 @@ def _small_m_mode(x, n_in):
     return mode
 
 
+class NormedInput(NamedTuple):
+    """norm(x) not yet computed: the fused decode path hands this to `linear_parts`, whose kernel normalises
+    its input tiles itself. x [M, d]; stats [2, M, C] (ftjax/pallas/add_norm.py's `add_stats`)."""
+
+    x: jax.Array
+    stats: jax.Array
+    gamma: jax.Array
+    beta: Any
+    kind: str
+    eps: float
+
+
 def fused_decode_mode(x, n_in: int = 1):
     """The small-M mode dict when projections of x run the kernel and fusion is on, else None."""
     mode = _small_m_mode(x, n_in)
@@ -72,7 +88,12 @@ def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[tuple[j
     """Projections of x (<= SMALL_M_ROWS rows; the small-M kernel must be on) left unreduced: for each
     w a pair (parts [S, *lead, *out] float32, scale [*out] or None) with linear(x, w) = sum(parts, 0) *
     scale (before any bias), all weights in one kernel launch. For consumers that sum the partials in
-    their own kernel (ftjax/pallas/add_norm.py, decode_attention_append)."""
+    their own kernel (ftjax/pallas/add_norm.py, decode_attention_append). x may be a `NormedInput`: the
+    kernel normalises it on the fly."""
+    norm = None
+    if isinstance(x, NormedInput):
+        norm = (x.stats, x.gamma, x.beta, x.kind, x.eps)
+        x = x.x
     mode = _small_m_mode(x, n_in)
     assert mode is not None, "linear_parts: the small-M kernel is off for this input"
     from ftjax.pallas.small_linear import small_linear_parts
@@ -80,7 +101,9 @@ def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[tuple[j
     lead = x.shape[: x.ndim - n_in]
     flats = [_flat(w, n_in) for w in ws]
     x2 = x.reshape(math.prod(lead), -1)
-    parts = small_linear_parts(x2, [f[0] for f in flats], interpret=mode["interpret"])
+    from ftjax.pallas.small_linear import SmallLinearConfig
+    config = SmallLinearConfig(norm_in_loop=mode.get("fuse") == "stats_loop")
+    parts = small_linear_parts(x2, [f[0] for f in flats], norm=norm, config=config, interpret=mode["interpret"])
     out = []
     for p, (_, scale, shape) in zip(parts, flats):
         out.append((p.reshape(p.shape[0], *lead, *shape), None if scale is None else scale.reshape(shape)))

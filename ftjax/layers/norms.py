@@ -40,3 +40,25 @@ class Norm(nn.Module):
         return add_norm(x, parts, pscale, pbias, gamma=p["scale"],
                         beta=p["bias"] if self.kind == "layernorm" else None, kind=self.kind, eps=float(self.eps),
                         interpret=interpret)
+
+    def add_stats(self, x, parts=None, pscale=None, pbias=None, *, interpret: bool = False):
+        """The fused decode path: (x_new, NormedInput) with x_new as in `add`; the norm itself is left to the
+        consuming projection's kernel (`linear_parts`), which normalises its input tiles from the row
+        statistics computed here (one wide kernel, ftjax/pallas/add_norm.py's `add_stats`)."""
+        from ftjax.layers.linear import NormedInput
+        from ftjax.pallas.add_norm import add_stats
+
+        p = self.variables["params"]
+        x_new, stats = add_stats(x, parts, pscale, pbias, interpret=interpret)
+        return x_new, NormedInput(x_new, stats, p["scale"], p["bias"] if self.kind == "layernorm" else None,
+                                  self.kind, float(self.eps))
+
+    def add_normalise(self, x, parts=None, pscale=None, pbias=None, *, interpret: bool = False):
+        """As `add`, as two kernels spread over the GPU (`add_stats`, then `normalise`) instead of one
+        program per row: (x_new, norm(x_new))."""
+        from ftjax.pallas.add_norm import add_stats, normalise
+
+        p = self.variables["params"]
+        x_new, stats = add_stats(x, parts, pscale, pbias, interpret=interpret)
+        return x_new, normalise(x_new, stats, p["scale"], p["bias"] if self.kind == "layernorm" else None,
+                                kind=self.kind, eps=float(self.eps), interpret=interpret)

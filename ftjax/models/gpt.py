@@ -54,12 +54,16 @@ class Block(nn.Module):
         a, k_cache, v_cache = self.attn.decode(h1, positions, k_cache, v_cache)
         return self._residual(x, h1, a), k_cache, v_cache
 
-    def decode_fused(self, pending, positions, k_cache, v_cache, interpret: bool):
+    def decode_fused(self, pending, positions, k_cache, v_cache, interpret: bool, norm: str = "stats"):
         """The fused decode path (sequential residual): pending = (x, parts, scale, bias), the residual
-        stream with the previous block's output projection not yet added; returns this block's."""
-        x, h1 = self.ln1.add(*pending, interpret=interpret)
+        stream with the previous block's output projection not yet added; returns this block's.
+        norm: how each norm runs (ftjax/pallas/add_norm.py): "stats" (`add_stats`; the consuming projection
+        normalises its input tiles), "norm" (one `add_norm` kernel), "stats2" (`add_stats` + `normalise`)."""
+        method = {"stats": "add_stats", "stats_loop": "add_stats", "norm": "add", "stats2": "add_normalise"}[norm]
+        add = lambda n, *a: getattr(n, method)(*a, interpret=interpret)  # noqa: E731
+        x, h1 = add(self.ln1, *pending)
         o_pend, k_cache, v_cache = self.attn.decode_fused(h1, positions, k_cache, v_cache, interpret=interpret)
-        x, h2 = self.ln2.add(x, *o_pend, interpret=interpret)
+        x, h2 = add(self.ln2, x, *o_pend)
         return (x, *self.mlp.parts(h2)), k_cache, v_cache
 
 
@@ -122,7 +126,8 @@ class GPT(nn.Module):
             new_cache = []
             pending = (x, None, None, None)
             for layer, c in zip(self.layers, cache):
-                pending, k, v = layer.decode_fused(pending, positions, c["k"], c["v"], mode["interpret"])
+                pending, k, v = layer.decode_fused(pending, positions, c["k"], c["v"], mode["interpret"],
+                                                   norm=mode["fuse"])
                 new_cache.append({"k": k, "v": v})
             _, h = self.final_norm.add(*pending, interpret=mode["interpret"])
             return self.logits(h), new_cache

@@ -150,3 +150,152 @@ def add_norm_reference(x, parts=None, pscale=None, pbias=None, *, gamma, beta=No
   else:
     y = xf / jnp.sqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps) * gamma.astype(jnp.float32)
   return xr, y.astype(x.dtype)
+
+
+# ------------------------------------------------- add + row statistics; the norm itself in the consumer
+# `add_norm` runs one program per row: at batch 1 a single SM reads every partial (S x D float32, 128 KB
+# for GPT 1.3B's MLP output), ~4.4 us on an H100. `add_stats` spreads the same sum over column chunks
+# (grid M x C) and stops before the norm: each program writes its chunk of x_new and the chunk's sum and
+# sum of squares. The next projection normalises its input tiles itself (`small_linear_parts(norm=...)`:
+# mean and 1/std from the C partial statistics of each row, then gamma and beta), so the norm costs no
+# kernel of its own.
+
+
+def _stats_kernel(x_ref, *refs, D: int, S: int, chunk: int, has_scale: bool, has_bias: bool):
+  it = iter(refs)
+  parts_ref = next(it) if S else None
+  ps_ref = next(it) if has_scale else None
+  pb_ref = next(it) if has_bias else None
+  xo_ref, st_ref = next(it), next(it)
+  row, c = pl.program_id(0), pl.program_id(1)
+  zero = row * 0
+  c0 = c * chunk
+  cmask = (c0 + jnp.arange(chunk)) < D
+  mask = None if D % chunk == 0 else cmask[None, :]                       # [1, chunk]
+
+  def vec(ref, *lead):
+    r = ref.at[(*lead, pl.ds(c0, chunk))] if lead else ref.at[pl.ds(c0, chunk)]
+    m = None if mask is None else (mask if lead else mask[0])
+    return C.load(r, mask=m, other=0).astype(jnp.float32)
+
+  x = vec(x_ref, pl.ds(row, 1))                                           # [1, chunk]
+  if S:
+    acc = vec(parts_ref, zero, pl.ds(row, 1))
+    for s in range(1, S):
+      acc = acc + vec(parts_ref, zero + s, pl.ds(row, 1))
+    if has_scale:
+      acc = acc * vec(ps_ref)[None, :]
+    if has_bias:
+      acc = acc + vec(pb_ref)[None, :]
+    x = x + acc
+  xr = x.astype(xo_ref.dtype)
+  C.store(xo_ref.at[pl.ds(row, 1), pl.ds(c0, chunk)], xr, mask=mask)
+  xf = jnp.where(cmask[None, :], xr.astype(jnp.float32), 0.0)
+  s1 = jnp.sum(xf, axis=1)                                                # [1]
+  s2 = jnp.sum(xf * xf, axis=1)
+  C.store(st_ref.at[zero, pl.ds(row, 1), pl.ds(c, 1)], s1[:, None])
+  C.store(st_ref.at[zero + 1, pl.ds(row, 1), pl.ds(c, 1)], s2[:, None])
+
+
+def stats_chunk(D: int) -> int:
+  """Columns per program of `add_stats`: 128, or wider so that a row has at most 32 chunks."""
+  return max(128, pl.next_power_of_2(pl.cdiv(D, 32)))
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def add_stats(x, parts=None, pscale=None, pbias=None, *, interpret=False):
+  """-> (x_new [M, D] x.dtype, stats [2, M, C] float32): x_new as `add_norm`'s, stats[0 / 1][m, c] the sum
+  / sum of squares of row m's chunk c of x_new (as rounded), C = cdiv(D, stats_chunk(D))."""
+  _check(x, parts, pscale, pbias, jnp.zeros(x.shape[1:]), None, "rmsnorm")
+  M, D = x.shape
+  S = 0 if parts is None else int(parts.shape[0])
+  chunk = stats_chunk(D)
+  nc = pl.cdiv(D, chunk)
+  args = [x] + ([parts] if S else []) + [v for v in (pscale, pbias) if v is not None]
+  whole = lambda a: pl.BlockSpec(tuple(a.shape), lambda i, j: (0,) * a.ndim)  # noqa: E731
+  kernel = functools.partial(_stats_kernel, D=D, S=S, chunk=chunk, has_scale=pscale is not None,
+                             has_bias=pbias is not None)
+  return tuple(pl.pallas_call(
+      kernel,
+      grid=(M, nc),
+      in_specs=[whole(a) for a in args],
+      out_specs=[pl.BlockSpec((M, D), lambda i, j: (0, 0)), pl.BlockSpec((2, M, nc), lambda i, j: (0, 0, 0))],
+      out_shape=[jax.ShapeDtypeStruct((M, D), x.dtype), jax.ShapeDtypeStruct((2, M, nc), jnp.float32)],
+      compiler_params=C.triton_compiler_params(4 if chunk <= 512 else 8, 1),
+      interpret=interpret,
+      name="ftjax_add_stats",
+  )(*args))
+
+
+def norm_from_stats(x, stats, gamma, beta=None, *, kind="layernorm", eps=1e-5):
+  """Plain jnp: norm(x) in x.dtype from `add_stats`' statistics (what a consumer kernel computes per tile)."""
+  D = x.shape[-1]
+  s1 = jnp.sum(stats[0], axis=-1, keepdims=True)
+  s2 = jnp.sum(stats[1], axis=-1, keepdims=True)
+  xf = x.astype(jnp.float32)
+  if kind == "layernorm":
+    mean = s1 / D
+    var = jnp.maximum(s2 / D - mean * mean, 0.0)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps) * gamma.astype(jnp.float32)
+    if beta is not None:
+      y = y + beta.astype(jnp.float32)
+  else:
+    y = xf * jax.lax.rsqrt(s2 / D + eps) * gamma.astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
+def _normalise_kernel(x_ref, st_ref, g_ref, *refs, D: int, n_chunks: int, chunk: int, kind: str, eps: float,
+                      has_beta: bool):
+  b_ref = refs[0] if has_beta else None
+  h_ref = refs[-1]
+  row, c = pl.program_id(0), pl.program_id(1)
+  zero = row * 0
+  cp = max(16, pl.next_power_of_2(n_chunks))
+  smask = (jnp.arange(cp) < n_chunks)[None, :]
+  s1 = jnp.sum(C.load(st_ref.at[zero, pl.ds(row, 1), pl.ds(zero, cp)], mask=smask, other=0), axis=1)   # [1]
+  s2 = jnp.sum(C.load(st_ref.at[zero + 1, pl.ds(row, 1), pl.ds(zero, cp)], mask=smask, other=0), axis=1)
+  c0 = c * chunk
+  cmask = (c0 + jnp.arange(chunk)) < D
+  mask = None if D % chunk == 0 else cmask[None, :]
+
+  def vec(ref, *lead):
+    r = ref.at[(*lead, pl.ds(c0, chunk))] if lead else ref.at[pl.ds(c0, chunk)]
+    m = None if mask is None else (mask if lead else mask[0])
+    return C.load(r, mask=m, other=0).astype(jnp.float32)
+
+  xf = vec(x_ref, pl.ds(row, 1))                                          # [1, chunk]
+  if kind == "layernorm":
+    mean = s1 / D
+    rstd = jax.lax.rsqrt(jnp.maximum(s2 / D - mean * mean, 0.0) + eps)
+    y = (xf - mean[:, None]) * rstd[:, None] * vec(g_ref)[None, :]
+    if has_beta:
+      y = y + vec(b_ref)[None, :]
+  else:
+    y = xf * jax.lax.rsqrt(s2 / D + eps)[:, None] * vec(g_ref)[None, :]
+  C.store(h_ref.at[pl.ds(row, 1), pl.ds(c0, chunk)], y.astype(h_ref.dtype), mask=mask)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "eps", "interpret"))
+def normalise(x, stats, gamma, beta=None, *, kind="layernorm", eps=1e-5, interpret=False):
+  """norm(x) [M, D] in x.dtype from `add_stats`' statistics, one program per (row, column chunk): the
+  second half of `add_norm` spread over the GPU (`norm_from_stats` is its plain-jnp twin)."""
+  M, D = x.shape
+  assert stats.ndim == 3 and stats.shape[:2] == (2, M), f"stats must be [2, M={M}, C], got {stats.shape}"
+  assert gamma.shape == (D,) and (beta is None or beta.shape == (D,)), "gamma / beta must be [D]"
+  assert kind in KINDS and (beta is None or kind == "layernorm"), f"kind={kind!r} / beta mismatch"
+  chunk = stats_chunk(D)
+  nc = pl.cdiv(D, chunk)
+  args = [x, stats, gamma] + ([beta] if beta is not None else [])
+  whole = lambda a: pl.BlockSpec(tuple(a.shape), lambda i, j: (0,) * a.ndim)  # noqa: E731
+  kernel = functools.partial(_normalise_kernel, D=D, n_chunks=int(stats.shape[2]), chunk=chunk, kind=kind,
+                             eps=float(eps), has_beta=beta is not None)
+  return pl.pallas_call(
+      kernel,
+      grid=(M, nc),
+      in_specs=[whole(a) for a in args],
+      out_specs=pl.BlockSpec((M, D), lambda i, j: (0, 0)),
+      out_shape=jax.ShapeDtypeStruct((M, D), x.dtype),
+      compiler_params=C.triton_compiler_params(4 if chunk <= 512 else 8, 1),
+      interpret=interpret,
+      name="ftjax_normalise",
+  )(*args)

@@ -450,14 +450,16 @@ def _check_append(q, k, v, k_cache, v_cache, positions, mults, biases):
       assert t.shape == want, f"{name}: expected shape {want}, got {t.shape}"
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"), donate_argnums=(3, 4))
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
 def decode_attention_append(q, k, v, k_cache, v_cache, positions, mults=None, biases=None, *, scale=None,
                             config=None, interpret=False):
   """The decode step's attention, the new token's K/V written in the same kernel.
 
   q [S, b, n, h], k / v [S, b, k, h]: split-K partials of the q/k/v projections (float32; S = 1 for
   finished values); mults (q [n, h], k [k, h], v [k, h]) or None: per-channel scales of the partials'
-  sums (int8 weights); biases likewise or None; k_cache / v_cache [b, k, s, h] (donated); positions
+  sums (int8 weights); biases likewise or None; k_cache / v_cache [b, k, s, h] (aliased to the
+  outputs: updated in place where the caller's buffers are dead, as in the engine's donated step; the
+  function itself donates nothing, so an eager caller keeps its arrays); positions
   [b] int32, where each row's new token goes (< s; keys [0, positions] are attended).
   -> (out [b, n, h] in the cache dtype, k_cache, v_cache) with the new K/V at `positions`.
   """

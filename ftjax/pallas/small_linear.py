@@ -94,6 +94,8 @@ class SmallLinearConfig:
   min_tile_bytes: auto tiles never shrink below this many bytes of W.
   max_partial_fraction: auto splits keep the float32 partials written (splits * M * N * 4
     bytes) below this fraction of the weight bytes (or below 2 MB, which stays in L2).
+  norm_in_loop: with `norm`, read the row statistics inside the K loop (every step, from L1/L2)
+    instead of once before it, so no dependent load precedes the first weight loads.
   """
   block_n: int | None = None
   block_k: int | None = None
@@ -106,6 +108,7 @@ class SmallLinearConfig:
   tile_bytes: int = 16384
   min_tile_bytes: int = 8192
   max_partial_fraction: float = 0.25
+  norm_in_loop: bool = False
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
@@ -227,14 +230,22 @@ def _check(x, ws, scales):
 
 
 def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int,
-            num_splits: int, per_split: int, n_kblocks: int, precision):
-  """x_ref [M, K]; refs = (*w_refs [K, N_i], *out_refs [num_splits, M, N_i]), all whole arrays.
+            num_splits: int, per_split: int, n_kblocks: int, precision, norm=None,
+            norm_in_loop: bool = False):
+  """x_ref [M, K]; refs = (*w_refs [K, N_i], [stats, gamma, (beta)], *out_refs [num_splits, M, N_i]),
+  all whole arrays.
 
   Program (j, s) computes column block j (of the weight that owns j) over K-split s and
   stores rows < M, columns < N_i of the [16, block_n] float32 result into out_i[s].
+  norm = (kind, eps, n_chunks, has_beta) or None: x is normalised tile by tile first (see
+  `small_linear_parts`), from the row statistics in stats [2, M, n_chunks].
   """
   n_w = len(Ns)
-  w_refs, o_refs = refs[:n_w], refs[n_w:]
+  w_refs, refs = refs[:n_w], refs[n_w:]
+  if norm is not None:
+    n_norm = 3 if norm[3] else 2
+    norm_refs, refs = refs[:n_norm], refs[n_norm:]
+  o_refs = refs
   cdtype = x_ref.dtype
   pid = pl.program_id(0)
   # A traced zero, not the literal 0, where a ref is indexed at 0 (see row0 below; a Python int
@@ -252,6 +263,42 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
   # ref on purpose (masked), which a static start could be bounds-checked against.
   row0 = zero
   rmask = None if M == ROWS else (jnp.arange(ROWS) < M)[:, None]          # [16, 1]
+  if norm is not None:
+    kind, eps, n_chunks, has_beta = norm
+    st_ref, g_ref = norm_refs[:2]
+    b_ref = norm_refs[2] if has_beta else None
+    cp = max(16, pl.next_power_of_2(n_chunks))
+    smask = (jnp.arange(cp) < n_chunks)[None, :]
+    smask = smask if rmask is None else smask & rmask
+
+    def row_sum(i):                                                       # [16] sums over the chunks
+      t = C.load(st_ref.at[zero + i, pl.ds(row0, ROWS), pl.ds(zero, cp)], mask=smask, other=0)
+      return jnp.sum(t, axis=1)
+
+    def row_stats():                                                      # (mean or None, rstd) [16]
+      s2 = row_sum(1) / K
+      if kind == "layernorm":
+        mean = row_sum(0) / K
+        return mean, jax.lax.rsqrt(jnp.maximum(s2 - mean * mean, 0.0) + eps)
+      return None, jax.lax.rsqrt(s2 + eps)
+
+    if not norm_in_loop:
+      stats_once = row_stats()
+
+  def normalise(xb, k0, kmask):                                           # [16, bk] -> [16, bk] cdtype
+    if norm is None:
+      return xb
+    mean, rstd = row_stats() if norm_in_loop else stats_once
+    gv = g_ref.at[pl.ds(k0, block_k)]
+    g = (gv[...] if kmask is None else C.load(gv, mask=kmask, other=0)).astype(jnp.float32)
+    xf = xb.astype(jnp.float32)
+    if mean is not None:
+      xf = xf - mean[:, None]
+    y = xf * rstd[:, None] * g[None, :]
+    if b_ref is not None:
+      bv = b_ref.at[pl.ds(k0, block_k)]
+      y = y + (bv[...] if kmask is None else C.load(bv, mask=kmask, other=0)).astype(jnp.float32)[None, :]
+    return y.astype(cdtype)
 
   def run(w_ref, o_ref, N: int, first: int):
     n0 = (pid - first) * block_n
@@ -265,6 +312,7 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       xm = _and(rmask, None if kmask is None else kmask[None, :])
       xs = x_ref.at[pl.ds(row0, ROWS), pl.ds(k0, block_k)]
       xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)       # [16, bk]
+      xb = normalise(xb, k0, kmask)
       wm = _and(None if kmask is None else kmask[:, None], nmask)
       ws = w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)]
       wb = ws[...] if wm is None else C.load(ws, mask=wm, other=0)       # [bk, bn]
@@ -297,7 +345,7 @@ def _and(a, b):
   return a if b is None else a & b
 
 
-def _parts(x, ws, *, config, interpret):
+def _parts(x, ws, *, config, interpret, norm_args=(), norm=None):
   """The kernel call: list of [num_splits, M, N_i] float32 split-K partials (scales not applied)."""
   M, K = x.shape
   Ns = tuple(int(w.shape[1]) for w in ws)
@@ -311,7 +359,8 @@ def _parts(x, ws, *, config, interpret):
 
   kernel = functools.partial(
       _kernel, Ns=Ns, firsts=firsts, K=K, M=M, block_n=bn, block_k=bk, num_splits=splits,
-      per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype))
+      per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype), norm=norm,
+      norm_in_loop=cfg.norm_in_loop)
   # Whole-array blocks (index 0): the kernel indexes x, W and the outputs itself (pl.ds + masks),
   # so nothing is padded or copied around the call.
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda j, s: (0,) * len(shape))  # noqa: E731
@@ -319,13 +368,13 @@ def _parts(x, ws, *, config, interpret):
   return list(pl.pallas_call(
       kernel,
       grid=(int(sum(nbs)), splits),
-      in_specs=[whole(x.shape)] + [whole(w.shape) for w in ws],
+      in_specs=[whole(x.shape)] + [whole(w.shape) for w in ws] + [whole(a.shape) for a in norm_args],
       out_specs=[whole(sh) for sh in out_shapes],
       out_shape=[jax.ShapeDtypeStruct(sh, jnp.float32) for sh in out_shapes],
       compiler_params=C.triton_compiler_params(cfg.num_warps, cfg.num_stages),
       interpret=interpret,
       name="ftjax_small_linear",
-  )(x, *ws))
+  )(x, *ws, *norm_args))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -342,9 +391,12 @@ def _small_linear(x, ws, scales, *, config, interpret):
   return outs
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def _small_linear_parts(x, ws, *, config, interpret):
-  return _parts(x, ws, config=config, interpret=interpret)
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "kind", "eps"))
+def _small_linear_parts(x, ws, norm_args, *, config, interpret, kind, eps):
+  norm = None
+  if norm_args:
+    norm = (kind, eps, int(norm_args[0].shape[2]), len(norm_args) == 3)
+  return _parts(x, ws, config=config, interpret=interpret, norm_args=tuple(norm_args), norm=norm)
 
 
 def small_linear(x, ws, scales=None, *, config: SmallLinearConfig | None = None,
@@ -363,16 +415,32 @@ def small_linear(x, ws, scales=None, *, config: SmallLinearConfig | None = None,
                        interpret=bool(interpret))
 
 
-def small_linear_parts(x, ws, *, config: SmallLinearConfig | None = None, interpret: bool = False):
+def small_linear_parts(x, ws, *, norm=None, config: SmallLinearConfig | None = None, interpret: bool = False):
   """Like `small_linear` without the reduction: list of [S, M, N_i] float32 split-K partials whose
   sum over S is x @ ws[i].astype(x.dtype) (scales are the caller's to apply, after the sum). For a
-  consumer kernel that sums them itself (`add_norm`, `decode_attention_append`): no XLA kernel runs
-  between the projection and it."""
+  consumer kernel that sums them itself (`add_stats`, `decode_attention_append`): no XLA kernel runs
+  between the projection and it.
+
+  norm = (stats [2, M, C], gamma [K], beta [K] or None, kind, eps) or None: x is first normalised, as
+  `ftjax.pallas.add_norm.norm_from_stats(x, stats, gamma, beta, kind=kind, eps=eps)` would (stats from
+  `add_stats`), tile by tile inside the kernel: the norm costs no kernel launch of its own."""
   ws, _ = _normalize(ws, None)
   _check(x, ws, [None] * len(ws))
   assert config is None or isinstance(config, SmallLinearConfig), (
       f"config must be a SmallLinearConfig or None, got {type(config).__name__}")
-  return _small_linear_parts(x, tuple(ws), config=config or SmallLinearConfig(), interpret=bool(interpret))
+  norm_args, kind, eps = (), None, None
+  if norm is not None:
+    stats, gamma, beta, kind, eps = norm
+    M, K = x.shape
+    assert kind in ("layernorm", "rmsnorm"), f"norm kind={kind!r} is not 'layernorm' or 'rmsnorm'"
+    assert stats.ndim == 3 and stats.shape[:2] == (2, M), f"stats must be [2, M={M}, C], got {stats.shape}"
+    assert gamma.shape == (K,) and (beta is None or beta.shape == (K,)), (
+        f"gamma / beta must be [K]=[{K}], got {gamma.shape} / {None if beta is None else beta.shape}")
+    assert beta is None or kind == "layernorm", "beta is a LayerNorm parameter"
+    norm_args = (stats, gamma) + (() if beta is None else (beta,))
+    eps = float(eps)
+  return _small_linear_parts(x, tuple(ws), norm_args, config=config or SmallLinearConfig(),
+                             interpret=bool(interpret), kind=kind, eps=eps)
 
 
 def small_linear_reference(x, ws, scales=None):

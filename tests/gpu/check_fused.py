@@ -48,6 +48,23 @@ def kernels():
         e = max(err(got[0], ref[0]), err(got[1], ref[1]))
         report(f"add_norm M={M} D={D} S={S} {kind}", e < 0.05, f"max err {e:.3g}")
 
+    from ftjax.pallas.add_norm import add_stats, norm_from_stats
+    from ftjax.pallas.small_linear import small_linear_parts, small_linear_reference
+    for M, D, S, N in [(1, 2048, 16, 6144), (2, 1024, 8, 4096), (5, 1600, 3, 500)]:
+        x = jnp.asarray(rng.randn(M, D), jnp.bfloat16)
+        parts = jnp.asarray(rng.randn(S, M, D), jnp.float32)
+        pb = jnp.asarray(rng.randn(D), jnp.bfloat16)
+        g = jnp.asarray(rng.rand(D) + 0.5, jnp.bfloat16)
+        b = jnp.asarray(rng.randn(D), jnp.bfloat16)
+        w = jnp.asarray(rng.randn(D, N) / np.sqrt(D), jnp.bfloat16)
+        xn, st = add_stats(x, parts, None, pb, interpret=ip)
+        rx, rh = add_norm_reference(x, parts, None, pb, gamma=g, beta=b)
+        got = small_linear_parts(xn, [w], norm=(st, g, b, "layernorm", 1e-5), interpret=ip)[0].sum(0)
+        ref = small_linear_reference(rh, [w])[0]
+        e1, e2 = err(xn, rx), err(got, ref)
+        report(f"add_stats + normalising projection M={M} D={D} S={S} N={N}", e1 < 0.05 and e2 < 0.05,
+               f"x_new err {e1:.3g}, projection err {e2:.3g}; stats {st.shape}")
+
     for S, b, n, kh, s, h, splits in [(4, 1, 16, 16, 512, 64, None), (8, 2, 16, 16, 640, 128, None),
                                       (2, 4, 32, 8, 256, 128, None), (1, 3, 8, 1, 128, 64, 4)]:
         from ftjax.pallas.decode_attention import DecodeConfig
@@ -97,27 +114,32 @@ def models():
                                       norm="rmsnorm", position="rotary", attn_bias=False, mlp_bias=False,
                                       tie_embeddings=False, bos_id=0, eos_id=1),
     }
-    for name, cfg in shapes.items():
-        for int8 in (False, True):
-            params = gpt.init_params(cfg, seed=1)
-            if int8:
-                params = Q.quantize_params(params, cfg)
-            prompts = [list(r) for r in np.random.RandomState(2).randint(2, 1000, size=(3, 40))]
-            res = {}
-            for mode in ("off", "on", "fused"):
-                llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=4, max_seq_len=256)
-                llm.engine.small_m = mode != "off"
-                llm.engine.fuse_decode = mode == "fused"
-                res[mode] = llm.generate(prompts, max_new_tokens=24, end_id=None, return_log_probs=True)
-            # bf16: accept a divergence only after a few tokens (near-ties), compare log probs up to it
-            for ref in ("on", "off"):
-                a, b = res["fused"], res[ref]
-                agree = [next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
-                         for ta, tb in zip(a.tokens, b.tokens)]
-                lp = max(err(np.asarray(la)[:n], np.asarray(lb)[:n]) if n else 0.0
-                         for la, lb, n in zip(a.output_log_probs, b.output_log_probs, agree))
-                report(f"{name} int8={int8} fused vs {ref}", min(agree) >= 8 and lp < 0.1,
-                       f"tokens agree for {agree} of 24, max log-prob diff {lp:.3g}")
+    # float32: the paths must agree token for token; bfloat16: roundings differ between the paths, so a
+    # near-tie may flip a token (reported), and the log probs of the common prefix must stay close
+    for dtype in ("float32", "bfloat16"):
+        for name, cfg in shapes.items():
+            for int8 in (False, True):
+                params = gpt.init_params(cfg, seed=1)
+                if int8:
+                    params = Q.quantize_params(params, cfg)
+                prompts = [list(r) for r in np.random.RandomState(2).randint(2, 1000, size=(3, 40))]
+                res = {}
+                for mode in ("off", "on", "fused"):
+                    llm = ftjax.LLM(cfg, params, dtype=dtype, max_batch_size=4, max_seq_len=256)
+                    llm.engine.small_m = mode != "off"
+                    llm.engine.fuse_decode = mode == "fused"
+                    res[mode] = llm.generate(prompts, max_new_tokens=24, end_id=None, return_log_probs=True)
+                for a_, b_ in (("fused", "on"), ("fused", "off"), ("on", "off")):
+                    a, b = res[a_], res[b_]
+                    agree = [next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
+                             for ta, tb in zip(a.tokens, b.tokens)]
+                    lp = max(err(np.asarray(la)[:n], np.asarray(lb)[:n]) if n else 0.0
+                             for la, lb, n in zip(a.output_log_probs, b.output_log_probs, agree))
+                    # XLA's float32 dots ("off") run in TF32 on the GPU: only fused vs on is held to exact
+                    strict = dtype == "float32" and b_ == "on"
+                    ok = (min(agree) == 24 and lp < 2e-3) if strict else lp < 0.1
+                    report(f"{dtype} {name} int8={int8} {a_} vs {b_}", ok,
+                           f"tokens agree for {agree} of 24, max log-prob diff {lp:.3g}")
 
 
 def main():
