@@ -37,6 +37,11 @@ def main():
     ap.add_argument("--save-trace", default=None, help="trace the host too (XLA runtime and Python) and copy the "
                     "Perfetto JSON (.json.gz) here; read it with bench/host_trace.py")
     ap.add_argument("--steps-mode", default=None, choices=[None, "pieces", "exact"])
+    ap.add_argument("--fuse", default=None, choices=[None, "off", "stats", "stats2", "norm"],
+                    help="the decode step's fused path (Engine.fuse_decode; off: the small-M projections "
+                    "reduced by XLA); default: the engine's")
+    ap.add_argument("--append-config", default=None, help="block_k,min_blocks_per_split of the fused path's "
+                    "attention kernel (ftjax.pallas.decode_attention.APPEND_CONFIG)")
     a = ap.parse_args()
 
     import jax
@@ -56,6 +61,12 @@ def main():
                     attention=a.attention)
     if a.steps_mode:
         llm.engine.steps_mode = a.steps_mode
+    if a.fuse:
+        llm.engine.fuse_decode = False if a.fuse == "off" else a.fuse
+    if a.append_config:
+        from ftjax.pallas import decode_attention as DA
+        bk, mb = (int(v) for v in a.append_config.split(","))
+        DA.APPEND_CONFIG = DA.DecodeConfig(block_k=bk, min_blocks_per_split=mb)
     rng = np.random.RandomState(0)
     prompts = [rng.randint(2, min(50000, cfg.vocab_size), size=a.prompt).tolist() for _ in range(a.batch)]
     llm.generate(prompts, max_new_tokens=a.steps, end_id=None)        # compile

@@ -1,7 +1,9 @@
 """The decode step's projections through the Pallas small-M kernel (interpreted on CPU) against the same
 engine on XLA's dots: same tokens and log probs, for a GPT-2-like and a LLaMA-like model (GQA, SwiGLU,
 untied head), float32 and INT8 weight-only; the kernel is really in the compiled step (one launch for
-q/k/v, one for gate/up)."""
+q/k/v, one for gate/up). With the kernel on, the step takes the fused path by default (split-K partials
+summed by the add + statistics kernel, the normalising projection and the attention kernel that writes
+the new K/V); its other norm placements and the unfused path are checked too."""
 from __future__ import annotations
 
 import re
@@ -22,9 +24,10 @@ SHAPES = {
 }
 
 
-def _llm(cfg, params, small_m):
+def _llm(cfg, params, small_m, fuse=True):
     llm = ftjax.LLM(cfg, params, dtype="float32", attention="pallas", max_batch_size=3, max_seq_len=48)
     llm.engine.small_m = small_m
+    llm.engine.fuse_decode = fuse
     return llm
 
 
@@ -47,13 +50,35 @@ def test_decode_with_small_m_kernel_matches_xla(family, int8):
                                np.asarray(res[False].output_log_probs, np.float32), atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fuse", ["norm", "stats2", False])
+def test_fused_decode_variants_match_xla(fuse):
+    """The fused decode path's other norm placements (one add+norm kernel; statistics + normalise kernel)
+    and the unfused small-M path give XLA's tokens and log probs (the default, "stats", is tested above)."""
+    seed = np.random.randint(1 << 30)
+    cfg = ModelConfig(vocab_size=300, max_positions=64, hidden=64, num_layers=2, num_heads=4, ffn_dim=96,
+                      bos_id=0, eos_id=1)
+    params = gpt.init_params(cfg, seed=seed % 1000)
+    prompts = [list(r) for r in np.random.RandomState(seed % 997).randint(2, 300, size=(3, 7))]
+    ref = _llm(cfg, params, False).generate(prompts, max_new_tokens=5, end_id=None, return_log_probs=True)
+    got = _llm(cfg, params, True, fuse).generate(prompts, max_new_tokens=5, end_id=None, return_log_probs=True)
+    assert got.tokens == ref.tokens, f"seed {seed}"
+    np.testing.assert_allclose(np.asarray(got.output_log_probs, np.float32),
+                               np.asarray(ref.output_log_probs, np.float32), atol=2e-4, rtol=1e-4)
+
+
 def test_kernel_is_in_the_decode_step_once_per_projection_group():
     cfg = ModelConfig(vocab_size=300, max_positions=64, hidden=64, num_layers=2, num_heads=4, ffn_dim=96,
                       bos_id=0, eos_id=1, **SHAPES["llama"])
     eng = _llm(cfg, gpt.init_params(cfg), True).engine
     txt = str(jax.make_jaxpr(lambda s: eng._generate_fn(eng.params, s, 0, rem=1, chunked=False, beam=False,
                                                         sampled=False))(eng.init_state()))
-    # per layer: q/k/v (one launch), o, gate/up (one launch), down; then the untied head
+    # fused (the default): per layer q/k/v (one launch), o, gate/up (one launch), down as unreduced partials;
+    # then the untied head, reduced
+    assert len(re.findall(r"name=_small_linear_parts\b", txt)) == 4 * cfg.num_layers
+    assert len(re.findall(r"name=_small_linear\b", txt)) == 1
+    eng = _llm(cfg, gpt.init_params(cfg), True, fuse=False).engine
+    txt = str(jax.make_jaxpr(lambda s: eng._generate_fn(eng.params, s, 0, rem=1, chunked=False, beam=False,
+                                                        sampled=False))(eng.init_state()))
     assert len(re.findall(r"name=_small_linear\b", txt)) == 4 * cfg.num_layers + 1
     # off: XLA's dots only
     eng2 = _llm(cfg, gpt.init_params(cfg), False).engine

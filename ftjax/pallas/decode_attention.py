@@ -419,6 +419,12 @@ def _kernel_append(pos_ref, *refs, S, g, hp, has_mult, has_bias, qk_scale, block
   _write(o_outs, o, m, l, num_splits=num_splits)
 
 
+# The append kernel's default: it runs in the batch-1..16 decode step, where b * k programs are few (16
+# at GPT 1.3B, batch 1) and each would otherwise walk its whole past alone: 64-key blocks, one per split
+# if need be, so that a long context spreads over ~target_programs programs.
+APPEND_CONFIG = DecodeConfig(block_k=64, min_blocks_per_split=1)
+
+
 def append_supported(head_dim: int, capacity: int) -> bool:
   """Whether `decode_attention_append` takes these shapes (else: XLA scatter + decode_attention)."""
   return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and capacity % 16 == 0
@@ -464,7 +470,7 @@ def decode_attention_append(q, k, v, k_cache, v_cache, positions, mults=None, bi
   -> (out [b, n, h] in the cache dtype, k_cache, v_cache) with the new K/V at `positions`.
   """
   _check_append(q, k, v, k_cache, v_cache, positions, mults, biases)
-  config = config or DecodeConfig()
+  config = config or APPEND_CONFIG
   S, b, n, h = q.shape
   _, kh, s, _ = k_cache.shape
   g = n // kh
