@@ -87,7 +87,7 @@ def main():
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--small-m", default="auto", help="comma list of auto/off/on/fused: the Pallas small-M projections "
                     "(on: reduced by XLA; fused: partials handed to the add+norm and attention kernels; or a fuse "
-                    "mode of ftjax.layers.linear.small_m_kernel: stats, stats_loop, norm)")
+                    "mode of ftjax.layers.linear.small_m_kernel: stats, norm, stats2)")
     ap.add_argument("--modes", default="exact", help="engine step-count modes to time short calls in")
     ap.add_argument("--variants", nargs="*", default=["default="], help="name=XLA_FLAGS")
     ap.add_argument("--child", action="store_true")

@@ -41,10 +41,10 @@ def small_m_kernel(enabled: bool = True, *, interpret: bool = False, fuse: bool 
     the model may also take the fused decode path (`fused_decode_mode`): split-K partials handed
     straight to the next kernel (residual add + norm, attention with the K/V write) instead of being
     reduced by XLA. fuse: True / "stats" (the next projection normalises its input from row statistics),
-    "stats_loop" (the same, statistics read inside its K loop), "norm" (a residual add + norm kernel),
-    "stats2" (residual add + statistics, then a normalise kernel)."""
+    "norm" (a residual add + norm kernel), "stats2" (residual add + statistics, then a normalise kernel);
+    bench/RESULTS.md has the A/B that made "stats" the default."""
     fuse = "stats" if fuse is True else fuse
-    assert fuse in (False, None, "stats", "stats_loop", "norm", "stats2"), f"small_m_kernel: fuse={fuse!r}"
+    assert fuse in (False, None, "stats", "norm", "stats2"), f"small_m_kernel: fuse={fuse!r}"
     token = _SMALL_M.set({"interpret": interpret, "fuse": fuse} if enabled else None)
     try:
         yield
@@ -101,9 +101,7 @@ def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[tuple[j
     lead = x.shape[: x.ndim - n_in]
     flats = [_flat(w, n_in) for w in ws]
     x2 = x.reshape(math.prod(lead), -1)
-    from ftjax.pallas.small_linear import SmallLinearConfig
-    config = SmallLinearConfig(norm_in_loop=mode.get("fuse") == "stats_loop")
-    parts = small_linear_parts(x2, [f[0] for f in flats], norm=norm, config=config, interpret=mode["interpret"])
+    parts = small_linear_parts(x2, [f[0] for f in flats], norm=norm, interpret=mode["interpret"])
     out = []
     for p, (_, scale, shape) in zip(parts, flats):
         out.append((p.reshape(p.shape[0], *lead, *shape), None if scale is None else scale.reshape(shape)))

@@ -59,7 +59,7 @@ class Block(nn.Module):
         stream with the previous block's output projection not yet added; returns this block's.
         norm: how each norm runs (ftjax/pallas/add_norm.py): "stats" (`add_stats`; the consuming projection
         normalises its input tiles), "norm" (one `add_norm` kernel), "stats2" (`add_stats` + `normalise`)."""
-        method = {"stats": "add_stats", "stats_loop": "add_stats", "norm": "add", "stats2": "add_normalise"}[norm]
+        method = {"stats": "add_stats", "norm": "add", "stats2": "add_normalise"}[norm]
         add = lambda n, *a: getattr(n, method)(*a, interpret=interpret)  # noqa: E731
         x, h1 = add(self.ln1, *pending)
         o_pend, k_cache, v_cache = self.attn.decode_fused(h1, positions, k_cache, v_cache, interpret=interpret)

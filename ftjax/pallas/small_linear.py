@@ -94,8 +94,6 @@ class SmallLinearConfig:
   min_tile_bytes: auto tiles never shrink below this many bytes of W.
   max_partial_fraction: auto splits keep the float32 partials written (splits * M * N * 4
     bytes) below this fraction of the weight bytes (or below 2 MB, which stays in L2).
-  norm_in_loop: with `norm`, read the row statistics inside the K loop (every step, from L1/L2)
-    instead of once before it, so no dependent load precedes the first weight loads.
   """
   block_n: int | None = None
   block_k: int | None = None
@@ -108,7 +106,6 @@ class SmallLinearConfig:
   tile_bytes: int = 16384
   min_tile_bytes: int = 8192
   max_partial_fraction: float = 0.25
-  norm_in_loop: bool = False
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
@@ -230,8 +227,7 @@ def _check(x, ws, scales):
 
 
 def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int,
-            num_splits: int, per_split: int, n_kblocks: int, precision, norm=None,
-            norm_in_loop: bool = False):
+            num_splits: int, per_split: int, n_kblocks: int, precision, norm=None):
   """x_ref [M, K]; refs = (*w_refs [K, N_i], [stats, gamma, (beta)], *out_refs [num_splits, M, N_i]),
   all whole arrays.
 
@@ -275,20 +271,16 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       t = C.load(st_ref.at[zero + i, pl.ds(row0, ROWS), pl.ds(zero, cp)], mask=smask, other=0)
       return jnp.sum(t, axis=1)
 
-    def row_stats():                                                      # (mean or None, rstd) [16]
-      s2 = row_sum(1) / K
-      if kind == "layernorm":
-        mean = row_sum(0) / K
-        return mean, jax.lax.rsqrt(jnp.maximum(s2 - mean * mean, 0.0) + eps)
-      return None, jax.lax.rsqrt(s2 + eps)
-
-    if not norm_in_loop:
-      stats_once = row_stats()
+    s2 = row_sum(1) / K
+    if kind == "layernorm":
+      mean = row_sum(0) / K
+      rstd = jax.lax.rsqrt(jnp.maximum(s2 - mean * mean, 0.0) + eps)
+    else:
+      mean, rstd = None, jax.lax.rsqrt(s2 + eps)
 
   def normalise(xb, k0, kmask):                                           # [16, bk] -> [16, bk] cdtype
     if norm is None:
       return xb
-    mean, rstd = row_stats() if norm_in_loop else stats_once
     gv = g_ref.at[pl.ds(k0, block_k)]
     g = (gv[...] if kmask is None else C.load(gv, mask=kmask, other=0)).astype(jnp.float32)
     xf = xb.astype(jnp.float32)
@@ -359,8 +351,7 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None):
 
   kernel = functools.partial(
       _kernel, Ns=Ns, firsts=firsts, K=K, M=M, block_n=bn, block_k=bk, num_splits=splits,
-      per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype), norm=norm,
-      norm_in_loop=cfg.norm_in_loop)
+      per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype), norm=norm)
   # Whole-array blocks (index 0): the kernel indexes x, W and the outputs itself (pl.ds + masks),
   # so nothing is padded or copied around the call.
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda j, s: (0,) * len(shape))  # noqa: E731
