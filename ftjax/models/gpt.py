@@ -6,6 +6,14 @@ Params (flax "params" collection):
   final_norm; lm_head/kernel [d, v] (+ lm_head/bias [v], GPT-J) when the output embedding is untied.
   A block with `shared_layernorm` (GPT-J) has no ln2.
 The K/V cache is a list (one entry per layer) of {"k", "v"} arrays [b, k, s, h] owned by the caller.
+
+Decode has two paths with the same results. The plain one runs each module as written. The fused one
+(`GPT._fused_mode`: the Pallas small-M projections on with fusion, <= 16 rows, Pallas attention, a
+sequential residual, a power-of-two head_dim) keeps every projection's split-K partials unreduced and
+hands them to the next kernel: the residual stream travels between blocks as `pending` = (x, partials,
+int8 scale, bias), added by the next norm's kernel (ftjax/pallas/add_norm.py), and q/k/v go straight to
+the attention kernel that writes the new K/V (`decode_attention_append`). Parallel-residual blocks
+(GPT-J, NeoX) take the plain path.
 """
 from __future__ import annotations
 

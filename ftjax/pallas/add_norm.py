@@ -82,7 +82,7 @@ def _kernel(x_ref, *refs, D: int, S: int, kind: str, eps: float, has_scale: bool
   C.store(h_ref.at[pl.ds(row, 1), pl.ds(zero, Dp)], y.astype(h_ref.dtype), mask=mask)
 
 
-def _check(x, parts, pscale, pbias, gamma, beta, kind):
+def _check(x, parts, pscale, pbias, gamma, beta, kind, *, needs_gamma=True):
   assert hasattr(x, "shape") and x.ndim == 2, f"x must be [M, D], got shape {getattr(x, 'shape', None)}"
   M, D = x.shape
   assert 1 <= M <= MAX_ROWS, f"x has M={M} rows; add_norm supports 1..{MAX_ROWS} (x.shape={x.shape})"
@@ -96,7 +96,7 @@ def _check(x, parts, pscale, pbias, gamma, beta, kind):
   for name, v in (("pscale", pscale), ("pbias", pbias), ("gamma", gamma), ("beta", beta)):
     if v is not None:
       assert v.shape == (D,), f"{name} must be [D]=[{D}], got shape {v.shape}"
-  assert gamma is not None, "gamma (the norm's scale) is required"
+  assert gamma is not None or not needs_gamma, "gamma (the norm's scale) is required"
   assert beta is None or kind == "layernorm", "beta is a LayerNorm parameter (kind='rmsnorm' has none)"
 
 
@@ -206,7 +206,7 @@ def stats_chunk(D: int) -> int:
 def add_stats(x, parts=None, pscale=None, pbias=None, *, interpret=False):
   """-> (x_new [M, D] x.dtype, stats [2, M, C] float32): x_new as `add_norm`'s, stats[0 / 1][m, c] the sum
   / sum of squares of row m's chunk c of x_new (as rounded), C = cdiv(D, stats_chunk(D))."""
-  _check(x, parts, pscale, pbias, jnp.zeros(x.shape[1:]), None, "rmsnorm")
+  _check(x, parts, pscale, pbias, None, None, "rmsnorm", needs_gamma=False)
   M, D = x.shape
   S = 0 if parts is None else int(parts.shape[0])
   chunk = stats_chunk(D)

@@ -48,7 +48,7 @@ def kernels():
         e = max(err(got[0], ref[0]), err(got[1], ref[1]))
         report(f"add_norm M={M} D={D} S={S} {kind}", e < 0.05, f"max err {e:.3g}")
 
-    from ftjax.pallas.add_norm import add_stats, norm_from_stats
+    from ftjax.pallas.add_norm import add_stats
     from ftjax.pallas.small_linear import small_linear_parts, small_linear_reference
     for M, D, S, N in [(1, 2048, 16, 6144), (2, 1024, 8, 4096), (5, 1600, 3, 500)]:
         x = jnp.asarray(rng.randn(M, D), jnp.bfloat16)
