@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
-from ftjax.layers.linear import Linear, fused_linears, linear_parts
+from ftjax.layers.linear import Linear, fused_linears, linear_parts, reduce_parts
 from ftjax.layers.position import apply_rotary
 from ftjax.pallas import ops
 
@@ -70,14 +70,8 @@ class Attention(nn.Module):
         parts = linear_parts(x, [p["kernel"] for p in ps])
         biases = tuple(p["bias"] for p in ps) if c.attn_bias else None
         if c.position == "rotary":
-            fin = []
-            for (part, scale), p in zip(parts, ps):
-                y = jnp.sum(part, axis=0)
-                if scale is not None:
-                    y = y * scale.astype(jnp.float32)
-                if c.attn_bias:
-                    y = y + p["bias"].astype(jnp.float32)
-                fin.append(y.astype(self.dtype))
+            fin = [reduce_parts(part, scale, p["bias"] if c.attn_bias else None).astype(self.dtype)
+                   for (part, scale), p in zip(parts, ps)]
             q = apply_rotary(fin[0], positions, c)
             k = apply_rotary(fin[1], positions, c)
             srcs, mults, biases = (q[None], k[None], fin[2][None]), None, None

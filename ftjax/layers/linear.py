@@ -108,6 +108,14 @@ def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[tuple[j
     return out
 
 
+def reduce_parts(part: jax.Array, scale: Any, bias: Any = None) -> jax.Array:
+    """The float32 projection from `linear_parts`' (parts, scale), plus bias: sum(parts, 0) * scale + bias."""
+    y = jnp.sum(part, axis=0)
+    if scale is not None:
+        y = y * scale.astype(jnp.float32)
+    return y if bias is None else y + bias.astype(jnp.float32)
+
+
 def _flat(w, n_in):
     """-> (2-D weight [K, N] (int8 values for a QuantizedWeight), scale [N] or None, out shape)."""
     if isinstance(w, QuantizedWeight):

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftjax.layers.linear import Linear, fused_linears, linear_parts
+from ftjax.layers.linear import Linear, fused_linears, linear_parts, reduce_parts
 
 
 def activation(name: str, x):
@@ -51,14 +51,8 @@ class MLP(nn.Module):
         projections' partials are reduced here with bias and activation (one XLA fusion)."""
         mods = [self.wi, self.wg] if self.gated else [self.wi]
         ps = [m.variables["params"] for m in mods]
-        ys = []
-        for (part, scale), p in zip(linear_parts(x, [p["kernel"] for p in ps]), ps):
-            y = jnp.sum(part, axis=0)
-            if scale is not None:
-                y = y * scale.astype(jnp.float32)
-            if self.use_bias:
-                y = y + p["bias"].astype(jnp.float32)
-            ys.append(y.astype(self.dtype).astype(jnp.float32))
+        ys = [reduce_parts(part, scale, p["bias"] if self.use_bias else None).astype(self.dtype).astype(jnp.float32)
+              for (part, scale), p in zip(linear_parts(x, [p["kernel"] for p in ps]), ps)]
         h = activation(self.act, ys[1]) * ys[0] if self.gated else activation(self.act, ys[0])
         po = self.wo.variables["params"]
         (part, scale), = linear_parts(h.astype(self.dtype), [po["kernel"]])

@@ -34,6 +34,47 @@ KINDS = ("layernorm", "rmsnorm")
 MAX_ROWS = 16
 
 
+def _loader(start, width: int, mask):
+  """vec(ref, *lead) -> float32 [..., width]: ref's last axis at [start, start + width) after the
+  indices `lead` (a 1-D ref takes none); `mask` [1, width] or None (loads past it read 0)."""
+  def vec(ref, *lead):
+    r = ref.at[(*lead, pl.ds(start, width))] if lead else ref.at[pl.ds(start, width)]
+    m = None if mask is None else (mask if lead else mask[0])
+    return C.load(r, mask=m, other=0).astype(jnp.float32)
+  return vec
+
+
+def _residual_sum(vec, x_ref, parts_ref, ps_ref, pb_ref, *, row, zero, S: int):
+  """[1, width] float32: x + (sum_s parts[s]) * pscale + pbias of one row's slice (`vec` of `_loader`)."""
+  x = vec(x_ref, pl.ds(row, 1))
+  if S:
+    acc = vec(parts_ref, zero, pl.ds(row, 1))
+    for s in range(1, S):                                                 # static: all loads in flight
+      acc = acc + vec(parts_ref, zero + s, pl.ds(row, 1))
+    if ps_ref is not None:
+      acc = acc * vec(ps_ref)[None, :]
+    if pb_ref is not None:
+      acc = acc + vec(pb_ref)[None, :]
+    x = x + acc
+  return x
+
+
+def mean_rstd(s1, s2, D: int, kind: str, eps: float):
+  """(mean or None, 1 / std) of rows from their float32 sum s1 and sum of squares s2 over D features,
+  as `ftjax.layers.norms.Norm` computes them (variance E[x^2] - mean^2, clamped at 0; RMSNorm: no mean,
+  s1 unused)."""
+  if kind == "layernorm":
+    mean = s1 / D
+    return mean, jax.lax.rsqrt(jnp.maximum(s2 / D - mean * mean, 0.0) + eps)
+  return None, jax.lax.rsqrt(s2 / D + eps)
+
+
+def scale_shift(xf, mean, rstd, g, b):
+  """(xf - mean) * rstd * g (+ b); mean None for RMSNorm, b None without a bias."""
+  y = (xf if mean is None else xf - mean) * rstd * g
+  return y if b is None else y + b
+
+
 def _kernel(x_ref, *refs, D: int, S: int, kind: str, eps: float, has_scale: bool, has_bias: bool,
             has_beta: bool):
   it = iter(refs)
@@ -48,37 +89,16 @@ def _kernel(x_ref, *refs, D: int, S: int, kind: str, eps: float, has_scale: bool
   # Traced zeros, not literals, as starts and indices: a [Dp] slice overruns a [D] ref on purpose
   # (masked), which a static start could be bounds-checked against (see small_linear.py).
   zero = row * 0
-  cols = jnp.arange(Dp)
-  mask = (cols < D)[None, :] if Dp != D else None                        # [1, Dp]
-
-  def vec(ref, *lead):
-    r = ref.at[(*lead, pl.ds(zero, Dp))] if lead else ref.at[pl.ds(zero, Dp)]
-    v = C.load(r, mask=None if mask is None else (mask if lead else mask[0]), other=0)
-    return v.astype(jnp.float32)
-
+  mask = (jnp.arange(Dp) < D)[None, :] if Dp != D else None              # [1, Dp]
+  vec = _loader(zero, Dp, mask)
   # [1, Dp] views: a row of a 2-D ref through a size-1 slice keeps every load/store 2-D
-  x = vec(x_ref, pl.ds(row, 1))                                           # [1, Dp]
-  if S:
-    acc = vec(parts_ref, zero, pl.ds(row, 1))
-    for s in range(1, S):                                                 # static: all loads in flight
-      acc = acc + vec(parts_ref, zero + s, pl.ds(row, 1))
-    if has_scale:
-      acc = acc * vec(ps_ref)[None, :]
-    if has_bias:
-      acc = acc + vec(pb_ref)[None, :]
-    x = x + acc
+  x = _residual_sum(vec, x_ref, parts_ref, ps_ref, pb_ref, row=row, zero=zero, S=S)
   xr = x.astype(xo_ref.dtype)
   C.store(xo_ref.at[pl.ds(row, 1), pl.ds(zero, Dp)], xr, mask=mask)
   xf = xr.astype(jnp.float32)
-  if kind == "layernorm":
-    mean = jnp.sum(xf, axis=1, keepdims=True) / D
-    var = jnp.maximum(jnp.sum(xf * xf, axis=1, keepdims=True) / D - mean * mean, 0.0)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps) * vec(g_ref)[None, :]
-    if has_beta:
-      y = y + vec(b_ref)[None, :]
-  else:
-    var = jnp.sum(xf * xf, axis=1, keepdims=True) / D
-    y = xf * jax.lax.rsqrt(var + eps) * vec(g_ref)[None, :]
+  mean, rstd = mean_rstd(jnp.sum(xf, axis=1, keepdims=True), jnp.sum(xf * xf, axis=1, keepdims=True), D,
+                         kind, eps)
+  y = scale_shift(xf, mean, rstd, vec(g_ref)[None, :], vec(b_ref)[None, :] if has_beta else None)
   C.store(h_ref.at[pl.ds(row, 1), pl.ds(zero, Dp)], y.astype(h_ref.dtype), mask=mask)
 
 
@@ -172,22 +192,8 @@ def _stats_kernel(x_ref, *refs, D: int, S: int, chunk: int, has_scale: bool, has
   c0 = c * chunk
   cmask = (c0 + jnp.arange(chunk)) < D
   mask = None if D % chunk == 0 else cmask[None, :]                       # [1, chunk]
-
-  def vec(ref, *lead):
-    r = ref.at[(*lead, pl.ds(c0, chunk))] if lead else ref.at[pl.ds(c0, chunk)]
-    m = None if mask is None else (mask if lead else mask[0])
-    return C.load(r, mask=m, other=0).astype(jnp.float32)
-
-  x = vec(x_ref, pl.ds(row, 1))                                           # [1, chunk]
-  if S:
-    acc = vec(parts_ref, zero, pl.ds(row, 1))
-    for s in range(1, S):
-      acc = acc + vec(parts_ref, zero + s, pl.ds(row, 1))
-    if has_scale:
-      acc = acc * vec(ps_ref)[None, :]
-    if has_bias:
-      acc = acc + vec(pb_ref)[None, :]
-    x = x + acc
+  vec = _loader(c0, chunk, mask)
+  x = _residual_sum(vec, x_ref, parts_ref, ps_ref, pb_ref, row=row, zero=zero, S=S)   # [1, chunk]
   xr = x.astype(xo_ref.dtype)
   C.store(xo_ref.at[pl.ds(row, 1), pl.ds(c0, chunk)], xr, mask=mask)
   xf = jnp.where(cmask[None, :], xr.astype(jnp.float32), 0.0)
@@ -230,17 +236,10 @@ def add_stats(x, parts=None, pscale=None, pbias=None, *, interpret=False):
 def norm_from_stats(x, stats, gamma, beta=None, *, kind="layernorm", eps=1e-5):
   """Plain jnp: norm(x) in x.dtype from `add_stats`' statistics (what a consumer kernel computes per tile)."""
   D = x.shape[-1]
-  s1 = jnp.sum(stats[0], axis=-1, keepdims=True)
-  s2 = jnp.sum(stats[1], axis=-1, keepdims=True)
-  xf = x.astype(jnp.float32)
-  if kind == "layernorm":
-    mean = s1 / D
-    var = jnp.maximum(s2 / D - mean * mean, 0.0)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps) * gamma.astype(jnp.float32)
-    if beta is not None:
-      y = y + beta.astype(jnp.float32)
-  else:
-    y = xf * jax.lax.rsqrt(s2 / D + eps) * gamma.astype(jnp.float32)
+  mean, rstd = mean_rstd(jnp.sum(stats[0], axis=-1, keepdims=True), jnp.sum(stats[1], axis=-1, keepdims=True),
+                         D, kind, eps)
+  y = scale_shift(x.astype(jnp.float32), mean, rstd, gamma.astype(jnp.float32),
+                   None if beta is None else beta.astype(jnp.float32))
   return y.astype(x.dtype)
 
 
@@ -255,23 +254,11 @@ def _normalise_kernel(x_ref, st_ref, g_ref, *refs, D: int, n_chunks: int, chunk:
   s1 = jnp.sum(C.load(st_ref.at[zero, pl.ds(row, 1), pl.ds(zero, cp)], mask=smask, other=0), axis=1)   # [1]
   s2 = jnp.sum(C.load(st_ref.at[zero + 1, pl.ds(row, 1), pl.ds(zero, cp)], mask=smask, other=0), axis=1)
   c0 = c * chunk
-  cmask = (c0 + jnp.arange(chunk)) < D
-  mask = None if D % chunk == 0 else cmask[None, :]
-
-  def vec(ref, *lead):
-    r = ref.at[(*lead, pl.ds(c0, chunk))] if lead else ref.at[pl.ds(c0, chunk)]
-    m = None if mask is None else (mask if lead else mask[0])
-    return C.load(r, mask=m, other=0).astype(jnp.float32)
-
-  xf = vec(x_ref, pl.ds(row, 1))                                          # [1, chunk]
-  if kind == "layernorm":
-    mean = s1 / D
-    rstd = jax.lax.rsqrt(jnp.maximum(s2 / D - mean * mean, 0.0) + eps)
-    y = (xf - mean[:, None]) * rstd[:, None] * vec(g_ref)[None, :]
-    if has_beta:
-      y = y + vec(b_ref)[None, :]
-  else:
-    y = xf * jax.lax.rsqrt(s2 / D + eps)[:, None] * vec(g_ref)[None, :]
+  mask = None if D % chunk == 0 else ((c0 + jnp.arange(chunk)) < D)[None, :]
+  vec = _loader(c0, chunk, mask)
+  mean, rstd = mean_rstd(s1[:, None], s2[:, None], D, kind, eps)          # [1, 1]
+  y = scale_shift(vec(x_ref, pl.ds(row, 1)), mean, rstd, vec(g_ref)[None, :],
+                   vec(b_ref)[None, :] if has_beta else None)
   C.store(h_ref.at[pl.ds(row, 1), pl.ds(c0, chunk)], y.astype(h_ref.dtype), mask=mask)
 
 

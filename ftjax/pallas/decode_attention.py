@@ -186,6 +186,35 @@ def _kernel_dot(len_ref, q_ref, k_ref, v_ref, *out_refs, qk_scale: float, block_
   _write(out_refs, o, m, l, num_splits=num_splits)
 
 
+def _out_specs(b: int, kh: int, rows: tuple, hp: int, num_splits: int, dtype):
+  """(out_shape, out_specs) of a decode kernel's attention output, per (row, kv head, split):
+  one split: the normalised output [b, k, (gp,) hp] in dtype; several: the float32 partials
+  (o [b, k, p, (gp,) hp], m and l [b, k, p, (gp)]) that `_merge_splits` combines."""
+  if num_splits == 1:
+    return (jax.ShapeDtypeStruct((b, kh, *rows, hp), dtype),
+            pl.BlockSpec((None, None, *rows, hp), lambda i, j, p: (i, j) + (0,) * (len(rows) + 1)))
+  z = (0,) * len(rows)
+  return ((jax.ShapeDtypeStruct((b, kh, num_splits, *rows, hp), jnp.float32),
+           jax.ShapeDtypeStruct((b, kh, num_splits, *rows), jnp.float32),
+           jax.ShapeDtypeStruct((b, kh, num_splits, *rows), jnp.float32)),
+          (pl.BlockSpec((None, None, None, *rows, hp), lambda i, j, p: (i, j, p, *z, 0)),
+           pl.BlockSpec((None, None, None, *rows), lambda i, j, p: (i, j, p, *z)),
+           pl.BlockSpec((None, None, None, *rows), lambda i, j, p: (i, j, p, *z))))
+
+
+def _merge_splits(out, num_splits: int, dtype):
+  """The kernel's attention output -> [b, k, (gp,) hp] in dtype (splits merged by their softmax
+  statistics: a small XLA reduction)."""
+  if num_splits == 1:
+    return out
+  o_part, m_part, l_part = out          # [b, k, p, (gp,) hp], [b, k, p, (gp)]
+  m_max = jnp.max(m_part, axis=2, keepdims=True)
+  w = jnp.exp2(m_part - m_max)          # empty splits: m = MASK_VALUE -> weight 0
+  l_tot = jnp.sum(l_part * w, axis=2)
+  o = jnp.sum(o_part * w[..., None], axis=2) / jnp.maximum(l_tot, 1e-30)[..., None]
+  return o.astype(dtype)
+
+
 def _check(q, k_cache, v_cache, lengths):
   assert q.ndim == 3, f"q must be [b, n, h], got shape {q.shape}"
   assert k_cache.ndim == 4, f"k_cache must be [b, k, s, h], got shape {k_cache.shape}"
@@ -248,17 +277,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, config=None, i
                                num_splits=num_splits, precision=precision)
     rows = (gp,)
 
-  if num_splits == 1:
-    out_shape = jax.ShapeDtypeStruct((b, kh, *rows, hp), q.dtype)
-    out_specs = pl.BlockSpec((None, None, *rows, hp), lambda i, j, p: (i, j) + (0,) * (len(rows) + 1))
-  else:
-    z = (0,) * len(rows)
-    out_shape = (jax.ShapeDtypeStruct((b, kh, num_splits, *rows, hp), jnp.float32),
-                 jax.ShapeDtypeStruct((b, kh, num_splits, *rows), jnp.float32),
-                 jax.ShapeDtypeStruct((b, kh, num_splits, *rows), jnp.float32))
-    out_specs = (pl.BlockSpec((None, None, None, *rows, hp), lambda i, j, p: (i, j, p, *z, 0)),
-                 pl.BlockSpec((None, None, None, *rows), lambda i, j, p: (i, j, p, *z)),
-                 pl.BlockSpec((None, None, None, *rows), lambda i, j, p: (i, j, p, *z)))
+  out_shape, out_specs = _out_specs(b, kh, rows, hp, num_splits, q.dtype)
 
   out = pl.pallas_call(
       kernel,
@@ -271,15 +290,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, config=None, i
       name="ftjax_decode_attention",
   )(lengths, qx, k_cache, v_cache)
 
-  if num_splits == 1:
-    o = out
-  else:
-    o_part, m_part, l_part = out          # [b, k, p, (gp,) hp], [b, k, p, (gp)]
-    m_max = jnp.max(m_part, axis=2, keepdims=True)
-    w = jnp.exp2(m_part - m_max)          # empty splits: m = MASK_VALUE -> weight 0
-    l_tot = jnp.sum(l_part * w, axis=2)
-    o = jnp.sum(o_part * w[..., None], axis=2) / jnp.maximum(l_tot, 1e-30)[..., None]
-    o = o.astype(q.dtype)
+  o = _merge_splits(out, num_splits, q.dtype)
   if not use_dot:
     return o[..., :h].reshape(b, n, h)
   return o[:, :, :g, :h].reshape(b, n, h)
@@ -493,17 +504,8 @@ def decode_attention_append(q, k, v, k_cache, v_cache, positions, mults=None, bi
   kv_spec = pl.BlockSpec((None, None, s, h), lambda i, j, p: (i, j, 0, 0))
   pos_spec = pl.BlockSpec((None,), lambda i, j, p: (i,))
   rows = () if g == 1 else (max(16, pl.next_power_of_2(g)),)
-  if num_splits == 1:
-    o_shape = [jax.ShapeDtypeStruct((b, kh, *rows, h), k_cache.dtype)]
-    o_specs = [pl.BlockSpec((None, None, *rows, h), lambda i, j, p: (i, j) + (0,) * (len(rows) + 1))]
-  else:
-    z = (0,) * len(rows)
-    o_shape = [jax.ShapeDtypeStruct((b, kh, num_splits, *rows, h), jnp.float32),
-               jax.ShapeDtypeStruct((b, kh, num_splits, *rows), jnp.float32),
-               jax.ShapeDtypeStruct((b, kh, num_splits, *rows), jnp.float32)]
-    o_specs = [pl.BlockSpec((None, None, None, *rows, h), lambda i, j, p: (i, j, p, *z, 0)),
-               pl.BlockSpec((None, None, None, *rows), lambda i, j, p: (i, j, p, *z)),
-               pl.BlockSpec((None, None, None, *rows), lambda i, j, p: (i, j, p, *z))]
+  o_shape, o_specs = _out_specs(b, kh, rows, h, num_splits, k_cache.dtype)
+  o_shape, o_specs = ([o_shape], [o_specs]) if num_splits == 1 else (list(o_shape), list(o_specs))
   n_src = len(srcs)
   kernel = functools.partial(
       _kernel_append, S=S, g=g, hp=h, has_mult=mults is not None, has_bias=biases is not None,
@@ -521,15 +523,7 @@ def decode_attention_append(q, k, v, k_cache, v_cache, positions, mults=None, bi
       name="ftjax_decode_attention_append",
   )(positions, *srcs, k_cache, v_cache)
   k_cache, v_cache = outs[-2:]
-  if num_splits == 1:
-    o = outs[0]
-  else:
-    o_part, m_part, l_part = outs[:3]
-    m_max = jnp.max(m_part, axis=2, keepdims=True)
-    w = jnp.exp2(m_part - m_max)
-    l_tot = jnp.sum(l_part * w, axis=2)
-    o = jnp.sum(o_part * w[..., None], axis=2) / jnp.maximum(l_tot, 1e-30)[..., None]
-    o = o.astype(k_cache.dtype)
+  o = _merge_splits(outs[0] if num_splits == 1 else outs[:3], num_splits, k_cache.dtype)
   if g > 1:
     o = o[:, :, :g]
   return o.reshape(b, n, h), k_cache, v_cache

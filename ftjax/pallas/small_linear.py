@@ -60,6 +60,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ftjax.pallas import _common as C
+from ftjax.pallas.add_norm import scale_shift, mean_rstd
 
 ROWS = 16                                    # rows of an x tile (masked past M): the smallest dot tile
 MAX_WEIGHTS = 3
@@ -271,26 +272,19 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       t = C.load(st_ref.at[zero + i, pl.ds(row0, ROWS), pl.ds(zero, cp)], mask=smask, other=0)
       return jnp.sum(t, axis=1)
 
-    s2 = row_sum(1) / K
-    if kind == "layernorm":
-      mean = row_sum(0) / K
-      rstd = jax.lax.rsqrt(jnp.maximum(s2 - mean * mean, 0.0) + eps)
-    else:
-      mean, rstd = None, jax.lax.rsqrt(s2 + eps)
+    mean, rstd = mean_rstd(row_sum(0) if kind == "layernorm" else None, row_sum(1), K, kind, eps)
+    mean = None if mean is None else mean[:, None]                        # [16, 1]
+    rstd = rstd[:, None]
 
   def normalise(xb, k0, kmask):                                           # [16, bk] -> [16, bk] cdtype
     if norm is None:
       return xb
-    gv = g_ref.at[pl.ds(k0, block_k)]
-    g = (gv[...] if kmask is None else C.load(gv, mask=kmask, other=0)).astype(jnp.float32)
-    xf = xb.astype(jnp.float32)
-    if mean is not None:
-      xf = xf - mean[:, None]
-    y = xf * rstd[:, None] * g[None, :]
-    if b_ref is not None:
-      bv = b_ref.at[pl.ds(k0, block_k)]
-      y = y + (bv[...] if kmask is None else C.load(bv, mask=kmask, other=0)).astype(jnp.float32)[None, :]
-    return y.astype(cdtype)
+    def tile(ref):                                                        # [1, bk] float32 of a [K] ref
+      v = ref.at[pl.ds(k0, block_k)]
+      return (v[...] if kmask is None else C.load(v, mask=kmask, other=0)).astype(jnp.float32)[None, :]
+
+    b = None if b_ref is None else tile(b_ref)
+    return scale_shift(xb.astype(jnp.float32), mean, rstd, tile(g_ref), b).astype(cdtype)
 
   def run(w_ref, o_ref, N: int, first: int):
     n0 = (pid - first) * block_n

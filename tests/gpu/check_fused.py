@@ -13,13 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-FAILS = []
-
-
-def report(name, ok, detail=""):
-    print(f"{'PASS' if ok else 'FAIL'} {name} {detail}", flush=True)
-    if not ok:
-        FAILS.append(name)
+from check_model import FAILS, report  # noqa: E402  (this directory: the GPU checks' shared PASS/FAIL log)
 
 
 def err(a, b):
