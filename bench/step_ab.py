@@ -33,10 +33,15 @@ def child(a):
     from ftjax import quantize as Q
     from ftjax.config import ModelConfig
 
+    from ftjax.pallas import small_linear as SL
+
+    sls = [parse_sl(v) for v in a.sl]
     for model in a.models.split(","):
         cfg = ModelConfig(**{**MODELS, **SMOKE_MODELS}[model])
         base = random_params(cfg)
-        for wq, sm in [(w, m) for w in a.weights.split(",") for m in a.small_m.split(",")]:
+        for wq, sm, (sl_name, sl_cfg) in [(w, m, c) for w in a.weights.split(",") for m in a.small_m.split(",")
+                                          for c in sls]:
+            SL.DEFAULT_CONFIG = sl_cfg
             params = base if wq == "bf16" else Q.quantize_params(base, cfg, scale_dtype=jax.numpy.bfloat16)
             S = min(512, cfg.max_positions)
             P = min(128, S // 4)
@@ -68,7 +73,7 @@ def child(a):
                 return statistics.median(ts[1:]) * 1e3
 
             row = {"variant": a.name, "model": model, "weights": wq, "small_m": (str(eng.fuse_decode) if eng.fuse_decode else "on") if eng.small_m else "off", "batch": a.batch,
-                   "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+                   "sl": sl_name, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
             t64, t16 = timed(64), timed(16)
             row["step_ms"] = round((t64 - t16) / 48, 4)
             for mode in [m for m in a.modes.split(",") if m]:
@@ -77,6 +82,23 @@ def child(a):
                     row[f"{mode}_{n}_ms"] = round(timed(n), 3)
             print("ROW " + json.dumps(row), flush=True)
             llm = eng = params = None
+
+
+def parse_sl(v: str):
+    """'name=field:value;field:value' -> (name, SmallLinearConfig) (values int, float or str)."""
+    from ftjax.pallas.small_linear import SmallLinearConfig
+
+    name, _, spec = v.partition("=")
+    kw = {}
+    for item in [i for i in spec.split(";") if i]:
+        k, _, val = item.partition(":")
+        for conv in (int, float, str):
+            try:
+                kw[k] = conv(val)
+                break
+            except ValueError:
+                pass
+    return name, SmallLinearConfig(**kw)
 
 
 def main():
@@ -90,6 +112,9 @@ def main():
                     "mode of ftjax.layers.linear.small_m_kernel: stats, norm, stats2)")
     ap.add_argument("--modes", default="exact", help="engine step-count modes to time short calls in")
     ap.add_argument("--variants", nargs="*", default=["default="], help="name=XLA_FLAGS")
+    ap.add_argument("--sl", nargs="*", default=["default="],
+                    help="small-M kernel configs, each 'name=field:value;field:value' (SmallLinearConfig fields, "
+                         "e.g. 'asm=dequant:asm' 'bn128=block_n:128;block_k:64'), A/B in one process")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--name", default="default")
     ap.add_argument("--json", default=None)
@@ -102,7 +127,7 @@ def main():
         env = dict(os.environ)
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
         cmd = [sys.executable, __file__, "--child", "--name", name, "--models", a.models, "--weights", a.weights,
-               "--batch", str(a.batch), "--attention", a.attention, "--modes", a.modes, "--small-m", a.small_m]
+               "--batch", str(a.batch), "--attention", a.attention, "--modes", a.modes, "--small-m", a.small_m, "--sl", *a.sl]
         got = []
         with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
             for line in p.stdout:          # rows as they come (a run cut by a timeout keeps what it has)
@@ -118,9 +143,9 @@ def main():
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     keys = [k for k in (rows[0] if rows else {}) if k.endswith("_ms")]
-    print("| variant | model | weights | small_m | batch | " + " | ".join(keys) + " |")
+    print("| variant | model | weights | small_m | sl | batch | " + " | ".join(keys) + " |")
     for r in rows:
-        print(f"| {r['variant']} | {r['model']} | {r['weights']} | {r['small_m']} | {r['batch']} | "
+        print(f"| {r['variant']} | {r['model']} | {r['weights']} | {r['small_m']} | {r.get('sl', '')} | {r['batch']} | "
               + " | ".join(str(r.get(k, "")) for k in keys) + " |")
 
 

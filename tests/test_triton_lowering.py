@@ -65,6 +65,29 @@ def test_add_stats_and_normalising_projection_lower(M, D, S):
     assert txt.count(TRITON) == 1
 
 
+@pytest.mark.parametrize("dequant", ["cvt", "bits", "asm"])
+@pytest.mark.parametrize("xdt", [jnp.bfloat16, jnp.float16])
+def test_int8_dequant_variants_lower(dequant, xdt):
+    from ftjax.pallas.small_linear import SmallLinearConfig
+    cfg = SmallLinearConfig(dequant=dequant)
+    txt = lower_cuda(lambda x, w, s: small_linear(x, [w], [s], config=cfg), sds((2, 1000), xdt),
+                     sds((1000, 384), jnp.int8), sds((384,), jnp.float32))
+    assert txt.count(TRITON) == 1
+    if dequant == "asm":
+        assert "prmt.b32" in txt      # the PTX went into the kernel
+
+
+@pytest.mark.parametrize("kind,beta", [("layernorm", True), ("rmsnorm", False)])
+def test_late_norm_projection_lowers(kind, beta):
+    from ftjax.pallas.small_linear import SmallLinearConfig
+    cfg = SmallLinearConfig(norm_at="end")
+    D = 2048
+    txt = lower_cuda(lambda x, w, st, g, b: small_linear_parts(x, [w], norm=(st, g, b, kind, 1e-5), config=cfg),
+                     sds((2, D)), sds((D, 512), jnp.int8), sds((2, 2, 16), jnp.float32), sds((D,)),
+                     sds((D,)) if beta else None)
+    assert txt.count(TRITON) == 1
+
+
 def test_projection_and_attention_kernels_lower():
     x = sds((2, 1000))
     ws = [sds((1000, 384)), sds((1000, 96), jnp.int8)]

@@ -63,6 +63,8 @@ from ftjax.pallas import _common as C
 from ftjax.pallas.add_norm import scale_shift, mean_rstd
 
 ROWS = 16                                    # rows of an x tile (masked past M): the smallest dot tile
+DEQUANTS = ("auto", "cvt", "bits", "asm")
+NORM_AT = ("auto", "tile", "end")
 MAX_WEIGHTS = 3
 WEIGHT_DTYPES = C.SUPPORTED_DTYPES + (jnp.dtype(jnp.int8),)
 SMEM_BUDGET = 192 * 1024                     # H100: 227 KB of shared memory per block, with margin
@@ -95,6 +97,15 @@ class SmallLinearConfig:
   min_tile_bytes: auto tiles never shrink below this many bytes of W.
   max_partial_fraction: auto splits keep the float32 partials written (splits * M * N * 4
     bytes) below this fraction of the weight bytes (or below 2 MB, which stays in L2).
+  dequant: how an int8 weight tile becomes x.dtype (all exact): "cvt" (a plain cast: Triton emits a
+    conversion instruction per element), "bits" (exponent trick in jnp integer/float ops: the byte
+    is placed in the mantissa of 2^23 and 2^23 + 128 subtracted), "asm" (the same trick in inline
+    PTX, four bytes a time with `prmt`; GPU only), "auto" (see `resolve_dequant`).
+  norm_at: where `small_linear_parts(norm=...)` applies the norm: "tile" (each x tile is normalised
+    before its product: the loop waits for the row statistics), "end" (the products use x * gamma,
+    plus a gamma row and a beta row in the spare rows of the 16-row tile; the statistics are applied
+    to the accumulator after the loop, so the first weight loads do not wait for them; needs M + 2
+    <= 16 rows, else "tile"), "auto" (see `resolve_norm_at`).
   """
   block_n: int | None = None
   block_k: int | None = None
@@ -107,6 +118,8 @@ class SmallLinearConfig:
   tile_bytes: int = 16384
   min_tile_bytes: int = 8192
   max_partial_fraction: float = 0.25
+  dequant: str = "auto"
+  norm_at: str = "auto"
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
@@ -129,10 +142,18 @@ class SmallLinearConfig:
         "must be >= 1")
     assert self.max_partial_fraction > 0, (
         f"SmallLinearConfig.max_partial_fraction={self.max_partial_fraction} must be > 0")
+    assert self.dequant in DEQUANTS, (
+        f"SmallLinearConfig.dequant={self.dequant!r} must be one of {DEQUANTS}")
+    assert self.norm_at in NORM_AT, f"SmallLinearConfig.norm_at={self.norm_at!r} must be one of {NORM_AT}"
 
   @property
   def resolved(self) -> bool:
     return None not in (self.block_n, self.block_k, self.num_splits)
+
+
+# The config of calls that pass none (the model's projections); benchmarks swap it for A/Bs
+# (bench/step_ab.py --sl) before an engine traces its step.
+DEFAULT_CONFIG = SmallLinearConfig()
 
 
 def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = None
@@ -144,7 +165,7 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
   kept (num_splits clamped to the K-blocks, num_stages to the shared memory); None fields are
   chosen as described in the module docstring.
   """
-  config = config or SmallLinearConfig()
+  config = config or DEFAULT_CONFIG
   Ns = tuple(int(n) for n in Ns)
   assert Ns and all(n >= 1 for n in Ns), f"Ns={Ns} must be >= 1 each"
   assert K >= 1, f"K={K} must be >= 1"
@@ -227,15 +248,86 @@ def _check(x, ws, scales):
     assert jnp.issubdtype(s.dtype, jnp.floating), f"scales[{i}].dtype={s.dtype} must be float"
 
 
+# int8 -> bf16 / f16, exact, four bytes at a time (pack=4: $2 holds elements 0..3 in bytes 0..3; each
+# output register holds two 16-bit results, element 2i in its low half). The sign bit is flipped
+# (u = v + 128); bf16: each byte goes into the low mantissa byte of 2^23 (0x4B0000uu), 2^23 + 128 is
+# subtracted (exact: the float is the integer v), and the float's upper half is the bf16 (exact: |v|
+# <= 128 has at most 8 significant bits); f16: 0x64uu is 1024 + u, minus 1152 in f16x2.
+_ASM_S8_BF16 = """{
+.reg .b32 t, f0, f1, f2, f3, hi;
+xor.b32 t, $2, 0x80808080;
+mov.b32 hi, 0x4B000000;
+prmt.b32 f0, t, hi, 0x7540;
+prmt.b32 f1, t, hi, 0x7541;
+prmt.b32 f2, t, hi, 0x7542;
+prmt.b32 f3, t, hi, 0x7543;
+sub.f32 f0, f0, 0f4B000080;
+sub.f32 f1, f1, 0f4B000080;
+sub.f32 f2, f2, 0f4B000080;
+sub.f32 f3, f3, 0f4B000080;
+prmt.b32 $0, f0, f1, 0x7632;
+prmt.b32 $1, f2, f3, 0x7632;
+}"""
+_ASM_S8_F16 = """{
+.reg .b32 t, hi, off;
+xor.b32 t, $2, 0x80808080;
+mov.b32 hi, 0x64646464;
+mov.b32 off, 0x64806480;
+prmt.b32 $0, t, hi, 0x5140;
+prmt.b32 $1, t, hi, 0x7362;
+sub.f16x2 $0, $0, off;
+sub.f16x2 $1, $1, off;
+}"""
+
+
+def resolve_dequant(how: str, cdtype, interpret: bool) -> str:
+  """The int8 conversion a kernel runs: "auto" -> "asm" on the GPU, "cvt" when interpreted; "asm"
+  (GPU-only PTX) interpreted -> "bits", its jnp twin; x float32 -> "cvt"."""
+  if jnp.dtype(cdtype) == jnp.float32:
+    return "cvt"
+  if how == "auto":
+    how = "cvt" if interpret else AUTO_DEQUANT
+  return "bits" if how == "asm" and interpret else how
+
+
+AUTO_DEQUANT = "cvt"
+
+
+def dequant_int8(wb, cdtype, how: str):
+  """int8 tile -> cdtype (bf16 / f16 / f32), exactly; `how` one of "cvt", "bits", "asm" (see
+  SmallLinearConfig.dequant)."""
+  cdtype = jnp.dtype(cdtype)
+  if how == "cvt" or cdtype == jnp.float32:
+    return wb.astype(cdtype)
+  if how == "asm":
+    from jax.experimental.pallas import triton as pltriton
+    asm = _ASM_S8_BF16 if cdtype == jnp.bfloat16 else _ASM_S8_F16
+    [out] = pltriton.elementwise_inline_asm(
+        asm, args=[wb], constraints="=r,=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(wb.shape, cdtype)])
+    return out
+  assert how == "bits", f"dequant={how!r}"
+  u = jax.lax.bitcast_convert_type(wb, jnp.uint8)
+  if cdtype == jnp.bfloat16:
+    f = jax.lax.bitcast_convert_type((u.astype(jnp.uint32) ^ 0x80) | 0x4B000000, jnp.float32)
+    return (f - 8388736.0).astype(cdtype)
+  h = jax.lax.bitcast_convert_type((u.astype(jnp.uint16) ^ 0x80) | 0x6400, jnp.float16)
+  return (h - jnp.float16(1152.0)).astype(cdtype)
+
+
 def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int,
-            num_splits: int, per_split: int, n_kblocks: int, precision, norm=None):
+            num_splits: int, per_split: int, n_kblocks: int, precision, norm=None,
+            dequant: str = "cvt"):
   """x_ref [M, K]; refs = (*w_refs [K, N_i], [stats, gamma, (beta)], *out_refs [num_splits, M, N_i]),
   all whole arrays.
 
   Program (j, s) computes column block j (of the weight that owns j) over K-split s and
   stores rows < M, columns < N_i of the [16, block_n] float32 result into out_i[s].
-  norm = (kind, eps, n_chunks, has_beta) or None: x is normalised tile by tile first (see
-  `small_linear_parts`), from the row statistics in stats [2, M, n_chunks].
+  norm = (kind, eps, n_chunks, has_beta, at) or None: x is normalised (see `small_linear_parts`) from
+  the row statistics in stats [2, M, n_chunks]: at "tile", each x tile before its product; at "end",
+  the products use x * gamma with a gamma row (LayerNorm) and a beta row in the spare tile rows, and the
+  statistics are applied to the accumulator: rstd * (acc - mean * acc[gamma row]) + acc[beta row].
+  dequant: how an int8 W tile is converted (`dequant_int8`).
   """
   n_w = len(Ns)
   w_refs, refs = refs[:n_w], refs[n_w:]
@@ -260,8 +352,10 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
   # ref on purpose (masked), which a static start could be bounds-checked against.
   row0 = zero
   rmask = None if M == ROWS else (jnp.arange(ROWS) < M)[:, None]          # [16, 1]
+  late = False
   if norm is not None:
-    kind, eps, n_chunks, has_beta = norm
+    kind, eps, n_chunks, has_beta, at = norm
+    late = at == "end"
     st_ref, g_ref = norm_refs[:2]
     b_ref = norm_refs[2] if has_beta else None
     cp = max(16, pl.next_power_of_2(n_chunks))
@@ -272,9 +366,18 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       t = C.load(st_ref.at[zero + i, pl.ds(row0, ROWS), pl.ds(zero, cp)], mask=smask, other=0)
       return jnp.sum(t, axis=1)
 
-    mean, rstd = mean_rstd(row_sum(0) if kind == "layernorm" else None, row_sum(1), K, kind, eps)
-    mean = None if mean is None else mean[:, None]                        # [16, 1]
-    rstd = rstd[:, None]
+    # Loaded here, used after the loop when late: the loads are in flight while the weights stream.
+    sums = (row_sum(0) if kind == "layernorm" else None, row_sum(1))
+
+    def stats():                                                          # ([16, 1] or None, [16, 1])
+      mean, rstd = mean_rstd(*sums, K, kind, eps)
+      return None if mean is None else mean[:, None], rstd[:, None]
+
+    if not late:
+      mean, rstd = stats()
+    rows = jnp.arange(ROWS)[:, None]
+    g_row = M if kind == "layernorm" else None                            # acc row of gamma @ W
+    b_row = (M + (g_row is not None)) if has_beta else None               # acc row of beta @ W
 
   def normalise(xb, k0, kmask):                                           # [16, bk] -> [16, bk] cdtype
     if norm is None:
@@ -284,7 +387,24 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       return (v[...] if kmask is None else C.load(v, mask=kmask, other=0)).astype(jnp.float32)[None, :]
 
     b = None if b_ref is None else tile(b_ref)
-    return scale_shift(xb.astype(jnp.float32), mean, rstd, tile(g_ref), b).astype(cdtype)
+    g = tile(g_ref)
+    if not late:
+      return scale_shift(xb.astype(jnp.float32), mean, rstd, g, b).astype(cdtype)
+    xg = xb.astype(jnp.float32) * g                                       # rows >= M: 0 * g
+    if g_row is not None:
+      xg = jnp.where(rows == g_row, g, xg)
+    if b_row is not None:
+      xg = jnp.where(rows == b_row, b, xg)
+    return xg.astype(cdtype)
+
+  def finish(acc):                                                        # the late norm's epilogue
+    if not late:
+      return acc
+    mean, rstd = stats()
+    pick = lambda r: jnp.sum(jnp.where(rows == r, acc, 0.0), axis=0, keepdims=True)  # noqa: E731
+    y = acc if mean is None else acc - mean * pick(g_row)
+    y = y * rstd
+    return y if b_row is None else y + pick(b_row)
 
   def run(w_ref, o_ref, N: int, first: int):
     n0 = (pid - first) * block_n
@@ -302,9 +422,10 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       wm = _and(None if kmask is None else kmask[:, None], nmask)
       ws = w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)]
       wb = ws[...] if wm is None else C.load(ws, mask=wm, other=0)       # [bk, bn]
-      return acc + C.dot(xb, wb.astype(cdtype), precision=precision)
+      wb = dequant_int8(wb, cdtype, dequant) if wb.dtype == jnp.int8 else wb.astype(cdtype)
+      return acc + C.dot(xb, wb, precision=precision)
 
-    acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((ROWS, block_n), jnp.float32))
+    acc = finish(jax.lax.fori_loop(lo, hi, body, jnp.zeros((ROWS, block_n), jnp.float32)))
     dst = o_ref.at[split, pl.ds(row0, ROWS), pl.ds(n0, block_n)]
     om = _and(rmask, nmask)
     if om is None:
@@ -325,6 +446,17 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
     pl.when(cond)(functools.partial(run, w_refs[i], o_refs[i], Ns[i], firsts[i]))
 
 
+AUTO_NORM_AT = "tile"
+
+
+def resolve_norm_at(at: str, M: int, kind: str, has_beta: bool) -> str:
+  """Where the normalising projection applies its norm: "auto" -> AUTO_NORM_AT; "end" needs spare
+  tile rows (a gamma row for LayerNorm, a beta row with a beta): without them it is "tile"."""
+  at = AUTO_NORM_AT if at == "auto" else at
+  extra = (kind == "layernorm") + bool(has_beta)
+  return "tile" if at == "end" and M + extra > ROWS else at
+
+
 def _and(a, b):
   if a is None:
     return b
@@ -343,9 +475,13 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None):
   nbs = [pl.cdiv(n, bn) for n in Ns]
   firsts = tuple(int(sum(nbs[:i])) for i in range(len(ws)))
 
+  if norm is not None:
+    kind, eps, n_chunks, has_beta = norm
+    norm = (kind, eps, n_chunks, has_beta, resolve_norm_at(cfg.norm_at, M, kind, has_beta))
   kernel = functools.partial(
       _kernel, Ns=Ns, firsts=firsts, K=K, M=M, block_n=bn, block_k=bk, num_splits=splits,
-      per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype), norm=norm)
+      per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype), norm=norm,
+      dequant=resolve_dequant(cfg.dequant, x.dtype, interpret))
   # Whole-array blocks (index 0): the kernel indexes x, W and the outputs itself (pl.ds + masks),
   # so nothing is padded or copied around the call.
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda j, s: (0,) * len(shape))  # noqa: E731
@@ -396,7 +532,7 @@ def small_linear(x, ws, scales=None, *, config: SmallLinearConfig | None = None,
   _check(x, ws, scales)
   assert config is None or isinstance(config, SmallLinearConfig), (
       f"config must be a SmallLinearConfig or None, got {type(config).__name__}")
-  return _small_linear(x, tuple(ws), tuple(scales), config=config or SmallLinearConfig(),
+  return _small_linear(x, tuple(ws), tuple(scales), config=config or DEFAULT_CONFIG,
                        interpret=bool(interpret))
 
 
@@ -424,7 +560,7 @@ def small_linear_parts(x, ws, *, norm=None, config: SmallLinearConfig | None = N
     assert beta is None or kind == "layernorm", "beta is a LayerNorm parameter"
     norm_args = (stats, gamma) + (() if beta is None else (beta,))
     eps = float(eps)
-  return _small_linear_parts(x, tuple(ws), norm_args, config=config or SmallLinearConfig(),
+  return _small_linear_parts(x, tuple(ws), norm_args, config=config or DEFAULT_CONFIG,
                              interpret=bool(interpret), kind=kind, eps=eps)
 
 
