@@ -33,9 +33,10 @@ XLA fuses that with whatever elementwise epilogue the caller applies (bias, acti
 into one small kernel; with one split the partial is the result (a free reshape).
 
 Auto configuration (`choose_config`): the W tile starts at about `tile_bytes` (16 KB: block_n
-= 128 bytes of a row for 1- and 2-byte weights, 64 columns for float32; block_k the rest) and
-shrinks (block_k first, down to 32, then block_n, down to 32, never below `min_tile_bytes`,
-8 KB) while the weights have fewer than `target_programs * min_blocks_per_split` tiles; then
+= 256 bytes of a row, 128 for int8; block_k the rest) and, for int8 and float32 weights, shrinks
+(block_k first, down to 32, then block_n, down to 32, never below `min_tile_bytes`, 8 KB) while
+the weights have fewer than `target_programs * min_blocks_per_split` tiles; bf16 / f16 tiles do
+not shrink (measured slower); then
 num_splits = ceil(target_programs / column blocks over all weights), capped so that each split
 keeps >= `min_blocks_per_split` K-blocks, at `max_splits`, and so that the float32 partials
 (num_splits * M * sum N_i * 4 bytes) stay below `max_partial_fraction` of the weight bytes (or
@@ -63,7 +64,7 @@ from ftjax.pallas import _common as C
 from ftjax.pallas.add_norm import scale_shift, mean_rstd
 
 ROWS = 16                                    # rows of an x tile (masked past M): the smallest dot tile
-DEQUANTS = ("auto", "cvt", "bits", "asm")
+DEQUANTS = ("auto", "cvt", "bits", "asm", "f16")
 NORM_AT = ("auto", "tile", "end")
 MAX_WEIGHTS = 3
 WEIGHT_DTYPES = C.SUPPORTED_DTYPES + (jnp.dtype(jnp.int8),)
@@ -94,7 +95,10 @@ class SmallLinearConfig:
   min_blocks_per_split: auto splits keep at least this many K-blocks per program.
   max_splits: auto splits never exceed this.
   tile_bytes: auto tiles start at about this many bytes of W per loop step.
-  min_tile_bytes: auto tiles never shrink below this many bytes of W.
+  min_tile_bytes: auto tiles never shrink below this many bytes of W; None = tile_bytes for 2-byte
+    weights (no shrinking: smaller bf16 tiles measured slower), 8 KB otherwise.
+  row_bytes: auto block_n spans this many bytes of a weight row; None = 256 (128 for int8): 256-byte
+    rows measured 7-8% faster decode steps than 128-byte ones for bf16 (bench/RESULTS.md), int8 the same.
   max_partial_fraction: auto splits keep the float32 partials written (splits * M * N * 4
     bytes) below this fraction of the weight bytes (or below 2 MB, which stays in L2).
   dequant: how an int8 weight tile becomes x.dtype (all exact): "cvt" (a plain cast: Triton emits a
@@ -106,6 +110,10 @@ class SmallLinearConfig:
     plus a gamma row and a beta row in the spare rows of the 16-row tile; the statistics are applied
     to the accumulator after the loop, so the first weight loads do not wait for them; needs M + 2
     <= 16 rows, else "tile"), "auto" (see `resolve_norm_at`).
+  gemv: with M == 1, multiply-add on the CUDA cores instead of the 16-row tensor-core product: the
+    W tile becomes float32 (int8 per `dequant`: "bits"/"asm" by the exponent trick), is multiplied by
+    the x column and accumulated as a [block_k, block_n] float32 tile, reduced over k once at the end
+    (num_warps is raised so that the accumulator fits the registers).
   """
   block_n: int | None = None
   block_k: int | None = None
@@ -116,10 +124,12 @@ class SmallLinearConfig:
   min_blocks_per_split: int = 2
   max_splits: int = 32
   tile_bytes: int = 16384
-  min_tile_bytes: int = 8192
+  min_tile_bytes: int | None = None
+  row_bytes: int | None = None
   max_partial_fraction: float = 0.25
   dequant: str = "auto"
   norm_at: str = "auto"
+  gemv: bool = False
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
@@ -137,9 +147,9 @@ class SmallLinearConfig:
     assert self.min_blocks_per_split >= 1, (
         f"SmallLinearConfig.min_blocks_per_split={self.min_blocks_per_split} must be >= 1")
     assert self.max_splits >= 1, f"SmallLinearConfig.max_splits={self.max_splits} must be >= 1"
-    assert self.tile_bytes >= 1 and self.min_tile_bytes >= 1, (
-        f"SmallLinearConfig.tile_bytes={self.tile_bytes} / min_tile_bytes={self.min_tile_bytes} "
-        "must be >= 1")
+    assert self.tile_bytes >= 1 and (self.min_tile_bytes or 1) >= 1 and (self.row_bytes or 16) >= 16, (
+        f"SmallLinearConfig.tile_bytes={self.tile_bytes} / min_tile_bytes={self.min_tile_bytes} / "
+        f"row_bytes={self.row_bytes}: must be >= 1 (row_bytes >= 16)")
     assert self.max_partial_fraction > 0, (
         f"SmallLinearConfig.max_partial_fraction={self.max_partial_fraction} must be > 0")
     assert self.dequant in DEQUANTS, (
@@ -173,8 +183,10 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
   max_bn = max(16, pl.next_power_of_2(max(Ns)))
   max_bk = max(16, pl.next_power_of_2(K))
 
-  bn = config.block_n or min(max_bn, max(16, 128 // itemsize if itemsize <= 2 else 64))
+  row_bytes = config.row_bytes or (128 if itemsize == 1 else 256)
+  bn = config.block_n or min(max_bn, max(16, row_bytes // itemsize))
   bk = config.block_k or min(max_bk, max(16, min(256, _floor_pow2(config.tile_bytes / (bn * itemsize)))))
+  min_tile = config.min_tile_bytes or (config.tile_bytes if itemsize == 2 else 8192)
 
   def n_blocks(bn_):
     return sum(pl.cdiv(n, bn_) for n in Ns)
@@ -182,9 +194,9 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
   # Small weights: shrink the tile until there are enough tiles to spread over the GPU.
   want_tiles = config.target_programs * config.min_blocks_per_split
   while n_blocks(bn) * pl.cdiv(K, bk) < want_tiles:
-    if config.block_k is None and bk > 32 and (bk // 2) * bn * itemsize >= config.min_tile_bytes:
+    if config.block_k is None and bk > 32 and (bk // 2) * bn * itemsize >= min_tile:
       bk //= 2
-    elif config.block_n is None and bn > 32 and bk * (bn // 2) * itemsize >= config.min_tile_bytes:
+    elif config.block_n is None and bn > 32 and bk * (bn // 2) * itemsize >= min_tile:
       bn //= 2
     else:
       break
@@ -283,8 +295,6 @@ sub.f16x2 $1, $1, off;
 def resolve_dequant(how: str, cdtype, interpret: bool) -> str:
   """The int8 conversion a kernel runs: "auto" -> "asm" on the GPU, "cvt" when interpreted; "asm"
   (GPU-only PTX) interpreted -> "bits", its jnp twin; x float32 -> "cvt"."""
-  if jnp.dtype(cdtype) == jnp.float32:
-    return "cvt"
   if how == "auto":
     how = "cvt" if interpret else AUTO_DEQUANT
   return "bits" if how == "asm" and interpret else how
@@ -297,8 +307,12 @@ def dequant_int8(wb, cdtype, how: str):
   """int8 tile -> cdtype (bf16 / f16 / f32), exactly; `how` one of "cvt", "bits", "asm" (see
   SmallLinearConfig.dequant)."""
   cdtype = jnp.dtype(cdtype)
-  if how == "cvt" or cdtype == jnp.float32:
+  if how == "cvt":
     return wb.astype(cdtype)
+  if cdtype == jnp.float32:
+    u = jax.lax.bitcast_convert_type(wb, jnp.uint8)
+    f = jax.lax.bitcast_convert_type((u.astype(jnp.uint32) ^ 0x80) | 0x4B000000, jnp.float32)
+    return f - 8388736.0
   if how == "asm":
     from jax.experimental.pallas import triton as pltriton
     asm = _ASM_S8_BF16 if cdtype == jnp.bfloat16 else _ASM_S8_F16
@@ -317,7 +331,7 @@ def dequant_int8(wb, cdtype, how: str):
 
 def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int,
             num_splits: int, per_split: int, n_kblocks: int, precision, norm=None,
-            dequant: str = "cvt"):
+            dequant: str = "cvt", gemv: bool = False, interpret: bool = False):
   """x_ref [M, K]; refs = (*w_refs [K, N_i], [stats, gamma, (beta)], *out_refs [num_splits, M, N_i]),
   all whole arrays.
 
@@ -328,6 +342,7 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
   the products use x * gamma with a gamma row (LayerNorm) and a beta row in the spare tile rows, and the
   statistics are applied to the accumulator: rstd * (acc - mean * acc[gamma row]) + acc[beta row].
   dequant: how an int8 W tile is converted (`dequant_int8`).
+  gemv: M == 1 on the CUDA cores (see SmallLinearConfig.gemv): x is read as one row, not a 16-row tile.
   """
   n_w = len(Ns)
   w_refs, refs = refs[:n_w], refs[n_w:]
@@ -351,7 +366,8 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
   # (zeros, no memory traffic). The row start is a traced zero: the slice overruns the [M, K]
   # ref on purpose (masked), which a static start could be bounds-checked against.
   row0 = zero
-  rmask = None if M == ROWS else (jnp.arange(ROWS) < M)[:, None]          # [16, 1]
+  R = 1 if gemv else ROWS                                                 # rows of the x tile
+  rmask = None if M == R else (jnp.arange(R) < M)[:, None]                # [R, 1]
   late = False
   if norm is not None:
     kind, eps, n_chunks, has_beta, at = norm
@@ -363,7 +379,7 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
     smask = smask if rmask is None else smask & rmask
 
     def row_sum(i):                                                       # [16] sums over the chunks
-      t = C.load(st_ref.at[zero + i, pl.ds(row0, ROWS), pl.ds(zero, cp)], mask=smask, other=0)
+      t = C.load(st_ref.at[zero + i, pl.ds(row0, R), pl.ds(zero, cp)], mask=smask, other=0)
       return jnp.sum(t, axis=1)
 
     # Loaded here, used after the loop when late: the loads are in flight while the weights stream.
@@ -416,22 +432,32 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       k0 = kb * block_k
       kmask = ((k0 + jnp.arange(block_k)) < K) if ragged_k else None      # [bk]
       xm = _and(rmask, None if kmask is None else kmask[None, :])
-      xs = x_ref.at[pl.ds(row0, ROWS), pl.ds(k0, block_k)]
-      xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)       # [16, bk]
+      xs = x_ref.at[pl.ds(row0, R), pl.ds(k0, block_k)]
+      xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)       # [R, bk]
       xb = normalise(xb, k0, kmask)
       wm = _and(None if kmask is None else kmask[:, None], nmask)
       ws = w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)]
       wb = ws[...] if wm is None else C.load(ws, mask=wm, other=0)       # [bk, bn]
+      if gemv:                                                            # [bk, bn] float32 products
+        wf = dequant_int8(wb, jnp.float32, dequant) if wb.dtype == jnp.int8 else wb.astype(jnp.float32)
+        xcol = jnp.sum(xb.astype(jnp.float32), axis=0)[:, None]           # [1, bk] -> [bk, 1]
+        return acc + wf * xcol
+      if wb.dtype == jnp.int8 and dequant == "f16":   # experiment: an f16 product (x rounded to f16)
+        return acc + C.dot(xb.astype(jnp.float16), dequant_int8(wb, jnp.float16, "bits" if interpret else "asm"))
       wb = dequant_int8(wb, cdtype, dequant) if wb.dtype == jnp.int8 else wb.astype(cdtype)
       return acc + C.dot(xb, wb, precision=precision)
 
-    acc = finish(jax.lax.fori_loop(lo, hi, body, jnp.zeros((ROWS, block_n), jnp.float32)))
-    dst = o_ref.at[split, pl.ds(row0, ROWS), pl.ds(n0, block_n)]
+    if gemv:
+      acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((block_k, block_n), jnp.float32))
+      acc = jnp.sum(acc, axis=0)[None, :]                                 # [1, bn]
+    else:
+      acc = finish(jax.lax.fori_loop(lo, hi, body, jnp.zeros((ROWS, block_n), jnp.float32)))
+    dst = o_ref.at[split, pl.ds(row0, R), pl.ds(n0, block_n)]
     om = _and(rmask, nmask)
     if om is None:
       dst[...] = acc
     else:
-      C.store(dst, acc, mask=jnp.broadcast_to(om, (ROWS, block_n)))
+      C.store(dst, acc, mask=jnp.broadcast_to(om, (R, block_n)))
 
   if n_w == 1:
     run(w_refs[0], o_refs[0], Ns[0], 0)
@@ -475,13 +501,18 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None):
   nbs = [pl.cdiv(n, bn) for n in Ns]
   firsts = tuple(int(sum(nbs[:i])) for i in range(len(ws)))
 
+  gemv = bool(cfg.gemv) and M == 1
   if norm is not None:
     kind, eps, n_chunks, has_beta = norm
-    norm = (kind, eps, n_chunks, has_beta, resolve_norm_at(cfg.norm_at, M, kind, has_beta))
+    at = "tile" if gemv else resolve_norm_at(cfg.norm_at, M, kind, has_beta)
+    norm = (kind, eps, n_chunks, has_beta, at)
+  warps = cfg.num_warps
+  if gemv:   # the [bk, bn] float32 accumulator: at most 64 registers a thread
+    warps = min(16, max(warps, bn * bk // (64 * 32)))
   kernel = functools.partial(
       _kernel, Ns=Ns, firsts=firsts, K=K, M=M, block_n=bn, block_k=bk, num_splits=splits,
       per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype), norm=norm,
-      dequant=resolve_dequant(cfg.dequant, x.dtype, interpret))
+      dequant=resolve_dequant(cfg.dequant, x.dtype, interpret), gemv=gemv, interpret=interpret)
   # Whole-array blocks (index 0): the kernel indexes x, W and the outputs itself (pl.ds + masks),
   # so nothing is padded or copied around the call.
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda j, s: (0,) * len(shape))  # noqa: E731
@@ -492,7 +523,7 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None):
       in_specs=[whole(x.shape)] + [whole(w.shape) for w in ws] + [whole(a.shape) for a in norm_args],
       out_specs=[whole(sh) for sh in out_shapes],
       out_shape=[jax.ShapeDtypeStruct(sh, jnp.float32) for sh in out_shapes],
-      compiler_params=C.triton_compiler_params(cfg.num_warps, cfg.num_stages),
+      compiler_params=C.triton_compiler_params(warps, cfg.num_stages),
       interpret=interpret,
       name="ftjax_small_linear",
   )(x, *ws, *norm_args))
