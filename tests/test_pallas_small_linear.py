@@ -97,6 +97,22 @@ def test_one_pallas_call():
   assert str(jaxpr).count("pallas_call[") == 1, str(jaxpr)
 
 
+@pytest.mark.parametrize("xd", [BF16, F16])
+def test_int8_dequant_variants_are_exact(xd):
+  """Every int8 value converts exactly by each method; the kernel's outputs agree bitwise ("asm" runs its
+  jnp twin "bits" when interpreted; the PTX itself is lowered in test_triton_lowering and compared on the
+  GPU by tests/gpu/check_variants.py)."""
+  v = jnp.arange(-128, 128, dtype=jnp.int32).astype(I8)
+  for how in ("cvt", "bits"):
+    assert bool(jnp.array_equal(S.dequant_int8(v, xd, how), v.astype(xd))), how
+  x, ws, scales = make(30, 3, 200, (70, 33), (I8, I8), xd)
+  base = small_linear(x, ws, scales, config=C(dequant="cvt", block_n=32, block_k=64), interpret=True)
+  check(base, x, ws, scales)
+  for how in ("bits", "asm"):
+    got = small_linear(x, ws, scales, config=C(dequant=how, block_n=32, block_k=64), interpret=True)
+    assert all(bool(jnp.array_equal(a, b)) for a, b in zip(got, base)), how
+
+
 def test_choose_config():
   for M, K, Ns, dtype in [(1, 4096, (4096, 1024, 1024), BF16), (16, 1024, (1024,), BF16),
                           (8, 14336, (4096,), I8), (2, 4096, (14336, 14336), BF16),
@@ -110,7 +126,7 @@ def test_choose_config():
     assert -(-nkb // per) == cfg.num_splits, f"empty split in {cfg}"
     programs = sum(-(-n // cfg.block_n) for n in Ns) * cfg.num_splits
     if K >= 1024:
-      assert programs >= 128, (M, K, Ns, cfg, programs)
+      assert programs >= 64, (M, K, Ns, cfg, programs)
       assert programs <= 4 * cfg.target_programs, (M, K, Ns, cfg, programs)
       assert cfg.num_splits == 1 or per >= cfg.min_blocks_per_split, cfg
     w_bytes = K * sum(Ns) * jnp.dtype(dtype).itemsize

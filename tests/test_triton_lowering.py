@@ -77,29 +77,6 @@ def test_int8_dequant_variants_lower(dequant, xdt):
         assert "prmt.b32" in txt      # the PTX went into the kernel
 
 
-@pytest.mark.parametrize("wdt,dequant", [(jnp.bfloat16, "cvt"), (jnp.int8, "bits"), (jnp.int8, "cvt")])
-def test_gemv_variant_lowers(wdt, dequant):
-    from ftjax.pallas.small_linear import SmallLinearConfig
-    cfg = SmallLinearConfig(gemv=True, dequant=dequant)
-    D = 2048
-    txt = lower_cuda(lambda x, w, st, g, b: small_linear_parts(x, [w, w], norm=(st, g, b, "layernorm", 1e-5),
-                                                               config=cfg),
-                     sds((1, D)), sds((D, 1000), wdt), sds((2, 1, 16), jnp.float32), sds((D,)), sds((D,)))
-    assert txt.count(TRITON) == 1
-    assert lower_cuda(lambda x, w: small_linear(x, [w], config=cfg), sds((1, D)), sds((D, 768), wdt)).count(TRITON) == 1
-
-
-@pytest.mark.parametrize("kind,beta", [("layernorm", True), ("rmsnorm", False)])
-def test_late_norm_projection_lowers(kind, beta):
-    from ftjax.pallas.small_linear import SmallLinearConfig
-    cfg = SmallLinearConfig(norm_at="end")
-    D = 2048
-    txt = lower_cuda(lambda x, w, st, g, b: small_linear_parts(x, [w], norm=(st, g, b, kind, 1e-5), config=cfg),
-                     sds((2, D)), sds((D, 512), jnp.int8), sds((2, 2, 16), jnp.float32), sds((D,)),
-                     sds((D,)) if beta else None)
-    assert txt.count(TRITON) == 1
-
-
 def test_projection_and_attention_kernels_lower():
     x = sds((2, 1000))
     ws = [sds((1000, 384)), sds((1000, 96), jnp.int8)]

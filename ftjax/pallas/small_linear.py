@@ -64,8 +64,7 @@ from ftjax.pallas import _common as C
 from ftjax.pallas.add_norm import scale_shift, mean_rstd
 
 ROWS = 16                                    # rows of an x tile (masked past M): the smallest dot tile
-DEQUANTS = ("auto", "cvt", "bits", "asm", "f16")
-NORM_AT = ("auto", "tile", "end")
+DEQUANTS = ("auto", "cvt", "bits", "asm")
 MAX_WEIGHTS = 3
 WEIGHT_DTYPES = C.SUPPORTED_DTYPES + (jnp.dtype(jnp.int8),)
 SMEM_BUDGET = 192 * 1024                     # H100: 227 KB of shared memory per block, with margin
@@ -104,16 +103,8 @@ class SmallLinearConfig:
   dequant: how an int8 weight tile becomes x.dtype (all exact): "cvt" (a plain cast: Triton emits a
     conversion instruction per element), "bits" (exponent trick in jnp integer/float ops: the byte
     is placed in the mantissa of 2^23 and 2^23 + 128 subtracted), "asm" (the same trick in inline
-    PTX, four bytes a time with `prmt`; GPU only), "auto" (see `resolve_dequant`).
-  norm_at: where `small_linear_parts(norm=...)` applies the norm: "tile" (each x tile is normalised
-    before its product: the loop waits for the row statistics), "end" (the products use x * gamma,
-    plus a gamma row and a beta row in the spare rows of the 16-row tile; the statistics are applied
-    to the accumulator after the loop, so the first weight loads do not wait for them; needs M + 2
-    <= 16 rows, else "tile"), "auto" (see `resolve_norm_at`).
-  gemv: with M == 1, multiply-add on the CUDA cores instead of the 16-row tensor-core product: the
-    W tile becomes float32 (int8 per `dequant`: "bits"/"asm" by the exponent trick), is multiplied by
-    the x column and accumulated as a [block_k, block_n] float32 tile, reduced over k once at the end
-    (num_warps is raised so that the accumulator fits the registers).
+    PTX, four bytes a time with `prmt`; GPU only), "auto" (= "cvt": the three measured the same
+    decode step on an H100, bench/RESULTS.md).
   """
   block_n: int | None = None
   block_k: int | None = None
@@ -128,8 +119,6 @@ class SmallLinearConfig:
   row_bytes: int | None = None
   max_partial_fraction: float = 0.25
   dequant: str = "auto"
-  norm_at: str = "auto"
-  gemv: bool = False
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
@@ -154,7 +143,6 @@ class SmallLinearConfig:
         f"SmallLinearConfig.max_partial_fraction={self.max_partial_fraction} must be > 0")
     assert self.dequant in DEQUANTS, (
         f"SmallLinearConfig.dequant={self.dequant!r} must be one of {DEQUANTS}")
-    assert self.norm_at in NORM_AT, f"SmallLinearConfig.norm_at={self.norm_at!r} must be one of {NORM_AT}"
 
   @property
   def resolved(self) -> bool:
@@ -292,27 +280,19 @@ sub.f16x2 $1, $1, off;
 }"""
 
 
-def resolve_dequant(how: str, cdtype, interpret: bool) -> str:
-  """The int8 conversion a kernel runs: "auto" -> "asm" on the GPU, "cvt" when interpreted; "asm"
-  (GPU-only PTX) interpreted -> "bits", its jnp twin; x float32 -> "cvt"."""
-  if how == "auto":
-    how = "cvt" if interpret else AUTO_DEQUANT
+def resolve_dequant(how: str, interpret: bool) -> str:
+  """The int8 conversion a kernel runs: "auto" -> "cvt"; "asm" (GPU-only PTX) interpreted -> "bits",
+  its jnp twin."""
+  how = "cvt" if how == "auto" else how
   return "bits" if how == "asm" and interpret else how
-
-
-AUTO_DEQUANT = "cvt"
 
 
 def dequant_int8(wb, cdtype, how: str):
   """int8 tile -> cdtype (bf16 / f16 / f32), exactly; `how` one of "cvt", "bits", "asm" (see
   SmallLinearConfig.dequant)."""
   cdtype = jnp.dtype(cdtype)
-  if how == "cvt":
+  if how == "cvt" or cdtype == jnp.float32:
     return wb.astype(cdtype)
-  if cdtype == jnp.float32:
-    u = jax.lax.bitcast_convert_type(wb, jnp.uint8)
-    f = jax.lax.bitcast_convert_type((u.astype(jnp.uint32) ^ 0x80) | 0x4B000000, jnp.float32)
-    return f - 8388736.0
   if how == "asm":
     from jax.experimental.pallas import triton as pltriton
     asm = _ASM_S8_BF16 if cdtype == jnp.bfloat16 else _ASM_S8_F16
@@ -331,18 +311,15 @@ def dequant_int8(wb, cdtype, how: str):
 
 def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int,
             num_splits: int, per_split: int, n_kblocks: int, precision, norm=None,
-            dequant: str = "cvt", gemv: bool = False, interpret: bool = False):
+            dequant: str = "cvt"):
   """x_ref [M, K]; refs = (*w_refs [K, N_i], [stats, gamma, (beta)], *out_refs [num_splits, M, N_i]),
   all whole arrays.
 
   Program (j, s) computes column block j (of the weight that owns j) over K-split s and
   stores rows < M, columns < N_i of the [16, block_n] float32 result into out_i[s].
-  norm = (kind, eps, n_chunks, has_beta, at) or None: x is normalised (see `small_linear_parts`) from
-  the row statistics in stats [2, M, n_chunks]: at "tile", each x tile before its product; at "end",
-  the products use x * gamma with a gamma row (LayerNorm) and a beta row in the spare tile rows, and the
-  statistics are applied to the accumulator: rstd * (acc - mean * acc[gamma row]) + acc[beta row].
+  norm = (kind, eps, n_chunks, has_beta) or None: x is normalised tile by tile first (see
+  `small_linear_parts`), from the row statistics in stats [2, M, n_chunks].
   dequant: how an int8 W tile is converted (`dequant_int8`).
-  gemv: M == 1 on the CUDA cores (see SmallLinearConfig.gemv): x is read as one row, not a 16-row tile.
   """
   n_w = len(Ns)
   w_refs, refs = refs[:n_w], refs[n_w:]
@@ -366,12 +343,9 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
   # (zeros, no memory traffic). The row start is a traced zero: the slice overruns the [M, K]
   # ref on purpose (masked), which a static start could be bounds-checked against.
   row0 = zero
-  R = 1 if gemv else ROWS                                                 # rows of the x tile
-  rmask = None if M == R else (jnp.arange(R) < M)[:, None]                # [R, 1]
-  late = False
+  rmask = None if M == ROWS else (jnp.arange(ROWS) < M)[:, None]          # [16, 1]
   if norm is not None:
-    kind, eps, n_chunks, has_beta, at = norm
-    late = at == "end"
+    kind, eps, n_chunks, has_beta = norm
     st_ref, g_ref = norm_refs[:2]
     b_ref = norm_refs[2] if has_beta else None
     cp = max(16, pl.next_power_of_2(n_chunks))
@@ -379,21 +353,12 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
     smask = smask if rmask is None else smask & rmask
 
     def row_sum(i):                                                       # [16] sums over the chunks
-      t = C.load(st_ref.at[zero + i, pl.ds(row0, R), pl.ds(zero, cp)], mask=smask, other=0)
+      t = C.load(st_ref.at[zero + i, pl.ds(row0, ROWS), pl.ds(zero, cp)], mask=smask, other=0)
       return jnp.sum(t, axis=1)
 
-    # Loaded here, used after the loop when late: the loads are in flight while the weights stream.
-    sums = (row_sum(0) if kind == "layernorm" else None, row_sum(1))
-
-    def stats():                                                          # ([16, 1] or None, [16, 1])
-      mean, rstd = mean_rstd(*sums, K, kind, eps)
-      return None if mean is None else mean[:, None], rstd[:, None]
-
-    if not late:
-      mean, rstd = stats()
-    rows = jnp.arange(ROWS)[:, None]
-    g_row = M if kind == "layernorm" else None                            # acc row of gamma @ W
-    b_row = (M + (g_row is not None)) if has_beta else None               # acc row of beta @ W
+    mean, rstd = mean_rstd(row_sum(0) if kind == "layernorm" else None, row_sum(1), K, kind, eps)
+    mean = None if mean is None else mean[:, None]                        # [16, 1]
+    rstd = rstd[:, None]
 
   def normalise(xb, k0, kmask):                                           # [16, bk] -> [16, bk] cdtype
     if norm is None:
@@ -403,24 +368,7 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       return (v[...] if kmask is None else C.load(v, mask=kmask, other=0)).astype(jnp.float32)[None, :]
 
     b = None if b_ref is None else tile(b_ref)
-    g = tile(g_ref)
-    if not late:
-      return scale_shift(xb.astype(jnp.float32), mean, rstd, g, b).astype(cdtype)
-    xg = xb.astype(jnp.float32) * g                                       # rows >= M: 0 * g
-    if g_row is not None:
-      xg = jnp.where(rows == g_row, g, xg)
-    if b_row is not None:
-      xg = jnp.where(rows == b_row, b, xg)
-    return xg.astype(cdtype)
-
-  def finish(acc):                                                        # the late norm's epilogue
-    if not late:
-      return acc
-    mean, rstd = stats()
-    pick = lambda r: jnp.sum(jnp.where(rows == r, acc, 0.0), axis=0, keepdims=True)  # noqa: E731
-    y = acc if mean is None else acc - mean * pick(g_row)
-    y = y * rstd
-    return y if b_row is None else y + pick(b_row)
+    return scale_shift(xb.astype(jnp.float32), mean, rstd, tile(g_ref), b).astype(cdtype)
 
   def run(w_ref, o_ref, N: int, first: int):
     n0 = (pid - first) * block_n
@@ -432,32 +380,22 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       k0 = kb * block_k
       kmask = ((k0 + jnp.arange(block_k)) < K) if ragged_k else None      # [bk]
       xm = _and(rmask, None if kmask is None else kmask[None, :])
-      xs = x_ref.at[pl.ds(row0, R), pl.ds(k0, block_k)]
-      xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)       # [R, bk]
+      xs = x_ref.at[pl.ds(row0, ROWS), pl.ds(k0, block_k)]
+      xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)       # [16, bk]
       xb = normalise(xb, k0, kmask)
       wm = _and(None if kmask is None else kmask[:, None], nmask)
       ws = w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)]
       wb = ws[...] if wm is None else C.load(ws, mask=wm, other=0)       # [bk, bn]
-      if gemv:                                                            # [bk, bn] float32 products
-        wf = dequant_int8(wb, jnp.float32, dequant) if wb.dtype == jnp.int8 else wb.astype(jnp.float32)
-        xcol = jnp.sum(xb.astype(jnp.float32), axis=0)[:, None]           # [1, bk] -> [bk, 1]
-        return acc + wf * xcol
-      if wb.dtype == jnp.int8 and dequant == "f16":   # experiment: an f16 product (x rounded to f16)
-        return acc + C.dot(xb.astype(jnp.float16), dequant_int8(wb, jnp.float16, "bits" if interpret else "asm"))
       wb = dequant_int8(wb, cdtype, dequant) if wb.dtype == jnp.int8 else wb.astype(cdtype)
       return acc + C.dot(xb, wb, precision=precision)
 
-    if gemv:
-      acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((block_k, block_n), jnp.float32))
-      acc = jnp.sum(acc, axis=0)[None, :]                                 # [1, bn]
-    else:
-      acc = finish(jax.lax.fori_loop(lo, hi, body, jnp.zeros((ROWS, block_n), jnp.float32)))
-    dst = o_ref.at[split, pl.ds(row0, R), pl.ds(n0, block_n)]
+    acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((ROWS, block_n), jnp.float32))
+    dst = o_ref.at[split, pl.ds(row0, ROWS), pl.ds(n0, block_n)]
     om = _and(rmask, nmask)
     if om is None:
       dst[...] = acc
     else:
-      C.store(dst, acc, mask=jnp.broadcast_to(om, (R, block_n)))
+      C.store(dst, acc, mask=jnp.broadcast_to(om, (ROWS, block_n)))
 
   if n_w == 1:
     run(w_refs[0], o_refs[0], Ns[0], 0)
@@ -470,17 +408,6 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
     else:
       cond = (pid >= firsts[i]) & (pid < firsts[i + 1])
     pl.when(cond)(functools.partial(run, w_refs[i], o_refs[i], Ns[i], firsts[i]))
-
-
-AUTO_NORM_AT = "tile"
-
-
-def resolve_norm_at(at: str, M: int, kind: str, has_beta: bool) -> str:
-  """Where the normalising projection applies its norm: "auto" -> AUTO_NORM_AT; "end" needs spare
-  tile rows (a gamma row for LayerNorm, a beta row with a beta): without them it is "tile"."""
-  at = AUTO_NORM_AT if at == "auto" else at
-  extra = (kind == "layernorm") + bool(has_beta)
-  return "tile" if at == "end" and M + extra > ROWS else at
 
 
 def _and(a, b):
@@ -501,18 +428,10 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None):
   nbs = [pl.cdiv(n, bn) for n in Ns]
   firsts = tuple(int(sum(nbs[:i])) for i in range(len(ws)))
 
-  gemv = bool(cfg.gemv) and M == 1
-  if norm is not None:
-    kind, eps, n_chunks, has_beta = norm
-    at = "tile" if gemv else resolve_norm_at(cfg.norm_at, M, kind, has_beta)
-    norm = (kind, eps, n_chunks, has_beta, at)
-  warps = cfg.num_warps
-  if gemv:   # the [bk, bn] float32 accumulator: at most 64 registers a thread
-    warps = min(16, max(warps, bn * bk // (64 * 32)))
   kernel = functools.partial(
       _kernel, Ns=Ns, firsts=firsts, K=K, M=M, block_n=bn, block_k=bk, num_splits=splits,
       per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype), norm=norm,
-      dequant=resolve_dequant(cfg.dequant, x.dtype, interpret), gemv=gemv, interpret=interpret)
+      dequant=resolve_dequant(cfg.dequant, interpret))
   # Whole-array blocks (index 0): the kernel indexes x, W and the outputs itself (pl.ds + masks),
   # so nothing is padded or copied around the call.
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda j, s: (0,) * len(shape))  # noqa: E731
@@ -523,7 +442,7 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None):
       in_specs=[whole(x.shape)] + [whole(w.shape) for w in ws] + [whole(a.shape) for a in norm_args],
       out_specs=[whole(sh) for sh in out_shapes],
       out_shape=[jax.ShapeDtypeStruct(sh, jnp.float32) for sh in out_shapes],
-      compiler_params=C.triton_compiler_params(warps, cfg.num_stages),
+      compiler_params=C.triton_compiler_params(cfg.num_warps, cfg.num_stages),
       interpret=interpret,
       name="ftjax_small_linear",
   )(x, *ws, *norm_args))
