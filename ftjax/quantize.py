@@ -14,6 +14,11 @@ orbax flatten), and the one linear op (`ftjax.layers.linear.linear`) dequantises
 
 On disk (orbax) a QuantizedWeight is stored as `{"q", "scale"}` under its kernel's key and the checkpoint
 config records `"quantize": "int8"`; `from_storage` regroups it when the checkpoint is read.
+
+`quantize_params(..., transposed=True)` stores each int8 weight transposed instead (`QuantizedWeightT`,
+q [*out, *in], the input dims contiguous): the same values, a layout the small-M decode kernel reads
+along K (an experiment: bench/RESULTS.md says whether it is faster). On disk it is the same
+`{"q", "scale"}` as a QuantizedWeight (`to_storage` transposes it back).
 """
 from __future__ import annotations
 
@@ -23,14 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.layers.linear import QuantizedWeight
+from ftjax.layers.linear import QuantizedWeight, QuantizedWeightT
 
 MODES = ("int8",)
 # Parent module names of the weights quantized (GPT Attention/MLP, T5 Attn/MLP).
 PROJECTIONS = ("q", "k", "v", "o", "wi", "wg", "wo")
 QMAX = 127.0
 
-__all__ = ["QuantizedWeight", "quantize_weight", "dequantize", "quantize_params", "is_quantized",
+__all__ = ["QuantizedWeight", "QuantizedWeightT", "transpose_quantized", "quantize_weight", "dequantize", "quantize_params", "is_quantized",
            "param_bytes", "from_storage", "logical_axes", "int8_accuracy", "check_mode"]
 
 
@@ -75,24 +80,53 @@ def quantize_weight(w, n_in: int = 1, scale_dtype=np.float32) -> QuantizedWeight
     return QuantizedWeight(q.reshape(shape), scale.reshape(out).astype(scale_dtype))
 
 
-def dequantize(w: QuantizedWeight, dtype=jnp.float32):
+def _qt_perm(ndim: int, n_out: int, to_t: bool):
+    """Axis permutation [*in, *out] -> [*out, *in] (to_t) or back."""
+    n_in = ndim - n_out
+    return (tuple(range(n_in, ndim)) + tuple(range(n_in))) if to_t else (
+        tuple(range(n_out, ndim)) + tuple(range(n_out)))
+
+
+def transpose_quantized(w):
+    """QuantizedWeight <-> QuantizedWeightT (the same values; numpy stays on the host, a jax.Array on its
+    device, a ShapeDtypeStruct is shapes only)."""
+    to_t = isinstance(w, QuantizedWeight)
+    q = w.q if to_t else w.qt
+    perm = _qt_perm(len(q.shape), len(w.scale.shape), to_t)
+    if isinstance(q, jax.ShapeDtypeStruct):
+        qq = jax.ShapeDtypeStruct(tuple(q.shape[i] for i in perm), q.dtype)
+    elif isinstance(q, jax.Array):
+        qq = jnp.transpose(q, perm)
+    else:
+        qq = np.ascontiguousarray(np.transpose(q, perm))
+    return QuantizedWeightT(qq, w.scale) if to_t else QuantizedWeight(qq, w.scale)
+
+
+def dequantize(w, dtype=jnp.float32):
+    """QuantizedWeight or QuantizedWeightT -> the float weight [*in, *out]."""
+    if isinstance(w, QuantizedWeightT):
+        w = transpose_quantized(w)
     return (w.q.astype(jnp.float32) * w.scale.astype(jnp.float32)).astype(dtype)
 
 
+def _is_q(x) -> bool:
+    return isinstance(x, (QuantizedWeight, QuantizedWeightT))
+
+
 def is_quantized(params) -> bool:
-    return any(isinstance(x, QuantizedWeight) for x in
-               jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
+    return any(_is_q(x) for x in jax.tree.leaves(params, is_leaf=_is_q))
 
 
 def quantize_params(params: dict[str, Any], cfg=None, *, mode: str = "int8", lm_head: bool = True,
                     scale_dtype=np.float32, delete_source: bool = False,
-                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    progress: Callable[[str], None] | None = None, transposed: bool = False) -> dict[str, Any]:
     """The same tree with every attention / MLP projection kernel (and the untied `lm_head/kernel` unless
     `lm_head=False`) replaced by a QuantizedWeight. Leaves already quantized are kept. Numpy leaves are
     quantized on the host (nothing reaches a device); jax.Array leaves on their device, one weight at a
     time — with `delete_source` each float weight is deleted as soon as its int8 copy exists, so at most
     one float weight is alive beside the int8 tree. `cfg` is accepted for symmetry with the loaders
-    (the weights are found by name)."""
+    (the weights are found by name). `transposed`: QuantizedWeightT leaves (q stored [*out, *in]); leaves
+    already quantized are converted to that layout (or back, with False)."""
     check_mode(mode)
     del cfg
     count = [0]
@@ -102,9 +136,12 @@ def quantize_params(params: dict[str, Any], cfg=None, *, mode: str = "int8", lm_
             out = {}
             for k in list(node):
                 v = node[k]
-                if k == "kernel" and not isinstance(v, (dict, QuantizedWeight)) and (
+                if k == "kernel" and _is_q(v):
+                    out[k] = v if isinstance(v, QuantizedWeightT) == transposed else transpose_quantized(v)
+                elif k == "kernel" and not isinstance(v, dict) and (
                         name in PROJECTIONS or (lm_head and name == "lm_head")):
-                    out[k] = quantize_weight(v, _n_in(name, len(v.shape)), scale_dtype)
+                    qw = quantize_weight(v, _n_in(name, len(v.shape)), scale_dtype)
+                    out[k] = transpose_quantized(qw) if transposed else qw
                     count[0] += 1
                     if delete_source and isinstance(v, jax.Array):
                         v.delete()
@@ -134,7 +171,10 @@ def from_storage(tree):
 
 
 def to_storage(tree):
-    """QuantizedWeight leaves -> `{"q", "scale"}` dicts (the structure orbax restores)."""
+    """QuantizedWeight leaves -> `{"q", "scale"}` dicts (the structure orbax restores); a QuantizedWeightT
+    is stored as the QuantizedWeight it transposes."""
+    if isinstance(tree, QuantizedWeightT):
+        tree = transpose_quantized(tree)
     if isinstance(tree, QuantizedWeight):
         return {"q": tree.q, "scale": tree.scale}
     if isinstance(tree, dict):
@@ -144,11 +184,16 @@ def to_storage(tree):
 
 def logical_axes(axes, params):
     """The logical-axes tree of the model (kernel -> its names) made to match a quantized `params` tree:
-    a QuantizedWeight kernel gets QuantizedWeight(q=kernel axes, scale=its output axes)."""
+    a QuantizedWeight kernel gets QuantizedWeight(q=kernel axes, scale=its output axes); a QuantizedWeightT
+    QuantizedWeightT(qt=output axes + input axes, scale=output axes)."""
     def walk(a, p, name):
         if isinstance(p, QuantizedWeight):
             names = tuple(a)
             return QuantizedWeight(names, names[_n_in(name, len(names)):])
+        if isinstance(p, QuantizedWeightT):
+            names = tuple(a)
+            n = _n_in(name, len(names))
+            return QuantizedWeightT(names[n:] + names[:n], names[n:])
         if isinstance(p, dict):
             return {k: walk(a[k], v, k) for k, v in p.items()}
         return a

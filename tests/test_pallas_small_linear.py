@@ -97,6 +97,26 @@ def test_one_pallas_call():
   assert str(jaxpr).count("pallas_call[") == 1, str(jaxpr)
 
 
+@pytest.mark.parametrize("M,K,Ns,wd,cfg", [
+    (1, 300, (70, 33), (I8, I8), C(block_n=32, block_k=64, num_splits=2)),   # ragged N and K, split-K
+    (16, 256, (128,), (I8,), None),                                         # auto config, M=16
+    (5, 130, (96, 32, 32), (I8, BF16, I8), None),                           # q/k/v, mixed dtypes
+])
+def test_transposed_weights(M, K, Ns, wd, cfg):
+  """Weights stored [N, K] (`transposed`): the same outputs as the [K, N] layout, alone and mixed with
+  untransposed weights in one launch; the split-K partials too."""
+  x, ws, scales = make(40 + M, M, K, Ns, wd)
+  trans = [i % 2 == 0 for i in range(len(ws))]
+  stored = [w.T if t else w for w, t in zip(ws, trans)]
+  out = small_linear(x, stored, scales, config=cfg, interpret=True, transposed=trans)
+  check(out, x, ws, scales)
+  parts = S.small_linear_parts(x, stored, config=cfg, interpret=True, transposed=trans)
+  sums = [p.sum(0) * (1.0 if s is None else s) for p, s in zip(parts, scales)]
+  check(sums, x, ws, scales)
+  with pytest.raises(AssertionError, match="transposed"):
+    small_linear(x, stored, scales, interpret=True, transposed=trans[:1] if len(ws) > 1 else [True, True])
+
+
 @pytest.mark.parametrize("xd", [BF16, F16])
 def test_int8_dequant_variants_are_exact(xd):
   """Every int8 value converts exactly by each method; the kernel's outputs agree bitwise ("asm" runs its

@@ -13,7 +13,7 @@ import pytest
 import ftjax
 from ftjax import quantize as Q
 from ftjax.config import ModelConfig
-from ftjax.layers.linear import QuantizedWeight, linear
+from ftjax.layers.linear import QuantizedWeight, QuantizedWeightT, linear
 from ftjax.llm import LLM
 from ftjax.models import gpt
 
@@ -90,6 +90,37 @@ def test_quantize_params_swaps_only_projections():
     assert jax.tree.structure(Q.quantize_params(qp)) == jax.tree.structure(qp)
     from ftjax.checkpoint.common import check_params
     check_params(LLAMA_CFG, qp, "test")
+
+
+def test_transposed_layout():
+    """QuantizedWeightT holds the same values stored [*out, *in]: the linear op gives the same result, the
+    tree converts both ways, storage and checkpoint checks see the untransposed weight, logical axes follow."""
+    p = _params(LLAMA_CFG, 5)
+    qp = Q.quantize_params(p, LLAMA_CFG)
+    tp = Q.quantize_params(p, LLAMA_CFG, transposed=True)
+    is_q = lambda x: isinstance(x, (QuantizedWeight, QuantizedWeightT))  # noqa: E731
+    lq = jax.tree.leaves(qp, is_leaf=is_q)
+    lt = jax.tree.leaves(tp, is_leaf=is_q)
+    assert sum(isinstance(v, QuantizedWeightT) for v in lt) == sum(isinstance(v, QuantizedWeight) for v in lq) > 0
+    assert jax.tree.structure(Q.quantize_params(qp, transposed=True)) == jax.tree.structure(tp)
+    assert jax.tree.structure(Q.quantize_params(tp)) == jax.tree.structure(qp)
+    for a, b in zip(lq, lt):
+        if isinstance(a, QuantizedWeight):
+            assert b.shape == a.shape and b.qt.shape == b.shape[-len(a.scale.shape):] + b.shape[:-len(a.scale.shape)]
+            np.testing.assert_array_equal(np.asarray(Q.dequantize(b)), np.asarray(Q.dequantize(a)))
+    rng = np.random.RandomState(2)
+    for w, n_in in [(rng.standard_normal((4, 8, 32)).astype(np.float32), 2), (rng.standard_normal((32, 48)), 1)]:
+        qw = Q.quantize_weight(w, n_in)
+        x = rng.standard_normal((3,) + w.shape[:n_in]).astype(np.float32)
+        for qq in (Q.transpose_quantized(qw), Q.transpose_quantized(Q.quantize_weight(jnp.asarray(w), n_in))):
+            np.testing.assert_allclose(np.asarray(linear(x, qq, n_in)), np.asarray(linear(x, qw, n_in)),
+                                       rtol=1e-5, atol=1e-5)
+    st, sq = Q.to_storage(tp), Q.to_storage(qp)
+    assert jax.tree.structure(st) == jax.tree.structure(sq)
+    for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(sq)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    from ftjax.checkpoint.common import check_params
+    check_params(LLAMA_CFG, tp, "test")
 
 
 # --------------------------------------------------------------------------------- model accuracy

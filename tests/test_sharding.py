@@ -256,3 +256,23 @@ def test_int8_weights_follow_the_rule_table(gpt2_untied):
     wi = llm.engine.params["stages"][0]["mlp"]["wi"]["kernel"]
     assert tuple(wi.q.sharding.spec) == ("pipeline", None, "tensor") and tuple(wi.scale.sharding.spec) == ("pipeline", "tensor")
     assert llm.generate(PROMPTS, max_new_tokens=6, end_id=None).tokens == ref
+
+
+def test_transposed_int8_weights_shard_and_pad():
+    """QuantizedWeightT (int8 stored [*out, *in]) on T=2 x P=2, vocab padded for T (its lm_head too): the
+    tokens of the single-device plain-int8 engine; q's axes follow its transposed layout."""
+    from ftjax import quantize as Q
+    from ftjax.config import ModelConfig
+    from ftjax.models import gpt
+    from ftjax.sharding.mesh import make_mesh
+
+    cfg = ModelConfig(vocab_size=301, max_positions=64, hidden=64, num_layers=4, num_heads=4, ffn_dim=96,
+                      bos_id=0, eos_id=1, tie_embeddings=False)
+    p = gpt.init_params(cfg, seed=int(np.random.randint(1000)))
+    kw = dict(dtype="float32", attention="xla", max_batch_size=4, max_seq_len=32, max_beam_width=1)
+    ref = ftjax.LLM(cfg, Q.quantize_params(p, cfg), **kw).generate(PROMPTS, max_new_tokens=6, end_id=None).tokens
+    llm = ftjax.LLM(cfg, Q.quantize_params(p, cfg, transposed=True), mesh=make_mesh(tensor=2, pipeline=2), **kw)
+    wi = llm.engine.params["stages"][0]["mlp"]["wi"]["kernel"]
+    assert isinstance(wi, Q.QuantizedWeightT)
+    assert tuple(wi.qt.sharding.spec) == ("pipeline", "tensor", None) and tuple(wi.scale.sharding.spec) == ("pipeline", "tensor")
+    assert llm.generate(PROMPTS, max_new_tokens=6, end_id=None).tokens == ref

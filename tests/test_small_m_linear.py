@@ -32,22 +32,26 @@ def _llm(cfg, params, small_m, fuse=True):
 
 
 @pytest.mark.parametrize("family", sorted(SHAPES))
-@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("int8", [False, True, "transposed"])
 def test_decode_with_small_m_kernel_matches_xla(family, int8):
+    """int8="transposed": the kernel reads QuantizedWeightT (q stored [*out, *in]); the reference is XLA on
+    the plain QuantizedWeight tree, and XLA on the transposed tree is held to it too."""
     seed = np.random.randint(1 << 30)
     cfg = ModelConfig(vocab_size=300, max_positions=64, hidden=64, num_layers=2, num_heads=4, ffn_dim=96,
                       bos_id=0, eos_id=1, **SHAPES[family])
     params = gpt.init_params(cfg, seed=seed % 1000)
     if int8:
         params = Q.quantize_params(params, cfg)
+    kparams = Q.quantize_params(params, cfg, transposed=True) if int8 == "transposed" else params
     prompts = [list(r) for r in np.random.RandomState(seed % 997).randint(2, 300, size=(3, 7))]
     res = {}
-    for small_m in (False, True):
-        res[small_m] = _llm(cfg, params, small_m).generate(prompts, max_new_tokens=6, end_id=None,
-                                                         return_log_probs=True)
-    assert res[True].tokens == res[False].tokens, f"seed {seed}"
-    np.testing.assert_allclose(np.asarray(res[True].output_log_probs, np.float32),
-                               np.asarray(res[False].output_log_probs, np.float32), atol=2e-4, rtol=1e-4)
+    for name, p, small_m in [("xla", params, False), ("kernel", kparams, True)] + (
+            [("xla_t", kparams, False)] if kparams is not params else []):
+        res[name] = _llm(cfg, p, small_m).generate(prompts, max_new_tokens=6, end_id=None, return_log_probs=True)
+    for name in set(res) - {"xla"}:
+        assert res[name].tokens == res["xla"].tokens, f"{name}: seed {seed}"
+        np.testing.assert_allclose(np.asarray(res[name].output_log_probs, np.float32),
+                                   np.asarray(res["xla"].output_log_probs, np.float32), atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("fuse", ["norm", "stats2", False])

@@ -77,6 +77,15 @@ def test_int8_dequant_variants_lower(dequant, xdt):
         assert "prmt.b32" in txt      # the PTX went into the kernel
 
 
+def test_transposed_int8_projection_lowers():
+    D = 2048
+    txt = lower_cuda(lambda x, a, b, st, g, be: small_linear_parts(
+        x, [a, b], norm=(st, g, be, "layernorm", 1e-5), transposed=[True, True]),
+        sds((1, D)), sds((768, D), jnp.int8), sds((256, D), jnp.int8), sds((2, 1, 16), jnp.float32),
+        sds((D,)), sds((D,)))
+    assert txt.count(TRITON) == 1
+
+
 def test_projection_and_attention_kernels_lower():
     x = sds((2, 1000))
     ws = [sds((1000, 384)), sds((1000, 96), jnp.int8)]

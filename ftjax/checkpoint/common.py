@@ -31,7 +31,7 @@ def check_params(cfg: ModelConfig, params: dict[str, Any], source: str) -> None:
 
     shapes, _ = family.abstract_params(cfg)
     want = {k: tuple(v.shape) for k, v in _flat(shapes).items()}
-    have = {k: tuple(np.shape(v if not hasattr(v, "q") else v.q)) for k, v in _flat(params).items()}
+    have = {k: tuple(v.shape if hasattr(v, "scale") else np.shape(v)) for k, v in _flat(params).items()}
     missing = sorted(set(want) - set(have))
     if missing:
         raise ValueError(f"{source}: missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")

@@ -27,6 +27,20 @@ class QuantizedWeight(NamedTuple):
         return self.q.shape
 
 
+class QuantizedWeightT(NamedTuple):
+    """A QuantizedWeight stored transposed: qt int8 [*out, *in] (the input dims contiguous), scale [*out].
+    The small-M kernel reads its int8 tiles along K then, which avoids byte-wise shared-memory loads
+    (bench/RESULTS.md). `shape` is the logical [*in, *out]."""
+
+    qt: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self):
+        n_out = len(self.scale.shape)
+        return tuple(self.qt.shape[n_out:]) + tuple(self.qt.shape[:n_out])
+
+
 # Small-M projections (decode: a few rows against a big weight) through the Pallas kernel of
 # ftjax/pallas/small_linear.py instead of XLA's dot: None = off, else {"interpret": bool}. The engine
 # turns it on while it traces its decode step (`small_m_kernel`), on a GPU with the Pallas attention
@@ -101,9 +115,10 @@ def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[tuple[j
     lead = x.shape[: x.ndim - n_in]
     flats = [_flat(w, n_in) for w in ws]
     x2 = x.reshape(math.prod(lead), -1)
-    parts = small_linear_parts(x2, [f[0] for f in flats], norm=norm, interpret=mode["interpret"])
+    parts = small_linear_parts(x2, [f[0] for f in flats], norm=norm, interpret=mode["interpret"],
+                               transposed=[f[3] for f in flats])
     out = []
-    for p, (_, scale, shape) in zip(parts, flats):
+    for p, (_, scale, shape, _) in zip(parts, flats):
         out.append((p.reshape(p.shape[0], *lead, *shape), None if scale is None else scale.reshape(shape)))
     return out
 
@@ -117,14 +132,18 @@ def reduce_parts(part: jax.Array, scale: Any, bias: Any = None) -> jax.Array:
 
 
 def _flat(w, n_in):
-    """-> (2-D weight [K, N] (int8 values for a QuantizedWeight), scale [N] or None, out shape)."""
+    """-> (2-D weight [K, N] (int8 values for a QuantizedWeight; [N, K] for a QuantizedWeightT), scale [N]
+    or None, out shape, transposed)."""
+    if isinstance(w, QuantizedWeightT):
+        out = tuple(w.scale.shape)
+        return w.qt.reshape(math.prod(out), -1), w.scale.reshape(-1), out, True
     if isinstance(w, QuantizedWeight):
         q, scale = w.q, w.scale
     else:
         q, scale = w, None
     k = math.prod(q.shape[:n_in])
     out = tuple(q.shape[n_in:])
-    return q.reshape(k, math.prod(out)), (None if scale is None else scale.reshape(-1)), out
+    return q.reshape(k, math.prod(out)), (None if scale is None else scale.reshape(-1)), out, False
 
 
 def linear_many(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[jax.Array]:
@@ -139,7 +158,8 @@ def linear_many(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[jax.Arra
     lead = x.shape[: x.ndim - n_in]
     flats = [_flat(w, n_in) for w in ws]
     x2 = x.reshape(math.prod(lead), -1)
-    ys = small_linear(x2, [f[0] for f in flats], [f[1] for f in flats], interpret=mode["interpret"])
+    ys = small_linear(x2, [f[0] for f in flats], [f[1] for f in flats], interpret=mode["interpret"],
+                      transposed=[f[3] for f in flats])
     return [y.reshape(*lead, *f[2]) for y, f in zip(ys, flats)]
 
 
@@ -160,7 +180,8 @@ def fused_linears(mods: Sequence["Linear"], x: jax.Array) -> list[jax.Array]:
 
 
 def linear(x: jax.Array, w: Any, n_in: int = 1) -> jax.Array:
-    """x [..., *in]; w [*in, *out] (array or QuantizedWeight) -> [..., *out], float32 accumulation."""
+    """x [..., *in]; w [*in, *out] (array, QuantizedWeight or QuantizedWeightT) -> [..., *out], float32
+    accumulation."""
     if _small_m_mode(x, n_in) is not None:
         return linear_many(x, (w,), n_in)[0]
     nx = x.ndim
@@ -173,6 +194,12 @@ def linear(x: jax.Array, w: Any, n_in: int = 1) -> jax.Array:
         x, q = jax.lax.optimization_barrier((x, w.q))
         y = jax.lax.dot_general(x, q.astype(x.dtype), (dims, ((), ())),
                                 preferred_element_type=jnp.float32)
+        return y * w.scale.astype(jnp.float32)
+    if isinstance(w, QuantizedWeightT):
+        n_out = len(w.scale.shape)
+        x, qt = jax.lax.optimization_barrier((x, w.qt))   # as above
+        tdims = (dims[0], tuple(range(n_out, n_out + n_in)))
+        y = jax.lax.dot_general(x, qt.astype(x.dtype), (tdims, ((), ())), preferred_element_type=jnp.float32)
         return y * w.scale.astype(jnp.float32)
     return jax.lax.dot_general(x, w.astype(x.dtype), (dims, ((), ())), preferred_element_type=jnp.float32)
 
@@ -196,9 +223,14 @@ class Linear(nn.Module):
         fan_in = 1
         for s in self.in_shape:
             fan_in *= s
-        kernel = self.param(
-            "kernel", nn.with_logical_partitioning(_init(fan_in), tuple(self.in_axes) + tuple(self.out_axes)),
-            tuple(self.in_shape) + tuple(self.out_shape), self.dtype)
+        if self.has_variable("params", "kernel") and isinstance(self.get_variable("params", "kernel"),
+                                                               QuantizedWeightT):
+            # Read directly: flax's shape check compares the first leaf, which is stored transposed.
+            kernel = self.get_variable("params", "kernel")
+        else:
+            kernel = self.param(
+                "kernel", nn.with_logical_partitioning(_init(fan_in), tuple(self.in_axes) + tuple(self.out_axes)),
+                tuple(self.in_shape) + tuple(self.out_shape), self.dtype)
         y = linear(x, kernel, len(self.in_shape))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.normal(0.02), tuple(self.out_axes)),

@@ -7,7 +7,11 @@ projections (three weights sharing the input) in one launch.
 
 Shapes (letter legend: M rows, K input features, N_i output features of weight i):
   x        [M, K]      bf16 / f16 / f32; M in 1..16
-  ws[i]    [K, N_i]    bf16 / f16 / f32, or int8 (weight-only quantised)
+  ws[i]    [K, N_i]    bf16 / f16 / f32, or int8 (weight-only quantised); [N_i, K] where
+                       `transposed[i]` (K contiguous: an int8 tile is then read along K; stored
+                       [K, N] its bytes reach the product through byte-wise shared-memory loads,
+                       ~58 instructions per KB against ~34 transposed and ~8 for bf16, as compiled
+                       by pip Triton 3.9 for sm_90 in bench/triton_sass.py)
   scales[i][N_i]       optional per-output-channel scale (of an int8 weight)
   out[i]   [M, N_i]    float32 (the caller adds bias / activation / cast in XLA)
 
@@ -154,14 +158,15 @@ class SmallLinearConfig:
 DEFAULT_CONFIG = SmallLinearConfig()
 
 
-def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = None
-                  ) -> SmallLinearConfig:
+def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = None,
+                  kmajor: bool = False) -> SmallLinearConfig:
   """The fully resolved config (no None) the kernel runs with for these shapes.
 
   M rows, K input features, Ns the output features of each weight, dtype the weights' dtype
   (the widest one if they differ; int8 for weight-only quantised). Fields set in `config` are
   kept (num_splits clamped to the K-blocks, num_stages to the shared memory); None fields are
-  chosen as described in the module docstring.
+  chosen as described in the module docstring. kmajor: the weights are stored transposed ([N, K],
+  K contiguous): the first tile spans `row_bytes` of K instead of N.
   """
   config = config or DEFAULT_CONFIG
   Ns = tuple(int(n) for n in Ns)
@@ -172,8 +177,12 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
   max_bk = max(16, pl.next_power_of_2(K))
 
   row_bytes = config.row_bytes or (128 if itemsize == 1 else 256)
-  bn = config.block_n or min(max_bn, max(16, row_bytes // itemsize))
-  bk = config.block_k or min(max_bk, max(16, min(256, _floor_pow2(config.tile_bytes / (bn * itemsize)))))
+  if kmajor:
+    bk = config.block_k or min(max_bk, max(16, row_bytes // itemsize))
+    bn = config.block_n or min(max_bn, max(16, min(256, _floor_pow2(config.tile_bytes / (bk * itemsize)))))
+  else:
+    bn = config.block_n or min(max_bn, max(16, row_bytes // itemsize))
+    bk = config.block_k or min(max_bk, max(16, min(256, _floor_pow2(config.tile_bytes / (bn * itemsize)))))
   min_tile = config.min_tile_bytes or (config.tile_bytes if itemsize == 2 else 8192)
 
   def n_blocks(bn_):
@@ -209,6 +218,20 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
   return dataclasses.replace(config, block_n=bn, block_k=bk, num_splits=splits, num_stages=stages)
 
 
+def _transposed(ws, transposed):
+  """The per-weight layout flags: None -> all [K, N]; else a list aligned with ws (True: [N, K])."""
+  if transposed is None:
+    return (False,) * len(ws)
+  assert isinstance(transposed, (list, tuple)) and len(transposed) == len(ws), (
+      f"transposed must be None or a list of {len(ws)} bools aligned with ws, got {transposed!r}")
+  return tuple(bool(t) for t in transposed)
+
+
+def _kn(w, t):
+  """(K, N) of a weight stored [K, N] (t False) or [N, K] (t True)."""
+  return (w.shape[1], w.shape[0]) if t else (w.shape[0], w.shape[1])
+
+
 def _normalize(ws, scales):
   assert isinstance(ws, (list, tuple)), (
       f"ws must be a list of 1..{MAX_WEIGHTS} weights [K, N_i], got {type(ws).__name__}")
@@ -223,27 +246,30 @@ def _normalize(ws, scales):
   return ws, scales
 
 
-def _check(x, ws, scales):
+def _check(x, ws, scales, trans=None):
   assert hasattr(x, "shape") and x.ndim == 2, (
       f"x must be [M, K], got shape {getattr(x, 'shape', None)}")
   M, K = x.shape
   assert 1 <= M <= ROWS, f"x has M={M} rows; small_linear supports 1..{ROWS} (x.shape={x.shape})"
   assert K >= 1, f"x.shape={x.shape}: K must be >= 1"
   C.check_dtype("x", x)
-  for i, w in enumerate(ws):
+  trans = trans or (False,) * len(ws)
+  for i, (w, t) in enumerate(zip(ws, trans)):
     assert hasattr(w, "shape") and w.ndim == 2, (
-        f"ws[{i}] must be [K, N], got shape {getattr(w, 'shape', None)}")
-    assert w.shape[0] == K, (
-        f"ws[{i}].shape={w.shape}: its K={w.shape[0]} != K={K} of x.shape={x.shape}")
-    assert w.shape[1] >= 1, f"ws[{i}].shape={w.shape}: N must be >= 1"
+        f"ws[{i}] must be {'[N, K] (transposed)' if t else '[K, N]'}, got shape {getattr(w, 'shape', None)}")
+    wk, wn = _kn(w, t)
+    assert wk == K, (f"ws[{i}].shape={w.shape}{' (transposed: [N, K])' if t else ''}: its K={wk} != K={K} "
+                     f"of x.shape={x.shape}")
+    assert wn >= 1, f"ws[{i}].shape={w.shape}: N must be >= 1"
     assert jnp.dtype(w.dtype) in WEIGHT_DTYPES, (
         f"ws[{i}].dtype={w.dtype} is not supported; expected one of "
         f"{[str(d) for d in WEIGHT_DTYPES]}")
-  for i, (w, s) in enumerate(zip(ws, scales)):
+  for i, (w, s, t) in enumerate(zip(ws, scales, trans)):
     if s is None:
       continue
-    assert hasattr(s, "shape") and s.shape == (w.shape[1],), (
-        f"scales[{i}] must be [N]=[{w.shape[1]}] for ws[{i}].shape={w.shape}, "
+    n = _kn(w, t)[1]
+    assert hasattr(s, "shape") and s.shape == (n,), (
+        f"scales[{i}] must be [N]=[{n}] for ws[{i}].shape={w.shape}, "
         f"got shape {getattr(s, 'shape', None)}")
     assert jnp.issubdtype(s.dtype, jnp.floating), f"scales[{i}].dtype={s.dtype} must be float"
 
@@ -311,7 +337,7 @@ def dequant_int8(wb, cdtype, how: str):
 
 def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int,
             num_splits: int, per_split: int, n_kblocks: int, precision, norm=None,
-            dequant: str = "cvt"):
+            dequant: str = "cvt", trans=None):
   """x_ref [M, K]; refs = (*w_refs [K, N_i], [stats, gamma, (beta)], *out_refs [num_splits, M, N_i]),
   all whole arrays.
 
@@ -320,6 +346,7 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
   norm = (kind, eps, n_chunks, has_beta) or None: x is normalised tile by tile first (see
   `small_linear_parts`), from the row statistics in stats [2, M, n_chunks].
   dequant: how an int8 W tile is converted (`dequant_int8`).
+  trans: per weight, True where it is stored [N, K] (its tiles are read [bn, bk], product x @ tile.T).
   """
   n_w = len(Ns)
   w_refs, refs = refs[:n_w], refs[n_w:]
@@ -370,7 +397,7 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
     b = None if b_ref is None else tile(b_ref)
     return scale_shift(xb.astype(jnp.float32), mean, rstd, tile(g_ref), b).astype(cdtype)
 
-  def run(w_ref, o_ref, N: int, first: int):
+  def run(w_ref, o_ref, N: int, first: int, t: bool):
     n0 = (pid - first) * block_n
     nmask = None
     if N % block_n:
@@ -383,11 +410,16 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       xs = x_ref.at[pl.ds(row0, ROWS), pl.ds(k0, block_k)]
       xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)       # [16, bk]
       xb = normalise(xb, k0, kmask)
-      wm = _and(None if kmask is None else kmask[:, None], nmask)
-      ws = w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)]
-      wb = ws[...] if wm is None else C.load(ws, mask=wm, other=0)       # [bk, bn]
+      if t:                                                               # [bn, bk], K contiguous
+        ncol = None if nmask is None else ((n0 + jnp.arange(block_n)) < N)[:, None]  # [bn, 1]
+        wm = _and(ncol, None if kmask is None else kmask[None, :])
+        ws = w_ref.at[pl.ds(n0, block_n), pl.ds(k0, block_k)]
+      else:
+        wm = _and(None if kmask is None else kmask[:, None], nmask)
+        ws = w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)]
+      wb = ws[...] if wm is None else C.load(ws, mask=wm, other=0)       # [bk, bn] / [bn, bk]
       wb = dequant_int8(wb, cdtype, dequant) if wb.dtype == jnp.int8 else wb.astype(cdtype)
-      return acc + C.dot(xb, wb, precision=precision)
+      return acc + C.dot(xb, wb, trans_b=t, precision=precision)
 
     acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((ROWS, block_n), jnp.float32))
     dst = o_ref.at[split, pl.ds(row0, ROWS), pl.ds(n0, block_n)]
@@ -397,8 +429,9 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
     else:
       C.store(dst, acc, mask=jnp.broadcast_to(om, (ROWS, block_n)))
 
+  trans = trans or (False,) * n_w
   if n_w == 1:
-    run(w_refs[0], o_refs[0], Ns[0], 0)
+    run(w_refs[0], o_refs[0], Ns[0], 0, trans[0])
     return
   for i in range(n_w):
     if i == 0:
@@ -407,7 +440,7 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       cond = pid >= firsts[i]
     else:
       cond = (pid >= firsts[i]) & (pid < firsts[i + 1])
-    pl.when(cond)(functools.partial(run, w_refs[i], o_refs[i], Ns[i], firsts[i]))
+    pl.when(cond)(functools.partial(run, w_refs[i], o_refs[i], Ns[i], firsts[i], trans[i]))
 
 
 def _and(a, b):
@@ -416,12 +449,13 @@ def _and(a, b):
   return a if b is None else a & b
 
 
-def _parts(x, ws, *, config, interpret, norm_args=(), norm=None):
+def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None):
   """The kernel call: list of [num_splits, M, N_i] float32 split-K partials (scales not applied)."""
   M, K = x.shape
-  Ns = tuple(int(w.shape[1]) for w in ws)
+  trans = _transposed(ws, trans)
+  Ns = tuple(int(_kn(w, t)[1]) for w, t in zip(ws, trans))
   wdtype = max((jnp.dtype(w.dtype) for w in ws), key=lambda d: d.itemsize)
-  cfg = choose_config(M, K, Ns, wdtype, config)
+  cfg = choose_config(M, K, Ns, wdtype, config, kmajor=any(trans))
   bn, bk, splits = cfg.block_n, cfg.block_k, cfg.num_splits
   n_kblocks = pl.cdiv(K, bk)
   per_split = pl.cdiv(n_kblocks, splits)
@@ -431,7 +465,7 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None):
   kernel = functools.partial(
       _kernel, Ns=Ns, firsts=firsts, K=K, M=M, block_n=bn, block_k=bk, num_splits=splits,
       per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype), norm=norm,
-      dequant=resolve_dequant(cfg.dequant, interpret))
+      dequant=resolve_dequant(cfg.dequant, interpret), trans=trans)
   # Whole-array blocks (index 0): the kernel indexes x, W and the outputs itself (pl.ds + masks),
   # so nothing is padded or copied around the call.
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda j, s: (0,) * len(shape))  # noqa: E731
@@ -448,9 +482,9 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None):
   )(x, *ws, *norm_args))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def _small_linear(x, ws, scales, *, config, interpret):
-  parts = _parts(x, ws, config=config, interpret=interpret)
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "trans"))
+def _small_linear(x, ws, scales, *, config, interpret, trans=None):
+  parts = _parts(x, ws, config=config, interpret=interpret, trans=trans)
   # Split-K reduction and scales: plain jnp, which XLA fuses with the caller's epilogue (with
   # one split the partial is the result: a free reshape).
   outs = []
@@ -462,31 +496,36 @@ def _small_linear(x, ws, scales, *, config, interpret):
   return outs
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "kind", "eps"))
-def _small_linear_parts(x, ws, norm_args, *, config, interpret, kind, eps):
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "kind", "eps", "trans"))
+def _small_linear_parts(x, ws, norm_args, *, config, interpret, kind, eps, trans=None):
   norm = None
   if norm_args:
     norm = (kind, eps, int(norm_args[0].shape[2]), len(norm_args) == 3)
-  return _parts(x, ws, config=config, interpret=interpret, norm_args=tuple(norm_args), norm=norm)
+  return _parts(x, ws, config=config, interpret=interpret, norm_args=tuple(norm_args), norm=norm,
+                trans=trans)
 
 
 def small_linear(x, ws, scales=None, *, config: SmallLinearConfig | None = None,
-                 interpret: bool = False):
+                 interpret: bool = False, transposed=None):
   """x [M, K] (M <= 16); ws list of 1..3 weights [K, N_i]; scales None or a list aligned with
   ws of None or [N_i] -> list of [M, N_i] float32 (x @ ws[i].astype(x.dtype), times scales[i]).
 
   One kernel launch for all weights; `config` None picks the tiles and split-K with
-  `choose_config`; `interpret=True` runs the kernel body on CPU.
+  `choose_config`; `interpret=True` runs the kernel body on CPU. `transposed`: None, or a list of
+  bools aligned with ws, True where that weight is stored transposed, [N_i, K] (K contiguous: int8
+  tiles are then read without byte-wise shared-memory loads; `ftjax.layers.linear.QuantizedWeightT`).
   """
   ws, scales = _normalize(ws, scales)
-  _check(x, ws, scales)
+  trans = _transposed(ws, transposed)
+  _check(x, ws, scales, trans)
   assert config is None or isinstance(config, SmallLinearConfig), (
       f"config must be a SmallLinearConfig or None, got {type(config).__name__}")
   return _small_linear(x, tuple(ws), tuple(scales), config=config or DEFAULT_CONFIG,
-                       interpret=bool(interpret))
+                       interpret=bool(interpret), trans=trans if any(trans) else None)
 
 
-def small_linear_parts(x, ws, *, norm=None, config: SmallLinearConfig | None = None, interpret: bool = False):
+def small_linear_parts(x, ws, *, norm=None, config: SmallLinearConfig | None = None, interpret: bool = False,
+                       transposed=None):
   """Like `small_linear` without the reduction: list of [S, M, N_i] float32 split-K partials whose
   sum over S is x @ ws[i].astype(x.dtype) (scales are the caller's to apply, after the sum). For a
   consumer kernel that sums them itself (`add_stats`, `decode_attention_append`): no XLA kernel runs
@@ -494,9 +533,11 @@ def small_linear_parts(x, ws, *, norm=None, config: SmallLinearConfig | None = N
 
   norm = (stats [2, M, C], gamma [K], beta [K] or None, kind, eps) or None: x is first normalised, as
   `ftjax.pallas.add_norm.norm_from_stats(x, stats, gamma, beta, kind=kind, eps=eps)` would (stats from
-  `add_stats`), tile by tile inside the kernel: the norm costs no kernel launch of its own."""
+  `add_stats`), tile by tile inside the kernel: the norm costs no kernel launch of its own.
+  `transposed` as in `small_linear`."""
   ws, _ = _normalize(ws, None)
-  _check(x, ws, [None] * len(ws))
+  trans = _transposed(ws, transposed)
+  _check(x, ws, [None] * len(ws), trans)
   assert config is None or isinstance(config, SmallLinearConfig), (
       f"config must be a SmallLinearConfig or None, got {type(config).__name__}")
   norm_args, kind, eps = (), None, None
@@ -511,17 +552,19 @@ def small_linear_parts(x, ws, *, norm=None, config: SmallLinearConfig | None = N
     norm_args = (stats, gamma) + (() if beta is None else (beta,))
     eps = float(eps)
   return _small_linear_parts(x, tuple(ws), norm_args, config=config or DEFAULT_CONFIG,
-                             interpret=bool(interpret), kind=kind, eps=eps)
+                             interpret=bool(interpret), kind=kind, eps=eps, trans=trans if any(trans) else None)
 
 
-def small_linear_reference(x, ws, scales=None):
+def small_linear_reference(x, ws, scales=None, transposed=None):
   """Float32 plain-jnp twin of `small_linear` (same arguments, same list of [M, N_i] float32)."""
   ws, scales = _normalize(ws, scales)
-  _check(x, ws, scales)
+  trans = _transposed(ws, transposed)
+  _check(x, ws, scales, trans)
   xf = x.astype(jnp.float32)
   outs = []
-  for w, s in zip(ws, scales):
+  for w, s, t in zip(ws, scales, trans):
     wf = w.astype(x.dtype).astype(jnp.float32)     # the kernel's semantics: W cast to x.dtype
+    wf = wf.T if t else wf
     y = jnp.dot(xf, wf, precision=jax.lax.Precision.HIGHEST)
     if s is not None:
       y = y * s.astype(jnp.float32)

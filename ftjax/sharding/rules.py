@@ -138,7 +138,9 @@ def pad_vocab(cfg, params, tensor: int):
         width[axis] = (0, extra)
         return np.pad(np.asarray(a), width)
 
-    def pad_kernel(k):   # [d, v], or int8 QuantizedWeight(q [d, v], scale [v])
+    def pad_kernel(k):   # [d, v], or int8 QuantizedWeight(q [d, v], scale [v]) / QuantizedWeightT(qt [v, d], ..)
+        if hasattr(k, "qt"):
+            return type(k)(pad(k.qt, 0), pad(k.scale, 0))
         return type(k)(pad(k.q, 1), pad(k.scale, 0)) if hasattr(k, "scale") else pad(k, 1)
 
     params = dict(params)
