@@ -412,6 +412,8 @@ def main(argv=None):
                     f"(ids: {', '.join(case_id(c) for c in CASES)})")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-int8", action="store_true")
+    ap.add_argument("--int8-transposed", action="store_true",
+                    help="INT8 weights stored transposed (QuantizedWeightT: the small-M kernel reads them along K)")
     ap.add_argument("--skip-ftjax", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--case-timeout", type=float, default=300, help="seconds per case and implementation (soft)")
@@ -509,7 +511,8 @@ def main(argv=None):
                     guarded(lambda c=c: run_ftjax(cfg, params, c, args.reps, "bf16", bw, rate,
                                                   not args.no_hlo_memory), c, "ftjax-bf16")
             if not args.skip_int8:
-                params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16, delete_source=True)
+                params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16, delete_source=True,
+                                           transposed=args.int8_transposed)
                 jax.block_until_ready(params)
                 for c in mcases:
                     if not over_budget(c, "ftjax-int8"):

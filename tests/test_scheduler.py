@@ -118,3 +118,19 @@ def test_reader_thread_same_answers_beam_and_streams(llm):
         assert [s[len(bprompt):] for s in u.seqs[0]] == want
     finally:
         sched.stop()
+
+
+def test_queue_time_never_negative(llm):
+    """The admit bookkeeping gets the loop's clock, read before the waiting queue: a request that arrived
+    after it is admitted at its arrival (its queue time 0), not before it."""
+    import time
+
+    sched = Scheduler(llm, chunk=4, stream_chunk=1)
+    params = llm.sampling_params(1, end_id=None)[0]
+    now = time.monotonic()
+    early, late = Request([Row([5, 6], 2, params)]), Request([Row([7], 2, params)])
+    early.t_arrival = now - 0.5
+    late.t_arrival = now + 0.25
+    with sched._cv:
+        sched._admitted(now, [], [early, late])
+    assert early.t_admitted == now and late.t_admitted == late.t_arrival

@@ -427,9 +427,11 @@ class Scheduler:
                 r.gen_bound[i] = 0 if (self.encdec or len(s) > 1) else 1
         for r in reqs:
             if r.t_admitted is None:
-                r.t_admitted = now
+                # `now` is the loop iteration's clock, read before the waiting queue was: a request that
+                # arrived since is admitted at its arrival (queue time 0, never negative).
+                r.t_admitted = max(now, r.t_arrival)
                 if self.metrics:
-                    self.metrics.queue_time(self.model_name, now - r.t_arrival)
+                    self.metrics.queue_time(self.model_name, r.t_admitted - r.t_arrival)
             if r not in self._live:
                 self._live.append(r)
         return reqs
