@@ -3,7 +3,8 @@
   python tests/gpu/check_variants.py
 
 - int8 dequantisation: "asm" and "bits" against "cvt" (all exact conversions, same products: the outputs
-  must be bitwise equal), bf16 and f16 x, ragged shapes, every int8 value present in the weights.
+  must be bitwise equal), bf16 and f16 x, ragged shapes, every int8 value present in the weights;
+- int8 weights stored transposed ([N, K], `transposed=`) against the [K, N] layout.
 Prints PASS / FAIL lines and exits 1 on a failure.
 """
 from __future__ import annotations
@@ -40,6 +41,17 @@ def main():
             same = all(bool(jnp.array_equal(a, b)) for a, b in zip(got, base))
             diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, base))
             report(f"dequant {how} == cvt M={M} K={K} Ns={Ns} {jnp.dtype(xdt).name}", same, f"max diff {diff:.3g}")
+    # int8 stored transposed ([N, K]) against the [K, N] layout: the same products, summed in tiles of
+    # another shape, so held to float32 rounding of the magnitude, not bitwise.
+    for M, K, Ns in [(1, 2048, (2048, 2048, 2048)), (5, 1000, (300, 17)), (16, 4100, (1030,))]:
+        x = jnp.asarray(rng.randn(M, K), jnp.bfloat16)
+        ws = [jnp.asarray(rng.randint(-128, 128, (K, n)), jnp.int8) for n in Ns]
+        sc = [jnp.asarray(rng.rand(n) + 0.5, jnp.float32) for n in Ns]
+        base = small_linear(x, ws, sc)
+        got = small_linear(x, [w.T for w in ws], sc, transposed=[True] * len(ws))
+        rel = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, base))
+        fin = all(bool(jnp.isfinite(a).all()) for a in got)
+        report(f"int8 transposed == [K, N] M={M} K={K} Ns={Ns}", fin and rel < 1e-5, f"max rel diff {rel:.3g}")
     print(f"{'FAIL' if FAILS else 'ALL PASS'}: {len(FAILS)} failed", flush=True)
     sys.exit(1 if FAILS else 0)
 
