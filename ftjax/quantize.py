@@ -35,8 +35,8 @@ MODES = ("int8",)
 PROJECTIONS = ("q", "k", "v", "o", "wi", "wg", "wo")
 QMAX = 127.0
 
-__all__ = ["QuantizedWeight", "QuantizedWeightT", "transpose_quantized", "quantize_weight", "dequantize", "quantize_params", "is_quantized",
-           "param_bytes", "from_storage", "logical_axes", "int8_accuracy", "check_mode"]
+__all__ = ["QuantizedWeight", "QuantizedWeightT", "transpose_quantized", "quantize_weight", "dequantize",
+           "quantize_params", "is_quantized", "param_bytes", "from_storage", "logical_axes", "int8_accuracy", "check_mode"]
 
 
 def check_mode(quantize: str | None) -> str | None:

@@ -186,20 +186,19 @@ def linear(x: jax.Array, w: Any, n_in: int = 1) -> jax.Array:
         return linear_many(x, (w,), n_in)[0]
     nx = x.ndim
     dims = (tuple(range(nx - n_in, nx)), tuple(range(n_in)))
-    if isinstance(w, QuantizedWeight):
+    if isinstance(w, (QuantizedWeight, QuantizedWeightT)):
         # The barrier ties the int8 values to this call's activations: inside the decode while loop the
         # weights are loop-invariant and XLA's loop-invariant code motion would otherwise hoist
         # `convert(q)` out of the loop, keeping a dequantised float copy of every weight alive for the
         # whole loop (seen on XLA:CPU). Tied, the convert stays next to its dot, where it fuses.
-        x, q = jax.lax.optimization_barrier((x, w.q))
+        if isinstance(w, QuantizedWeightT):   # q [*out, *in]: contract its trailing dims
+            n_out = len(w.scale.shape)
+            q, dims = w.qt, (dims[0], tuple(range(n_out, n_out + n_in)))
+        else:
+            q = w.q
+        x, q = jax.lax.optimization_barrier((x, q))
         y = jax.lax.dot_general(x, q.astype(x.dtype), (dims, ((), ())),
                                 preferred_element_type=jnp.float32)
-        return y * w.scale.astype(jnp.float32)
-    if isinstance(w, QuantizedWeightT):
-        n_out = len(w.scale.shape)
-        x, qt = jax.lax.optimization_barrier((x, w.qt))   # as above
-        tdims = (dims[0], tuple(range(n_out, n_out + n_in)))
-        y = jax.lax.dot_general(x, qt.astype(x.dtype), (tdims, ((), ())), preferred_element_type=jnp.float32)
         return y * w.scale.astype(jnp.float32)
     return jax.lax.dot_general(x, w.astype(x.dtype), (dims, ((), ())), preferred_element_type=jnp.float32)
 

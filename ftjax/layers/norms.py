@@ -31,14 +31,17 @@ class Norm(nn.Module):
             y = xf * jnp.reciprocal(jnp.sqrt(var + self.eps)) * scale.astype(jnp.float32)
         return y.astype(self.dtype)
 
+    def _gamma_beta(self):
+        p = self.variables["params"]
+        return p["scale"], (p["bias"] if self.kind == "layernorm" else None)
+
     def add(self, x, parts=None, pscale=None, pbias=None, *, interpret: bool = False):
         """The fused decode path: (x_new, norm(x_new)) with x_new = x + sum(parts, 0) * pscale + pbias, in
         one Pallas kernel (ftjax/pallas/add_norm.py). x [M, d]; parts [S, M, d] float32 or None."""
         from ftjax.pallas.add_norm import add_norm
 
-        p = self.variables["params"]
-        return add_norm(x, parts, pscale, pbias, gamma=p["scale"],
-                        beta=p["bias"] if self.kind == "layernorm" else None, kind=self.kind, eps=float(self.eps),
+        gamma, beta = self._gamma_beta()
+        return add_norm(x, parts, pscale, pbias, gamma=gamma, beta=beta, kind=self.kind, eps=float(self.eps),
                         interpret=interpret)
 
     def add_stats(self, x, parts=None, pscale=None, pbias=None, *, interpret: bool = False):
@@ -48,17 +51,14 @@ class Norm(nn.Module):
         from ftjax.layers.linear import NormedInput
         from ftjax.pallas.add_norm import add_stats
 
-        p = self.variables["params"]
         x_new, stats = add_stats(x, parts, pscale, pbias, interpret=interpret)
-        return x_new, NormedInput(x_new, stats, p["scale"], p["bias"] if self.kind == "layernorm" else None,
-                                  self.kind, float(self.eps))
+        return x_new, NormedInput(x_new, stats, *self._gamma_beta(), self.kind, float(self.eps))
 
     def add_normalise(self, x, parts=None, pscale=None, pbias=None, *, interpret: bool = False):
         """As `add`, as two kernels spread over the GPU (`add_stats`, then `normalise`) instead of one
         program per row: (x_new, norm(x_new))."""
         from ftjax.pallas.add_norm import add_stats, normalise
 
-        p = self.variables["params"]
         x_new, stats = add_stats(x, parts, pscale, pbias, interpret=interpret)
-        return x_new, normalise(x_new, stats, p["scale"], p["bias"] if self.kind == "layernorm" else None,
-                                kind=self.kind, eps=float(self.eps), interpret=interpret)
+        return x_new, normalise(x_new, stats, *self._gamma_beta(), kind=self.kind, eps=float(self.eps),
+                                interpret=interpret)

@@ -320,9 +320,8 @@ def dequant_int8(wb, cdtype, how: str):
   if how == "cvt" or cdtype == jnp.float32:
     return wb.astype(cdtype)
   if how == "asm":
-    from jax.experimental.pallas import triton as pltriton
     asm = _ASM_S8_BF16 if cdtype == jnp.bfloat16 else _ASM_S8_F16
-    [out] = pltriton.elementwise_inline_asm(
+    [out] = C.pltriton.elementwise_inline_asm(
         asm, args=[wb], constraints="=r,=r,r", pack=4,
         result_shape_dtypes=[jax.ShapeDtypeStruct(wb.shape, cdtype)])
     return out
