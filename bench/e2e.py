@@ -191,6 +191,9 @@ def floor_ms(cfg, b, t_in, t_out, w_bytes, bw, rate, kv_itemsize=2):
 
 
 # ------------------------------------------------------------------------------------------- ftjax
+INT8_LAYOUT = ["auto"]   # --int8-layout
+
+
 def run_ftjax(cfg, params, case, reps, variant, bw, rate, hlo_memory=True):
     import jax
 
@@ -201,6 +204,7 @@ def run_ftjax(cfg, params, case, reps, variant, bw, rate, hlo_memory=True):
     prompts = rng.randint(1, cfg.vocab, size=(b, t_in)).tolist()
     t0 = now()
     llm = LLM(cfg, params, dtype="bfloat16", max_batch_size=b, max_seq_len=t_in + t_out, max_beam_width=1)
+    llm.engine.int8_layout = INT8_LAYOUT[0]
     build_s = now() - t0
     t0 = now()
     res = llm.generate(prompts, max_new_tokens=t_out, end_id=None)
@@ -412,8 +416,9 @@ def main(argv=None):
                     f"(ids: {', '.join(case_id(c) for c in CASES)})")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-int8", action="store_true")
-    ap.add_argument("--int8-transposed", action="store_true",
-                    help="INT8 weights stored transposed (QuantizedWeightT: the small-M kernel reads them along K)")
+    ap.add_argument("--int8-layout", default="auto", choices=["auto", "kn", "nk"],
+                    help="Engine.int8_layout: auto (transposed, QuantizedWeightT, when the small-M kernel runs), "
+                    "kn (QuantizedWeight), nk (QuantizedWeightT)")
     ap.add_argument("--skip-ftjax", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--case-timeout", type=float, default=300, help="seconds per case and implementation (soft)")
@@ -511,8 +516,8 @@ def main(argv=None):
                     guarded(lambda c=c: run_ftjax(cfg, params, c, args.reps, "bf16", bw, rate,
                                                   not args.no_hlo_memory), c, "ftjax-bf16")
             if not args.skip_int8:
-                params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16, delete_source=True,
-                                           transposed=args.int8_transposed)
+                params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16, delete_source=True)
+                INT8_LAYOUT[0] = args.int8_layout
                 jax.block_until_ready(params)
                 for c in mcases:
                     if not over_budget(c, "ftjax-int8"):

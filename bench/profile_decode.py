@@ -30,8 +30,9 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--attention", default="auto")
-    ap.add_argument("--quantize", default=None, choices=[None, "int8", "int8t"],
-                    help="weight-only int8 (as ftjax.load); int8t: stored transposed (QuantizedWeightT)")
+    ap.add_argument("--quantize", default=None, choices=[None, "int8", "int8kn", "int8t"],
+                    help="weight-only int8 (as ftjax.load: the engine picks the layout); int8kn / int8t: "
+                    "QuantizedWeight / QuantizedWeightT (Engine.int8_layout kn / nk)")
     ap.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp())
     ap.add_argument("--sequence", default=None, help="write the kernel names of ~2 decode steps from the middle "
                     "of the loop, in launch order with durations (us), to this file")
@@ -57,9 +58,10 @@ def main():
     params = random_params(cfg)
     if a.quantize:
         from ftjax import quantize as Q
-        params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16, transposed=a.quantize == "int8t")
+        params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16)
     llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=max(a.batch, 1), max_seq_len=a.prompt + a.steps + 8,
                     attention=a.attention)
+    llm.engine.int8_layout = {"int8kn": "kn", "int8t": "nk"}.get(a.quantize, "auto")
     if a.steps_mode:
         llm.engine.steps_mode = a.steps_mode
     if a.fuse:

@@ -42,13 +42,13 @@ def child(a):
         for wq, sm, (sl_name, sl_cfg) in [(w, m, c) for w in a.weights.split(",") for m in a.small_m.split(",")
                                           for c in sls]:
             SL.DEFAULT_CONFIG = sl_cfg
-            params = base if wq == "bf16" else Q.quantize_params(base, cfg, scale_dtype=jax.numpy.bfloat16,
-                                                                 transposed=wq == "int8t")
+            params = base if wq == "bf16" else Q.quantize_params(base, cfg, scale_dtype=jax.numpy.bfloat16)
             S = min(512, cfg.max_positions)
             P = min(128, S // 4)
             llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=a.batch, max_seq_len=S,
                             attention=a.attention)
             eng = llm.engine
+            eng.int8_layout = {"int8kn": "kn", "int8t": "nk"}.get(wq, "auto")
             if sm != "auto":
                 eng.small_m = sm != "off"
                 eng.fuse_decode = {"on": False, "fused": True}.get(sm, sm)
@@ -105,8 +105,8 @@ def parse_sl(v: str):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="350m,1.3b")
-    ap.add_argument("--weights", default="bf16", help="comma list of bf16, int8, int8t (int8 stored transposed, "
-                    "QuantizedWeightT: the small-M kernel reads its tiles along K)")
+    ap.add_argument("--weights", default="bf16", help="comma list of bf16, int8 (the engine's layout), int8kn "
+                    "(QuantizedWeight, [K, N]), int8t (QuantizedWeightT, [N, K]: the small-M kernel reads its tiles along K)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--small-m", default="auto", help="comma list of auto/off/on/fused: the Pallas small-M projections "

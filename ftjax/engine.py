@@ -103,6 +103,18 @@ class Engine:
             self.cfg = cfg
         self.family = family_for(cfg, self.dtype, self.impl)
         self.model = self.family.model
+        # Decode-step projections (<= 16 rows) through the Pallas small-M kernel: on a GPU with the Pallas
+        # attention, one device per shard (a tensor-parallel mesh keeps XLA's partitioned dots). Read when
+        # the decode loop is traced; tests set it to run the kernel interpreted on CPU.
+        small_m = (self.impl == "pallas" and jax.default_backend() == "gpu"
+                   and (self.layout is None or self.layout.mesh.size == 1))
+        # INT8 weights' layout: "auto" = stored transposed (QuantizedWeightT) while the small-M kernel runs
+        # the decode step (it reads them along K: faster, bench/RESULTS.md), else as loaded; "kn" / "nk"
+        # force QuantizedWeight / QuantizedWeightT. Host params are put in that layout before they reach
+        # the device; setting `small_m` or `int8_layout` later re-lays the device weights.
+        self._int8_layout = "auto"
+        self._small_m = small_m
+        params = self._int8_relayout(params)
         if self.layout is not None:
             self.family = self.layout.wrap_family(self.family)   # pipeline stages when P > 1
             self.params = self.layout.place_params(cfg, params, self.dtype)
@@ -122,11 +134,6 @@ class Engine:
         # fusions that run far below copy bandwidth). `slots` is what requests may use.
         self.slots = ecfg.max_batch_size
         self.B = max(2, ecfg.max_batch_size)
-        # Decode-step projections (<= 16 rows) through the Pallas small-M kernel: on a GPU with the Pallas
-        # attention, one device per shard (a tensor-parallel mesh keeps XLA's partitioned dots). Read when
-        # the decode loop is traced; tests set it to run the kernel interpreted on CPU.
-        self.small_m = (self.impl == "pallas" and jax.default_backend() == "gpu"
-                        and (self.layout is None or self.layout.mesh.size == 1))
         # With the small-M kernel: the fused decode path of ftjax/models/gpt.py (split-K partials handed to
         # the residual add + norm kernel and to the attention kernel, which writes the new K/V itself)
         self.fuse_decode = True
@@ -150,6 +157,35 @@ class Engine:
                                  **_copts(opts.get("generate")))
         self._logits = jax.jit(self._logits_fn)
         self._retire = jax.jit(self._retire_sharded, donate_argnums=(0,))
+
+    # ------------------------------------------------------------------------------ int8 layout
+    @property
+    def small_m(self) -> bool:
+        return self._small_m
+
+    @small_m.setter
+    def small_m(self, on: bool):
+        self._small_m = bool(on)
+        self.params = self._int8_relayout(self.params)
+
+    @property
+    def int8_layout(self) -> str:
+        return self._int8_layout
+
+    @int8_layout.setter
+    def int8_layout(self, how: str):
+        if how not in ("auto", "kn", "nk"):
+            raise ValueError(f"int8_layout: {how!r} is not 'auto', 'kn' or 'nk'")
+        self._int8_layout = how
+        self.params = self._int8_relayout(self.params)
+
+    def _int8_relayout(self, params):
+        """params with the int8 weights in the layout asked for (a weight's old layout is freed once
+        nothing else holds it: arrays the caller handed in are never deleted here)."""
+        from ftjax.quantize import set_int8_layout
+
+        how = self._int8_layout
+        return set_int8_layout(params, how == "nk" or (how == "auto" and self._small_m))
 
     # ------------------------------------------------------------------------------------ state
     def slot_bytes(self) -> int:

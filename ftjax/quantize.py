@@ -17,7 +17,9 @@ config records `"quantize": "int8"`; `from_storage` regroups it when the checkpo
 
 `quantize_params(..., transposed=True)` stores each int8 weight transposed instead (`QuantizedWeightT`,
 q [*out, *in], the input dims contiguous): the same values, a layout the small-M decode kernel reads
-along K (an experiment: bench/RESULTS.md says whether it is faster). On disk it is the same
+along K without byte-wise shared-memory loads (1.3B int8 decode step 1.146 -> 1.045 ms on an H100,
+bench/RESULTS.md). The Engine puts int8 weights in that layout itself whenever its decode step runs the
+small-M kernel (`set_int8_layout`; `Engine.int8_layout` overrides it). On disk it is the same
 `{"q", "scale"}` as a QuantizedWeight (`to_storage` transposes it back).
 """
 from __future__ import annotations
@@ -36,7 +38,7 @@ PROJECTIONS = ("q", "k", "v", "o", "wi", "wg", "wo")
 QMAX = 127.0
 
 __all__ = ["QuantizedWeight", "QuantizedWeightT", "transpose_quantized", "quantize_weight", "dequantize",
-           "quantize_params", "is_quantized", "param_bytes", "from_storage", "logical_axes", "int8_accuracy", "check_mode"]
+           "quantize_params", "set_int8_layout", "is_quantized", "param_bytes", "from_storage", "logical_axes", "int8_accuracy", "check_mode"]
 
 
 def check_mode(quantize: str | None) -> str | None:
@@ -154,6 +156,23 @@ def quantize_params(params: dict[str, Any], cfg=None, *, mode: str = "int8", lm_
     if progress is not None:
         progress(f"int8: quantized {count[0]} weights")
     return out
+
+
+def set_int8_layout(params, transposed: bool, *, delete_source: bool = False):
+    """The same tree with every int8 weight in one layout: QuantizedWeightT (transposed=True) or
+    QuantizedWeight. Float leaves are left as they are (nothing is quantized here). numpy leaves are
+    transposed on the host, jax.Array leaves on their device; with `delete_source` a device weight's old
+    layout is deleted as soon as the new one exists (one weight's worth of extra memory at a time)."""
+    def fix(w):
+        if not _is_q(w) or isinstance(w, QuantizedWeightT) == bool(transposed):
+            return w
+        t = transpose_quantized(w)
+        old = w.q if isinstance(w, QuantizedWeight) else w.qt
+        if delete_source and isinstance(old, jax.Array):
+            old.delete()
+        return t
+
+    return jax.tree.map(fix, params, is_leaf=_is_q)
 
 
 def param_bytes(params) -> int:

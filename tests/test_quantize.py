@@ -104,6 +104,14 @@ def test_transposed_layout():
     assert sum(isinstance(v, QuantizedWeightT) for v in lt) == sum(isinstance(v, QuantizedWeight) for v in lq) > 0
     assert jax.tree.structure(Q.quantize_params(qp, transposed=True)) == jax.tree.structure(tp)
     assert jax.tree.structure(Q.quantize_params(tp)) == jax.tree.structure(qp)
+    # set_int8_layout converts only what is quantized (float leaves stay, nothing new is quantized)
+    assert jax.tree.structure(Q.set_int8_layout(qp, True)) == jax.tree.structure(tp)
+    assert jax.tree.structure(Q.set_int8_layout(tp, False)) == jax.tree.structure(qp)
+    assert jax.tree.structure(Q.set_int8_layout(p, True)) == jax.tree.structure(p)
+    dev = Q.set_int8_layout(jax.tree.map(jnp.asarray, qp), True)
+    for a, b in zip(jax.tree.leaves(dev), jax.tree.leaves(tp)):
+        assert isinstance(a, jax.Array)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(lq, lt):
         if isinstance(a, QuantizedWeight):
             assert b.shape == a.shape and b.qt.shape == b.shape[-len(a.scale.shape):] + b.shape[:-len(a.scale.shape)]
@@ -157,6 +165,9 @@ def test_engine_keeps_int8_and_memory(pair):
     leaves = jax.tree.leaves(q.engine.params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
     qws = [x for x in leaves if isinstance(x, QuantizedWeight)]
     assert qws and all(x.q.dtype == jnp.int8 and isinstance(x.q, jax.Array) for x in qws)
+    with pytest.raises(ValueError, match="int8_layout"):
+        q.engine.int8_layout = "rows"
+    assert q.engine.int8_layout == "auto"
     # Device bytes: int8 <= 0.55x bf16 of the same model (embedding share here ~ a 1.3B GPT's)
     cfg = dataclasses.replace(GPT_CFG, hidden=256, num_layers=4, ffn_dim=1024)
     p = _params(cfg)

@@ -24,18 +24,26 @@ SHAPES = {
 }
 
 
-def _llm(cfg, params, small_m, fuse=True):
+def _llm(cfg, params, small_m, fuse=True, int8_layout="auto"):
     llm = ftjax.LLM(cfg, params, dtype="float32", attention="pallas", max_batch_size=3, max_seq_len=48)
+    llm.engine.int8_layout = int8_layout
     llm.engine.small_m = small_m
     llm.engine.fuse_decode = fuse
     return llm
 
 
+def _int8_leaves(params):
+    return [x for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, (Q.QuantizedWeight, Q.QuantizedWeightT)))
+            if isinstance(x, (Q.QuantizedWeight, Q.QuantizedWeightT))]
+
+
 @pytest.mark.parametrize("family", sorted(SHAPES))
 @pytest.mark.parametrize("int8", [False, True, "transposed"])
 def test_decode_with_small_m_kernel_matches_xla(family, int8):
-    """int8="transposed": the kernel reads QuantizedWeightT (q stored [*out, *in]); the reference is XLA on
-    the plain QuantizedWeight tree, and XLA on the transposed tree is held to it too."""
+    """int8=True: the kernel reads the plain layout (int8_layout="kn"); int8="transposed": the engine's
+    default with the kernel on, QuantizedWeightT (q stored [*out, *in]), whether the tree came in
+    transposed or not. The reference is XLA on the plain QuantizedWeight tree, and XLA on the transposed
+    tree is held to it too."""
     seed = np.random.randint(1 << 30)
     cfg = ModelConfig(vocab_size=300, max_positions=64, hidden=64, num_layers=2, num_heads=4, ffn_dim=96,
                       bos_id=0, eos_id=1, **SHAPES[family])
@@ -45,9 +53,15 @@ def test_decode_with_small_m_kernel_matches_xla(family, int8):
     kparams = Q.quantize_params(params, cfg, transposed=True) if int8 == "transposed" else params
     prompts = [list(r) for r in np.random.RandomState(seed % 997).randint(2, 300, size=(3, 7))]
     res = {}
-    for name, p, small_m in [("xla", params, False), ("kernel", kparams, True)] + (
-            [("xla_t", kparams, False)] if kparams is not params else []):
-        res[name] = _llm(cfg, p, small_m).generate(prompts, max_new_tokens=6, end_id=None, return_log_probs=True)
+    runs = [("xla", params, False, "auto"), ("kernel", kparams, True, "kn" if int8 is True else "auto")]
+    if int8 == "transposed":
+        runs += [("xla_t", kparams, False, "nk"), ("kernel_auto", params, True, "auto")]
+    for name, p, small_m, layout in runs:
+        llm = _llm(cfg, p, small_m, int8_layout=layout)
+        if int8:
+            want = Q.QuantizedWeightT if (layout == "nk" or (layout == "auto" and small_m)) else Q.QuantizedWeight
+            assert all(isinstance(w, want) for w in _int8_leaves(llm.engine.params)), (name, want)
+        res[name] = llm.generate(prompts, max_new_tokens=6, end_id=None, return_log_probs=True)
     for name in set(res) - {"xla"}:
         assert res[name].tokens == res["xla"].tokens, f"{name}: seed {seed}"
         np.testing.assert_allclose(np.asarray(res[name].output_log_probs, np.float32),
