@@ -39,9 +39,10 @@ def child(a):
     for model in a.models.split(","):
         cfg = ModelConfig(**{**MODELS, **SMOKE_MODELS}[model])
         base = random_params(cfg)
-        for wq, sm, (sl_name, sl_cfg) in [(w, m, c) for w in a.weights.split(",") for m in a.small_m.split(",")
-                                          for c in sls]:
+        for wq, sm, (sl_name, sl_cfg, sl_sets) in [(w, m, c) for w in a.weights.split(",")
+                                                   for m in a.small_m.split(",") for c in sls]:
             SL.DEFAULT_CONFIG = sl_cfg
+            restore = apply_sets(sl_sets)
             params = base if wq == "bf16" else Q.quantize_params(base, cfg, scale_dtype=jax.numpy.bfloat16)
             S = min(512, cfg.max_positions)
             P = min(128, S // 4)
@@ -83,23 +84,49 @@ def child(a):
                     row[f"{mode}_{n}_ms"] = round(timed(n), 3)
             print("ROW " + json.dumps(row), flush=True)
             llm = eng = params = None
+            apply_sets(restore)
+
+
+def _value(val: str):
+    if val in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[val]
+    for conv in (int, float):
+        try:
+            return conv(val)
+        except ValueError:
+            pass
+    return val
 
 
 def parse_sl(v: str):
-    """'name=field:value;field:value' -> (name, SmallLinearConfig) (values int, float or str)."""
+    """'name=field:value;field:value;@module.attr:value' -> (name, SmallLinearConfig, [(module, attr,
+    value)]): SmallLinearConfig fields, and module globals set for that variant (values int, float, bool,
+    None or str), e.g. '@ftjax.layers.mlp.FUSE_ACTIVATION:False'."""
     from ftjax.pallas.small_linear import SmallLinearConfig
 
     name, _, spec = v.partition("=")
-    kw = {}
+    kw, sets = {}, []
     for item in [i for i in spec.split(";") if i]:
         k, _, val = item.partition(":")
-        for conv in (int, float, str):
-            try:
-                kw[k] = conv(val)
-                break
-            except ValueError:
-                pass
-    return name, SmallLinearConfig(**kw)
+        if k.startswith("@"):
+            mod, _, attr = k[1:].rpartition(".")
+            sets.append((mod, attr, _value(val)))
+        else:
+            kw[k] = _value(val)
+    return name, SmallLinearConfig(**kw), sets
+
+
+def apply_sets(sets):
+    """Set module globals; returns the previous values (to restore with apply_sets(old))."""
+    import importlib
+
+    old = []
+    for mod, attr, val in sets:
+        m = importlib.import_module(mod)
+        assert hasattr(m, attr), f"--sl: {mod} has no {attr}"
+        old.append((mod, attr, getattr(m, attr)))
+        setattr(m, attr, val)
+    return old
 
 
 def main():
@@ -116,7 +143,8 @@ def main():
     ap.add_argument("--variants", nargs="*", default=["default="], help="name=XLA_FLAGS")
     ap.add_argument("--sl", nargs="*", default=["default="],
                     help="small-M kernel configs, each 'name=field:value;field:value' (SmallLinearConfig fields, "
-                         "e.g. 'asm=dequant:asm' 'bn128=block_n:128;block_k:64'), A/B in one process")
+                         "e.g. 'asm=dequant:asm' 'bn128=block_n:128;block_k:64'), and module globals as '@module.attr:value' "
+                         "(e.g. 'xla_act=@ftjax.layers.mlp.FUSE_ACTIVATION:False'), A/B in one process")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--name", default="default")
     ap.add_argument("--json", default=None)

@@ -118,7 +118,7 @@ def main():
         for wq in a.weights.split(","):
             dt = jnp.bfloat16 if wq == "bf16" else jnp.int8
             t = wq == "int8t"
-            for name, cfg in (parse_sl(v) for v in a.sl):
+            for name, cfg, _ in (parse_sl(v) for v in a.sl):
                 res = choose_config(a.m, K, Ns, dt, cfg, kmajor=t)
                 ws = [jax.ShapeDtypeStruct((n, K) if t else (K, n), dt) for n in Ns]
                 ttir = capture_ttir(lambda x, *w: small_linear_parts(x, list(w), config=cfg, transposed=[t] * len(w)),
