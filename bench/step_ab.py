@@ -101,7 +101,7 @@ def _value(val: str):
 def parse_sl(v: str):
     """'name=field:value;field:value;@module.attr:value' -> (name, SmallLinearConfig, [(module, attr,
     value)]): SmallLinearConfig fields, and module globals set for that variant (values int, float, bool,
-    None or str), e.g. '@ftjax.layers.mlp.FUSE_ACTIVATION:False'."""
+    None or str)."""
     from ftjax.pallas.small_linear import SmallLinearConfig
 
     name, _, spec = v.partition("=")
@@ -144,7 +144,7 @@ def main():
     ap.add_argument("--sl", nargs="*", default=["default="],
                     help="small-M kernel configs, each 'name=field:value;field:value' (SmallLinearConfig fields, "
                          "e.g. 'asm=dequant:asm' 'bn128=block_n:128;block_k:64'), and module globals as '@module.attr:value' "
-                         "(e.g. 'xla_act=@ftjax.layers.mlp.FUSE_ACTIVATION:False'), A/B in one process")
+                         "(a switch read when the step is traced), A/B in one process")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--name", default="default")
     ap.add_argument("--json", default=None)

@@ -13,7 +13,7 @@ import pytest
 from ftjax.pallas.add_norm import add_norm, add_norm_reference, add_stats, norm_from_stats, normalise
 from ftjax.pallas.decode_attention import (DecodeConfig, decode_attention_append,
                                            decode_attention_append_reference)
-from ftjax.pallas.small_linear import small_linear_parts, small_linear_parts_act, small_linear_reference
+from ftjax.pallas.small_linear import small_linear_parts, small_linear_reference
 
 
 def _rng():
@@ -69,52 +69,6 @@ def test_add_stats_normalise_and_normalising_projection(M, D, S, kind, dt, scale
     for p, r in zip(got, ref):
         assert p.ndim == 3 and p.shape[1:] == r.shape
         assert _err(p.sum(0), r) < (2e-4 if dt == "float32" else 0.1), f"seed {seed}"
-
-
-@pytest.mark.parametrize("M,K,S,act,gated,dt,int8,cfg", [
-    (1, 96, 3, "gelu_tanh", False, "float32", False, None),
-    (3, 200, 5, "silu", True, "bfloat16", True, dict(block_k=32, block_n=32, num_splits=3)),   # ragged K
-    (16, 128, 1, "relu", False, "bfloat16", False, None),
-    (2, 72, 2, "gelu", True, "float32", "transposed", dict(block_k=16, num_splits=2)),
-])
-def test_activation_prologue_matches_reference(M, K, S, act, gated, dt, int8, cfg):
-    """`small_linear_parts_act`: x = act(y_1) * y_0 (gated) or act(y_0), y_j = (sum of source j's split-K
-    partials) * scale + bias rounded to the model dtype, computed inside the projection kernel, against
-    the same in float32 jnp."""
-    from ftjax.layers.mlp import activation
-    from ftjax.pallas.small_linear import SmallLinearConfig
-
-    seed, rng = _rng()
-    srcs, ys = [], []
-    for j in range(2 if gated else 1):
-        parts = jnp.asarray(rng.randn(S, M, K) / np.sqrt(S), jnp.float32)
-        sc = jnp.asarray(rng.rand(K) + 0.5, jnp.float32) if j == 0 else None
-        bias = jnp.asarray(rng.randn(K) * 0.1, dt) if j == len(srcs) or not gated else None
-        srcs.append((parts, sc, bias))
-        y = parts.sum(0) * (1.0 if sc is None else sc) + (0.0 if bias is None else bias.astype(jnp.float32))
-        ys.append(y.astype(dt).astype(jnp.float32))
-    xh = (activation(act, ys[1]) * ys[0] if gated else activation(act, ys[0])).astype(dt)
-    ns = (48, 24)
-    if int8:
-        ws = [jnp.asarray(rng.randint(-127, 128, size=(K, n)), jnp.int8) for n in ns]
-    else:
-        ws = [jnp.asarray(rng.randn(K, n) / np.sqrt(K), dt) for n in ns]
-    stored = [w.T for w in ws] if int8 == "transposed" else ws
-    got = small_linear_parts_act(srcs, stored, act=act, dtype=dt, interpret=True,
-                                 config=SmallLinearConfig(**cfg) if cfg else None,
-                                 transposed=[int8 == "transposed"] * len(ws))
-    ref = small_linear_reference(xh, ws)
-    for p, r, w in zip(got, ref, ws):
-        assert p.ndim == 3 and p.shape[1:] == r.shape
-        mag = float(jnp.max(jnp.abs(xh.astype(jnp.float32)) @ jnp.abs(w.astype(jnp.float32))))
-        # bf16: a y_j within an ulp of a rounding boundary may round the other way than the reference
-        tol = 1e-5 if dt == "float32" else 0.02
-        assert _err(p.sum(0), r) <= tol * mag, f"seed {seed}"
-    with pytest.raises(AssertionError, match="act="):
-        small_linear_parts_act(srcs, stored, act="tanh", dtype=dt, interpret=True)
-    with pytest.raises(AssertionError, match=r"sources\[0\] parts must be \[S, M, K\] float32"):
-        small_linear_parts_act([(srcs[0][0].astype(jnp.bfloat16), None, None)], stored, act=act, dtype=dt,
-                               interpret=True)
 
 
 @pytest.mark.parametrize("S,b,n,kh,s,h,dt,splits,extras", [

@@ -90,10 +90,9 @@ def test_kernel_is_in_the_decode_step_once_per_projection_group():
     eng = _llm(cfg, gpt.init_params(cfg), True).engine
     txt = str(jax.make_jaxpr(lambda s: eng._generate_fn(eng.params, s, 0, rem=1, chunked=False, beam=False,
                                                         sampled=False))(eng.init_state()))
-    # fused (the default): per layer q/k/v (one launch), o, gate/up (one launch) as unreduced partials, down
-    # from those partials (the activation inside its kernel); then the untied head, reduced
-    assert len(re.findall(r"name=_small_linear_parts\b", txt)) == 3 * cfg.num_layers
-    assert len(re.findall(r"name=_small_linear_parts_act\b", txt)) == cfg.num_layers
+    # fused (the default): per layer q/k/v (one launch), o, gate/up (one launch), down as unreduced partials;
+    # then the untied head, reduced
+    assert len(re.findall(r"name=_small_linear_parts\b", txt)) == 4 * cfg.num_layers
     assert len(re.findall(r"name=_small_linear\b", txt)) == 1
     eng = _llm(cfg, gpt.init_params(cfg), True, fuse=False).engine
     txt = str(jax.make_jaxpr(lambda s: eng._generate_fn(eng.params, s, 0, rem=1, chunked=False, beam=False,

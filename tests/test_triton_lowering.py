@@ -86,21 +86,6 @@ def test_transposed_int8_projection_lowers():
     assert txt.count(TRITON) == 1
 
 
-@pytest.mark.parametrize("act,gated,wdt,trans,M", [("gelu_tanh", False, jnp.bfloat16, False, 1),
-                                                   ("silu", True, jnp.int8, True, 3),
-                                                   ("gelu", False, jnp.int8, False, 16)])
-def test_activation_prologue_lowers(act, gated, wdt, trans, M):
-    from ftjax.pallas.small_linear import small_linear_parts_act
-    F, D, S = 8192, 2048, 8
-    w = sds((D, F) if trans else (F, D), wdt)
-    srcs = [(sds((S, M, F), jnp.float32), None, sds((F,)))] * (2 if gated else 1)
-
-    def f(w, *flat):
-        src = [tuple(flat[3 * i:3 * i + 3]) for i in range(len(srcs))]
-        return small_linear_parts_act(src, [w], act=act, dtype=jnp.bfloat16, transposed=[trans])
-    assert lower_cuda(f, w, *[a for src in srcs for a in src]).count(TRITON) == 1
-
-
 def test_projection_and_attention_kernels_lower():
     x = sds((2, 1000))
     ws = [sds((1000, 384)), sds((1000, 96), jnp.int8)]
@@ -144,7 +129,6 @@ def test_fused_decode_step_lowers(family):
     assert len(re.findall(r"name=add_stats\b", jtxt)) == 2 * L
     assert len(re.findall(r"name=add_norm\b", jtxt)) == 1
     assert len(re.findall(r"name=decode_attention_append\b", jtxt)) == L
-    assert len(re.findall(r"name=_small_linear_parts\b", jtxt)) == 3 * L
-    assert len(re.findall(r"name=_small_linear_parts_act\b", jtxt)) == L    # MLP out, activation inside
+    assert len(re.findall(r"name=_small_linear_parts\b", jtxt)) == 4 * L
     assert len(re.findall(r"name=_small_linear\b", jtxt)) == (0 if cfg.tie_embeddings else 1)
     assert "scatter" not in jtxt        # the K/V write is the attention kernel's

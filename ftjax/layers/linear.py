@@ -92,17 +92,6 @@ class NormedInput(NamedTuple):
     eps: float
 
 
-class ActInput(NamedTuple):
-    """act(y_1) * y_0 (two sources) or act(y_0) (one) not yet computed, y_j = (sum(parts_j, 0) * scale_j +
-    bias_j) in `dtype`: the fused decode path hands this to `linear_parts`, whose kernel computes the
-    MLP's hidden activation tile by tile from the input projections' split-K partials. sources: tuple of
-    (parts [S, M, f] float32, scale [f] or None, bias [f] or None)."""
-
-    sources: tuple
-    act: str
-    dtype: Any
-
-
 def fused_decode_mode(x, n_in: int = 1):
     """The small-M mode dict when projections of x run the kernel and fusion is on, else None."""
     mode = _small_m_mode(x, n_in)
@@ -119,24 +108,15 @@ def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[tuple[j
     if isinstance(x, NormedInput):
         norm = (x.stats, x.gamma, x.beta, x.kind, x.eps)
         x = x.x
-    act = None
-    if isinstance(x, ActInput):
-        assert n_in == 1, "linear_parts: an ActInput is [M, f] (n_in=1)"
-        act = x
-        x = jax.ShapeDtypeStruct(x.sources[0][0].shape[1:], x.dtype)
     mode = _small_m_mode(x, n_in)
     assert mode is not None, "linear_parts: the small-M kernel is off for this input"
-    from ftjax.pallas.small_linear import small_linear_parts, small_linear_parts_act
+    from ftjax.pallas.small_linear import small_linear_parts
 
     lead = x.shape[: x.ndim - n_in]
     flats = [_flat(w, n_in) for w in ws]
-    if act is not None:
-        parts = small_linear_parts_act([tuple(src) for src in act.sources], [f[0] for f in flats], act=act.act,
-                                       dtype=act.dtype, interpret=mode["interpret"],
-                                       transposed=[f[3] for f in flats])
-    else:
-        parts = small_linear_parts(x.reshape(math.prod(lead), -1), [f[0] for f in flats], norm=norm,
-                                   interpret=mode["interpret"], transposed=[f[3] for f in flats])
+    x2 = x.reshape(math.prod(lead), -1)
+    parts = small_linear_parts(x2, [f[0] for f in flats], norm=norm, interpret=mode["interpret"],
+                               transposed=[f[3] for f in flats])
     out = []
     for p, (_, scale, shape, _) in zip(parts, flats):
         out.append((p.reshape(p.shape[0], *lead, *shape), None if scale is None else scale.reshape(shape)))

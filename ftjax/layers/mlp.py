@@ -7,12 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftjax.layers.linear import ActInput, Linear, fused_linears, linear_parts, reduce_parts
-
-# The fused decode path computes the hidden activation inside the output projection's kernel (from the
-# input projections' split-K partials) instead of in an XLA fusion between the two kernels; False keeps
-# the XLA fusion (bench/step_ab.py --set ftjax.layers.mlp:FUSE_ACTIVATION=False).
-FUSE_ACTIVATION = True
+from ftjax.layers.linear import Linear, fused_linears, linear_parts, reduce_parts
 
 
 def activation(name: str, x):
@@ -52,20 +47,13 @@ class MLP(nn.Module):
 
     def parts(self, x):
         """The fused decode path: x [M, d] -> (parts [S, M, d] float32, scale or None, bias or None) of the
-        output projection, unreduced (the caller's residual add + norm kernel sums them). The input
-        projections' partials reach the output projection's kernel unreduced too, which sums them, adds
-        the bias and applies the activation tile by tile (`ActInput`; with FUSE_ACTIVATION off, one XLA
-        fusion does that between the two kernels)."""
+        output projection, unreduced (the caller's residual add + norm kernel sums them); the input
+        projections' partials are reduced here with bias and activation (one XLA fusion)."""
         mods = [self.wi, self.wg] if self.gated else [self.wi]
         ps = [m.variables["params"] for m in mods]
-        po = self.wo.variables["params"]
-        pairs = linear_parts(x, [p["kernel"] for p in ps])
-        if FUSE_ACTIVATION:
-            srcs = tuple((part, scale, p["bias"] if self.use_bias else None) for (part, scale), p in zip(pairs, ps))
-            (part, scale), = linear_parts(ActInput(srcs, self.act, jnp.dtype(self.dtype)), [po["kernel"]])
-            return part, scale, (po["bias"] if self.use_bias else None)
         ys = [reduce_parts(part, scale, p["bias"] if self.use_bias else None).astype(self.dtype).astype(jnp.float32)
-              for (part, scale), p in zip(pairs, ps)]
+              for (part, scale), p in zip(linear_parts(x, [p["kernel"] for p in ps]), ps)]
         h = activation(self.act, ys[1]) * ys[0] if self.gated else activation(self.act, ys[0])
+        po = self.wo.variables["params"]
         (part, scale), = linear_parts(h.astype(self.dtype), [po["kernel"]])
         return part, scale, (po["bias"] if self.use_bias else None)

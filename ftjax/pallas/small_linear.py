@@ -336,7 +336,7 @@ def dequant_int8(wb, cdtype, how: str):
 
 def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int,
             num_splits: int, per_split: int, n_kblocks: int, precision, norm=None,
-            dequant: str = "cvt", trans=None, act=None, cdtype=None):
+            dequant: str = "cvt", trans=None):
   """x_ref [M, K]; refs = (*w_refs [K, N_i], [stats, gamma, (beta)], *out_refs [num_splits, M, N_i]),
   all whole arrays.
 
@@ -346,21 +346,14 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
   `small_linear_parts`), from the row statistics in stats [2, M, n_chunks].
   dequant: how an int8 W tile is converted (`dequant_int8`).
   trans: per weight, True where it is stored [N, K] (its tiles are read [bn, bk], product x @ tile.T).
-  act = (name, gated, ((S, has_scale, has_bias), ...)) or None: x is an activation of the split-K
-  partials of 1 (or, gated, 2) earlier projections, computed tile by tile (see `small_linear_parts`):
-  x_ref is then the first source's partials [S, M, K] float32, the rest of the sources' refs follow
-  the weights ((scale), (bias), then (parts, (scale), (bias)) of the second); cdtype is x's dtype.
   """
   n_w = len(Ns)
   w_refs, refs = refs[:n_w], refs[n_w:]
   if norm is not None:
     n_norm = 3 if norm[3] else 2
     norm_refs, refs = refs[:n_norm], refs[n_norm:]
-  if act is not None:
-    n_act = sum(int(hs) + int(hb) + (i > 0) for i, (_, hs, hb) in enumerate(act[2]))
-    act_refs, refs = refs[:n_act], refs[n_act:]
   o_refs = refs
-  cdtype = x_ref.dtype if act is None else jnp.dtype(cdtype)
+  cdtype = x_ref.dtype
   pid = pl.program_id(0)
   # A traced zero, not the literal 0, where a ref is indexed at 0 (see row0 below; a Python int
   # scalar index also trips the interpreter's store rule in jax 0.10).
@@ -393,48 +386,15 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
     mean = None if mean is None else mean[:, None]                        # [16, 1]
     rstd = rstd[:, None]
 
-  def tile(ref, k0, kmask):                                               # [1, bk] float32 of a [K] ref
-    v = ref.at[pl.ds(k0, block_k)]
-    return (v[...] if kmask is None else C.load(v, mask=kmask, other=0)).astype(jnp.float32)[None, :]
-
   def normalise(xb, k0, kmask):                                           # [16, bk] -> [16, bk] cdtype
     if norm is None:
       return xb
-    b = None if b_ref is None else tile(b_ref, k0, kmask)
-    return scale_shift(xb.astype(jnp.float32), mean, rstd, tile(g_ref, k0, kmask), b).astype(cdtype)
+    def tile(ref):                                                        # [1, bk] float32 of a [K] ref
+      v = ref.at[pl.ds(k0, block_k)]
+      return (v[...] if kmask is None else C.load(v, mask=kmask, other=0)).astype(jnp.float32)[None, :]
 
-  # The activation is computed on the M rows only (padded to a power of two, mp), not on the 16 rows of
-  # the x tile: the partials are loaded [mp, bk] and the result is repeated to 16 rows for the product
-  # (rows >= M are discarded at the store, so what they hold does not matter as long as it is finite).
-  mp = pl.next_power_of_2(M)
-  amask = None if mp == M else (jnp.arange(mp) < M)[:, None]              # [mp, 1]
-
-  def activated(k0, kmask):                                               # [16, bk] cdtype
-    name, gated, srcs = act
-    m = _and(amask, None if kmask is None else kmask[None, :])
-    rest = iter(act_refs)
-    ys = []
-    for i, (S, has_scale, has_bias) in enumerate(srcs):
-      p_ref = x_ref if i == 0 else next(rest)
-      s_ref = next(rest) if has_scale else None
-      bias_ref = next(rest) if has_bias else None
-      y = None
-      for sp in range(S):
-        v = p_ref.at[zero + sp, pl.ds(row0, mp), pl.ds(k0, block_k)]
-        t = v[...] if m is None else C.load(v, mask=m, other=0)
-        y = t if y is None else y + t
-      if s_ref is not None:
-        y = y * tile(s_ref, k0, kmask)
-      if bias_ref is not None:
-        y = y + tile(bias_ref, k0, kmask)
-      ys.append(y.astype(cdtype).astype(jnp.float32))   # as the unfused path rounds the projection
-    h = kernel_activation(name, ys[1]) * ys[0] if gated else kernel_activation(name, ys[0])
-    h = h.astype(cdtype)
-    if mp == ROWS:
-      return h
-    if mp == 1:
-      return jnp.broadcast_to(h, (ROWS, block_k))
-    return jnp.broadcast_to(h[None], (ROWS // mp, mp, block_k)).reshape(ROWS, block_k)
+    b = None if b_ref is None else tile(b_ref)
+    return scale_shift(xb.astype(jnp.float32), mean, rstd, tile(g_ref), b).astype(cdtype)
 
   def run(w_ref, o_ref, N: int, first: int, t: bool):
     n0 = (pid - first) * block_n
@@ -446,12 +406,9 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       k0 = kb * block_k
       kmask = ((k0 + jnp.arange(block_k)) < K) if ragged_k else None      # [bk]
       xm = _and(rmask, None if kmask is None else kmask[None, :])
-      if act is not None:
-        xb = activated(k0, kmask)
-      else:
-        xs = x_ref.at[pl.ds(row0, ROWS), pl.ds(k0, block_k)]
-        xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)     # [16, bk]
-        xb = normalise(xb, k0, kmask)
+      xs = x_ref.at[pl.ds(row0, ROWS), pl.ds(k0, block_k)]
+      xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)       # [16, bk]
+      xb = normalise(xb, k0, kmask)
       if t:                                                               # [bn, bk], K contiguous
         ncol = None if nmask is None else ((n0 + jnp.arange(block_n)) < N)[:, None]  # [bn, 1]
         wm = _and(ncol, None if kmask is None else kmask[None, :])
@@ -491,11 +448,9 @@ def _and(a, b):
   return a if b is None else a & b
 
 
-def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None, act=None, act_args=(),
-           cdtype=None):
-  """The kernel call: list of [num_splits, M, N_i] float32 split-K partials (scales not applied).
-  With `act` (the kernel's), x is the first source's partials [S, M, K] and act_args the rest."""
-  M, K = x.shape[-2:]
+def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None):
+  """The kernel call: list of [num_splits, M, N_i] float32 split-K partials (scales not applied)."""
+  M, K = x.shape
   trans = _transposed(ws, trans)
   Ns = tuple(int(_kn(w, t)[1]) for w, t in zip(ws, trans))
   wdtype = max((jnp.dtype(w.dtype) for w in ws), key=lambda d: d.itemsize)
@@ -508,8 +463,8 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None, act
 
   kernel = functools.partial(
       _kernel, Ns=Ns, firsts=firsts, K=K, M=M, block_n=bn, block_k=bk, num_splits=splits,
-      per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(cdtype or x.dtype), norm=norm,
-      dequant=resolve_dequant(cfg.dequant, interpret), trans=trans, act=act, cdtype=cdtype)
+      per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype), norm=norm,
+      dequant=resolve_dequant(cfg.dequant, interpret), trans=trans)
   # Whole-array blocks (index 0): the kernel indexes x, W and the outputs itself (pl.ds + masks),
   # so nothing is padded or copied around the call.
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda j, s: (0,) * len(shape))  # noqa: E731
@@ -517,14 +472,13 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None, act
   return list(pl.pallas_call(
       kernel,
       grid=(int(sum(nbs)), splits),
-      in_specs=([whole(x.shape)] + [whole(w.shape) for w in ws] + [whole(a.shape) for a in norm_args]
-                + [whole(a.shape) for a in act_args]),
+      in_specs=[whole(x.shape)] + [whole(w.shape) for w in ws] + [whole(a.shape) for a in norm_args],
       out_specs=[whole(sh) for sh in out_shapes],
       out_shape=[jax.ShapeDtypeStruct(sh, jnp.float32) for sh in out_shapes],
       compiler_params=C.triton_compiler_params(cfg.num_warps, cfg.num_stages),
       interpret=interpret,
       name="ftjax_small_linear",
-  )(x, *ws, *norm_args, *act_args))
+  )(x, *ws, *norm_args))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "trans"))
@@ -548,14 +502,6 @@ def _small_linear_parts(x, ws, norm_args, *, config, interpret, kind, eps, trans
     norm = (kind, eps, int(norm_args[0].shape[2]), len(norm_args) == 3)
   return _parts(x, ws, config=config, interpret=interpret, norm_args=tuple(norm_args), norm=norm,
                 trans=trans)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "name", "cdtype", "trans"))
-def _small_linear_parts_act(srcs, ws, *, config, interpret, name, cdtype, trans=None):
-  spec = tuple((int(p.shape[0]), sc is not None, b is not None) for p, sc, b in srcs)
-  args = [a for i, src in enumerate(srcs) for a in (src if i else src[1:]) if a is not None]
-  return _parts(srcs[0][0], ws, config=config, interpret=interpret, trans=trans,
-                act=(name, len(srcs) == 2, spec), act_args=tuple(args), cdtype=cdtype)
 
 
 def small_linear(x, ws, scales=None, *, config: SmallLinearConfig | None = None,
@@ -606,70 +552,6 @@ def small_linear_parts(x, ws, *, norm=None, config: SmallLinearConfig | None = N
     eps = float(eps)
   return _small_linear_parts(x, tuple(ws), norm_args, config=config or DEFAULT_CONFIG,
                              interpret=bool(interpret), kind=kind, eps=eps, trans=trans if any(trans) else None)
-
-
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-# erf(x) ~ x P(x^2) / Q(x^2) on x clamped to [-4, 4] (float32 rational fit, ~1e-7 absolute error; the
-# Triton lowering has no erf).
-_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
-_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-          -1.42647390514189e-02)
-
-
-def _erf(x):
-  x = jnp.clip(x, -4.0, 4.0)
-  x2 = x * x
-  p = jnp.full_like(x, _ERF_P[0])
-  for c in _ERF_P[1:]:
-    p = p * x2 + c
-  q = jnp.full_like(x, _ERF_Q[0])
-  for c in _ERF_Q[1:]:
-    q = q * x2 + c
-  return x * p / q
-
-
-def kernel_activation(name: str, x):
-  """`ftjax.layers.mlp.activation` in ops the Triton lowering has (float32 in, float32 out)."""
-  if name == "gelu":
-    return 0.5 * x * (1.0 + _erf(x * 0.7071067811865476))
-  from ftjax.layers.mlp import activation
-
-  return activation(name, x)
-
-
-def small_linear_parts_act(sources, ws, *, act: str, dtype, config: SmallLinearConfig | None = None,
-                           interpret: bool = False, transposed=None):
-  """`small_linear_parts` of x = an activation of earlier projections' split-K partials, computed inside
-  the kernel tile by tile (no XLA kernel between the two projections): with y_j = (sum(parts_j, 0) *
-  scale_j + bias_j).astype(dtype) for sources = [(parts_j [S_j, M, K] float32, scale_j [K] or None,
-  bias_j [K] or None)], x = act(y_0) (one source) or act(y_1) * y_0 (two: up, gate), cast to dtype —
-  as `ftjax.layers.mlp.MLP.parts` computes it in XLA. act: one of ACTIVATIONS."""
-  ws, _ = _normalize(ws, None)
-  trans = _transposed(ws, transposed)
-  assert isinstance(sources, (list, tuple)) and len(sources) in (1, 2), (
-      f"sources must be 1 or 2 (parts, scale, bias) triples, got {sources!r}")
-  assert act in ACTIVATIONS, f"act={act!r} is not one of {ACTIVATIONS}"
-  srcs = []
-  for j, src in enumerate(sources):
-    assert isinstance(src, (list, tuple)) and len(src) == 3, f"sources[{j}] must be (parts, scale, bias)"
-    p, sc, b = src
-    assert hasattr(p, "shape") and p.ndim == 3 and p.dtype == jnp.float32, (
-        f"sources[{j}] parts must be [S, M, K] float32, got {getattr(p, 'shape', None)} "
-        f"{getattr(p, 'dtype', None)}")
-    assert p.shape[1:] == sources[0][0].shape[1:], (
-        f"sources[{j}] parts {p.shape} and sources[0] parts {sources[0][0].shape} differ in [M, K]")
-    for what, v in (("scale", sc), ("bias", b)):
-      assert v is None or (hasattr(v, "shape") and v.shape == (p.shape[2],)), (
-          f"sources[{j}] {what} must be [K]=[{p.shape[2]}] or None, got {getattr(v, 'shape', None)}")
-    srcs.append((p, sc, b))
-  M, K = srcs[0][0].shape[1:]
-  _check(jax.ShapeDtypeStruct((M, K), dtype), ws, [None] * len(ws), trans)
-  assert config is None or isinstance(config, SmallLinearConfig), (
-      f"config must be a SmallLinearConfig or None, got {type(config).__name__}")
-  return _small_linear_parts_act(tuple(srcs), tuple(ws), config=config or DEFAULT_CONFIG,
-                                 interpret=bool(interpret), name=act, cdtype=jnp.dtype(dtype),
-                                 trans=trans if any(trans) else None)
 
 
 def small_linear_reference(x, ws, scales=None, transposed=None):

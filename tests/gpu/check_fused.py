@@ -59,33 +59,6 @@ def kernels():
         report(f"add_stats + normalising projection M={M} D={D} S={S} N={N}", e1 < 0.05 and e2 < 0.05,
                f"x_new err {e1:.3g}, projection err {e2:.3g}; stats {st.shape}")
 
-    from ftjax.layers.mlp import activation
-    from ftjax.pallas.small_linear import small_linear_parts_act
-    for M, F, D, S, act, gated, wq in [(1, 8192, 2048, 8, "gelu_tanh", False, "bf16"),
-                                       (1, 8192, 2048, 8, "gelu", False, "int8t"),
-                                       (3, 5632, 2048, 4, "silu", True, "int8"), (16, 4096, 1024, 2, "relu", False, "bf16")]:
-        srcs, ys = [], []
-        for j in range(2 if gated else 1):
-            p = jnp.asarray(rng.randn(S, M, F) / np.sqrt(S), jnp.float32)
-            sc = jnp.asarray(rng.rand(F) + 0.5, jnp.float32) if wq != "bf16" else None
-            bias = jnp.asarray(rng.randn(F) * 0.1, jnp.bfloat16)
-            srcs.append((p, sc, bias))
-            ys.append((p.sum(0) * (1.0 if sc is None else sc) + bias.astype(jnp.float32))
-                      .astype(jnp.bfloat16).astype(jnp.float32))
-        xh = (activation(act, ys[1]) * ys[0] if gated else activation(act, ys[0])).astype(jnp.bfloat16)
-        if wq == "bf16":
-            w = jnp.asarray(rng.randn(F, D) / np.sqrt(F), jnp.bfloat16)
-        else:
-            w = jnp.asarray(rng.randint(-127, 128, size=(F, D)), jnp.int8)
-        stored = w.T if wq == "int8t" else w
-        got = small_linear_parts_act(srcs, [stored], act=act, dtype=jnp.bfloat16, interpret=ip,
-                                     transposed=[wq == "int8t"])[0].sum(0)
-        ref = small_linear_reference(xh, [w])[0]
-        mag = float(jnp.max(jnp.abs(xh.astype(jnp.float32)) @ jnp.abs(w.astype(jnp.float32))))
-        e = err(got, ref)
-        report(f"activation prologue M={M} F={F} D={D} S={S} {act} gated={gated} {wq}", e < 0.02 * mag,
-               f"max err {e:.3g} (magnitude {mag:.3g})")
-
     for S, b, n, kh, s, h, splits in [(4, 1, 16, 16, 512, 64, None), (8, 2, 16, 16, 640, 128, None),
                                       (2, 4, 32, 8, 256, 128, None), (1, 3, 8, 1, 128, 64, 4)]:
         from ftjax.pallas.decode_attention import DecodeConfig
