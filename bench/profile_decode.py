@@ -44,6 +44,8 @@ def main():
                     "reduced by XLA); default: the engine's")
     ap.add_argument("--append-config", default=None, help="block_k,min_blocks_per_split of the fused path's "
                     "attention kernel (ftjax.pallas.decode_attention.APPEND_CONFIG)")
+    ap.add_argument("--set", nargs="*", default=[], help="module globals read when the step is traced, each "
+                    "'module.attr:value' (as bench/step_ab.py --sl's '@' items)")
     a = ap.parse_args()
 
     import jax
@@ -54,6 +56,8 @@ def main():
     from bench.e2e import random_params
     from ftjax.config import ModelConfig
 
+    from bench.step_ab import apply_sets, parse_sl
+    apply_sets(parse_sl("set=" + ";".join("@" + v for v in a.set))[2])
     cfg = ModelConfig(**MODELS[a.model])
     params = random_params(cfg)
     if a.quantize:
