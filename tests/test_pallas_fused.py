@@ -71,46 +71,6 @@ def test_add_stats_normalise_and_normalising_projection(M, D, S, kind, dt, scale
         assert _err(p.sum(0), r) < (2e-4 if dt == "float32" else 0.1), f"seed {seed}"
 
 
-@pytest.mark.parametrize("M,D,Ns,wdt,trans,budget", [
-    (1, 256, (96, 32, 32), "bfloat16", False, 10 ** 9),      # q/k/v, every first tile
-    (3, 200, (72,), "int8", True, 10 ** 9),                  # ragged K and N, [N, K] storage
-    (2, 128, (160, 48), "int8", False, 9000),                # a budget of a few tiles
-])
-def test_add_stats_prefetch_reads_the_projections_first_tiles(M, D, Ns, wdt, trans, budget):
-    """add_stats with prefetch programs: the same x_new and statistics, and each prefetch program read the
-    first W tile of the projection program it stands for (its stored sum equals that tile's, from numpy)."""
-    from ftjax.pallas.add_norm import add_stats_call
-    from ftjax.pallas.small_linear import prefetch_spec
-
-    seed, rng = _rng()
-    x, parts, ps, pb, _, _ = _inputs(rng, M, D, 3, "layernorm", "bfloat16", True)
-    if wdt == "int8":
-        ws = [rng.randint(-127, 128, size=(n, D) if trans else (D, n)).astype(np.int8) for n in Ns]
-    else:
-        ws = [rng.randn(*((n, D) if trans else (D, n))).astype(np.float32) for n in Ns]
-    ws = [jnp.asarray(w, wdt) for w in ws]
-    spec = prefetch_spec(M, ws, [trans] * len(ws), budget)
-    assert spec is not None
-    n, bn, bk, per_split, K, Ns_, firsts, _ = spec
-    if budget < 10 ** 9:
-        assert n == budget // (bn * bk * ws[0].dtype.itemsize)
-    got = add_stats_call(x, parts, ps, pb, prefetch=tuple(ws), prefetch_spec=spec, interpret=True)
-    ref = add_stats(x, parts, ps, pb, interpret=True)
-    np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(ref[0], np.float32))
-    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref[1]))
-    nb = sum(-(-c // bn) for c in Ns)
-    want = []
-    for q in range(n):
-        j, s = q % nb, q // nb
-        i = max(t for t in range(len(Ns)) if firsts[t] <= j)
-        n0, k0 = (j - firsts[i]) * bn, s * per_split * bk
-        w = np.asarray(ws[i], np.float32)
-        w = w.T if trans else w                              # [K, N]
-        want.append(w[k0:k0 + bk, n0:n0 + bn].sum())
-    np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want, np.float32), rtol=1e-5, atol=1e-3,
-                               err_msg=f"seed {seed}")
-
-
 @pytest.mark.parametrize("S,b,n,kh,s,h,dt,splits,extras", [
     (3, 2, 4, 4, 48, 16, "float32", None, True),       # MHA, partials, scales + biases
     (1, 3, 4, 2, 64, 32, "float32", 2, False),         # GQA, finished values (S = 1)

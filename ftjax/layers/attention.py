@@ -55,10 +55,6 @@ class Attention(nn.Module):
         out = ops.attention_decode(q, k_cache, v_cache, positions + 1, impl=self.impl)  # [b, n, h]
         return self.o(out), k_cache, v_cache
 
-    def in_kernels(self):
-        """The q, k, v kernel leaves (as stored: arrays or int8 weights), in `decode_fused`'s order."""
-        return [m.variables["params"]["kernel"] for m in (self.q, self.k, self.v)]
-
     def decode_fused(self, x, positions, k_cache, v_cache, *, interpret: bool = False):
         """The fused decode path (small-M kernel on, ftjax/pallas/decode_attention.py's append kernel):
         x [b, d] (normed, or a NormedInput) -> ((parts [S, b, d], scale, bias) of the output projection,

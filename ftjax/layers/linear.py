@@ -123,20 +123,6 @@ def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[tuple[j
     return out
 
 
-def prefetch_args(M: int, ws: Sequence[Any], budget_bytes: int, n_in: int = 1):
-    """(2-D weights, static spec) for a kernel that reads the first tiles of the small-M projection of
-    [M, ...] rows by ws into L2 ahead of it (ftjax/pallas/small_linear.py's `prefetch_spec`); ((), None)
-    when the budget holds no tile."""
-    from ftjax.pallas.small_linear import prefetch_spec
-
-    if budget_bytes <= 0:
-        return (), None
-    flats = [_flat(w, n_in) for w in ws]
-    w2 = tuple(f[0] for f in flats)
-    spec = prefetch_spec(M, w2, [f[3] for f in flats], budget_bytes)
-    return (w2, spec) if spec is not None else ((), None)
-
-
 def reduce_parts(part: jax.Array, scale: Any, bias: Any = None) -> jax.Array:
     """The float32 projection from `linear_parts`' (parts, scale), plus bias: sum(parts, 0) * scale + bias."""
     y = jnp.sum(part, axis=0)

@@ -45,10 +45,6 @@ class MLP(nn.Module):
             h = activation(self.act, self.wi(x).astype(jnp.float32))
         return self.wo(h.astype(self.dtype))
 
-    def in_kernels(self):
-        """The input projections' kernel leaves (wi, then wg when gated), in `parts`' order."""
-        return [m.variables["params"]["kernel"] for m in ([self.wi, self.wg] if self.gated else [self.wi])]
-
     def parts(self, x):
         """The fused decode path: x [M, d] -> (parts [S, M, d] float32, scale or None, bias or None) of the
         output projection, unreduced (the caller's residual add + norm kernel sums them); the input

@@ -44,17 +44,14 @@ class Norm(nn.Module):
         return add_norm(x, parts, pscale, pbias, gamma=gamma, beta=beta, kind=self.kind, eps=float(self.eps),
                         interpret=interpret)
 
-    def add_stats(self, x, parts=None, pscale=None, pbias=None, *, interpret: bool = False, prefetch=None):
+    def add_stats(self, x, parts=None, pscale=None, pbias=None, *, interpret: bool = False):
         """The fused decode path: (x_new, NormedInput) with x_new as in `add`; the norm itself is left to the
         consuming projection's kernel (`linear_parts`), which normalises its input tiles from the row
-        statistics computed here (one wide kernel, ftjax/pallas/add_norm.py's `add_stats`). prefetch: the
-        consuming projection's weights (kernel leaves), whose first tiles the kernel reads into L2 as it
-        runs (up to add_norm.PREFETCH_BYTES of them; 0 = none)."""
-        from ftjax.layers.linear import NormedInput, prefetch_args
-        from ftjax.pallas import add_norm as AN
+        statistics computed here (one wide kernel, ftjax/pallas/add_norm.py's `add_stats`)."""
+        from ftjax.layers.linear import NormedInput
+        from ftjax.pallas.add_norm import add_stats
 
-        ws, spec = prefetch_args(x.shape[0], prefetch, AN.PREFETCH_BYTES) if prefetch else ((), None)
-        x_new, stats = AN.add_stats(x, parts, pscale, pbias, prefetch=ws, prefetch_spec=spec, interpret=interpret)
+        x_new, stats = add_stats(x, parts, pscale, pbias, interpret=interpret)
         return x_new, NormedInput(x_new, stats, *self._gamma_beta(), self.kind, float(self.eps))
 
     def add_normalise(self, x, parts=None, pscale=None, pbias=None, *, interpret: bool = False):

@@ -68,14 +68,10 @@ class Block(nn.Module):
         norm: how each norm runs (ftjax/pallas/add_norm.py): "stats" (`add_stats`; the consuming projection
         normalises its input tiles), "norm" (one `add_norm` kernel), "stats2" (`add_stats` + `normalise`)."""
         method = {"stats": "add_stats", "norm": "add", "stats2": "add_normalise"}[norm]
-
-        def add(n, *a, prefetch):   # add_stats also reads the next projection's first W tiles into L2
-            kw = {"prefetch": prefetch} if method == "add_stats" else {}
-            return getattr(n, method)(*a, interpret=interpret, **kw)
-
-        x, h1 = add(self.ln1, *pending, prefetch=self.attn.in_kernels())
+        add = lambda n, *a: getattr(n, method)(*a, interpret=interpret)  # noqa: E731
+        x, h1 = add(self.ln1, *pending)
         o_pend, k_cache, v_cache = self.attn.decode_fused(h1, positions, k_cache, v_cache, interpret=interpret)
-        x, h2 = add(self.ln2, x, *o_pend, prefetch=self.mlp.in_kernels())
+        x, h2 = add(self.ln2, x, *o_pend)
         return (x, *self.mlp.parts(h2)), k_cache, v_cache
 
 

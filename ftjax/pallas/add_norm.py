@@ -181,38 +181,13 @@ def add_norm_reference(x, parts=None, pscale=None, pbias=None, *, gamma, beta=No
 # kernel of its own.
 
 
-# Bytes of the next projection's first W tiles that `add_stats` reads into L2 as it runs (with extra
-# programs; 0: none). Set by measurement (bench/RESULTS.md); read when the decode step is traced.
-PREFETCH_BYTES = 0
-
-
-def _stats_kernel(x_ref, *refs, D: int, S: int, chunk: int, has_scale: bool, has_bias: bool, M: int = 1,
-                  nc: int = 1, pf_spec=None):
+def _stats_kernel(x_ref, *refs, D: int, S: int, chunk: int, has_scale: bool, has_bias: bool):
   it = iter(refs)
   parts_ref = next(it) if S else None
   ps_ref = next(it) if has_scale else None
   pb_ref = next(it) if has_bias else None
-  pf_refs = [next(it) for _ in range(len(pf_spec[5]))] if pf_spec else []
   xo_ref, st_ref = next(it), next(it)
-  if pf_spec is None:
-    row, c = pl.program_id(0), pl.program_id(1)
-    _stats_program(row, c, x_ref, parts_ref, ps_ref, pb_ref, xo_ref, st_ref, D=D, S=S, chunk=chunk)
-    return
-  from ftjax.pallas.small_linear import prefetch_tiles
-
-  sink_ref = next(it)
-  g = pl.program_id(0)          # flat grid: M * nc statistics programs, then the prefetch programs
-
-  @pl.when(g < M * nc)
-  def _():
-    _stats_program(g // nc, g % nc, x_ref, parts_ref, ps_ref, pb_ref, xo_ref, st_ref, D=D, S=S, chunk=chunk)
-
-  @pl.when(g >= M * nc)
-  def _():
-    prefetch_tiles(g - M * nc, pf_refs, sink_ref, pf_spec)
-
-
-def _stats_program(row, c, x_ref, parts_ref, ps_ref, pb_ref, xo_ref, st_ref, *, D: int, S: int, chunk: int):
+  row, c = pl.program_id(0), pl.program_id(1)
   zero = row * 0
   c0 = c * chunk
   cmask = (c0 + jnp.arange(chunk)) < D
@@ -233,49 +208,29 @@ def stats_chunk(D: int) -> int:
   return max(128, pl.next_power_of_2(pl.cdiv(D, 32)))
 
 
-def add_stats(x, parts=None, pscale=None, pbias=None, *, prefetch=(), prefetch_spec=None, interpret=False):
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def add_stats(x, parts=None, pscale=None, pbias=None, *, interpret=False):
   """-> (x_new [M, D] x.dtype, stats [2, M, C] float32): x_new as `add_norm`'s, stats[0 / 1][m, c] the sum
-  / sum of squares of row m's chunk c of x_new (as rounded), C = cdiv(D, stats_chunk(D)).
-
-  prefetch: the next projection's weights (2-D, as the small-M kernel gets them) and prefetch_spec their
-  `ftjax.pallas.small_linear.prefetch_spec`: extra programs read those tiles into L2 meanwhile (the
-  outputs are unchanged)."""
-  out = add_stats_call(x, parts, pscale, pbias, prefetch=tuple(prefetch), prefetch_spec=prefetch_spec,
-                       interpret=interpret)
-  return out[0], out[1]
-
-
-@functools.partial(jax.jit, static_argnames=("interpret", "prefetch_spec"))
-def add_stats_call(x, parts=None, pscale=None, pbias=None, *, prefetch=(), prefetch_spec=None, interpret=False):
-  """`add_stats`' kernel call: [x_new, stats] and, with a prefetch spec, the prefetch programs' tile sums
-  [programs] float32 (what keeps their loads alive; a test checks that they read the right tiles)."""
+  / sum of squares of row m's chunk c of x_new (as rounded), C = cdiv(D, stats_chunk(D))."""
   _check(x, parts, pscale, pbias, None, None, "rmsnorm", needs_gamma=False)
   M, D = x.shape
   S = 0 if parts is None else int(parts.shape[0])
   chunk = stats_chunk(D)
   nc = pl.cdiv(D, chunk)
-  prefetch = tuple(prefetch) if prefetch_spec is not None else ()
-  assert prefetch_spec is None or len(prefetch) == len(prefetch_spec[5]), "prefetch: weights / spec mismatch"
-  args = [x] + ([parts] if S else []) + [v for v in (pscale, pbias) if v is not None] + list(prefetch)
+  args = [x] + ([parts] if S else []) + [v for v in (pscale, pbias) if v is not None]
+  whole = lambda a: pl.BlockSpec(tuple(a.shape), lambda i, j: (0,) * a.ndim)  # noqa: E731
   kernel = functools.partial(_stats_kernel, D=D, S=S, chunk=chunk, has_scale=pscale is not None,
-                             has_bias=pbias is not None, M=M, nc=nc, pf_spec=prefetch_spec)
-  out_shape = [jax.ShapeDtypeStruct((M, D), x.dtype), jax.ShapeDtypeStruct((2, M, nc), jnp.float32)]
-  if prefetch_spec is None:
-    grid = (M, nc)
-  else:
-    grid = (M * nc + prefetch_spec[0],)
-    out_shape.append(jax.ShapeDtypeStruct((prefetch_spec[0],), jnp.float32))
-  whole = lambda a: pl.BlockSpec(tuple(a.shape), lambda *g: (0,) * len(a.shape))  # noqa: E731
-  return pl.pallas_call(
+                             has_bias=pbias is not None)
+  return tuple(pl.pallas_call(
       kernel,
-      grid=grid,
+      grid=(M, nc),
       in_specs=[whole(a) for a in args],
-      out_specs=[whole(o) for o in out_shape],
-      out_shape=out_shape,
+      out_specs=[pl.BlockSpec((M, D), lambda i, j: (0, 0)), pl.BlockSpec((2, M, nc), lambda i, j: (0, 0, 0))],
+      out_shape=[jax.ShapeDtypeStruct((M, D), x.dtype), jax.ShapeDtypeStruct((2, M, nc), jnp.float32)],
       compiler_params=C.triton_compiler_params(4 if chunk <= 512 else 8, 1),
       interpret=interpret,
       name="ftjax_add_stats",
-  )(*args)
+  )(*args))
 
 
 def norm_from_stats(x, stats, gamma, beta=None, *, kind="layernorm", eps=1e-5):

@@ -554,61 +554,6 @@ def small_linear_parts(x, ws, *, norm=None, config: SmallLinearConfig | None = N
                              interpret=bool(interpret), kind=kind, eps=eps, trans=trans if any(trans) else None)
 
 
-# ------------------------------------------------------------------ L2 prefetch by the kernel before
-# A projection kernel spends its first microseconds waiting for its first W tiles (its programs all start
-# together, each on its own K range). `prefetch_spec` describes those first tiles, so that the small kernel
-# that runs just before (ftjax/pallas/add_norm.py's `add_stats`, which barely uses the memory bus) can read
-# them into the L2 cache with extra programs (`prefetch_tiles`) while it does its own work.
-
-
-def prefetch_spec(M: int, ws, trans, budget_bytes: int, config: SmallLinearConfig | None = None):
-  """Static description of up to `budget_bytes` of the first W tiles the kernel's programs read for
-  x [M, K] @ ws (stored as `trans` says), or None: (programs, block_n, block_k, per_split, K, Ns, firsts,
-  trans). Program q of `prefetch_tiles` reads the first tile of the projection's program (q % column
-  blocks, q // column blocks)."""
-  trans = _transposed(ws, trans)
-  Ns = tuple(int(_kn(w, t)[1]) for w, t in zip(ws, trans))
-  K = int(_kn(ws[0], trans[0])[0])
-  wdtype = max((jnp.dtype(w.dtype) for w in ws), key=lambda d: d.itemsize)
-  cfg = choose_config(M, K, Ns, wdtype, config, kmajor=any(trans))
-  bn, bk, splits = cfg.block_n, cfg.block_k, cfg.num_splits
-  per_split = pl.cdiv(pl.cdiv(K, bk), splits)
-  nbs = [pl.cdiv(n, bn) for n in Ns]
-  n = min(sum(nbs) * splits, int(budget_bytes) // (bn * bk * wdtype.itemsize))
-  if n < 1:
-    return None
-  firsts = tuple(int(sum(nbs[:i])) for i in range(len(ws)))
-  return (int(n), bn, bk, per_split, K, Ns, firsts, trans)
-
-
-def prefetch_tiles(q, w_refs, sink_ref, spec):
-  """Prefetch program q (a traced program index in [0, spec[0])): loads the first W tile of the projection
-  program it stands for (kept in L2: evict_last) and stores the tile's sum to sink_ref[q], so that the
-  load is not dropped."""
-  _, bn, bk, per_split, K, Ns, firsts, trans = spec
-  nb = sum(pl.cdiv(n, bn) for n in Ns)
-  j = q % nb
-  k0 = (q // nb) * per_split * bk
-
-  def one(i):
-    n0 = (j - firsts[i]) * bn
-    kmask = (k0 + jnp.arange(bk)) < K
-    nmask = (n0 + jnp.arange(bn)) < Ns[i]
-    if trans[i]:
-      ref, m = w_refs[i].at[pl.ds(n0, bn), pl.ds(k0, bk)], nmask[:, None] & kmask[None, :]
-    else:
-      ref, m = w_refs[i].at[pl.ds(k0, bk), pl.ds(n0, bn)], kmask[:, None] & nmask[None, :]
-    t = C.pltriton.load(ref, mask=m, other=0, eviction_policy="evict_last")
-    total = jnp.sum(t.astype(jnp.float32))
-    C.store(sink_ref.at[pl.ds(q, 1)], jnp.full((1,), total, jnp.float32))
-
-  for i in range(len(Ns)):
-    lo = firsts[i]
-    hi = firsts[i + 1] if i + 1 < len(Ns) else None
-    cond = (j >= lo) if hi is None else ((j >= lo) & (j < hi))
-    pl.when(cond)(functools.partial(one, i))
-
-
 def small_linear_reference(x, ws, scales=None, transposed=None):
   """Float32 plain-jnp twin of `small_linear` (same arguments, same list of [M, N_i] float32)."""
   ws, scales = _normalize(ws, scales)
