@@ -45,7 +45,8 @@ def child(a):
             restore = apply_sets(sl_sets)
             params = base if wq == "bf16" else Q.quantize_params(base, cfg, scale_dtype=jax.numpy.bfloat16)
             S = min(512, cfg.max_positions)
-            P = min(128, S // 4)
+            P = a.prompt or min(128, S // 4)
+            assert P + 64 < S, f"--prompt {P}: a 64-step call must fit the {S}-token cache"
             llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=a.batch, max_seq_len=S,
                             attention=a.attention)
             eng = llm.engine
@@ -74,7 +75,7 @@ def child(a):
                     del st
                 return statistics.median(ts[1:]) * 1e3
 
-            row = {"variant": a.name, "model": model, "weights": wq, "small_m": (str(eng.fuse_decode) if eng.fuse_decode else "on") if eng.small_m else "off", "batch": a.batch,
+            row = {"variant": a.name, "model": model, "prompt": P, "weights": wq, "small_m": (str(eng.fuse_decode) if eng.fuse_decode else "on") if eng.small_m else "off", "batch": a.batch,
                    "sl": sl_name, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
             t64, t16 = timed(64), timed(16)
             row["step_ms"] = round((t64 - t16) / 48, 4)
@@ -95,6 +96,10 @@ def _value(val: str):
             return conv(val)
         except ValueError:
             pass
+    if val.startswith(("DecodeConfig(", "SmallLinearConfig(")):    # a kernel config object
+        from ftjax.pallas.decode_attention import DecodeConfig
+        from ftjax.pallas.small_linear import SmallLinearConfig
+        return eval(val, {"__builtins__": {}}, {"DecodeConfig": DecodeConfig, "SmallLinearConfig": SmallLinearConfig})
     return val
 
 
@@ -135,6 +140,8 @@ def main():
     ap.add_argument("--weights", default="bf16", help="comma list of bf16, int8 (the engine's layout), int8kn "
                     "(QuantizedWeight, [K, N]), int8t (QuantizedWeightT, [N, K]: the small-M kernel reads its tiles along K)")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=0, help="prompt tokens (0: 128, tiny models S/4); the steps "
+                    "timed attend to prompt + up to 64 tokens of a 512-token cache")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--small-m", default="auto", help="comma list of auto/off/on/fused: the Pallas small-M projections "
                     "(on: reduced by XLA; fused: partials handed to the add+norm and attention kernels; or a fuse "
@@ -157,7 +164,7 @@ def main():
         env = dict(os.environ)
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
         cmd = [sys.executable, __file__, "--child", "--name", name, "--models", a.models, "--weights", a.weights,
-               "--batch", str(a.batch), "--attention", a.attention, "--modes", a.modes, "--small-m", a.small_m, "--sl", *a.sl]
+               "--batch", str(a.batch), "--prompt", str(a.prompt), "--attention", a.attention, "--modes", a.modes, "--small-m", a.small_m, "--sl", *a.sl]
         got = []
         with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
             for line in p.stdout:          # rows as they come (a run cut by a timeout keeps what it has)
@@ -173,9 +180,10 @@ def main():
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     keys = [k for k in (rows[0] if rows else {}) if k.endswith("_ms")]
-    print("| variant | model | weights | small_m | sl | batch | " + " | ".join(keys) + " |")
+    print("| variant | model | prompt | weights | small_m | sl | batch | " + " | ".join(keys) + " |")
     for r in rows:
-        print(f"| {r['variant']} | {r['model']} | {r['weights']} | {r['small_m']} | {r.get('sl', '')} | {r['batch']} | "
+        print(f"| {r['variant']} | {r['model']} | {r.get('prompt', '')} | {r['weights']} | {r['small_m']} | "
+              f"{r.get('sl', '')} | {r['batch']} | "
               + " | ".join(str(r.get(k, "")) for k in keys) + " |")
 
 
