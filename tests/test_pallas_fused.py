@@ -116,3 +116,56 @@ def test_append_rejects_unsupported_shapes():
     kc = jnp.zeros((1, 2, 32, 24), jnp.float32)
     with pytest.raises(AssertionError, match="power-of-two head_dim"):
         decode_attention_append(q, q, q, kc, kc, jnp.zeros((1,), jnp.int32), interpret=True)
+
+
+@pytest.mark.parametrize("M,K,F,N,act,gated,wq,normed,cfg", [
+    (1, 64, 256, 64, "gelu_tanh", False, "bf16", True, None),
+    (3, 96, 200, 80, "silu", True, "int8", False, dict(block_f=32, block_k=32, block_n=32)),     # ragged F, N, K
+    (16, 128, 128, 128, "relu", False, "int8t", True, dict(block_f=16)),
+    (2, 48, 64, 48, "gelu_tanh", True, "f32", False, None),
+])
+def test_fused_mlp_matches_reference(M, K, F, N, act, gated, wq, normed, cfg):
+    """`fused_mlp_parts`: the whole MLP in one kernel (hidden slices per program, output partials) against
+    the float32 jnp twin of MLP.parts' rounding order, with int8 weights (either layout), gating, the norm
+    applied on the fly, ragged tiles."""
+    from ftjax.layers.mlp import activation
+    from ftjax.pallas.fused_mlp import FusedMLPConfig, fused_mlp_parts
+
+    seed, rng = _rng()
+    dt = "float32" if wq == "f32" else "bfloat16"
+    x = jnp.asarray(rng.randn(M, K), dt)
+    n_in = 2 if gated else 1
+    int8 = wq.startswith("int8")
+    if int8:
+        w_ins = [jnp.asarray(rng.randint(-127, 128, size=(K, F)), jnp.int8) for _ in range(n_in)]
+        w_out = jnp.asarray(rng.randint(-127, 128, size=(F, N)), jnp.int8)
+        s_in = [jnp.asarray((rng.rand(F) + 0.5) / 127 / np.sqrt(K), jnp.float32) for _ in range(n_in)]
+    else:
+        w_ins = [jnp.asarray(rng.randn(K, F) / np.sqrt(K), dt) for _ in range(n_in)]
+        w_out = jnp.asarray(rng.randn(F, N) / np.sqrt(F), dt)
+        s_in = [None] * n_in
+    b_in = [jnp.asarray(rng.randn(F) * 0.1, dt), None][:n_in]
+    norm = None
+    xin = x
+    if normed:
+        g = jnp.asarray(rng.rand(K) + 0.5, dt)
+        be = jnp.asarray(rng.randn(K) * 0.1, dt)
+        xn, st = add_stats(x, interpret=True)
+        norm = (st, g, be, "layernorm", 1e-5)
+        xin = norm_from_stats(xn, st, g, be, kind="layernorm")
+        x = xn
+    ys = []
+    for w, s, b in zip(w_ins, s_in, b_in):
+        y = small_linear_reference(xin, [w])[0]
+        y = y * (1.0 if s is None else s) + (0.0 if b is None else b.astype(jnp.float32))
+        ys.append(y.astype(dt).astype(jnp.float32))
+    h = (activation(act, ys[1]) * ys[0] if gated else activation(act, ys[0])).astype(dt)
+    ref = small_linear_reference(h, [w_out])[0]
+    t = wq == "int8t"
+    got = fused_mlp_parts(x, [w.T for w in w_ins] if t else w_ins, w_out.T if t else w_out, act=act,
+                          scales_in=s_in, biases_in=b_in, trans_in=[t] * n_in, trans_out=t, norm=norm,
+                          config=FusedMLPConfig(**cfg) if cfg else None, interpret=True)
+    assert got.ndim == 3 and got.shape[1:] == (M, N)
+    mag = float(jnp.max(jnp.abs(h.astype(jnp.float32)) @ jnp.abs(w_out.astype(jnp.float32))))
+    tol = 1e-5 if dt == "float32" else 0.02
+    assert _err(got.sum(0), ref) <= tol * mag, f"seed {seed}: err {_err(got.sum(0), ref)} mag {mag}"
