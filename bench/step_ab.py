@@ -96,12 +96,10 @@ def _value(val: str):
             return conv(val)
         except ValueError:
             pass
-    if val.startswith(("DecodeConfig(", "SmallLinearConfig(", "FusedMLPConfig(")):    # a kernel config object
+    if val.startswith(("DecodeConfig(", "SmallLinearConfig(")):    # a kernel config object
         from ftjax.pallas.decode_attention import DecodeConfig
-        from ftjax.pallas.fused_mlp import FusedMLPConfig
         from ftjax.pallas.small_linear import SmallLinearConfig
-        return eval(val, {"__builtins__": {}}, {"DecodeConfig": DecodeConfig, "SmallLinearConfig": SmallLinearConfig,
-                                                "FusedMLPConfig": FusedMLPConfig})
+        return eval(val, {"__builtins__": {}}, {"DecodeConfig": DecodeConfig, "SmallLinearConfig": SmallLinearConfig})
     return val
 
 

@@ -89,14 +89,20 @@ def _qt_perm(ndim: int, n_out: int, to_t: bool):
         tuple(range(n_out, ndim)) + tuple(range(n_out)))
 
 
-def transpose_quantized(w):
+def transpose_quantized(w, lead: int = 0):
     """QuantizedWeight <-> QuantizedWeightT (the same values; numpy stays on the host, a jax.Array on its
-    device, a ShapeDtypeStruct is shapes only)."""
+    device, a ShapeDtypeStruct is shapes only). lead: leading dims of both q and scale that stay in place
+    (1 for a pipeline-stacked weight, [stages, ...])."""
     to_t = isinstance(w, QuantizedWeight)
     q = w.q if to_t else w.qt
-    perm = _qt_perm(len(q.shape), len(w.scale.shape), to_t)
+    perm = tuple(range(lead)) + tuple(lead + i for i in _qt_perm(len(q.shape) - lead, len(w.scale.shape) - lead, to_t))
     if isinstance(q, jax.ShapeDtypeStruct):
         qq = jax.ShapeDtypeStruct(tuple(q.shape[i] for i in perm), q.dtype)
+    elif isinstance(q, jax.Array) and isinstance(q.sharding, jax.sharding.NamedSharding):
+        # on a mesh: the transposed array keeps each dim's mesh axes (a rule-table placement stays one)
+        spec = tuple(q.sharding.spec) + (None,) * (q.ndim - len(q.sharding.spec))
+        out = jax.sharding.NamedSharding(q.sharding.mesh, jax.sharding.PartitionSpec(*(spec[i] for i in perm)))
+        qq = jax.jit(lambda a: jnp.transpose(a, perm), out_shardings=out)(q)
     elif isinstance(q, jax.Array):
         qq = jnp.transpose(q, perm)
     else:
@@ -163,16 +169,17 @@ def set_int8_layout(params, transposed: bool, *, delete_source: bool = False):
     QuantizedWeight. Float leaves are left as they are (nothing is quantized here). numpy leaves are
     transposed on the host, jax.Array leaves on their device; with `delete_source` a device weight's old
     layout is deleted as soon as the new one exists (one weight's worth of extra memory at a time)."""
-    def fix(w):
+    def fix(path, w):
         if not _is_q(w) or isinstance(w, QuantizedWeightT) == bool(transposed):
             return w
-        t = transpose_quantized(w)
+        stacked = any(getattr(k, "key", None) == "stages" for k in path)   # pipeline-stacked: [stages, ...]
+        t = transpose_quantized(w, lead=int(stacked))
         old = w.q if isinstance(w, QuantizedWeight) else w.qt
         if delete_source and isinstance(old, jax.Array):
             old.delete()
         return t
 
-    return jax.tree.map(fix, params, is_leaf=_is_q)
+    return jax.tree_util.tree_map_with_path(fix, params, is_leaf=_is_q)
 
 
 def param_bytes(params) -> int:

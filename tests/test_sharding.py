@@ -272,7 +272,17 @@ def test_transposed_int8_weights_shard_and_pad():
     kw = dict(dtype="float32", attention="xla", max_batch_size=4, max_seq_len=32, max_beam_width=1)
     ref = ftjax.LLM(cfg, Q.quantize_params(p, cfg), **kw).generate(PROMPTS, max_new_tokens=6, end_id=None).tokens
     llm = ftjax.LLM(cfg, Q.quantize_params(p, cfg, transposed=True), mesh=make_mesh(tensor=2, pipeline=2), **kw)
+    # XLA's dots on a mesh: the engine's "auto" layout is the plain one; "nk" transposes the placed weights
+    # (each dim keeps its mesh axes)
+    assert isinstance(llm.engine.params["stages"][0]["mlp"]["wi"]["kernel"], Q.QuantizedWeight)
+    assert llm.generate(PROMPTS, max_new_tokens=6, end_id=None).tokens == ref
+    llm.engine.int8_layout = "nk"
     wi = llm.engine.params["stages"][0]["mlp"]["wi"]["kernel"]
     assert isinstance(wi, Q.QuantizedWeightT)
     assert tuple(wi.qt.sharding.spec) == ("pipeline", "tensor", None) and tuple(wi.scale.sharding.spec) == ("pipeline", "tensor")
+    assert llm.generate(PROMPTS, max_new_tokens=6, end_id=None).tokens == ref
+    # and back: the same placement as the plain tree got at construction
+    llm.engine.int8_layout = "kn"
+    wk = llm.engine.params["stages"][0]["mlp"]["wi"]["kernel"]
+    assert isinstance(wk, Q.QuantizedWeight) and tuple(wk.q.sharding.spec) == ("pipeline", None, "tensor")
     assert llm.generate(PROMPTS, max_new_tokens=6, end_id=None).tokens == ref

@@ -86,22 +86,6 @@ def test_transposed_int8_projection_lowers():
     assert txt.count(TRITON) == 1
 
 
-@pytest.mark.parametrize("wdt,trans,gated", [(jnp.bfloat16, False, False), (jnp.int8, True, False),
-                                             (jnp.int8, False, True)])
-def test_fused_mlp_lowers(wdt, trans, gated):
-    from ftjax.pallas.fused_mlp import fused_mlp_parts
-    M, D, F = 1, 2048, 8192
-    n = 2 if gated else 1
-    ws = [sds((F, D) if trans else (D, F), wdt)] * n
-    wo = sds((D, F) if trans else (F, D), wdt)
-    sc = [sds((F,), jnp.float32) if wdt == jnp.int8 else None] * n
-    txt = lower_cuda(lambda x, wo, st, g, b, sc, *ws: fused_mlp_parts(
-        x, list(ws), wo, act="silu" if gated else "gelu_tanh", scales_in=sc, biases_in=[None] * n,
-        trans_in=[trans] * n, trans_out=trans, norm=(st, g, b, "layernorm", 1e-5)),
-        sds((M, D)), wo, sds((2, M, 16), jnp.float32), sds((D,)), sds((D,)), sc, *ws)
-    assert txt.count(TRITON) == 1
-
-
 def test_projection_and_attention_kernels_lower():
     x = sds((2, 1000))
     ws = [sds((1000, 384)), sds((1000, 96), jnp.int8)]

@@ -123,26 +123,6 @@ def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[tuple[j
     return out
 
 
-def mlp_parts(x, w_ins: Sequence[Any], b_ins: Sequence[Any], w_out: Any, act: str):
-    """The whole MLP of the fused decode path in one kernel (ftjax/pallas/fused_mlp.py): x [M, d] (or a
-    NormedInput) -> (parts [P, M, d] float32, scale of w_out or None) with sum(parts, 0) * scale =
-    act(...) @ w_out; w_ins 1 (or 2: up, gate) kernel leaves with biases b_ins (None where absent)."""
-    norm = None
-    if isinstance(x, NormedInput):
-        norm = (x.stats, x.gamma, x.beta, x.kind, x.eps)
-        x = x.x
-    mode = _small_m_mode(x, 1)
-    assert mode is not None, "mlp_parts: the small-M kernel is off for this input"
-    from ftjax.pallas.fused_mlp import fused_mlp_parts
-
-    fi = [_flat(w, 1) for w in w_ins]
-    fo = _flat(w_out, 1)
-    parts = fused_mlp_parts(x, [f[0] for f in fi], fo[0], act=act, scales_in=[f[1] for f in fi],
-                            biases_in=list(b_ins), trans_in=[f[3] for f in fi], trans_out=fo[3], norm=norm,
-                            interpret=mode["interpret"])
-    return parts, fo[1]
-
-
 def reduce_parts(part: jax.Array, scale: Any, bias: Any = None) -> jax.Array:
     """The float32 projection from `linear_parts`' (parts, scale), plus bias: sum(parts, 0) * scale + bias."""
     y = jnp.sum(part, axis=0)

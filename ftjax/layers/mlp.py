@@ -7,12 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftjax.layers.linear import Linear, fused_linears, linear_parts, mlp_parts, reduce_parts
-
-# The fused decode path runs the whole MLP as one kernel (ftjax/pallas/fused_mlp.py: each program a slice
-# of hidden units through both projections) instead of input projection, activation fusion and output
-# projection; read when the decode step is traced (bench/step_ab.py --sl '@ftjax.layers.mlp.FUSED_MLP:True').
-FUSED_MLP = False
+from ftjax.layers.linear import Linear, fused_linears, linear_parts, reduce_parts
 
 
 def activation(name: str, x):
@@ -56,14 +51,9 @@ class MLP(nn.Module):
         projections' partials are reduced here with bias and activation (one XLA fusion)."""
         mods = [self.wi, self.wg] if self.gated else [self.wi]
         ps = [m.variables["params"] for m in mods]
-        po = self.wo.variables["params"]
-        from ftjax.pallas.fused_mlp import ACTIVATIONS
-        if FUSED_MLP and self.act in ACTIVATIONS:
-            part, scale = mlp_parts(x, [p["kernel"] for p in ps], [p["bias"] if self.use_bias else None for p in ps],
-                                    po["kernel"], self.act)
-            return part, scale, (po["bias"] if self.use_bias else None)
         ys = [reduce_parts(part, scale, p["bias"] if self.use_bias else None).astype(self.dtype).astype(jnp.float32)
               for (part, scale), p in zip(linear_parts(x, [p["kernel"] for p in ps]), ps)]
         h = activation(self.act, ys[1]) * ys[0] if self.gated else activation(self.act, ys[0])
+        po = self.wo.variables["params"]
         (part, scale), = linear_parts(h.astype(self.dtype), [po["kernel"]])
         return part, scale, (po["bias"] if self.use_bias else None)

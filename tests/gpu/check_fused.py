@@ -94,44 +94,6 @@ def kernels():
                f"out err {eo:.3g}, cache rows [0, pos] as the reference's and the rest untouched: {same_written}")
 
 
-def fused_mlp():
-    """The one-kernel MLP against its float32 twin at model shapes (bf16, int8 in both layouts, gated)."""
-    import jax.numpy as jnp
-
-    from ftjax.layers.mlp import activation
-    from ftjax.pallas._common import default_interpret
-    from ftjax.pallas.fused_mlp import fused_mlp_parts
-    from ftjax.pallas.small_linear import small_linear_reference
-    ip = default_interpret()
-    rng = np.random.RandomState(3)
-    for M, D, F, act, gated, wq in [(1, 2048, 8192, "gelu_tanh", False, "bf16"), (1, 2048, 8192, "gelu_tanh", False, "int8t"),
-                                    (3, 1024, 2816, "silu", True, "int8"), (16, 1024, 4096, "relu", False, "bf16")]:
-        n = 2 if gated else 1
-        x = jnp.asarray(rng.randn(M, D), jnp.bfloat16)
-        if wq == "bf16":
-            wi = [jnp.asarray(rng.randn(D, F) / np.sqrt(D), jnp.bfloat16) for _ in range(n)]
-            wo = jnp.asarray(rng.randn(F, D) / np.sqrt(F), jnp.bfloat16)
-            si = [None] * n
-        else:
-            wi = [jnp.asarray(rng.randint(-127, 128, size=(D, F)), jnp.int8) for _ in range(n)]
-            wo = jnp.asarray(rng.randint(-127, 128, size=(F, D)), jnp.int8)
-            si = [jnp.asarray((rng.rand(F) + 0.5) / 127 / np.sqrt(D), jnp.float32) for _ in range(n)]
-        bi = [jnp.asarray(rng.randn(F) * 0.1, jnp.bfloat16)] + [None] * (n - 1)
-        ys = []
-        for w, sc, b in zip(wi, si, bi):
-            y = small_linear_reference(x, [w])[0] * (1.0 if sc is None else sc)
-            ys.append((y + (0.0 if b is None else b.astype(jnp.float32))).astype(jnp.bfloat16).astype(jnp.float32))
-        h = (activation(act, ys[1]) * ys[0] if gated else activation(act, ys[0])).astype(jnp.bfloat16)
-        ref = small_linear_reference(h, [wo])[0]
-        t = wq == "int8t"
-        got = fused_mlp_parts(x, [w.T for w in wi] if t else wi, wo.T if t else wo, act=act, scales_in=si,
-                              biases_in=bi, trans_in=[t] * n, trans_out=t, interpret=ip).sum(0)
-        mag = float(jnp.max(jnp.abs(h.astype(jnp.float32)) @ jnp.abs(wo.astype(jnp.float32))))
-        e = err(got, ref)
-        report(f"fused MLP M={M} D={D} F={F} {act} gated={gated} {wq}", e < 0.02 * mag,
-               f"max err {e:.3g} (magnitude {mag:.3g})")
-
-
 def models():
     import ftjax
     from ftjax import quantize as Q
@@ -178,12 +140,8 @@ def main():
     import jax
 
     print("jax", jax.__version__, jax.devices(), flush=True)
-    only = sys.argv[1] if len(sys.argv) > 1 else None      # "mlp": the one-kernel MLP checks only
-    if only in (None, "mlp"):
-        fused_mlp()
-    if only is None:
-        kernels()
-        models()
+    kernels()
+    models()
     print("FAILED: " + ", ".join(FAILS) if FAILS else "ALL PASSED", flush=True)
     sys.exit(1 if FAILS else 0)
 
