@@ -191,10 +191,7 @@ def floor_ms(cfg, b, t_in, t_out, w_bytes, bw, rate, kv_itemsize=2):
 
 
 # ------------------------------------------------------------------------------------------- ftjax
-INT8_LAYOUT = ["auto"]   # --int8-layout
-
-
-def run_ftjax(cfg, params, case, reps, variant, bw, rate, hlo_memory=True):
+def run_ftjax(cfg, params, case, reps, variant, bw, rate, hlo_memory=True, int8_layout="auto"):
     import jax
 
     from ftjax.llm import LLM
@@ -204,7 +201,7 @@ def run_ftjax(cfg, params, case, reps, variant, bw, rate, hlo_memory=True):
     prompts = rng.randint(1, cfg.vocab, size=(b, t_in)).tolist()
     t0 = now()
     llm = LLM(cfg, params, dtype="bfloat16", max_batch_size=b, max_seq_len=t_in + t_out, max_beam_width=1)
-    llm.engine.int8_layout = INT8_LAYOUT[0]
+    llm.engine.int8_layout = int8_layout
     build_s = now() - t0
     t0 = now()
     res = llm.generate(prompts, max_new_tokens=t_out, end_id=None)
@@ -517,12 +514,11 @@ def main(argv=None):
                                                   not args.no_hlo_memory), c, "ftjax-bf16")
             if not args.skip_int8:
                 params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16, delete_source=True)
-                INT8_LAYOUT[0] = args.int8_layout
                 jax.block_until_ready(params)
                 for c in mcases:
                     if not over_budget(c, "ftjax-int8"):
                         guarded(lambda c=c: run_ftjax(cfg, params, c, args.reps, "int8", bw, rate,
-                                                      not args.no_hlo_memory), c, "ftjax-int8")
+                                                      not args.no_hlo_memory, args.int8_layout), c, "ftjax-int8")
             del params
             gc.collect()
 

@@ -56,7 +56,7 @@ def main():
     from bench.e2e import random_params
     from ftjax.config import ModelConfig
 
-    from bench.step_ab import apply_sets, parse_sl
+    from bench.step_ab import INT8_LAYOUTS, apply_sets, parse_sl
     apply_sets(parse_sl("set=" + ";".join("@" + v for v in a.set))[2])
     cfg = ModelConfig(**MODELS[a.model])
     params = random_params(cfg)
@@ -65,7 +65,7 @@ def main():
         params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16)
     llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=max(a.batch, 1), max_seq_len=a.prompt + a.steps + 8,
                     attention=a.attention)
-    llm.engine.int8_layout = {"int8kn": "kn", "int8t": "nk"}.get(a.quantize, "auto")
+    llm.engine.int8_layout = INT8_LAYOUTS.get(a.quantize, "auto")
     if a.steps_mode:
         llm.engine.steps_mode = a.steps_mode
     if a.fuse:

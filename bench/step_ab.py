@@ -50,7 +50,7 @@ def child(a):
             llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=a.batch, max_seq_len=S,
                             attention=a.attention)
             eng = llm.engine
-            eng.int8_layout = {"int8kn": "kn", "int8t": "nk"}.get(wq, "auto")
+            eng.int8_layout = INT8_LAYOUTS.get(wq, "auto")
             if sm != "auto":
                 eng.small_m = sm != "off"
                 eng.fuse_decode = {"on": False, "fused": True}.get(sm, sm)
@@ -86,6 +86,10 @@ def child(a):
             print("ROW " + json.dumps(row), flush=True)
             llm = eng = params = None
             apply_sets(restore)
+
+
+# --weights / --quantize names of the int8 layouts -> Engine.int8_layout ("int8": the engine's choice)
+INT8_LAYOUTS = {"int8kn": "kn", "int8t": "nk"}
 
 
 def _value(val: str):

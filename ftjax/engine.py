@@ -180,8 +180,8 @@ class Engine:
         self.params = self._int8_relayout(self.params)
 
     def _int8_relayout(self, params):
-        """params with the int8 weights in the layout asked for (a weight's old layout is freed once
-        nothing else holds it: arrays the caller handed in are never deleted here)."""
+        """params with the int8 weights in the layout asked for (arrays the caller handed in are never
+        deleted here)."""
         from ftjax.quantize import set_int8_layout
 
         how = self._int8_layout

@@ -110,6 +110,11 @@ def transpose_quantized(w, lead: int = 0):
     return QuantizedWeightT(qq, w.scale) if to_t else QuantizedWeight(qq, w.scale)
 
 
+def _in_layout(w, transposed: bool, lead: int = 0):
+    """w (a QuantizedWeight or QuantizedWeightT) as QuantizedWeightT when transposed, else QuantizedWeight."""
+    return w if isinstance(w, QuantizedWeightT) == bool(transposed) else transpose_quantized(w, lead)
+
+
 def dequantize(w, dtype=jnp.float32):
     """QuantizedWeight or QuantizedWeightT -> the float weight [*in, *out]."""
     if isinstance(w, QuantizedWeightT):
@@ -145,11 +150,10 @@ def quantize_params(params: dict[str, Any], cfg=None, *, mode: str = "int8", lm_
             for k in list(node):
                 v = node[k]
                 if k == "kernel" and _is_q(v):
-                    out[k] = v if isinstance(v, QuantizedWeightT) == transposed else transpose_quantized(v)
+                    out[k] = _in_layout(v, transposed)
                 elif k == "kernel" and not isinstance(v, dict) and (
                         name in PROJECTIONS or (lm_head and name == "lm_head")):
-                    qw = quantize_weight(v, _n_in(name, len(v.shape)), scale_dtype)
-                    out[k] = transpose_quantized(qw) if transposed else qw
+                    out[k] = _in_layout(quantize_weight(v, _n_in(name, len(v.shape)), scale_dtype), transposed)
                     count[0] += 1
                     if delete_source and isinstance(v, jax.Array):
                         v.delete()
@@ -164,20 +168,16 @@ def quantize_params(params: dict[str, Any], cfg=None, *, mode: str = "int8", lm_
     return out
 
 
-def set_int8_layout(params, transposed: bool, *, delete_source: bool = False):
+def set_int8_layout(params, transposed: bool):
     """The same tree with every int8 weight in one layout: QuantizedWeightT (transposed=True) or
     QuantizedWeight. Float leaves are left as they are (nothing is quantized here). numpy leaves are
-    transposed on the host, jax.Array leaves on their device; with `delete_source` a device weight's old
-    layout is deleted as soon as the new one exists (one weight's worth of extra memory at a time)."""
+    transposed on the host, jax.Array leaves on their device (a weight's old layout is freed once nothing
+    else holds it)."""
     def fix(path, w):
-        if not _is_q(w) or isinstance(w, QuantizedWeightT) == bool(transposed):
+        if not _is_q(w):
             return w
         stacked = any(getattr(k, "key", None) == "stages" for k in path)   # pipeline-stacked: [stages, ...]
-        t = transpose_quantized(w, lead=int(stacked))
-        old = w.q if isinstance(w, QuantizedWeight) else w.qt
-        if delete_source and isinstance(old, jax.Array):
-            old.delete()
-        return t
+        return _in_layout(w, transposed, lead=int(stacked))
 
     return jax.tree_util.tree_map_with_path(fix, params, is_leaf=_is_q)
 
