@@ -8,7 +8,7 @@ the admit call, WHILE loops inside command buffers for the generate call).
 Each variant builds its own Engine on the same device weights; each case is compiled (two warm-up
 requests) before its timed requests; rows print as they come. A variant is a preset name (PRESETS) or
 `name=mode;exe:option=value;...` (exe: admit or generate for XLA options, engine for an Engine
-attribute; mode: pieces, exact or dynamic).
+attribute; mode: pieces, exact or dynamic; a list value joins its items with '+').
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def parse_variant(v: str):
         if exe not in ("admit", "generate", "engine") or not k:
             raise SystemExit(f"variant {v!r}: expected exe:option=value with exe admit, generate or engine "
                              f"(an Engine attribute), got {p!r}")
+        val = val.replace("+", ",")   # list values: '+' between items (',' separates the variants)
         val = int(val) if val.isdigit() else {"true": True, "false": False}.get(val, val)
         if exe == "engine":
             attrs[k] = val
@@ -112,7 +113,13 @@ def main():
             rng = np.random.RandomState(0)
             prompts = rng.randint(1, cfg.vocab, size=(b, t_in)).tolist()
             t0 = time.perf_counter()
-            llm.generate(prompts, max_new_tokens=t_out, end_id=None)
+            try:
+                llm.generate(prompts, max_new_tokens=t_out, end_id=None)
+            except Exception as e:  # noqa: BLE001 -- an XLA option the runtime refuses: report, go on
+                print(f"  b{b}-{t_in}-{t_out}  {name:22s} FAILED: {type(e).__name__}: {str(e)[:300]}")
+                del llm
+                gc.collect()
+                continue
             first = time.perf_counter() - t0
             llm.generate(prompts, max_new_tokens=t_out, end_id=None)
             lat = []

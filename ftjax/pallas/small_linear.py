@@ -93,6 +93,8 @@ class SmallLinearConfig:
     (column blocks over all weights) * splits ~ target_programs.
   num_warps, num_stages: Triton launch / software-pipelining depth (num_stages is lowered where
     the stages would not fit the shared memory).
+  large_warps, large_bytes: a call whose weights hold at least large_bytes (all weights of the call
+    together) runs with large_warps warps instead of num_warps (None: never).
   target_programs: programs to aim for: 4 waves of a 132-SM H100 (several programs are
     resident per SM, so this keeps many W tiles in flight).
   min_blocks_per_split: auto splits keep at least this many K-blocks per program.
@@ -115,6 +117,8 @@ class SmallLinearConfig:
   num_splits: int | None = None
   num_warps: int = 4
   num_stages: int = 3
+  large_warps: int | None = None
+  large_bytes: int = 32 << 20
   target_programs: int = 528
   min_blocks_per_split: int = 2
   max_splits: int = 32
@@ -131,8 +135,10 @@ class SmallLinearConfig:
           f"SmallLinearConfig.{name}={v} must be a power of two >= 16 (or None)")
     assert self.num_splits is None or (isinstance(self.num_splits, int) and self.num_splits >= 1), (
         f"SmallLinearConfig.num_splits={self.num_splits} must be >= 1 or None")
-    assert self.num_warps in (1, 2, 4, 8, 16), (
-        f"SmallLinearConfig.num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
+    for name in ("num_warps", "large_warps"):
+      v = getattr(self, name)
+      assert v in (1, 2, 4, 8, 16) or (name == "large_warps" and v is None), (
+          f"SmallLinearConfig.{name}={v} must be one of 1, 2, 4, 8, 16")
     assert isinstance(self.num_stages, int) and self.num_stages >= 1, (
         f"SmallLinearConfig.num_stages={self.num_stages} must be >= 1")
     assert self.target_programs >= 1, (
@@ -215,7 +221,11 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
 
   stage_bytes = bk * bn * itemsize + ROWS * bk * 4
   stages = max(1, min(config.num_stages, SMEM_BUDGET // stage_bytes))
-  return dataclasses.replace(config, block_n=bn, block_k=bk, num_splits=splits, num_stages=stages)
+  warps = config.num_warps
+  if config.large_warps is not None and K * sum(Ns) * itemsize >= config.large_bytes:
+    warps = config.large_warps
+  return dataclasses.replace(config, block_n=bn, block_k=bk, num_splits=splits, num_stages=stages,
+                             num_warps=warps, large_warps=None)
 
 
 def _transposed(ws, transposed):
