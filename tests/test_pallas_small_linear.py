@@ -159,6 +159,22 @@ def test_choose_config():
   assert choose_config(1, 4096, (4096,), F32, C(block_n=256, block_k=256, num_stages=4)).num_stages == 1
 
 
+def test_choose_config_large_int8_calls():
+  """int8 calls of >= large_bytes run with large_warps and aim for large_programs; bf16 calls of the
+  same size and smaller int8 calls keep num_warps / target_programs; None turns the rule off."""
+  K, N = 4096, 8192                                       # 32 MB of int8
+  big = choose_config(1, K, (N,), I8, kmajor=True)
+  assert (big.num_warps, big.target_programs) == (S.DEFAULT_CONFIG.large_warps, S.DEFAULT_CONFIG.large_programs)
+  programs = -(-N // big.block_n) * big.num_splits
+  assert programs <= 2 * big.target_programs, big
+  for cfg in (choose_config(1, K, (N,), BF16), choose_config(1, K, (N // 2,), I8, kmajor=True),
+              choose_config(1, K, (N,), I8, C(large_warps=None, large_programs=None), kmajor=True)):
+    assert (cfg.num_warps, cfg.target_programs) == (4, 528), cfg
+  assert choose_config(1, K, (N,), I8, C(large_bytes=1 << 40)).num_warps == 4
+  # the resolved config runs as it is (the rule is not applied twice)
+  assert choose_config(1, K, (N,), I8, big) == big
+
+
 def test_cuda_lowering_on_cpu():
   """The Triton lowering (jaxpr -> TTIR) runs without a GPU in jaxlib <= 0.10.2 (later jaxlibs
   compile the TTIR in the lowering, which needs the GPU plugin): catches kernel code that
@@ -170,7 +186,8 @@ def test_cuda_lowering_on_cpu():
       (1, 4096, (4096, 1024, 1024), (BF16,) * 3, BF16, None),           # split-K, masked rows
       (16, 1000, (100, 36), (I8, F16), F16, None),                       # ragged, mixed dtypes
       (16, 512, (256, 128), (I8, I8), BF16, C(num_splits=1)),           # no mask at all, 1 split
-      (5, 200, (96,), (F32,), F32, None)]:                               # f32 (ieee dot)
+      (5, 200, (96,), (F32,), F32, None),                                # f32 (ieee dot)
+      (1, 4096, (8192,), (I8,), BF16, None)]:                            # a large int8 call: 8 warps
     x = jnp.zeros((M, K), xd)
     ws = [jnp.zeros((K, n), d) for n, d in zip(Ns, wd)]
     low = jax.jit(lambda x, ws: small_linear(x, ws, config=cfg)).trace(x, ws).lower(

@@ -45,7 +45,9 @@ num_splits = ceil(target_programs / column blocks over all weights), capped so t
 keeps >= `min_blocks_per_split` K-blocks, at `max_splits`, and so that the float32 partials
 (num_splits * M * sum N_i * 4 bytes) stay below `max_partial_fraction` of the weight bytes (or
 below 2 MB, which stays in L2); finally rounded so that no split is empty. `num_stages` is
-lowered where the pipeline stages would not fit the shared memory.
+lowered where the pipeline stages would not fit the shared memory. int8 calls of 32 MB and more
+(`large_bytes`: GPT 6.7B's q/k/v, fc1 and fc2) aim for `large_programs` (264) programs of
+`large_warps` (8) warps instead: measured 7% faster on 6.7B's int8 decode step, slower for bf16.
 
 Lowering: Pallas' Triton lowering (`CompilerParams` of `jax.experimental.pallas.triton`,
 passed explicitly). The op is a memory-bound stream whose matrix products have 16 rows, so
@@ -93,8 +95,12 @@ class SmallLinearConfig:
     (column blocks over all weights) * splits ~ target_programs.
   num_warps, num_stages: Triton launch / software-pipelining depth (num_stages is lowered where
     the stages would not fit the shared memory).
-  large_warps, large_bytes: a call whose weights hold at least large_bytes (all weights of the call
-    together) runs with large_warps warps instead of num_warps (None: never).
+  large_warps, large_programs, large_bytes: an int8 call whose weights hold at least large_bytes (all
+    weights of the call together) runs with large_warps warps (None: num_warps) and aims for
+    large_programs programs (None: target_programs). Measured on an H100 (bench/RESULTS.md): GPT 6.7B's
+    int8 decode step 3.53 -> 3.28 ms with 8 warps and 264 programs for q/k/v, fc1 and fc2 (32 MB and
+    more); 8 warps alone 3.39; bf16 weights were slower with 8 warps (5.10 -> 5.27 ms), so they keep
+    num_warps; at 1.3B no int8 call reaches 32 MB.
   target_programs: programs to aim for: 4 waves of a 132-SM H100 (several programs are
     resident per SM, so this keeps many W tiles in flight).
   min_blocks_per_split: auto splits keep at least this many K-blocks per program.
@@ -117,7 +123,8 @@ class SmallLinearConfig:
   num_splits: int | None = None
   num_warps: int = 4
   num_stages: int = 3
-  large_warps: int | None = None
+  large_warps: int | None = 8
+  large_programs: int | None = 264
   large_bytes: int = 32 << 20
   target_programs: int = 528
   min_blocks_per_split: int = 2
@@ -141,6 +148,8 @@ class SmallLinearConfig:
           f"SmallLinearConfig.{name}={v} must be one of 1, 2, 4, 8, 16")
     assert isinstance(self.num_stages, int) and self.num_stages >= 1, (
         f"SmallLinearConfig.num_stages={self.num_stages} must be >= 1")
+    assert self.large_programs is None or self.large_programs >= 1, (
+        f"SmallLinearConfig.large_programs={self.large_programs} must be >= 1 or None")
     assert self.target_programs >= 1, (
         f"SmallLinearConfig.target_programs={self.target_programs} must be >= 1")
     assert self.min_blocks_per_split >= 1, (
@@ -195,7 +204,9 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
     return sum(pl.cdiv(n, bn_) for n in Ns)
 
   # Small weights: shrink the tile until there are enough tiles to spread over the GPU.
-  want_tiles = config.target_programs * config.min_blocks_per_split
+  large = itemsize == 1 and K * sum(Ns) >= config.large_bytes
+  target = (config.large_programs or config.target_programs) if large else config.target_programs
+  want_tiles = target * config.min_blocks_per_split
   while n_blocks(bn) * pl.cdiv(K, bk) < want_tiles:
     if config.block_k is None and bk > 32 and (bk // 2) * bn * itemsize >= min_tile:
       bk //= 2
@@ -209,7 +220,7 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
   if config.num_splits is not None:
     splits = min(config.num_splits, nkb)
   else:
-    want = pl.cdiv(config.target_programs, nb)
+    want = pl.cdiv(target, nb)
     cap = max(1, nkb // config.min_blocks_per_split)
     w_bytes = K * sum(Ns) * itemsize
     partial_row_bytes = M * sum(Ns) * 4
@@ -221,11 +232,9 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
 
   stage_bytes = bk * bn * itemsize + ROWS * bk * 4
   stages = max(1, min(config.num_stages, SMEM_BUDGET // stage_bytes))
-  warps = config.num_warps
-  if config.large_warps is not None and K * sum(Ns) * itemsize >= config.large_bytes:
-    warps = config.large_warps
+  warps = (config.large_warps or config.num_warps) if large else config.num_warps
   return dataclasses.replace(config, block_n=bn, block_k=bk, num_splits=splits, num_stages=stages,
-                             num_warps=warps, large_warps=None)
+                             num_warps=warps, target_programs=target, large_warps=None, large_programs=None)
 
 
 def _transposed(ws, transposed):

@@ -4,7 +4,8 @@
 
 - int8 dequantisation: "asm" and "bits" against "cvt" (all exact conversions, same products: the outputs
   must be bitwise equal), bf16 and f16 x, ragged shapes, every int8 value present in the weights;
-- int8 weights stored transposed ([N, K], `transposed=`) against the [K, N] layout.
+- int8 weights stored transposed ([N, K], `transposed=`) against the [K, N] layout;
+- large int8 calls (8 warps, `SmallLinearConfig.large_*`) against the rule off and a float32 product.
 Prints PASS / FAIL lines and exits 1 on a failure.
 """
 from __future__ import annotations
@@ -52,6 +53,23 @@ def main():
         rel = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, base))
         fin = all(bool(jnp.isfinite(a).all()) for a in got)
         report(f"int8 transposed == [K, N] M={M} K={K} Ns={Ns}", fin and rel < 1e-5, f"max rel diff {rel:.3g}")
+    # Large int8 calls (>= SmallLinearConfig.large_bytes) run with 8 warps and fewer programs: against the
+    # same call with the rule off (4 warps, the usual split) and a float32 product, both layouts.
+    for M, K, Ns in [(1, 4096, (4096, 4096, 4096)), (3, 16384, (4096,))]:
+        x = jnp.asarray(rng.randn(M, K), jnp.bfloat16)
+        ws = [jnp.asarray(rng.randint(-128, 128, (K, n)), jnp.int8) for n in Ns]
+        sc = [jnp.asarray(rng.rand(n) + 0.5, jnp.float32) for n in Ns]
+        ref = [np.asarray(x, np.float32) @ (np.asarray(w, np.float32) * np.asarray(s)) for w, s in zip(ws, sc)]
+        off = SmallLinearConfig(large_warps=None, large_programs=None)
+        for t in (False, True):
+            wl = [w.T for w in ws] if t else ws
+            tr = [t] * len(ws)
+            got = small_linear(x, wl, sc, transposed=tr)
+            base = small_linear(x, wl, sc, config=off, transposed=tr)
+            rel = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, base))
+            rref = max(float(np.max(np.abs(np.asarray(a) - r)) / np.max(np.abs(r))) for a, r in zip(got, ref))
+            report(f"large int8 call (8 warps) == 4 warps, float32 M={M} K={K} Ns={Ns} transposed={t}",
+                   rel < 1e-5 and rref < 1e-5, f"max rel diff {rel:.3g}, vs float32 {rref:.3g}")
     print(f"{'FAIL' if FAILS else 'ALL PASS'}: {len(FAILS)} failed", flush=True)
     sys.exit(1 if FAILS else 0)
 
