@@ -155,9 +155,6 @@ class Engine:
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,),
                                  static_argnames=("rem", "chunked", "beam", "sampled", "snap", "chunk"),
                                  **_copts(opts.get("generate")))
-        self._admit_generate = jax.jit(self._admit_generate_fn, donate_argnums=(1,),
-                                       static_argnames=("spec", "sampled", "rem", "chunked", "beam", "gsampled"),
-                                       **_copts(opts.get("admit_generate")))
         self._logits = jax.jit(self._logits_fn)
         self._retire = jax.jit(self._retire_sharded, donate_argnums=(0,))
 
@@ -447,34 +444,6 @@ class Engine:
     def prefill_insert(self, state: DecodeState, prompts, slots, max_new, params_list) -> DecodeState:
         """Prefill `prompts` (lists of ids) and insert them. slots[i]: an int, or for a beam request a
         list of beam_width ints (the first heads the beam group). Host ints; the state is donated."""
-        state, words, spec, sampled = self._admit_args(state, prompts, slots, max_new, params_list)
-        return self._admit(self.params, state, words, spec=spec, sampled=sampled)
-
-    admit_generate_one_call = True   # False: prefill_generate makes the two calls (bench/request_ab.py A/B)
-
-    def prefill_generate(self, state: DecodeState, prompts, slots, max_new, params_list, n_steps: int):
-        """prefill_insert, then generate_steps(n_steps): ONE call in the "exact" step-count mode. In one
-        executable the host launches the first decode steps while the GPU still runs the prefill; as two
-        calls the GPU waits, between them, for the second call's dispatch and first graph launch (~1 ms
-        at batch 1 on an H100, bench/RESULTS.md). -> (state, steps run). Other modes: the two calls."""
-        n = int(n_steps)
-        if self.steps_mode != "exact" or not self.admit_generate_one_call:
-            state = self.prefill_insert(state, prompts, slots, max_new, params_list)
-            return self.generate_steps(state, n)
-        state, words, spec, sampled = self._admit_args(state, prompts, slots, max_new, params_list)
-        q, r = divmod(n, self.CHUNK)
-        out = self._admit_generate(self.params, state, words, np.int32(q), spec=spec, sampled=sampled, rem=r,
-                                   chunked=q > 0, beam=bool(self._beam_heads) and self.max_beam_width > 1,
-                                   gsampled=bool(self._sampled_slots))
-        return out[0], out[1]
-
-    def _admit_generate_fn(self, params, state: DecodeState, words, n_chunks, *, spec, sampled: bool, rem: int,
-                           chunked: bool, beam: bool, gsampled: bool):
-        state = self._admit_fn(params, state, words, spec=spec, sampled=sampled)
-        return self._generate_fn(params, state, n_chunks, rem=rem, chunked=chunked, beam=beam, sampled=gsampled)
-
-    def _admit_args(self, state: DecodeState, prompts, slots, max_new, params_list):
-        """The host side of an admit: -> (state, words, spec, sampled) for `_admit_fn`."""
         n = len(prompts)
         T = bucket(max(len(p) for p in prompts), 16, self.S)
         b = bucket(n, 1, self.B)
@@ -517,7 +486,8 @@ class Engine:
             dec_tokens[: len(start), 0] = start
             dec_lengths = np.ones((b,), np.int32)
         words, spec = pack_words((tokens, lengths, sp, dec_tokens, dec_lengths, mx, src_arr, dst_arr, gslots))
-        return state, words, spec, any(p.beam_width == 1 and not p.greedy for p in params_list)
+        return self._admit(self.params, state, words, spec=spec,
+                           sampled=any(p.beam_width == 1 and not p.greedy for p in params_list))
 
     def _grow_capacity(self, state: DecodeState, params_list) -> DecodeState:
         """Word-list / reset-id capacities grow (doubling) when a request needs more; the running slots'

@@ -120,12 +120,11 @@ class LLM:
                 i += 1
             if self._state is None:
                 self._state = self.engine.init_state()
+            st = self.engine.prefill_insert(self._state, [prompts[j] for j in chunk], slots,
+                                            [max_new] * len(chunk), [plist[j] for j in chunk])
             # Sampled GPT rows have their first id from prefill: max_new - 1 decode steps finish them.
             first_at_prefill = self.engine.family.samples_at_prefill and all(plist[j].beam_width == 1 for j in chunk)
-            # prefill, insert and the decode steps as one call (Engine.prefill_generate)
-            st, _ = self.engine.prefill_generate(self._state, [prompts[j] for j in chunk], slots,
-                                                 [max_new] * len(chunk), [plist[j] for j in chunk],
-                                                 max_new - 1 if first_at_prefill else max_new)
+            st, _ = self.engine.generate_steps(st, max_new - 1 if first_at_prefill else max_new)
             self._state = st
             self._collect(st, chunk, slots, plist, out)
         if not want_lp:

@@ -247,29 +247,3 @@ def test_pack_words_round_trip():
                                       np.asarray(v).view(np.uint8) if k == "f" else v)
     with pytest.raises(TypeError, match="float64"):
         pack_words([np.zeros(2)])
-
-
-@pytest.mark.parametrize("n_steps", [0, 5, 21])
-def test_prefill_generate_is_prefill_insert_then_generate_steps(llm, n_steps):
-    """Engine.prefill_generate (one executable in the "exact" mode, what LLM.generate runs) leaves the
-    same state as prefill_insert then generate_steps: greedy and seeded sampled rows together, the
-    donated state consumed; in the "pieces" mode it is the two calls."""
-    eng = llm.engine
-    rng = np.random.RandomState(n_steps)
-    prompts = random_prompts(rng, 3, 2, 9)
-    sp = (llm.sampling_params(1, end_id=None) + llm.sampling_params(1, end_id=None, top_k=8, random_seed=7)
-          + llm.sampling_params(1, end_id=None, top_p=0.9, temperature=0.7, random_seed=3))
-    ref = eng.prefill_insert(eng.init_state(), prompts, [0, 2, 3], [30] * 3, sp)
-    ref, ref_steps = eng.generate_steps(ref, n_steps)
-    for mode in ("exact", "pieces"):
-        old, eng.steps_mode = eng.steps_mode, mode
-        try:
-            st0 = eng.init_state()
-            st, steps = eng.prefill_generate(st0, prompts, [0, 2, 3], [30] * 3, sp, n_steps)
-        finally:
-            eng.steps_mode = old
-        assert all(leaf.is_deleted() for leaf in _leaves(st0)), mode
-        assert int(steps) == int(ref_steps) == n_steps, mode
-        for name in ("seq", "seq_len", "logprobs", "done", "active"):
-            np.testing.assert_array_equal(np.asarray(getattr(st, name)), np.asarray(getattr(ref, name)),
-                                          err_msg=f"{mode}: {name}")
