@@ -56,8 +56,8 @@ def main():
     from bench.e2e import random_params
     from ftjax.config import ModelConfig
 
-    from bench.step_ab import INT8_LAYOUTS, apply_sets, parse_sl
-    apply_sets(parse_sl("set=" + ";".join("@" + v for v in a.set))[2])
+    from bench.step_ab import INT8_LAYOUTS, apply_set_args
+    apply_set_args(a.set)
     cfg = ModelConfig(**MODELS[a.model])
     params = random_params(cfg)
     if a.quantize:

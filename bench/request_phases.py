@@ -1,15 +1,14 @@
 """Where a batch-1 request's time goes, phase by phase, without and with the profiler.
 
-    PYTHONUNBUFFERED=1 python bench/request_phases.py --cases 350m-1-128-8,1.3b-1-512-32 [--int8]
-        [--save-trace DIR]
+    PYTHONUNBUFFERED=1 python bench/request_phases.py --cases 350m-1-128-8,1.3b-1-512-32 \
+        [--weights bf16,int8] [--save-trace DIR]
 
 For each case (model-batch-prompt-output) and weight format, after a warm-up:
 - `generate`: one `LLM.generate` call (ms, median of --reps);
 - `admit dispatch`: host time until `Engine.prefill_insert` returns; `admit wall`: until its outputs are
   ready (so the admit's GPU work plus whatever the host did before the GPU could start);
 - `steps dispatch` / `steps wall`: the same for the `generate_steps` call of output-1 steps;
-- from one traced request (no host tracing): the admit's GPU kernels (count, busy ms, span ms) and the
-  gap from the end of the admit's dispatch on the host... the GPU's own figures only: busy and span.
+- from one traced admit (no host tracing): its GPU kernels (count, busy ms, span ms, the costliest).
 With --save-trace a second traced request also records the host (XLA runtime, Python) into
 DIR/<case>-<weights>.json.gz for bench/host_trace.py.
 """
@@ -42,27 +41,25 @@ def main():
     import ftjax
     from bench.common import device_info, trace_kernels
     from bench.e2e import MODELS, SMOKE_MODELS, random_params
-    from bench.step_ab import apply_sets, parse_sl
+    from bench.step_ab import apply_set_args
     from ftjax.config import ModelConfig
-    apply_sets(parse_sl("set=" + ";".join("@" + v for v in a.set))[2])
+    apply_set_args(a.set)
     models = {**MODELS, **SMOKE_MODELS}
     print(f"device: {device_info()}, jax {jax.__version__}")
     rows = []
-    cache = {}
+    loaded, params = None, None     # the weights of the last (model, format): consecutive rows share them
     for case in a.cases.split(","):
         name, b, t_in, t_out = case.rsplit("-", 3)
         b, t_in, t_out = int(b), int(t_in), int(t_out)
         cfg = ModelConfig(**models[name])
         for wname in a.weights.split(","):
-            key = (name, wname)
-            if key not in cache:
-                cache.clear()
+            if loaded != (name, wname):
+                params = None   # the previous weights go before the next ones are made
                 params = random_params(cfg)
                 if wname == "int8":
                     from ftjax import quantize as Q
                     params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16)
-                cache[key] = params
-            params = cache[key]
+                loaded = (name, wname)
             llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=b, max_seq_len=t_in + t_out,
                             max_beam_width=1)
             rng = np.random.RandomState(0)
@@ -72,7 +69,6 @@ def main():
             eng = llm.engine
             plist = llm.sampling_params(b, end_id=None)
             gen, ad, aw, sd, sw = [], [], [], [], []
-            st = llm._state
             for _ in range(a.reps):
                 t0 = time.perf_counter()
                 llm.generate(prompts, max_new_tokens=t_out, end_id=None)
@@ -100,7 +96,7 @@ def main():
             row = {"case": case, "weights": wname, "generate_ms": med(gen), "admit_dispatch_ms": med(ad),
                    "admit_wall_ms": med(aw), "steps_dispatch_ms": med(sd), "steps_wall_ms": med(sw),
                    "step_ms": round(med(sw) / max(1, t_out - 1), 4)}
-            # GPU side of one admit and one steps call (profiler on, host not traced)
+            # GPU side of one admit (profiler on, host not traced)
             holder = {}
 
             def run_admit():
@@ -128,7 +124,7 @@ def main():
                               save=os.path.join(a.save_trace, f"{case}-{wname}.json.gz"))
             print(json.dumps(row), flush=True)
             rows.append(row)
-            del llm
+            llm = None   # frees the engine's cache before the next row's
     with open(os.path.join(a.out, "request_phases.json"), "w") as f:
         json.dump(rows, f, indent=1)
 

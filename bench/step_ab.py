@@ -125,6 +125,11 @@ def parse_sl(v: str):
     return name, SmallLinearConfig(**kw), sets
 
 
+def apply_set_args(items):
+    """Set module globals from '--set module.attr:value ...' items (the '@' items of --sl, '@' left off)."""
+    return apply_sets(parse_sl("set=" + ";".join("@" + v for v in items))[2])
+
+
 def apply_sets(sets):
     """Set module globals; returns the previous values (to restore with apply_sets(old))."""
     import importlib

@@ -204,7 +204,8 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
     return sum(pl.cdiv(n, bn_) for n in Ns)
 
   # Small weights: shrink the tile until there are enough tiles to spread over the GPU.
-  large = itemsize == 1 and K * sum(Ns) >= config.large_bytes
+  w_bytes = K * sum(Ns) * itemsize
+  large = itemsize == 1 and w_bytes >= config.large_bytes
   target = (config.large_programs or config.target_programs) if large else config.target_programs
   want_tiles = target * config.min_blocks_per_split
   while n_blocks(bn) * pl.cdiv(K, bk) < want_tiles:
@@ -222,7 +223,6 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
   else:
     want = pl.cdiv(target, nb)
     cap = max(1, nkb // config.min_blocks_per_split)
-    w_bytes = K * sum(Ns) * itemsize
     partial_row_bytes = M * sum(Ns) * 4
     cap_partial = max(1, int(max(config.max_partial_fraction * w_bytes, L2_PARTIAL_BYTES)
                              // partial_row_bytes))
