@@ -58,6 +58,12 @@ def select(logits, sp, *, seq, prompt_len, seq_len, gen_count, top_p, sampled=Tr
     return sampling.sample(x, sp, gen_count, top_p, sampled=sampled)
 
 
+# Admissions whose rows go to consecutive slots in order (a batch into a fresh state; any single request)
+# write their K/V into the cache with one in-place update instead of XLA's scatter (bench/RESULTS.md,
+# eighth session). False: always the scatter.
+INSERT_IN_PLACE = True
+
+
 def bucket(n: int, lo: int, hi: int) -> int:
     """Smallest power of two >= n, clamped to [lo, hi]."""
     p = lo
@@ -150,7 +156,7 @@ class Engine:
         # The host inputs of a call travel as ONE int32 array (`pack_words`): each array handed to a jitted
         # call is its own host-to-device copy, and ~25 of them cost the admit call milliseconds of host time.
         opts = self.compiler_options
-        self._admit = jax.jit(self._admit_fn, donate_argnums=(1,), static_argnames=("spec", "sampled"),
+        self._admit = jax.jit(self._admit_fn, donate_argnums=(1,), static_argnames=("spec", "sampled", "contiguous"),
                               **_copts(opts.get("admit")))
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,),
                                  static_argnames=("rem", "chunked", "beam", "sampled", "snap", "chunk"),
@@ -270,22 +276,27 @@ class Engine:
                          top_p=sp.top_p, sampled=sampled)
         return Prefix(kv=kv, first=tok, first_logprob=lp)
 
-    def _admit_fn(self, params, state: DecodeState, words, *, spec, sampled: bool):
+    def _admit_fn(self, params, state: DecodeState, words, *, spec, sampled: bool, contiguous: bool = False):
         """_prefill_fn then _insert_fn. `words`/`spec`: pack_words of (tokens, lengths, sp, dec_tokens,
         dec_lengths, max_new, src, slots, gslots) (dec_*: what the decoder's rows start from)."""
         tokens, lengths, sp, dec_tokens, dec_lengths, max_new, src, slots, gslots = unpack_words(words, spec)
         prefix = self._prefill_fn(params, tokens, lengths, sp, sampled=sampled)
-        return self._insert_fn(state, prefix, dec_tokens, dec_lengths, max_new, sp, src, slots, gslots)
+        return self._insert_fn(state, prefix, dec_tokens, dec_lengths, max_new, sp, src, slots, gslots,
+                               contiguous=contiguous)
 
-    def _insert_fn(self, state: DecodeState, prefix: Prefix, tokens, lengths, max_new, sp, src, slots, gslots):
+    def _insert_fn(self, state: DecodeState, prefix: Prefix, tokens, lengths, max_new, sp, src, slots, gslots,
+                   contiguous: bool = False):
         """Writes prefilled requests into slots. Request rows [b]: tokens [b, T], lengths, max_new, sp.
         Slot rows [m]: `slots` [m] takes request `src` [m] (a slot >= B drops the row: padding). A beam
-        request (sp.beam_width > 1) fills beam_width slots, headed by gslots[i, 0] (gslots [b, W], B = none)."""
+        request (sp.beam_width > 1) fills beam_width slots, headed by gslots[i, 0] (gslots [b, W], B = none).
+        contiguous: the host has checked that slots = slots[0] + arange(m), src = arange(m) and m = b, so
+        the K/V go into the cache as one in-place update (families.write_rows)."""
         T = tokens.shape[1]
         # Rows whose last id stays pending (fed by the first generate step): beam requests, and every
         # request of a family that does not sample at prefill (T5: the decoder start id).
         beam_req = (sp.beam_width > 1) | (not self.family.samples_at_prefill)   # [b]
-        cache = self.family.write_prefix(state.cache, prefix.kv, src, slots)
+        cache = self.family.write_prefix(state.cache, prefix.kv, src, slots,
+                                         slots[0] if contiguous else None)
         b = tokens.shape[0]
         # Sampled requests: the first id comes from prefill. Beam requests: the last prompt id stays
         # pending, so the first beam step (in generate) sees the prompt's logits in every beam.
@@ -486,7 +497,9 @@ class Engine:
             dec_tokens[: len(start), 0] = start
             dec_lengths = np.ones((b,), np.int32)
         words, spec = pack_words((tokens, lengths, sp, dec_tokens, dec_lengths, mx, src_arr, dst_arr, gslots))
-        return self._admit(self.params, state, words, spec=spec,
+        contiguous = (INSERT_IN_PLACE and len(dst) == m == b and src == list(range(m))
+                      and dst == list(range(dst[0], dst[0] + m)) and dst[-1] < self.B)
+        return self._admit(self.params, state, words, spec=spec, contiguous=contiguous,
                            sampled=any(p.beam_width == 1 and not p.greedy for p in params_list))
 
     def _grow_capacity(self, state: DecodeState, params_list) -> DecodeState:

@@ -179,11 +179,25 @@ def fused_linears(mods: Sequence["Linear"], x: jax.Array) -> list[jax.Array]:
     return out
 
 
-def linear(x: jax.Array, w: Any, n_in: int = 1) -> jax.Array:
+# XLA's GEMMs (prefill; decode batches over SMALL_M_ROWS): with 16-bit activations the product leaves the
+# GEMM in that dtype (accumulated in float32 inside, rounded once) and `Linear` adds its bias in that dtype
+# too, so XLA folds the bias into the GEMM instead of writing a float32 product that the next fusion reads
+# back: at prefill sizes the float32 products and their bias/convert passes took about a third of the
+# prefill's GPU time (bench/RESULTS.md, eighth session). False: float32 products, as before.
+LOW_PRECISION_OUT = True
+
+
+def _low_precision(x) -> bool:
+    return LOW_PRECISION_OUT and x.dtype in (jnp.bfloat16, jnp.float16)
+
+
+def linear(x: jax.Array, w: Any, n_in: int = 1, out_dtype: Any = None) -> jax.Array:
     """x [..., *in]; w [*in, *out] (array, QuantizedWeight or QuantizedWeightT) -> [..., *out], float32
-    accumulation."""
+    accumulation; the result in float32, or in `out_dtype` (the XLA path only: the small-M kernel's output
+    is float32 whatever it is asked)."""
     if _small_m_mode(x, n_in) is not None:
         return linear_many(x, (w,), n_in)[0]
+    out_dtype = jnp.float32 if out_dtype is None else out_dtype
     nx = x.ndim
     dims = (tuple(range(nx - n_in, nx)), tuple(range(n_in)))
     if isinstance(w, (QuantizedWeight, QuantizedWeightT)):
@@ -191,16 +205,22 @@ def linear(x: jax.Array, w: Any, n_in: int = 1) -> jax.Array:
         # weights are loop-invariant and XLA's loop-invariant code motion would otherwise hoist
         # `convert(q)` out of the loop, keeping a dequantised float copy of every weight alive for the
         # whole loop (seen on XLA:CPU). Tied, the convert stays next to its dot, where it fuses.
+        n_out = len(w.scale.shape)
         if isinstance(w, QuantizedWeightT):   # q [*out, *in]: contract its trailing dims
-            n_out = len(w.scale.shape)
             q, dims = w.qt, (dims[0], tuple(range(n_out, n_out + n_in)))
+            scale = w.scale.reshape(w.scale.shape + (1,) * n_in)
         else:
-            q = w.q
+            q, scale = w.q, w.scale
         x, q = jax.lax.optimization_barrier((x, q))
+        if jnp.dtype(out_dtype) != jnp.float32:
+            # A 16-bit product: the scales go into the weights as they are converted (XLA converts the int8
+            # values for its GEMM anyway), so nothing scales the product afterwards.
+            wq = (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
+            return jax.lax.dot_general(x, wq, (dims, ((), ())), preferred_element_type=out_dtype)
         y = jax.lax.dot_general(x, q.astype(x.dtype), (dims, ((), ())),
                                 preferred_element_type=jnp.float32)
         return y * w.scale.astype(jnp.float32)
-    return jax.lax.dot_general(x, w.astype(x.dtype), (dims, ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(x, w.astype(x.dtype), (dims, ((), ())), preferred_element_type=out_dtype)
 
 
 def _init(fan_in: int):
@@ -216,6 +236,7 @@ class Linear(nn.Module):
     out_axes: Sequence[str]
     use_bias: bool = True
     dtype: Any = jnp.float32
+    low_out: bool = True   # False: a float32 product and bias add whatever the dtype (the lm_head: logits)
 
     @nn.compact
     def __call__(self, x):  # x [..., *in_shape] -> [..., *out_shape] in self.dtype
@@ -230,9 +251,13 @@ class Linear(nn.Module):
             kernel = self.param(
                 "kernel", nn.with_logical_partitioning(_init(fan_in), tuple(self.in_axes) + tuple(self.out_axes)),
                 tuple(self.in_shape) + tuple(self.out_shape), self.dtype)
-        y = linear(x, kernel, len(self.in_shape))
+        n_in = len(self.in_shape)
+        low = (self.low_out and _low_precision(x) and jnp.dtype(self.dtype) == x.dtype
+               and _small_m_mode(x, n_in) is None)
+        acc = x.dtype if low else jnp.float32   # the product's dtype, and the bias add's
+        y = linear(x, kernel, n_in, out_dtype=acc)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.normal(0.02), tuple(self.out_axes)),
                               tuple(self.out_shape), self.dtype)
-            y = y + bias.astype(jnp.float32)
+            y = y + bias.astype(acc)
         return y.astype(self.dtype)

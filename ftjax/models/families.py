@@ -14,6 +14,19 @@ import jax.numpy as jnp
 from ftjax.models import gpt
 
 
+def write_rows(dst, upd, src, slots, start=None):
+    """Rows `src` [m] of `upd` [b, ...] into rows `slots` [m] of `dst` [B, ...] (slot >= B: dropped); upd's
+    other dims may be shorter than dst's (a prompt's T <= the cache's S): it fills their leading part.
+    start (a traced int, or None): the host has checked that slots = start + arange(m), src = arange(m) and
+    m = b (no padding rows): then the write is one in-place dynamic_update_slice. XLA's scatter for the
+    general case wrote a prefill's K/V at ~0.2 TB/s (bench/RESULTS.md, eighth session)."""
+    upd = upd.astype(dst.dtype)
+    if start is not None:
+        return jax.lax.dynamic_update_slice(dst, upd, (start,) + (0,) * (dst.ndim - 1))
+    idx = (slots,) + tuple(slice(0, n) for n in upd.shape[1:])
+    return dst.at[idx].set(upd[src], mode="drop")
+
+
 class GPTFamily:
     """Decoder-only: prefill runs the prompt, samples the first id and hands over the prompt's K/V."""
 
@@ -33,15 +46,12 @@ class GPTFamily:
         """tokens [b, T]; lengths [b] -> (logits [b, v] at the last prompt id, prefix: per layer (k, v) [b, T, k, h])."""
         return self.model.apply({"params": params}, tokens, lengths, method=gpt.GPT.prefill)
 
-    def write_prefix(self, cache, prefix, src, slots):
-        """Copy prefix rows `src` [m] into cache rows `slots` [m] (slot >= B: dropped)."""
-        out = []
-        for layer, (k, v) in zip(cache, prefix):
-            T = k.shape[1]
-            k, v = jnp.swapaxes(k, 1, 2)[src], jnp.swapaxes(v, 1, 2)[src]  # [m, k, T, h]
-            out.append({"k": layer["k"].at[slots, :, :T].set(k.astype(layer["k"].dtype), mode="drop"),
-                        "v": layer["v"].at[slots, :, :T].set(v.astype(layer["v"].dtype), mode="drop")})
-        return out
+    def write_prefix(self, cache, prefix, src, slots, start=None):
+        """Copy prefix rows `src` [m] into cache rows `slots` [m] (slot >= B: dropped); `start`: see
+        `write_rows`."""
+        return [{"k": write_rows(layer["k"], jnp.swapaxes(k, 1, 2), src, slots, start),    # [b, k, T, h]
+                 "v": write_rows(layer["v"], jnp.swapaxes(v, 1, 2), src, slots, start)}
+                for layer, (k, v) in zip(cache, prefix)]
 
     def reorder(self, cache, src):
         """Beam search: row i continues row src[i] [B]."""

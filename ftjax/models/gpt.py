@@ -86,7 +86,8 @@ class GPT(nn.Module):
         self.layers = [Block(c, self.dtype, self.impl) for _ in range(c.num_layers)]
         self.final_norm = Norm(c.hidden, c.norm, c.norm_eps, self.dtype)
         if not c.tie_embeddings:
-            self.lm_head = Linear((c.hidden,), (c.vocab_size,), ("embed",), ("vocab",), c.lm_head_bias, self.dtype)
+            self.lm_head = Linear((c.hidden,), (c.vocab_size,), ("embed",), ("vocab",), c.lm_head_bias, self.dtype,
+                                  low_out=False)
 
     def logits(self, h):  # h [..., d] (already normed) -> [..., v] float32
         c = self.cfg

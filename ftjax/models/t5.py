@@ -34,6 +34,7 @@ from ftjax.config import T5Config
 from ftjax.layers.embed import Embed
 from ftjax.layers.linear import Linear
 from ftjax.layers.mlp import MLP
+from ftjax.models.families import write_rows
 from ftjax.layers.norms import Norm
 from ftjax.pallas import ops
 
@@ -218,7 +219,8 @@ class T5(nn.Module):
         self.encoder = Encoder(c, self.dtype, self.impl)
         self.decoder = Decoder(c, self.dtype, self.impl)
         if not c.tie_embeddings:
-            self.lm_head = Linear((c.hidden,), (c.vocab_size,), ("embed",), ("vocab",), False, self.dtype)
+            self.lm_head = Linear((c.hidden,), (c.vocab_size,), ("embed",), ("vocab",), False, self.dtype,
+                                  low_out=False)
         if c.lm_head_bias:
             self.lm_head_bias = self.param("lm_head_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                                            (c.vocab_size,), self.dtype)
@@ -296,14 +298,12 @@ class T5Family:
         _, cross = self.model.apply({"params": params}, tokens, lengths, method=T5.encode)
         return None, {"cross": cross, "enc_len": lengths}
 
-    def write_prefix(self, cache, prefix, src, slots):
+    def write_prefix(self, cache, prefix, src, slots, start=None):
         layers = []
         for layer, (ck, cv) in zip(cache["layers"], prefix["cross"]):
-            T = ck.shape[1]
-            ck, cv = jnp.swapaxes(ck, 1, 2)[src], jnp.swapaxes(cv, 1, 2)[src]   # [m, n, T, h]
-            layers.append(dict(layer, ck=layer["ck"].at[slots, :, :T].set(ck.astype(layer["ck"].dtype), mode="drop"),
-                               cv=layer["cv"].at[slots, :, :T].set(cv.astype(layer["cv"].dtype), mode="drop")))
-        enc_len = cache["enc_len"].at[slots].set(prefix["enc_len"][src], mode="drop")
+            layers.append(dict(layer, ck=write_rows(layer["ck"], jnp.swapaxes(ck, 1, 2), src, slots, start),
+                               cv=write_rows(layer["cv"], jnp.swapaxes(cv, 1, 2), src, slots, start)))
+        enc_len = write_rows(cache["enc_len"], prefix["enc_len"], src, slots, start)
         return {"layers": layers, "enc_len": enc_len}
 
     def reorder(self, cache, src):

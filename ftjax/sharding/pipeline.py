@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.models import gpt
+from ftjax.models.families import write_rows
 from ftjax.sharding import rules as R
 
 
@@ -195,14 +196,10 @@ class PipelinedGPT:
         h, _ = self._forward(params, tokens, lengths)
         return self._head(params, h)
 
-    def write_prefix(self, cache, prefix, src, slots):
-        out = []
-        for layer, (k, v) in zip(cache, prefix):
-            T = k.shape[2]
-            k, v = jnp.moveaxis(k, 2, 3)[src], jnp.moveaxis(v, 2, 3)[src]   # [m, P, k, T, h]
-            out.append({"k": layer["k"].at[slots, :, :, :T].set(k.astype(layer["k"].dtype), mode="drop"),
-                        "v": layer["v"].at[slots, :, :, :T].set(v.astype(layer["v"].dtype), mode="drop")})
-        return out
+    def write_prefix(self, cache, prefix, src, slots, start=None):
+        return [{"k": write_rows(layer["k"], jnp.moveaxis(k, 2, 3), src, slots, start),   # [b, P, k, T, h]
+                 "v": write_rows(layer["v"], jnp.moveaxis(v, 2, 3), src, slots, start)}
+                for layer, (k, v) in zip(cache, prefix)]
 
     def reorder(self, cache, src):
         """Beam search: row i continues row src[i] [B] (rows are the slot dim; each stage moves its own)."""

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from ftjax.layers.norms import Norm
 from ftjax.models import t5
+from ftjax.models.families import write_rows
 from ftjax.sharding import pipeline as PP
 from ftjax.sharding import rules as R
 
@@ -215,15 +216,12 @@ class PipelinedT5:
         enc = self._encode(params, tokens, lengths)
         return None, {"cross": self._cross_kv(params, enc), "enc_len": lengths}
 
-    def write_prefix(self, cache, prefix, src, slots):
+    def write_prefix(self, cache, prefix, src, slots, start=None):
         layers = []
-        for layer, (ck, cv) in zip(cache["layers"], prefix["cross"]):
-            T = ck.shape[2]
-            ck, cv = jnp.moveaxis(ck, 2, 3)[src], jnp.moveaxis(cv, 2, 3)[src]      # [m, P, n, T, h]
-            layers.append(dict(layer,
-                               ck=layer["ck"].at[slots, :, :, :T].set(ck.astype(layer["ck"].dtype), mode="drop"),
-                               cv=layer["cv"].at[slots, :, :, :T].set(cv.astype(layer["cv"].dtype), mode="drop")))
-        enc_len = cache["enc_len"].at[slots].set(prefix["enc_len"][src], mode="drop")
+        for layer, (ck, cv) in zip(cache["layers"], prefix["cross"]):     # [b, P, T, n, h] -> [b, P, n, T, h]
+            layers.append(dict(layer, ck=write_rows(layer["ck"], jnp.moveaxis(ck, 2, 3), src, slots, start),
+                               cv=write_rows(layer["cv"], jnp.moveaxis(cv, 2, 3), src, slots, start)))
+        enc_len = write_rows(cache["enc_len"], prefix["enc_len"], src, slots, start)
         return {"layers": layers, "enc_len": enc_len}
 
     def reorder(self, cache, src):
