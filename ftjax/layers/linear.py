@@ -187,8 +187,19 @@ def fused_linears(mods: Sequence["Linear"], x: jax.Array) -> list[jax.Array]:
 LOW_PRECISION_OUT = True
 
 
-def _low_precision(x) -> bool:
-    return LOW_PRECISION_OUT and x.dtype in (jnp.bfloat16, jnp.float16)
+# int8 weights take the 16-bit output only from this many rows (prefill): its GEMM then reads weights
+# dequantised with their scales, which XLA materialises; XLA converts int8 weights in memory for its prefill
+# GEMMs anyway, but a decode batch's GEMM (64 rows) converts them in its prologue, and scales there made XLA
+# materialise them every step (1.3B, 64 rows: 4.65 -> 6.07 ms a step; bench/RESULTS.md, eighth session).
+INT8_LOW_PRECISION_ROWS = 1024
+
+
+def _low_precision(x, w=None, n_in: int = 1) -> bool:
+    if not (LOW_PRECISION_OUT and x.dtype in (jnp.bfloat16, jnp.float16)):
+        return False
+    if isinstance(w, (QuantizedWeight, QuantizedWeightT)):
+        return math.prod(x.shape[: x.ndim - n_in]) >= INT8_LOW_PRECISION_ROWS
+    return True
 
 
 def linear(x: jax.Array, w: Any, n_in: int = 1, out_dtype: Any = None) -> jax.Array:
@@ -252,7 +263,7 @@ class Linear(nn.Module):
                 "kernel", nn.with_logical_partitioning(_init(fan_in), tuple(self.in_axes) + tuple(self.out_axes)),
                 tuple(self.in_shape) + tuple(self.out_shape), self.dtype)
         n_in = len(self.in_shape)
-        low = (self.low_out and _low_precision(x) and jnp.dtype(self.dtype) == x.dtype
+        low = (self.low_out and _low_precision(x, kernel, n_in) and jnp.dtype(self.dtype) == x.dtype
                and _small_m_mode(x, n_in) is None)
         acc = x.dtype if low else jnp.float32   # the product's dtype, and the bias add's
         y = linear(x, kernel, n_in, out_dtype=acc)
