@@ -22,11 +22,6 @@ def activation(name: str, x):
     raise ValueError(f"activation: unknown {name!r}")
 
 
-# XLA path (prefill), 16-bit activations: the activation runs on the 16-bit projection ("low"), in the
-# form XLA's GEMM rewriter may fold into cuBLAS's epilogue, or on its float32 upcast ("f32", as before).
-ACT_PRECISION = "f32"
-
-
 class MLP(nn.Module):
     dim: int        # d
     ffn_dim: int    # f
@@ -47,9 +42,7 @@ class MLP(nn.Module):
             up, gate = fused_linears([self.wi, self.wg], x)
             h = activation(self.act, gate.astype(jnp.float32)) * up.astype(jnp.float32)
         else:
-            y = self.wi(x)
-            low = ACT_PRECISION == "low" and y.dtype in (jnp.bfloat16, jnp.float16) and y.ndim >= 2
-            h = activation(self.act, y if low else y.astype(jnp.float32))
+            h = activation(self.act, self.wi(x).astype(jnp.float32))
         return self.wo(h.astype(self.dtype))
 
     def parts(self, x):
