@@ -67,6 +67,8 @@ CASES = [
     (1, 48, (24, 40, 8), (BF16, I8, F32), F32, C(block_n=16, block_k=64)),       # N, K < block; auto splits
     (5, 130, (96, 32, 32), (BF16,) * 3, BF16, None),                            # auto config
     (16, 256, (64,), (I8,), F32, None),                                          # auto, f32 x, int8
+    (40, 96, (48, 16), (BF16, I8), BF16, C(block_n=16, block_k=32, num_splits=2)),  # 17..64 rows: a 64-row tile
+    (64, 64, (32,), (BF16,), BF16, None),                                        # M = MAX_ROWS, no row mask
 ]
 
 
@@ -100,6 +102,7 @@ def test_one_pallas_call():
 @pytest.mark.parametrize("M,K,Ns,wd,cfg", [
     (1, 300, (70, 33), (I8, I8), C(block_n=32, block_k=64, num_splits=2)),   # ragged N and K, split-K
     (16, 256, (128,), (I8,), None),                                         # auto config, M=16
+    (33, 96, (64,), (I8,), C(block_n=32, block_k=32, num_splits=3)),        # 33 rows (a 64-row tile)
     (5, 130, (96, 32, 32), (I8, BF16, I8), None),                           # q/k/v, mixed dtypes
 ])
 def test_transposed_weights(M, K, Ns, wd, cfg):
@@ -187,7 +190,8 @@ def test_cuda_lowering_on_cpu():
       (16, 1000, (100, 36), (I8, F16), F16, None),                       # ragged, mixed dtypes
       (16, 512, (256, 128), (I8, I8), BF16, C(num_splits=1)),           # no mask at all, 1 split
       (5, 200, (96,), (F32,), F32, None),                                # f32 (ieee dot)
-      (1, 4096, (8192,), (I8,), BF16, None)]:                            # a large int8 call: 8 warps
+      (1, 4096, (8192,), (I8,), BF16, None),                             # a large int8 call: 8 warps
+      (64, 1024, (3072,), (BF16,), BF16, None)]:                         # 64 rows (a batch-64 decode step)
     x = jnp.zeros((M, K), xd)
     ws = [jnp.zeros((K, n), d) for n, d in zip(Ns, wd)]
     low = jax.jit(lambda x, ws: small_linear(x, ws, config=cfg)).trace(x, ws).lower(
@@ -198,7 +202,7 @@ def test_cuda_lowering_on_cpu():
 BAD = [
     # (builder, text the message must contain)
     (lambda x, w: small_linear(x[0], [w]), "x must be [M, K]"),
-    (lambda x, w: small_linear(jnp.zeros((17, 64), BF16), [w]), "M=17"),
+    (lambda x, w: small_linear(jnp.zeros((65, 64), BF16), [w]), "M=65"),
     (lambda x, w: small_linear(x.astype(jnp.int32), [w]), "x.dtype"),
     (lambda x, w: small_linear(x, w), "ws must be a list"),
     (lambda x, w: small_linear(x, []), "ws must hold 1..3"),

@@ -46,7 +46,8 @@ class QuantizedWeightT(NamedTuple):
 # turns it on while it traces its decode step (`small_m_kernel`), on a GPU with the Pallas attention
 # and no tensor-parallel mesh (the kernel is a custom call XLA's partitioner cannot split).
 _SMALL_M = contextvars.ContextVar("ftjax_small_m_linear", default=None)
-SMALL_M_ROWS = 16   # the kernel's row limit: more rows (prefill, large batches) go to XLA's GEMM
+SMALL_M_ROWS = 16   # projections of up to this many rows run the kernel; more (prefill, large batches): XLA's GEMM
+FUSED_ROWS = 16     # the fused decode path's row limit (its add + norm kernel's)
 
 
 @contextlib.contextmanager
@@ -95,7 +96,9 @@ class NormedInput(NamedTuple):
 def fused_decode_mode(x, n_in: int = 1):
     """The small-M mode dict when projections of x run the kernel and fusion is on, else None."""
     mode = _small_m_mode(x, n_in)
-    return mode if mode is not None and mode.get("fuse") else None
+    if mode is None or not mode.get("fuse") or math.prod(x.shape[: x.ndim - n_in]) > FUSED_ROWS:
+        return None
+    return mode
 
 
 def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[tuple[jax.Array, Any]]:

@@ -70,11 +70,18 @@ from ftjax.pallas import _common as C
 from ftjax.pallas.add_norm import scale_shift, mean_rstd
 
 ROWS = 16                                    # rows of an x tile (masked past M): the smallest dot tile
+MAX_ROWS = 64                                # M up to this runs with an x tile of tile_rows(M) rows
 DEQUANTS = ("auto", "cvt", "bits", "asm")
 MAX_WEIGHTS = 3
 WEIGHT_DTYPES = C.SUPPORTED_DTYPES + (jnp.dtype(jnp.int8),)
 SMEM_BUDGET = 192 * 1024                     # H100: 227 KB of shared memory per block, with margin
 L2_PARTIAL_BYTES = 2 * 2**20                 # partials this small stay in the 50 MB L2
+
+
+def tile_rows(M: int) -> int:
+  """Rows of the kernel's x tile for M rows: 16 (the smallest dot tile) up to 16 rows, else the next power
+  of two (<= MAX_ROWS); rows past M are masked off."""
+  return max(ROWS, pl.next_power_of_2(M))
 
 
 def _pow2(v) -> bool:
@@ -230,7 +237,7 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
   # No empty split: the last split gets what is left.
   splits = pl.cdiv(nkb, pl.cdiv(nkb, splits))
 
-  stage_bytes = bk * bn * itemsize + ROWS * bk * 4
+  stage_bytes = bk * bn * itemsize + tile_rows(M) * bk * 4
   stages = max(1, min(config.num_stages, SMEM_BUDGET // stage_bytes))
   warps = (config.large_warps or config.num_warps) if large else config.num_warps
   return dataclasses.replace(config, block_n=bn, block_k=bk, num_splits=splits, num_stages=stages,
@@ -269,7 +276,7 @@ def _check(x, ws, scales, trans=None):
   assert hasattr(x, "shape") and x.ndim == 2, (
       f"x must be [M, K], got shape {getattr(x, 'shape', None)}")
   M, K = x.shape
-  assert 1 <= M <= ROWS, f"x has M={M} rows; small_linear supports 1..{ROWS} (x.shape={x.shape})"
+  assert 1 <= M <= MAX_ROWS, f"x has M={M} rows; small_linear supports 1..{MAX_ROWS} (x.shape={x.shape})"
   assert K >= 1, f"x.shape={x.shape}: K must be >= 1"
   C.check_dtype("x", x)
   trans = trans or (False,) * len(ws)
@@ -388,7 +395,8 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
   # (zeros, no memory traffic). The row start is a traced zero: the slice overruns the [M, K]
   # ref on purpose (masked), which a static start could be bounds-checked against.
   row0 = zero
-  rmask = None if M == ROWS else (jnp.arange(ROWS) < M)[:, None]          # [16, 1]
+  R = tile_rows(M)
+  rmask = None if M == R else (jnp.arange(R) < M)[:, None]                # [R, 1]
   if norm is not None:
     kind, eps, n_chunks, has_beta = norm
     st_ref, g_ref = norm_refs[:2]
@@ -398,7 +406,7 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
     smask = smask if rmask is None else smask & rmask
 
     def row_sum(i):                                                       # [16] sums over the chunks
-      t = C.load(st_ref.at[zero + i, pl.ds(row0, ROWS), pl.ds(zero, cp)], mask=smask, other=0)
+      t = C.load(st_ref.at[zero + i, pl.ds(row0, R), pl.ds(zero, cp)], mask=smask, other=0)
       return jnp.sum(t, axis=1)
 
     mean, rstd = mean_rstd(row_sum(0) if kind == "layernorm" else None, row_sum(1), K, kind, eps)
@@ -425,7 +433,7 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       k0 = kb * block_k
       kmask = ((k0 + jnp.arange(block_k)) < K) if ragged_k else None      # [bk]
       xm = _and(rmask, None if kmask is None else kmask[None, :])
-      xs = x_ref.at[pl.ds(row0, ROWS), pl.ds(k0, block_k)]
+      xs = x_ref.at[pl.ds(row0, R), pl.ds(k0, block_k)]
       xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)       # [16, bk]
       xb = normalise(xb, k0, kmask)
       if t:                                                               # [bn, bk], K contiguous
@@ -439,13 +447,13 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       wb = dequant_int8(wb, cdtype, dequant) if wb.dtype == jnp.int8 else wb.astype(cdtype)
       return acc + C.dot(xb, wb, trans_b=t, precision=precision)
 
-    acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((ROWS, block_n), jnp.float32))
-    dst = o_ref.at[split, pl.ds(row0, ROWS), pl.ds(n0, block_n)]
+    acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((R, block_n), jnp.float32))
+    dst = o_ref.at[split, pl.ds(row0, R), pl.ds(n0, block_n)]
     om = _and(rmask, nmask)
     if om is None:
       dst[...] = acc
     else:
-      C.store(dst, acc, mask=jnp.broadcast_to(om, (ROWS, block_n)))
+      C.store(dst, acc, mask=jnp.broadcast_to(om, (R, block_n)))
 
   trans = trans or (False,) * n_w
   if n_w == 1:
