@@ -162,6 +162,17 @@ def test_choose_config():
   assert choose_config(1, 4096, (4096,), F32, C(block_n=256, block_k=256, num_stages=4)).num_stages == 1
 
 
+def test_choose_config_wide_x():
+  """More than 16 rows: the x tile grows (shared memory counted) and the call aims for wide_programs;
+  16 rows and fewer keep target_programs; None turns the rule off."""
+  wide = choose_config(64, 2048, (6144,), I8, kmajor=True)
+  assert wide.target_programs == S.DEFAULT_CONFIG.wide_programs == 264, wide
+  assert choose_config(16, 2048, (6144,), I8, kmajor=True).target_programs == 528
+  assert choose_config(64, 2048, (6144,), I8, C(wide_programs=None), kmajor=True).target_programs == 528
+  assert wide.num_stages * (wide.block_n * wide.block_k + S.tile_rows(64) * wide.block_k * 4) <= S.SMEM_BUDGET
+  assert [S.tile_rows(m) for m in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+
+
 def test_choose_config_large_int8_calls():
   """int8 calls of >= large_bytes run with large_warps and aim for large_programs; bf16 calls of the
   same size and smaller int8 calls keep num_warps / target_programs; None turns the rule off."""

@@ -103,3 +103,33 @@ def test_kernel_is_in_the_decode_step_once_per_projection_group():
     txt2 = str(jax.make_jaxpr(lambda s: eng2._generate_fn(eng2.params, s, 0, rem=1, chunked=False, beam=False,
                                                           sampled=False))(eng2.init_state()))
     assert "_small_linear" not in txt2
+
+
+def test_wide_batches_run_the_kernel_for_int8_weights_only():
+    """17..64 rows (a batch-20 decode step here): int8 projections run the kernel unfused (the fused path
+    stops at 16 rows), float ones XLA's dots; the int8 engine gives XLA's tokens and log probs."""
+    seed = np.random.randint(1 << 30)
+    cfg = ModelConfig(vocab_size=300, max_positions=64, hidden=64, num_layers=2, num_heads=4, ffn_dim=96,
+                      bos_id=0, eos_id=1, **SHAPES["llama"])
+    params = gpt.init_params(cfg, seed=seed % 1000)
+    qparams = Q.quantize_params(params, cfg)
+
+    def engine(p, small_m):
+        llm = ftjax.LLM(cfg, p, dtype="float32", attention="pallas", max_batch_size=20, max_seq_len=32)
+        llm.engine.small_m = small_m
+        return llm
+
+    def step_jaxpr(eng):
+        return str(jax.make_jaxpr(lambda s: eng._generate_fn(eng.params, s, 0, rem=1, chunked=False, beam=False,
+                                                             sampled=False))(eng.init_state()))
+
+    txt = step_jaxpr(engine(qparams, True).engine)
+    assert len(re.findall(r"name=_small_linear\b", txt)) >= 4 * cfg.num_layers
+    assert "_small_linear_parts" not in txt
+    assert "_small_linear" not in step_jaxpr(engine(params, True).engine)
+    prompts = [list(r) for r in np.random.RandomState(seed % 997).randint(2, 300, size=(20, 5))]
+    ref = engine(qparams, False).generate(prompts, max_new_tokens=3, end_id=None, return_log_probs=True)
+    got = engine(qparams, True).generate(prompts, max_new_tokens=3, end_id=None, return_log_probs=True)
+    assert got.tokens == ref.tokens, f"seed {seed}"
+    np.testing.assert_allclose(np.asarray(got.output_log_probs, np.float32),
+                               np.asarray(ref.output_log_probs, np.float32), atol=2e-4, rtol=1e-4)

@@ -47,6 +47,9 @@ class QuantizedWeightT(NamedTuple):
 # and no tensor-parallel mesh (the kernel is a custom call XLA's partitioner cannot split).
 _SMALL_M = contextvars.ContextVar("ftjax_small_m_linear", default=None)
 SMALL_M_ROWS = 16   # projections of up to this many rows run the kernel; more (prefill, large batches): XLA's GEMM
+# int8 weights run the kernel up to this many rows (a batch-64 decode step): it dequantises in its tiles, and
+# measured 0.86-0.95x XLA's step at batch 64; bf16 weights did not gain (bench/RESULTS.md, eighth session)
+INT8_SMALL_M_ROWS = 64
 FUSED_ROWS = 16     # the fused decode path's row limit (its add + norm kernel's)
 
 
@@ -67,7 +70,8 @@ def small_m_kernel(enabled: bool = True, *, interpret: bool = False, fuse: bool 
         _SMALL_M.reset(token)
 
 
-def _small_m_mode(x, n_in):
+def _small_m_mode(x, n_in, ws=None):
+    """The small-M mode dict when projections of x (by the weights ws, where known) run the kernel, else None."""
     mode = _SMALL_M.get()
     if mode is None or x.ndim < n_in:
         return None
@@ -76,9 +80,12 @@ def _small_m_mode(x, n_in):
     if on is not None and on[0].size > 1:
         return None
     rows = math.prod(x.shape[: x.ndim - n_in])
-    if not 1 <= rows <= SMALL_M_ROWS or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32) or rows < 1:
         return None
-    return mode
+    if rows <= SMALL_M_ROWS:
+        return mode
+    quantized = ws is not None and all(isinstance(w, (QuantizedWeight, QuantizedWeightT)) for w in ws)
+    return mode if quantized and rows <= INT8_SMALL_M_ROWS else None
 
 
 class NormedInput(NamedTuple):
@@ -153,7 +160,7 @@ def linear_many(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[jax.Arra
     """Several projections of the same x (q/k/v; gate/up): [linear(x, w, n_in) for w in ws], as ONE
     kernel launch when the small-M kernel is on (XLA fuses plain dots of one operand by itself, but
     not custom calls, nor dots behind the int8 barrier)."""
-    mode = _small_m_mode(x, n_in)
+    mode = _small_m_mode(x, n_in, ws)
     if mode is None:
         return [linear(x, w, n_in) for w in ws]
     from ftjax.pallas.small_linear import small_linear
@@ -170,9 +177,11 @@ def fused_linears(mods: Sequence["Linear"], x: jax.Array) -> list[jax.Array]:
     """[m(x) for m in mods] for Linear modules that read the same x, as one small-M kernel launch when
     that kernel is on (their params read directly; at init, and otherwise, each module is called)."""
     n_in = len(mods[0].in_shape)
-    if _small_m_mode(x, n_in) is None or mods[0].is_initializing():
+    if _SMALL_M.get() is None or mods[0].is_initializing():
         return [m(x) for m in mods]
     ps = [m.variables["params"] for m in mods]
+    if _small_m_mode(x, n_in, [p["kernel"] for p in ps]) is None:
+        return [m(x) for m in mods]
     ys = linear_many(x, [p["kernel"] for p in ps], n_in)
     out = []
     for m, p, y in zip(mods, ps, ys):
@@ -209,7 +218,7 @@ def linear(x: jax.Array, w: Any, n_in: int = 1, out_dtype: Any = None) -> jax.Ar
     """x [..., *in]; w [*in, *out] (array, QuantizedWeight or QuantizedWeightT) -> [..., *out], float32
     accumulation; the result in float32, or in `out_dtype` (the XLA path only: the small-M kernel's output
     is float32 whatever it is asked)."""
-    if _small_m_mode(x, n_in) is not None:
+    if _small_m_mode(x, n_in, (w,)) is not None:
         return linear_many(x, (w,), n_in)[0]
     out_dtype = jnp.float32 if out_dtype is None else out_dtype
     nx = x.ndim
@@ -267,7 +276,7 @@ class Linear(nn.Module):
                 tuple(self.in_shape) + tuple(self.out_shape), self.dtype)
         n_in = len(self.in_shape)
         low = (self.low_out and _low_precision(x, kernel, n_in) and jnp.dtype(self.dtype) == x.dtype
-               and _small_m_mode(x, n_in) is None)
+               and _small_m_mode(x, n_in, (kernel,)) is None)
         acc = x.dtype if low else jnp.float32   # the product's dtype, and the bias add's
         y = linear(x, kernel, n_in, out_dtype=acc)
         if self.use_bias:

@@ -110,6 +110,8 @@ class SmallLinearConfig:
     num_warps; at 1.3B no int8 call reaches 32 MB.
   target_programs: programs to aim for: 4 waves of a 132-SM H100 (several programs are
     resident per SM, so this keeps many W tiles in flight).
+  wide_programs: programs to aim for when x has more than 16 rows (its tile more; None:
+    target_programs): 264 measured 1.3B's int8 batch-64 step 2.61 -> 2.51 ms (bench/RESULTS.md).
   min_blocks_per_split: auto splits keep at least this many K-blocks per program.
   max_splits: auto splits never exceed this.
   tile_bytes: auto tiles start at about this many bytes of W per loop step.
@@ -134,6 +136,7 @@ class SmallLinearConfig:
   large_programs: int | None = 264
   large_bytes: int = 32 << 20
   target_programs: int = 528
+  wide_programs: int | None = 264
   min_blocks_per_split: int = 2
   max_splits: int = 32
   tile_bytes: int = 16384
@@ -157,6 +160,8 @@ class SmallLinearConfig:
         f"SmallLinearConfig.num_stages={self.num_stages} must be >= 1")
     assert self.large_programs is None or self.large_programs >= 1, (
         f"SmallLinearConfig.large_programs={self.large_programs} must be >= 1 or None")
+    assert self.wide_programs is None or self.wide_programs >= 1, (
+        f"SmallLinearConfig.wide_programs={self.wide_programs} must be >= 1 or None")
     assert self.target_programs >= 1, (
         f"SmallLinearConfig.target_programs={self.target_programs} must be >= 1")
     assert self.min_blocks_per_split >= 1, (
@@ -213,7 +218,11 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
   # Small weights: shrink the tile until there are enough tiles to spread over the GPU.
   w_bytes = K * sum(Ns) * itemsize
   large = itemsize == 1 and w_bytes >= config.large_bytes
-  target = (config.large_programs or config.target_programs) if large else config.target_programs
+  target = config.target_programs
+  if M > ROWS and config.wide_programs:
+    target = config.wide_programs
+  if large and config.large_programs:
+    target = config.large_programs
   want_tiles = target * config.min_blocks_per_split
   while n_blocks(bn) * pl.cdiv(K, bk) < want_tiles:
     if config.block_k is None and bk > 32 and (bk // 2) * bn * itemsize >= min_tile:
@@ -241,7 +250,8 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
   stages = max(1, min(config.num_stages, SMEM_BUDGET // stage_bytes))
   warps = (config.large_warps or config.num_warps) if large else config.num_warps
   return dataclasses.replace(config, block_n=bn, block_k=bk, num_splits=splits, num_stages=stages,
-                             num_warps=warps, target_programs=target, large_warps=None, large_programs=None)
+                             num_warps=warps, target_programs=target, large_warps=None, large_programs=None,
+                             wide_programs=None)
 
 
 def _transposed(ws, transposed):
