@@ -231,9 +231,13 @@ def int8_accuracy(llm_fp, llm_q, prompts) -> dict[str, float]:
     """Next-token agreement of a quantized LLM with a float one over every position of `prompts`:
     {"top1": fraction of positions whose argmax agrees, "kl": mean KL(p_fp || p_q) in nats,
      "max_kl": the largest, "positions": n}."""
-    a = llm_fp.logits(prompts).astype(np.float64)
-    b = llm_q.logits(prompts).astype(np.float64)
-    lens = np.array([len(p) for p in prompts])
+    return int8_accuracy_from_logits(llm_fp.logits(prompts), llm_q.logits(prompts), [len(p) for p in prompts])
+
+
+def int8_accuracy_from_logits(a, b, lengths) -> dict[str, float]:
+    """`int8_accuracy` from the two logits arrays [b, t, v] (float, then quantized) and the prompt lengths."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    lens = np.asarray(lengths)
     mask = np.arange(a.shape[1])[None, :] < lens[:, None]                     # [b, t]
     la = a - _logsumexp(a)
     lb = b - _logsumexp(b)
