@@ -14,9 +14,6 @@ import jax.numpy as jnp
 from ftjax.models import gpt
 
 
-SCATTER_MATERIALISED = False
-
-
 def write_rows(dst, upd, src, slots, start=None):
     """Rows `src` [m] of `upd` [b, ...] into rows `slots` [m] of `dst` [B, ...] (slot >= B: dropped); upd's
     other dims may be shorter than dst's (a prompt's T <= the cache's S): it fills their leading part.
@@ -27,10 +24,7 @@ def write_rows(dst, upd, src, slots, start=None):
     if start is not None:
         return jax.lax.dynamic_update_slice(dst, upd, (start,) + (0,) * (dst.ndim - 1))
     idx = (slots,) + tuple(slice(0, n) for n in upd.shape[1:])
-    rows = upd[src]
-    if SCATTER_MATERIALISED:   # the gathered (and transposed) rows as their own array, not fused into the scatter
-        rows = jax.lax.optimization_barrier(rows)
-    return dst.at[idx].set(rows, mode="drop")
+    return dst.at[idx].set(upd[src], mode="drop")
 
 
 class GPTFamily:
