@@ -59,9 +59,13 @@ def select(logits, sp, *, seq, prompt_len, seq_len, gen_count, top_p, sampled=Tr
 
 
 # Admissions whose rows go to consecutive slots in order (a batch into a fresh state; any single request)
-# write their K/V into the cache with one in-place update instead of XLA's scatter (bench/RESULTS.md,
-# eighth session). False: always the scatter.
+# write their K/V into the cache with one in-place update instead of XLA's scatter, which writes at ~0.2 TB/s
+# even with its rows materialised first (bench/RESULTS.md, eighth session). False: always the scatter.
 INSERT_IN_PLACE = True
+# ... for single requests, and for admissions of at least this many prompt tokens (rows x padded length).
+# The in-place update is a second compiled variant of the admit; below this size the scatter costs well
+# under a millisecond, so a serving process's small multi-request admits keep one variant per shape.
+INSERT_IN_PLACE_MIN_TOKENS = 4096
 
 
 def bucket(n: int, lo: int, hi: int) -> int:
@@ -497,7 +501,8 @@ class Engine:
             dec_tokens[: len(start), 0] = start
             dec_lengths = np.ones((b,), np.int32)
         words, spec = pack_words((tokens, lengths, sp, dec_tokens, dec_lengths, mx, src_arr, dst_arr, gslots))
-        contiguous = (INSERT_IN_PLACE and len(dst) == m == b and src == list(range(m))
+        contiguous = (INSERT_IN_PLACE and (m == 1 or m * T >= INSERT_IN_PLACE_MIN_TOKENS)
+                      and len(dst) == m == b and src == list(range(m))
                       and dst == list(range(dst[0], dst[0] + m)) and dst[-1] < self.B)
         return self._admit(self.params, state, words, spec=spec, contiguous=contiguous,
                            sampled=any(p.beam_width == 1 and not p.greedy for p in params_list))

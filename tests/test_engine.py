@@ -247,3 +247,49 @@ def test_pack_words_round_trip():
                                       np.asarray(v).view(np.uint8) if k == "f" else v)
     with pytest.raises(TypeError, match="float64"):
         pack_words([np.zeros(2)])
+
+
+def test_in_place_insert_matches_the_scatter(llm, monkeypatch):
+    """Admissions into consecutive slots write K/V with one dynamic_update_slice (engine.INSERT_IN_PLACE); the
+    decode state must equal the scatter's, for a single request into a middle slot, a batch into slots 0..3,
+    and rows into scattered slots (which always take the scatter)."""
+    import ftjax.engine as E
+    from ftjax.models.families import write_rows
+
+    eng = llm.engine
+    rng = np.random.RandomState(np.random.randint(1 << 30))
+    monkeypatch.setattr(E, "INSERT_IN_PLACE_MIN_TOKENS", 16)
+    seen = []
+    admit = eng._admit
+
+    def spy(*a, **kw):
+        seen.append(kw["contiguous"])
+        return admit(*a, **kw)
+
+    monkeypatch.setattr(eng, "_admit", spy)
+    cases = [([2], 1, True), ([0, 1, 2, 3], 4, True), ([3, 1], 2, False)]
+    for slots, n, in_place in cases:
+        prompts = random_prompts(rng, n, 2, 20)
+        out = {}
+        for flag in (True, False):
+            monkeypatch.setattr(E, "INSERT_IN_PLACE", flag)
+            st = eng.prefill_insert(eng.init_state(), prompts, slots, [5] * n, llm.sampling_params(n))
+            out[flag] = jax.tree.map(np.asarray, st)
+            assert seen[-1] == (flag and in_place), (slots, flag, seen)
+        for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False])):
+            np.testing.assert_array_equal(a, b)
+    # small multi-request admissions keep the scatter (one compiled variant per shape); single ones do not
+    monkeypatch.setattr(E, "INSERT_IN_PLACE_MIN_TOKENS", 10 ** 6)
+    for slots, want in (([0, 1], False), ([1], True)):
+        eng.prefill_insert(eng.init_state(), random_prompts(rng, len(slots), 2, 9), slots, [3] * len(slots),
+                           llm.sampling_params(len(slots)))
+        assert seen[-1] is want, (slots, seen)
+    # the helper itself: a shorter T fills the leading part; the rest of dst is kept
+    dst = np.random.RandomState(1).randn(5, 2, 8, 3).astype(np.float32)
+    upd = np.random.RandomState(2).randn(2, 2, 6, 3).astype(np.float32)
+    a = write_rows(jax.numpy.asarray(dst), upd, np.arange(2), np.array([2, 3]), start=2)
+    b = write_rows(jax.numpy.asarray(dst), upd, np.arange(2), np.array([2, 3]))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    want = dst.copy()
+    want[2:4, :, :6] = upd
+    np.testing.assert_array_equal(np.asarray(a), want)
