@@ -279,6 +279,7 @@ def test_in_place_insert_matches_the_scatter(llm, monkeypatch):
         for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False])):
             np.testing.assert_array_equal(a, b)
     # small multi-request admissions keep the scatter (one compiled variant per shape); single ones do not
+    monkeypatch.setattr(E, "INSERT_IN_PLACE", True)
     monkeypatch.setattr(E, "INSERT_IN_PLACE_MIN_TOKENS", 10 ** 6)
     for slots, want in (([0, 1], False), ([1], True)):
         eng.prefill_insert(eng.init_state(), random_prompts(rng, len(slots), 2, 9), slots, [3] * len(slots),
