@@ -5,7 +5,8 @@
 - int8 dequantisation: "asm" and "bits" against "cvt" (all exact conversions, same products: the outputs
   must be bitwise equal), bf16 and f16 x, ragged shapes, every int8 value present in the weights;
 - int8 weights stored transposed ([N, K], `transposed=`) against the [K, N] layout;
-- large int8 calls (8 warps, `SmallLinearConfig.large_*`) against the rule off and a float32 product.
+- large int8 calls (8 warps, `SmallLinearConfig.large_*`) against the rule off and a float32 product;
+- x of 17..64 rows (the batch-64 decode step's int8 projections) against a float32 product.
 Prints PASS / FAIL lines and exits 1 on a failure.
 """
 from __future__ import annotations
@@ -70,6 +71,25 @@ def main():
             rref = max(float(np.max(np.abs(np.asarray(a) - r)) / np.max(np.abs(r))) for a, r in zip(got, ref))
             report(f"large int8 call (8 warps) == 4 warps, float32 M={M} K={K} Ns={Ns} transposed={t}",
                    rel < 1e-5 and rref < 1e-5, f"max rel diff {rel:.3g}, vs float32 {rref:.3g}")
+    # Wide x (17..64 rows: a batch-64 decode step; the x tile grows to 32 / 64 rows, wide_programs): against a
+    # float32 product, int8 in both layouts and bf16 weights, ragged shapes, memory poisoned by earlier calls.
+    for M, K, Ns, wdt in [(64, 2048, (2048, 2048, 2048), "int8"), (40, 1000, (300, 17), "int8"),
+                          (64, 1024, (4096,), "bf16"), (17, 4100, (1030,), "int8")]:
+        x = jnp.asarray(rng.randn(M, K), jnp.bfloat16)
+        if wdt == "int8":
+            ws = [jnp.asarray(rng.randint(-128, 128, (K, n)), jnp.int8) for n in Ns]
+            sc = [jnp.asarray(rng.rand(n) + 0.5, jnp.float32) for n in Ns]
+        else:
+            ws = [jnp.asarray(rng.randn(K, n) * 0.05, jnp.bfloat16) for n in Ns]
+            sc = [None] * len(Ns)
+        xf = np.asarray(x, np.float32)
+        ref = [xf @ (np.asarray(w, np.float32) * (1.0 if s is None else np.asarray(s))) for w, s in zip(ws, sc)]
+        for t in ((False, True) if wdt == "int8" else (False,)):
+            got = small_linear(x, [w.T for w in ws] if t else ws, sc, transposed=[t] * len(ws))
+            fin = all(bool(jnp.isfinite(a).all()) for a in got)
+            rref = max(float(np.max(np.abs(np.asarray(a) - r)) / np.max(np.abs(r))) for a, r in zip(got, ref))
+            report(f"wide x M={M} K={K} Ns={Ns} {wdt} transposed={t} == float32", fin and rref < 1e-5,
+                   f"max rel diff {rref:.3g}")
     print(f"{'FAIL' if FAILS else 'ALL PASS'}: {len(FAILS)} failed", flush=True)
     sys.exit(1 if FAILS else 0)
 
