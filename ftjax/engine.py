@@ -160,8 +160,8 @@ class Engine:
         # The host inputs of a call travel as ONE int32 array (`pack_words`): each array handed to a jitted
         # call is its own host-to-device copy, and ~25 of them cost the admit call milliseconds of host time.
         opts = self.compiler_options
-        self._admit = jax.jit(self._admit_fn, donate_argnums=(1,), static_argnames=("spec", "sampled", "contiguous"),
-                              **_copts(opts.get("admit")))
+        self._admit = jax.jit(self._admit_fn, donate_argnums=(1,),
+                              static_argnames=("spec", "sampled", "contiguous"), **_copts(opts.get("admit")))
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,),
                                  static_argnames=("rem", "chunked", "beam", "sampled", "snap", "chunk"),
                                  **_copts(opts.get("generate")))

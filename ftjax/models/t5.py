@@ -34,8 +34,8 @@ from ftjax.config import T5Config
 from ftjax.layers.embed import Embed
 from ftjax.layers.linear import Linear
 from ftjax.layers.mlp import MLP
-from ftjax.models.families import write_rows
 from ftjax.layers.norms import Norm
+from ftjax.models.families import write_rows
 from ftjax.pallas import ops
 
 _NEG = -1e30

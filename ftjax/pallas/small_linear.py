@@ -1,4 +1,4 @@
-"""Small-M linear: y_i[M, N_i] = x[M, K] @ W_i[K, N_i] for a few weights sharing K, M <= 16.
+"""Small-M linear: y_i[M, N_i] = x[M, K] @ W_i[K, N_i] for a few weights sharing K, M <= 64.
 
 Batch-1..16 decode is a chain of "skinny" matmuls: M (rows) is tiny and each weight is large
 (2-64 MB), so the op is a pure stream of W through the SMs; the ideal time is bytes(W) / HBM
@@ -6,7 +6,7 @@ bandwidth. This kernel streams the weights at close to that and does the attenti
 projections (three weights sharing the input) in one launch.
 
 Shapes (letter legend: M rows, K input features, N_i output features of weight i):
-  x        [M, K]      bf16 / f16 / f32; M in 1..16
+  x        [M, K]      bf16 / f16 / f32; M in 1..64 (the engine: <= 16 rows, int8 weights <= 64)
   ws[i]    [K, N_i]    bf16 / f16 / f32, or int8 (weight-only quantised); [N_i, K] where
                        `transposed[i]` (K contiguous: an int8 tile is then read along K; stored
                        [K, N] its bytes reach the product through byte-wise shared-memory loads,
@@ -24,11 +24,11 @@ blocks of all weights back to back: weight i owns program ids [first_i, first_i 
 Inside the kernel a static Python loop over the weights puts each weight's code under a
 `pl.when` on that range, so a program only ever streams its own weight's tile. Grid axis 1 is
 split-K: program (j, s) walks K-blocks [s * per_split, min((s + 1) * per_split, nkb)) of its
-column block with a `fori_loop`; each step loads an x tile [16, block_k] (16 rows, the
-smallest tensor-core tile: rows >= M are masked off, so they are zeros and cost no memory
-traffic) and a W tile [block_k, block_n] (int8 converted to x.dtype in registers after the
-load), and accumulates `dot(x, w)` in float32. The program stores rows < M, columns < N_i of
-its [16, block_n] result into out_i[s] ([num_splits, M, N_i] float32, one output per weight).
+column block with a `fori_loop`; each step loads an x tile [R, block_k] (R = `tile_rows(M)`:
+16 rows, the smallest tensor-core tile, up to M = 16, else the next power of two; rows >= M are
+masked off, so they are zeros and cost no memory traffic) and a W tile [block_k, block_n]
+(int8 converted to x.dtype in registers after the load), and accumulates `dot(x, w)` in float32. The program stores rows < M, columns < N_i of
+its [R, block_n] result into out_i[s] ([num_splits, M, N_i] float32, one output per weight).
 x, the weights and the outputs are passed whole and indexed in the kernel with `pl.ds` and
 masks: a K that is not a multiple of block_k and an N that is not a multiple of block_n are
 masked loads (`other=0`) / masked stores of the last block, and nothing is padded or copied
