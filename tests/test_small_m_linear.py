@@ -84,24 +84,27 @@ def test_fused_decode_variants_match_xla(fuse):
                                np.asarray(ref.output_log_probs, np.float32), atol=2e-4, rtol=1e-4)
 
 
+def _step_jaxpr(eng) -> str:
+    """The jaxpr of one greedy decode step of `eng` (no chunking, no beam)."""
+    return str(jax.make_jaxpr(lambda s: eng._generate_fn(eng.params, s, 0, rem=1, chunked=False, beam=False,
+                                                         sampled=False))(eng.init_state()))
+
+
 def test_kernel_is_in_the_decode_step_once_per_projection_group():
     cfg = ModelConfig(vocab_size=300, max_positions=64, hidden=64, num_layers=2, num_heads=4, ffn_dim=96,
                       bos_id=0, eos_id=1, **SHAPES["llama"])
     eng = _llm(cfg, gpt.init_params(cfg), True).engine
-    txt = str(jax.make_jaxpr(lambda s: eng._generate_fn(eng.params, s, 0, rem=1, chunked=False, beam=False,
-                                                        sampled=False))(eng.init_state()))
+    txt = _step_jaxpr(eng)
     # fused (the default): per layer q/k/v (one launch), o, gate/up (one launch), down as unreduced partials;
     # then the untied head, reduced
     assert len(re.findall(r"name=_small_linear_parts\b", txt)) == 4 * cfg.num_layers
     assert len(re.findall(r"name=_small_linear\b", txt)) == 1
     eng = _llm(cfg, gpt.init_params(cfg), True, fuse=False).engine
-    txt = str(jax.make_jaxpr(lambda s: eng._generate_fn(eng.params, s, 0, rem=1, chunked=False, beam=False,
-                                                        sampled=False))(eng.init_state()))
+    txt = _step_jaxpr(eng)
     assert len(re.findall(r"name=_small_linear\b", txt)) == 4 * cfg.num_layers + 1
     # off: XLA's dots only
     eng2 = _llm(cfg, gpt.init_params(cfg), False).engine
-    txt2 = str(jax.make_jaxpr(lambda s: eng2._generate_fn(eng2.params, s, 0, rem=1, chunked=False, beam=False,
-                                                          sampled=False))(eng2.init_state()))
+    txt2 = _step_jaxpr(eng2)
     assert "_small_linear" not in txt2
 
 
@@ -119,14 +122,10 @@ def test_wide_batches_run_the_kernel_for_int8_weights_only():
         llm.engine.small_m = small_m
         return llm
 
-    def step_jaxpr(eng):
-        return str(jax.make_jaxpr(lambda s: eng._generate_fn(eng.params, s, 0, rem=1, chunked=False, beam=False,
-                                                             sampled=False))(eng.init_state()))
-
-    txt = step_jaxpr(engine(qparams, True).engine)
+    txt = _step_jaxpr(engine(qparams, True).engine)
     assert len(re.findall(r"name=_small_linear\b", txt)) >= 4 * cfg.num_layers
     assert "_small_linear_parts" not in txt
-    assert "_small_linear" not in step_jaxpr(engine(params, True).engine)
+    assert "_small_linear" not in _step_jaxpr(engine(params, True).engine)
     prompts = [list(r) for r in np.random.RandomState(seed % 997).randint(2, 300, size=(20, 5))]
     ref = engine(qparams, False).generate(prompts, max_new_tokens=3, end_id=None, return_log_probs=True)
     got = engine(qparams, True).generate(prompts, max_new_tokens=3, end_id=None, return_log_probs=True)

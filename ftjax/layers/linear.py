@@ -70,6 +70,11 @@ def small_m_kernel(enabled: bool = True, *, interpret: bool = False, fuse: bool 
         _SMALL_M.reset(token)
 
 
+def _rows(x, n_in: int) -> int:
+    """Rows of x as a projection sees them: the product of its leading (non-input) dims."""
+    return math.prod(x.shape[: x.ndim - n_in])
+
+
 def _small_m_mode(x, n_in, ws=None):
     """The small-M mode dict when projections of x (by the weights ws, where known) run the kernel, else None."""
     mode = _SMALL_M.get()
@@ -79,7 +84,7 @@ def _small_m_mode(x, n_in, ws=None):
     on = current_attention_mesh()
     if on is not None and on[0].size > 1:
         return None
-    rows = math.prod(x.shape[: x.ndim - n_in])
+    rows = _rows(x, n_in)
     if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32) or rows < 1:
         return None
     if rows <= SMALL_M_ROWS:
@@ -103,7 +108,7 @@ class NormedInput(NamedTuple):
 def fused_decode_mode(x, n_in: int = 1):
     """The small-M mode dict when projections of x run the kernel and fusion is on, else None."""
     mode = _small_m_mode(x, n_in)
-    if mode is None or not mode.get("fuse") or math.prod(x.shape[: x.ndim - n_in]) > FUSED_ROWS:
+    if mode is None or not mode.get("fuse") or _rows(x, n_in) > FUSED_ROWS:
         return None
     return mode
 
@@ -210,7 +215,7 @@ def _low_precision(x, w=None, n_in: int = 1) -> bool:
     if not (LOW_PRECISION_OUT and x.dtype in (jnp.bfloat16, jnp.float16)):
         return False
     if isinstance(w, (QuantizedWeight, QuantizedWeightT)):
-        return math.prod(x.shape[: x.ndim - n_in]) >= INT8_LOW_PRECISION_ROWS
+        return _rows(x, n_in) >= INT8_LOW_PRECISION_ROWS
     return True
 
 
