@@ -60,9 +60,10 @@ def small_m_kernel(enabled: bool = True, *, interpret: bool = False, fuse: bool 
     straight to the next kernel (residual add + norm, attention with the K/V write) instead of being
     reduced by XLA. fuse: True / "stats" (the next projection normalises its input from row statistics),
     "norm" (a residual add + norm kernel), "stats2" (residual add + statistics, then a normalise kernel);
-    bench/RESULTS.md has the A/B that made "stats" the default."""
+    bench/RESULTS.md has the A/B that made "stats" the default. "layer": a whole decoder layer as one
+    persistent kernel (ftjax/pallas/decode_layer.py) where the model and shapes allow, else "stats"."""
     fuse = "stats" if fuse is True else fuse
-    assert fuse in (False, None, "stats", "norm", "stats2"), f"small_m_kernel: fuse={fuse!r}"
+    assert fuse in (False, None, "stats", "norm", "stats2", "layer"), f"small_m_kernel: fuse={fuse!r}"
     token = _SMALL_M.set({"interpret": interpret, "fuse": fuse} if enabled else None)
     try:
         yield

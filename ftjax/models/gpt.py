@@ -67,12 +67,44 @@ class Block(nn.Module):
         stream with the previous block's output projection not yet added; returns this block's.
         norm: how each norm runs (ftjax/pallas/add_norm.py): "stats" (`add_stats`; the consuming projection
         normalises its input tiles), "norm" (one `add_norm` kernel), "stats2" (`add_stats` + `normalise`)."""
-        method = {"stats": "add_stats", "norm": "add", "stats2": "add_normalise"}[norm]
+        method = {"stats": "add_stats", "layer": "add_stats", "norm": "add", "stats2": "add_normalise"}[norm]
         add = lambda n, *a: getattr(n, method)(*a, interpret=interpret)  # noqa: E731
         x, h1 = add(self.ln1, *pending)
         o_pend, k_cache, v_cache = self.attn.decode_fused(h1, positions, k_cache, v_cache, interpret=interpret)
         x, h2 = add(self.ln2, x, *o_pend)
         return (x, *self.mlp.parts(h2)), k_cache, v_cache
+
+    def layer_params(self):
+        """(LayerParams, trans flags) of this block for ftjax/pallas/decode_layer.py."""
+        from ftjax.layers.linear import _flat
+        from ftjax.pallas.decode_layer import LayerParams
+
+        def w(mod, n_in=1):
+            p = mod.variables["params"]
+            q, scale, _, t = _flat(p["kernel"], n_in)
+            return q, scale, (p["bias"].reshape(-1) if "bias" in p else None), t
+
+        def nrm(mod):
+            p = mod.variables["params"]
+            return p["scale"], p.get("bias")
+
+        a, m = self.attn, self.mlp
+        ws = [w(a.q), w(a.k), w(a.v), w(a.o, 2), w(m.wi), w(m.wo)]
+        vals = dict(zip(("ln1_g", "ln1_b"), nrm(self.ln1)))
+        vals.update(zip(("ln2_g", "ln2_b"), nrm(self.ln2)))
+        for name, (q, scale, bias, _) in zip(("q", "k", "v", "o", "1", "2"), ws):
+            vals.update({f"w{name}": q, f"s{name}": scale, f"b{name}": bias})
+        return LayerParams(**vals), tuple(t for *_, t in ws)
+
+    def decode_layer(self, x, stats, positions, k_cache, v_cache, counters, interpret: bool):
+        """The whole block as one persistent kernel (ftjax/pallas/decode_layer.py): x [M, d] and its row
+        statistics in -> (x_out, stats_out, k_cache, v_cache, counters)."""
+        from ftjax.pallas.decode_layer import decode_layer
+
+        c = self.cfg
+        p, trans = self.layer_params()
+        return decode_layer(x, stats, positions, k_cache, v_cache, counters, p, trans=trans, norm=c.norm,
+                            eps=c.norm_eps, act=c.activation, interpret=interpret)
 
 
 class GPT(nn.Module):
@@ -108,6 +140,16 @@ class GPT(nn.Module):
             return None
         return mode
 
+    def _layer_kernel_ok(self, x, cache) -> bool:
+        """Whether the fused decode step can run each block as ONE kernel (ftjax/pallas/decode_layer.py): a
+        sequential-residual block with learned or no positions, an ungated MLP and an activation the kernel
+        has (LLaMA-style rotary / gated blocks keep the kernel-per-op fused path)."""
+        from ftjax.pallas.decode_layer import ACTIVATIONS, ROWS
+
+        c = self.cfg
+        return (c.position != "rotary" and not c.gated_ffn and not c.shared_layernorm and c.activation in ACTIVATIONS
+                and x.shape[0] <= ROWS and cache[0]["k"].shape[0] == x.shape[0])
+
     def prefill(self, tokens, lengths, all_logits: bool = False):
         """tokens [b, t] (right padded); lengths [b] >= 1.
 
@@ -129,6 +171,21 @@ class GPT(nn.Module):
         """tokens [b]; positions [b]; cache list of {"k", "v"} [b, k, s, h] -> (logits [b, v], cache)."""
         x = self.embed(tokens, positions)
         mode = self._fused_mode(x, cache)
+        if mode is not None and mode["fuse"] == "layer" and self._layer_kernel_ok(x, cache):
+            # One persistent kernel per block (bench/RESULTS.md): the residual stream travels with its row
+            # statistics; the counters the kernels synchronise through are created once per step
+            from ftjax.pallas.decode_layer import layer_counters, row_stats
+
+            blk = self.layers[0]
+            p0, trans0 = blk.layer_params()
+            counters = layer_counters(x, cache[0]["k"], p0, trans0, interpret=mode["interpret"])
+            stats = row_stats(x)
+            new_cache = []
+            for layer, c in zip(self.layers, cache):
+                x, stats, k, v, counters = layer.decode_layer(x, stats, positions, c["k"], c["v"], counters,
+                                                              mode["interpret"])
+                new_cache.append({"k": k, "v": v})
+            return self.logits(self.final_norm(x)), new_cache
         if mode is not None:
             # Fused: each block's output projection stays as split-K partials until the next norm's
             # kernel adds them to the residual stream (bench/RESULTS.md: 16 -> 8 kernels a layer)

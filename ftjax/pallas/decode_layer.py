@@ -1,0 +1,905 @@
+"""A whole decoder layer of the decode step (M <= 16 rows) as ONE kernel: a persistent grid.
+
+Why. At batch 1..16 the decode step streams every weight once; the kernel-per-op step (the fused path of
+ftjax/models/gpt.py: 8 kernels a layer) pays each kernel boundary: the launch, the ramp until the first
+weight tiles arrive from HBM, and the tail while the slowest program finishes — about 3.5 us per projection
+on an H100 beyond its bytes (bench/RESULTS.md), a quarter of a GPT 1.3B step. Here one launch runs the
+layer's five phases on a grid of `programs` (one per SM by default) that stay resident and hand data to each
+other through global memory, with counters for the dependencies instead of kernel boundaries:
+
+  qkv   x [M, D] normalised on the fly (LN1 / RMSNorm from the row statistics the previous layer wrote)
+        times Wq, Wk, Wv -> q, k, v rounded to the dtype, biases added
+  attn  per (row, kv head, key split): the new K/V written into the cache (in place: the caches are aliased),
+        attention over keys [0, position] with the new key from registers (flash-decoding splits)
+  o     attention output times Wo; + bias + residual -> x_mid (rounded) and its row statistics
+  fc1   norm(x_mid) times W1 (+ bias), activation -> h (rounded)
+  fc2   h times W2; + bias + x_mid -> x_out (rounded) and its row statistics (the next layer's norm input)
+
+Work split. Each projection phase splits its weight's tiles over the programs "stream-K" style: the
+(column block j, K block kb) iterations of a weight, column-major, are cut into `P_w` equal contiguous
+ranges, one per program, so every program streams the same number of bytes whatever the shapes; a phase
+with several weights (q, k, v) gives each weight a share of the programs proportional to its tiles. A
+program walks its range in ONE loop (Triton pipelines the weight loads across column blocks). Where its
+range ends a column block, it stores its float32 partial sum into a slot of the block and counts itself in
+on the block's counter (an atomic add); the program that arrives last sums the block's partials in slot
+order (deterministic: the order never depends on who arrives when), applies the epilogue (scale, bias,
+residual, activation, statistics) and counts the block done on the phase's counter. A phase that needs the
+previous one (attention needs q/k/v; o the attention output; fc1 all of x_mid, for its norm; fc2 all of h)
+spins on that counter first. Programs never wait for work of a later phase, and `programs` never exceeds
+what the GPU holds at once (one program per SM), so every wait ends.
+
+Memory order. A producer stores, then all its threads meet at a barrier, then one thread adds to the
+counter with acq_rel semantics at GPU scope; a consumer reads the counter with the same atomics (spinning:
+an atomic add of 0) before it loads. When the last program leaves it zeroes the counters, so the next
+launch (the next layer) finds them at 0; the caller creates them zeroed once per decode step.
+
+Shapes (M rows <= 16 (the batch), D hidden, n heads, k kv heads, h head_dim (a power of two), F the MLP's
+width, s the cache capacity; weights [K, N], or [N, K] for int8 stored transposed):
+  x [M, D] dtype, stats [2, M, C] float32 (sum / sum of squares of x's rows over C column chunks),
+  wq [D, n*h], wk / wv [D, k*h], wo [n*h, D], w1 [D, F], w2 [F, D] (float, or int8 with scales [N]),
+  biases [N] or None, norm scales / biases [D], k_cache / v_cache [M, k, s, h] (donated, updated in place),
+  positions [M] int32 (where each row's new token goes; keys [0, positions] are attended)
+  -> x_out [M, D] dtype, stats_out [2, M, C'] float32, k_cache, v_cache, counters.
+
+Interpret mode (CPU) runs programs one after another, so a program cannot wait for a later one: it runs
+either one program that does everything, or (`phased`) one launch per phase with P programs each, which
+exercises the multi-program split, the partial slots and the last-arriver fixups.
+Lowering: Pallas' Triton lowering, as the other kernels of this package.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from ftjax.pallas import _common as C
+from ftjax.pallas.add_norm import mean_rstd, scale_shift
+from ftjax.pallas.small_linear import dequant_int8, resolve_dequant
+
+ROWS = 16                 # the x tile's rows (the smallest tensor-core tile); M <= ROWS
+PHASES = ("qkv", "attn", "o", "fc1", "fc2")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+NORMS = ("layernorm", "rmsnorm")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+  """Tunables of the layer kernel.
+
+  programs: the grid (None: the GPU's SM count times `programs_per_sm`; 1 when interpreted). Every program
+    must be resident at once: the default, one per SM, always is.
+  num_warps, num_stages: Triton launch / software-pipelining depth of the weight stream.
+  row_bytes: bytes of a weight row in a tile (None: 256 for 16-bit weights, 128 for int8 and float32);
+    tile_bytes: bytes of a weight tile (the other tile dim is the rest).
+  attn_block: keys per attention loop step; attn_splits: key splits per (row, kv head) (None: enough to
+    give every program one unit).
+  dequant: int8 -> float conversion of the weight tiles (small_linear's `dequant`).
+  """
+  programs: int | None = None
+  programs_per_sm: int = 1
+  num_warps: int = 8
+  num_stages: int = 3
+  row_bytes: int | None = None
+  tile_bytes: int = 16384
+  attn_block: int = 64
+  attn_splits: int | None = None
+  dequant: str = "auto"
+
+  def __post_init__(self):
+    assert self.programs is None or self.programs >= 1, f"LayerConfig.programs={self.programs} must be >= 1"
+    assert self.programs_per_sm >= 1, f"LayerConfig.programs_per_sm={self.programs_per_sm} must be >= 1"
+    assert self.num_warps in (1, 2, 4, 8, 16), f"LayerConfig.num_warps={self.num_warps}"
+    assert self.num_stages >= 1, f"LayerConfig.num_stages={self.num_stages}"
+    assert self.attn_block >= 16 and self.attn_block & (self.attn_block - 1) == 0, (
+        f"LayerConfig.attn_block={self.attn_block} must be a power of two >= 16")
+    assert self.attn_splits is None or self.attn_splits >= 1, f"LayerConfig.attn_splits={self.attn_splits}"
+
+
+DEFAULT_CONFIG = LayerConfig()
+
+
+def default_programs(config: LayerConfig, interpret: bool) -> int:
+  if config.programs is not None:
+    return config.programs
+  if interpret:
+    return 1
+  sms = getattr(jax.devices()[0], "core_count", None) or 132
+  return int(sms) * config.programs_per_sm
+
+
+# ----------------------------------------------------------------------------------------------- plan
+class WeightPlan(NamedTuple):
+  """One weight of a projection phase, split stream-K over programs [p0, p0 + P)."""
+  K: int
+  N: int
+  bn: int
+  bk: int
+  trans: bool      # stored [N, K]
+  p0: int          # first program
+  P: int           # programs
+  slots: int       # most partials a column block collects
+  cnt0: int        # offset of its column blocks' counters
+
+  @property
+  def nb(self) -> int:
+    return -(-self.N // self.bn)
+
+  @property
+  def nkb(self) -> int:
+    return -(-self.K // self.bk)
+
+  @property
+  def T(self) -> int:
+    return self.nb * self.nkb
+
+
+def _pow2_floor(v: float) -> int:
+  return 1 << max(0, int(math.floor(math.log2(max(v, 1)))))
+
+
+def _tiles(K: int, N: int, itemsize: int, trans: bool, config: LayerConfig) -> tuple[int, int]:
+  row_bytes = config.row_bytes or (256 if itemsize == 2 else 128)
+  max_n = max(16, pl.next_power_of_2(N))
+  max_k = max(16, pl.next_power_of_2(K))
+  if trans:   # a tile row runs along K
+    bk = min(max_k, max(16, row_bytes // itemsize))
+    bn = min(max_n, max(16, min(256, _pow2_floor(config.tile_bytes / (bk * itemsize)))))
+  else:
+    bn = min(max_n, max(16, row_bytes // itemsize))
+    bk = min(max_k, max(16, min(256, _pow2_floor(config.tile_bytes / (bn * itemsize)))))
+  return bn, bk
+
+
+def _q_of(it: int, P: int, T: int) -> int:
+  """The program (0..P-1) whose stream-K range [q*T//P, (q+1)*T//P) holds iteration it."""
+  return ((it + 1) * P - 1) // T
+
+
+def _split_programs(P: int, sizes) -> list[tuple[int, int]]:
+  """(first program, programs) per weight, in proportion to `sizes`; every weight gets all P programs when
+  there are fewer programs than weights."""
+  n = len(sizes)
+  if P < n or n == 1:
+    return [(0, P)] * n
+  tot = sum(sizes)
+  share = [max(1, round(P * s / tot)) for s in sizes]
+  while sum(share) > P:
+    share[share.index(max(share))] -= 1
+  while sum(share) < P:
+    share[share.index(min(share))] += 1
+  out, p0 = [], 0
+  for s in share:
+    out.append((p0, s))
+    p0 += s
+  return out
+
+
+def plan_phase(P: int, shapes, cnt0: int, config: LayerConfig) -> list[WeightPlan]:
+  """shapes: [(K, N, itemsize, trans)] of the phase's weights -> their plans (counters from cnt0 on)."""
+  tiles = [_tiles(K, N, isz, tr, config) for K, N, isz, tr in shapes]
+  sizes = [(-(-N // bn)) * (-(-K // bk)) for (K, N, _, _), (bn, bk) in zip(shapes, tiles)]
+  plans = []
+  for (K, N, _, tr), (bn, bk), (p0, Pw) in zip(shapes, tiles, _split_programs(P, sizes)):
+    nb, nkb = -(-N // bn), -(-K // bk)
+    T = nb * nkb
+    slots = max(_q_of((j + 1) * nkb - 1, Pw, T) - _q_of(j * nkb, Pw, T) + 1 for j in range(nb))
+    plans.append(WeightPlan(K, N, bn, bk, tr, p0, Pw, slots, cnt0))
+    cnt0 += nb
+  return plans
+
+
+class LayerPlan(NamedTuple):
+  P: int
+  M: int
+  D: int
+  n: int
+  kvh: int
+  h: int
+  F: int
+  s_cap: int
+  qkv: tuple
+  o: WeightPlan
+  fc1: WeightPlan
+  fc2: WeightPlan
+  att_splits: int
+  att_block: int
+  # counter offsets
+  qkv_done: int
+  att_grp: int
+  att_done: int
+  o_done: int
+  f1_done: int
+  exit: int
+  n_counters: int
+
+
+def make_plan(P: int, M: int, D: int, n: int, kvh: int, h: int, F: int, s_cap: int, witems, wtrans,
+              config: LayerConfig) -> LayerPlan:
+  """witems / wtrans: itemsize and transposed flag of (wq, wk, wv, wo, w1, w2)."""
+  c = 0
+  qkv = plan_phase(P, [(D, n * h, witems[0], wtrans[0]), (D, kvh * h, witems[1], wtrans[1]),
+                       (D, kvh * h, witems[2], wtrans[2])], c, config)
+  c = qkv[-1].cnt0 + qkv[-1].nb
+  qkv_done = c
+  c += 1
+  att_grp = c
+  c += M * kvh
+  att_done = c
+  c += 1
+  (o,) = plan_phase(P, [(n * h, D, witems[3], wtrans[3])], c, config)
+  c += o.nb
+  o_done = c
+  c += 1
+  (fc1,) = plan_phase(P, [(D, F, witems[4], wtrans[4])], c, config)
+  c += fc1.nb
+  f1_done = c
+  c += 1
+  (fc2,) = plan_phase(P, [(F, D, witems[5], wtrans[5])], c, config)
+  c += fc2.nb
+  ex = c
+  c += 1
+  block = min(config.attn_block, s_cap)
+  while s_cap % block:
+    block //= 2
+  splits = config.attn_splits or max(1, min(P // max(1, M * kvh), -(-s_cap // block)))
+  return LayerPlan(P, M, D, n, kvh, h, F, s_cap, tuple(qkv), o, fc1, fc2, splits, block, qkv_done, att_grp,
+                   att_done, o_done, f1_done, ex, c)
+
+
+def n_counters(plan: LayerPlan) -> int:
+  return plan.n_counters
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _and(a, b):
+  if a is None:
+    return b
+  return a if b is None else a & b
+
+
+class _Sync:
+  """Counters in global memory (int32 ref): arrive (release) and wait (acquire). In interpret mode the
+  programs run one after another: a barrier among a program's threads is meaningless and is skipped."""
+
+  def __init__(self, cnt_ref, zero, interpret: bool):
+    self.ref, self.zero, self.interpret = cnt_ref, zero, interpret
+
+  def barrier(self):
+    if not self.interpret:
+      C.pltriton.debug_barrier()
+
+  def arrive(self, idx, val=1):
+    """All threads' earlier stores, then +val on counter idx; the value before."""
+    self.barrier()
+    return C.pltriton.atomic_add(self.ref, (self.zero + idx,), self.zero + val)
+
+  def read(self, idx):
+    return C.pltriton.atomic_add(self.ref, (self.zero + idx,), self.zero)
+
+  def wait(self, idx, target):
+    """Spin until counter idx >= target (each read an acquiring atomic: it also orders the loads after)."""
+    jax.lax.while_loop(lambda v: v < target, lambda v: self.read(idx), self.read(idx))
+
+
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def _erf(x):
+  """erf on float32 by a rational fit on [-4, 4] (~1e-7 absolute; the Triton lowering has no erf)."""
+  x = jnp.clip(x, -4.0, 4.0)
+  x2 = x * x
+  p = jnp.full_like(x, _ERF_P[0])
+  for c in _ERF_P[1:]:
+    p = p * x2 + c
+  q = jnp.full_like(x, _ERF_Q[0])
+  for c in _ERF_Q[1:]:
+    q = q * x2 + c
+  return x * p / q
+
+
+def kernel_activation(name: str, x):
+  """`ftjax.layers.mlp.activation` in ops the Triton lowering has (float32 in and out)."""
+  if name == "gelu":
+    return 0.5 * x * (1.0 + _erf(x * 0.7071067811865476))
+  if name == "gelu_tanh":
+    return 0.5 * x * (1.0 + jnp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+  if name == "relu":
+    return jnp.maximum(x, 0.0)
+  if name == "silu":
+    return x / (1.0 + jnp.exp(-x))
+  raise ValueError(f"activation {name!r} is not one of {ACTIVATIONS}")
+
+
+# ----------------------------------------------------------------------------------------------- kernel
+class _Refs:
+  """Named views of the kernel's refs (see `_layer_call` for the order)."""
+
+  def __init__(self, refs, names):
+    assert len(refs) == len(names), (len(refs), names)
+    self.__dict__.update(zip(names, refs))
+
+
+def _proj(w: WeightPlan, pid, *, M: int, x_tile, w_ref, part_ref, cnt: _Sync, finish, dequant: str,
+          precision):
+  """One weight of a projection phase for program `pid` (a no-op outside [w.p0, w.p0 + w.P)).
+
+  x_tile(k0, kmask) -> [ROWS, bk] in the compute dtype (rows >= M zero); finish(j, acc [ROWS, bn] float32)
+  applies the epilogue of column block j once its sum is complete."""
+  nkb, T, Pw = w.nkb, w.T, w.P
+  q = pid - w.p0
+  ragged_k, ragged_n = w.K % w.bk != 0, w.N % w.bn != 0
+  rmask = (jnp.arange(ROWS) < M)[:, None]
+
+  def q_of(it):
+    return ((it + 1) * Pw - 1) // T
+
+  @pl.when((q >= 0) & (q < Pw))
+  def _():
+    lo = q * T // Pw
+    hi = (q + 1) * T // Pw
+
+    def body(it, acc):
+      j = it // nkb
+      kb = it - j * nkb
+      k0 = kb * w.bk
+      n0 = j * w.bn
+      kmask = ((k0 + jnp.arange(w.bk)) < w.K) if ragged_k else None
+      nmask = ((n0 + jnp.arange(w.bn)) < w.N) if ragged_n else None
+      xb = x_tile(k0, kmask)
+      if w.trans:
+        wm = _and(None if nmask is None else nmask[:, None], None if kmask is None else kmask[None, :])
+        ws = w_ref.at[pl.ds(n0, w.bn), pl.ds(k0, w.bk)]
+      else:
+        wm = _and(None if kmask is None else kmask[:, None], None if nmask is None else nmask[None, :])
+        ws = w_ref.at[pl.ds(k0, w.bk), pl.ds(n0, w.bn)]
+      wb = ws[...] if wm is None else C.load(ws, mask=wm, other=0)
+      wb = dequant_int8(wb, xb.dtype, dequant) if wb.dtype == jnp.int8 else wb.astype(xb.dtype)
+      acc = acc + C.dot(xb, wb, trans_b=w.trans, precision=precision)
+      end = (kb == nkb - 1) | (it == hi - 1)
+
+      @pl.when(end)
+      def _():
+        qf = q_of(j * nkb)
+        ql = q_of((j + 1) * nkb - 1)
+        om = rmask if nmask is None else rmask & nmask[None, :]
+
+        @pl.when(qf == ql)            # the whole column block is this program's: finish from registers
+        def _():
+          finish(j, acc)
+
+        @pl.when(qf != ql)
+        def _():
+          dst = part_ref.at[q - qf, pl.ds(pid * 0, ROWS), pl.ds(n0, w.bn)]
+          C.store(dst, acc, mask=jnp.broadcast_to(om, acc.shape))
+          old = cnt.arrive(w.cnt0 + j)
+
+          @pl.when(old == ql - qf)    # the last one in: sum the slots in order
+          def _():
+            tot = jnp.zeros_like(acc)
+            for s in range(w.slots):
+              src = part_ref.at[pid * 0 + s, pl.ds(pid * 0, ROWS), pl.ds(n0, w.bn)]
+              m = jnp.broadcast_to(om & (s <= ql - qf), acc.shape)
+              tot = tot + C.load(src, mask=m, other=0.0)
+            finish(j, tot)
+
+      return jnp.where(end, 0.0, acc)
+
+    jax.lax.fori_loop(lo, hi, body, jnp.zeros((ROWS, w.bn), jnp.float32))
+
+
+def _row_stats(y, cmask):
+  """Per-row sum and sum of squares of y [ROWS, bn] float32 over the valid columns -> two [ROWS]."""
+  yf = y if cmask is None else jnp.where(cmask[None, :], y, 0.0)
+  return jnp.sum(yf, axis=1), jnp.sum(yf * yf, axis=1)
+
+
+def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str, has: dict, phases,
+                  reset: bool, interpret: bool, dequant: str, qk_scale: float):
+  R = _Refs(refs, names)
+  pl_ = plan
+  M, D, n, kvh, h, F = pl_.M, pl_.D, pl_.n, pl_.kvh, pl_.h, pl_.F
+  g = n // kvh
+  pid = pl.program_id(0)
+  zero = pid * 0
+  cnt = _Sync(R.cnt, zero, interpret)
+  cdtype = R.x.dtype
+  precision = C.dot_precision(cdtype)
+  rmask = (jnp.arange(ROWS) < M)[:, None]                                  # [ROWS, 1]
+
+  def vec(ref, start, width, mask):                                       # [1, width] float32 of a [N] ref
+    v = ref.at[pl.ds(start, width)]
+    return (v[...] if mask is None else C.load(v, mask=mask, other=0)).astype(jnp.float32)[None, :]
+
+  def rows(ref, start, width, mask):                                      # [ROWS, width] of an [M, N] ref
+    m = rmask if mask is None else rmask & mask[None, :]
+    return C.load(ref.at[pl.ds(zero, ROWS), pl.ds(start, width)], mask=jnp.broadcast_to(m, (ROWS, width)),
+                  other=0)
+
+  def store_rows(ref, start, width, mask, val):
+    m = rmask if mask is None else rmask & mask[None, :]
+    C.store(ref.at[pl.ds(zero, ROWS), pl.ds(start, width)], val.astype(ref.dtype),
+            mask=jnp.broadcast_to(m, (ROWS, width)))
+
+  def load_stats(ref, nchunks):                                           # -> mean [ROWS, 1] or None, rstd
+    cp = max(16, pl.next_power_of_2(nchunks))
+    sm = jnp.broadcast_to(rmask & (jnp.arange(cp) < nchunks)[None, :], (ROWS, cp))
+    s1 = jnp.sum(C.load(ref.at[zero, pl.ds(zero, ROWS), pl.ds(zero, cp)], mask=sm, other=0), axis=1)
+    s2 = jnp.sum(C.load(ref.at[zero + 1, pl.ds(zero, ROWS), pl.ds(zero, cp)], mask=sm, other=0), axis=1)
+    mean, rstd = mean_rstd(s1 if norm == "layernorm" else None, s2, D, norm, eps)
+    return (None if mean is None else mean[:, None]), rstd[:, None]
+
+  def normed_tile(x_ref, stats, g_ref, b_ref):
+    mean, rstd = stats
+
+    def tile(k0, kmask, bk):
+      xb = rows(x_ref, k0, bk, kmask).astype(jnp.float32)
+      km = None if kmask is None else kmask
+      y = scale_shift(xb, mean, rstd, vec(g_ref, k0, bk, km), None if b_ref is None else vec(b_ref, k0, bk, km))
+      return y.astype(cdtype)
+    return tile
+
+  def plain_tile(x_ref):
+    def tile(k0, kmask, bk):
+      return rows(x_ref, k0, bk, kmask).astype(cdtype)
+    return tile
+
+  def epilogue_sum(w: WeightPlan, j, acc, scale_ref, bias_ref):
+    """acc * scale + bias of column block j: ([ROWS, bn] float32, n0, column mask or None)."""
+    n0 = j * w.bn
+    nmask = ((n0 + jnp.arange(w.bn)) < w.N) if w.N % w.bn else None
+    y = acc
+    if scale_ref is not None:
+      y = y * vec(scale_ref, n0, w.bn, nmask)
+    if bias_ref is not None:
+      y = y + vec(bias_ref, n0, w.bn, nmask)
+    return y, n0, nmask
+
+  def run_proj(w: WeightPlan, x_tile_bk, w_ref, part_ref, finish):
+    _proj(w, pid, M=M, x_tile=lambda k0, km: x_tile_bk(k0, km, w.bk), w_ref=w_ref, part_ref=part_ref, cnt=cnt,
+          finish=finish, dequant=dequant, precision=precision)
+
+  # ------------------------------------------------------------------------------------------ qkv
+  if "qkv" in phases:
+    x_tile = normed_tile(R.x, load_stats(R.stats, R.stats.shape[2]), R.ln1_g, getattr(R, "ln1_b", None))
+    for i, (w, nm) in enumerate(zip(pl_.qkv, ("q", "k", "v"))):
+      def finish(j, acc, w=w, nm=nm):
+        y, n0, nmask = epilogue_sum(w, j, acc, getattr(R, f"s{nm}", None), getattr(R, f"b{nm}", None))
+        store_rows(getattr(R, f"{nm}_buf"), n0, w.bn, nmask, y)
+        cnt.arrive(pl_.qkv_done)
+      run_proj(w, x_tile, getattr(R, f"w{nm}"), getattr(R, f"p{nm}"), finish)
+
+  # ----------------------------------------------------------------------------------------- attn
+  if "attn" in phases:
+    Cs, BA = pl_.att_splits, pl_.att_block
+    U = M * kvh * Cs
+    total_qkv = sum(w.nb for w in pl_.qkv)
+    gp = max(16, pl.next_power_of_2(g))
+    for t in range(-(-U // pl_.P)):
+      u = pid + t * pl_.P
+
+      @pl.when(u < U)
+      def _(u=u):
+        b = u // (kvh * Cs)
+        r = u - b * (kvh * Cs)
+        kh = r // Cs
+        c = r - kh * Cs
+        pos = jnp.minimum(R.positions[b], pl_.s_cap - 1)
+        length = pos + 1
+        nblk = (length + BA - 1) // BA
+        per = (nblk + Cs - 1) // Cs
+        lo = c * per
+        hi = jnp.minimum(lo + per, nblk)
+        cnt.wait(pl_.qkv_done, total_qkv)
+        kvec = R.k_buf.at[pl.ds(b, 1), pl.ds(kh * h, h)]
+        k_new = C.load(kvec).astype(jnp.float32)                           # [1, h]
+        v_new = C.load(R.v_buf.at[pl.ds(b, 1), pl.ds(kh * h, h)]).astype(jnp.float32)
+        if g == 1:
+          q = C.load(R.q_buf.at[pl.ds(b, 1), pl.ds(kh * h, h)]).astype(jnp.float32) * qk_scale   # [1, h]
+        else:
+          qm = jnp.broadcast_to((jnp.arange(gp) < g)[:, None], (gp, h))
+          qv = R.q_buf.at[pl.ds(b, 1), pl.ds(kh * g * h, gp * h)]
+          q = C.load(qv, mask=jnp.reshape(qm, (1, gp * h)), other=0).reshape(gp, h)        # [gp, h] dtype
+        writer = c == (nblk - 1) // per
+
+        @pl.when(writer)
+        def _():
+          C.store(R.k_out.at[b, kh, pl.ds(pos, 1), :], k_new.astype(R.k_out.dtype))
+          C.store(R.v_out.at[b, kh, pl.ds(pos, 1), :], v_new.astype(R.v_out.dtype))
+
+        def kv_block(ref, new, start):
+          rr = start + jnp.arange(BA)
+          blk = C.load(ref.at[b, kh, pl.ds(start, BA), :], mask=(rr < length)[:, None], other=0.0)
+          return rr, jnp.where((rr == pos)[:, None], new, blk.astype(jnp.float32))
+
+        if g == 1:
+          def body(i, carry):
+            o, m, l = carry
+            rr, kb = kv_block(R.k_out, k_new, i * BA)
+            s = jnp.where(rr < length, jnp.sum(kb * q, axis=1), C.MASK_VALUE)      # [BA]
+            m_new = jnp.maximum(m, jnp.max(s))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - m_new)
+            _, vb = kv_block(R.v_out, v_new, i * BA)
+            return o * alpha + jnp.sum(p[:, None] * vb, axis=0, keepdims=True), m_new, l * alpha + jnp.sum(p)
+
+          init = (jnp.zeros((1, h), jnp.float32), jnp.float32(C.MASK_VALUE), jnp.float32(0.0))
+        else:
+          def body(i, carry):
+            o, m, l = carry
+            rr, kb = kv_block(R.k_out, k_new, i * BA)
+            s = C.dot(q, kb.astype(cdtype), trans_b=True, precision=precision) * qk_scale    # [gp, BA]
+            s = jnp.where((rr < length)[None, :], s, C.MASK_VALUE)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - m_new[:, None])
+            _, vb = kv_block(R.v_out, v_new, i * BA)
+            o = o * alpha[:, None] + C.dot(p.astype(cdtype), vb.astype(cdtype), precision=precision)
+            return o, m_new, l * alpha + jnp.sum(p, axis=1)
+
+          init = (jnp.zeros((gp, h), jnp.float32), jnp.full((gp,), C.MASK_VALUE, jnp.float32),
+                  jnp.zeros((gp,), jnp.float32))
+        o, m, l = jax.lax.fori_loop(lo, hi, body, init)
+        grp = b * kvh + kh
+        gm = None if g == 1 else (jnp.arange(gp) < g)
+
+        def put_out(o_fin):                                               # [1, h] / [gp, h] float32
+          dst = R.attn.at[pl.ds(b, 1), pl.ds(kh * g * h, (1 if g == 1 else gp) * h)]
+          flat = o_fin.reshape(1, -1).astype(R.attn.dtype)
+          if g == 1:
+            C.store(dst, flat)
+          else:
+            C.store(dst, flat, mask=jnp.reshape(jnp.broadcast_to(gm[:, None], (gp, h)), (1, gp * h)))
+          cnt.arrive(pl_.att_done)
+
+        if Cs == 1:
+          put_out(o / jnp.maximum(l, 1e-30) if g == 1 else o / jnp.maximum(l, 1e-30)[:, None])
+        else:
+          # partials: att_o [G, Cs * rows, h], att_m / att_l [G, Cs * rows, 1] (rows: 1, or gp query heads)
+          nr = 1 if g == 1 else gp
+          C.store(R.att_o.at[grp, pl.ds(c * nr, nr), :], o)
+          C.store(R.att_m.at[grp, pl.ds(c * nr, nr), :], jnp.reshape(m, (nr, 1)))
+          C.store(R.att_l.at[grp, pl.ds(c * nr, nr), :], jnp.reshape(l, (nr, 1)))
+          old = cnt.arrive(pl_.att_grp + grp)
+
+          @pl.when(old == Cs - 1)        # the last split in merges them (in split order)
+          def _():
+            ms = [C.load(R.att_m.at[grp, pl.ds(zero + s * nr, nr), :]) for s in range(Cs)]    # [nr, 1]
+            mx = ms[0]
+            for s in range(1, Cs):
+              mx = jnp.maximum(mx, ms[s])
+            tot_l = jnp.zeros_like(mx)
+            tot_o = jnp.zeros((nr, h), jnp.float32)
+            for s in range(Cs):
+              wgt = jnp.exp2(ms[s] - mx)                                   # empty split: weight 0
+              tot_l = tot_l + C.load(R.att_l.at[grp, pl.ds(zero + s * nr, nr), :]) * wgt
+              tot_o = tot_o + C.load(R.att_o.at[grp, pl.ds(zero + s * nr, nr), :]) * wgt
+            put_out(tot_o / jnp.maximum(tot_l, 1e-30))
+
+  # -------------------------------------------------------------------------------------------- o
+  if "o" in phases:
+    w = pl_.o
+
+    def finish_o(j, acc):
+      y, n0, nmask = epilogue_sum(w, j, acc, getattr(R, "so", None), getattr(R, "bo", None))
+      y = y + rows(R.x, n0, w.bn, nmask).astype(jnp.float32)
+      yr = y.astype(cdtype)
+      store_rows(R.x_mid, n0, w.bn, nmask, yr)
+      s1, s2 = _row_stats(yr.astype(jnp.float32), nmask)
+      C.store(R.mid_stats.at[zero, pl.ds(zero, ROWS), pl.ds(j, 1)], s1[:, None], mask=rmask)
+      C.store(R.mid_stats.at[zero + 1, pl.ds(zero, ROWS), pl.ds(j, 1)], s2[:, None], mask=rmask)
+      cnt.arrive(pl_.o_done)
+
+    if "attn" in phases:
+      @pl.when((pid >= w.p0) & (pid < w.p0 + w.P))
+      def _():
+        cnt.wait(pl_.att_done, M * kvh)
+    run_proj(w, plain_tile(R.attn), R.wo, R.po, finish_o)
+
+  # ------------------------------------------------------------------------------------------ fc1
+  if "fc1" in phases:
+    w = pl_.fc1
+
+    def finish_1(j, acc):
+      y, n0, nmask = epilogue_sum(w, j, acc, getattr(R, "s1", None), getattr(R, "b1", None))
+      y = kernel_activation(act, y.astype(cdtype).astype(jnp.float32))
+      store_rows(R.h_buf, n0, w.bn, nmask, y)
+      cnt.arrive(pl_.f1_done)
+
+    active = (pid >= w.p0) & (pid < w.p0 + w.P)
+    if "o" in phases:
+      @pl.when(active)
+      def _():
+        cnt.wait(pl_.o_done, pl_.o.nb)
+    x_tile = normed_tile(R.x_mid, load_stats(R.mid_stats, pl_.o.nb), R.ln2_g, getattr(R, "ln2_b", None))
+    run_proj(w, x_tile, R.w1, R.p1, finish_1)
+
+  # ------------------------------------------------------------------------------------------ fc2
+  if "fc2" in phases:
+    w = pl_.fc2
+
+    def finish_2(j, acc):
+      y, n0, nmask = epilogue_sum(w, j, acc, getattr(R, "s2", None), getattr(R, "b2", None))
+      y = y + rows(R.x_mid, n0, w.bn, nmask).astype(jnp.float32)
+      yr = y.astype(cdtype)
+      store_rows(R.x_out, n0, w.bn, nmask, yr)
+      s1, s2 = _row_stats(yr.astype(jnp.float32), nmask)
+      C.store(R.out_stats.at[zero, pl.ds(zero, ROWS), pl.ds(j, 1)], s1[:, None], mask=rmask)
+      C.store(R.out_stats.at[zero + 1, pl.ds(zero, ROWS), pl.ds(j, 1)], s2[:, None], mask=rmask)
+
+    if "fc1" in phases:
+      @pl.when((pid >= w.p0) & (pid < w.p0 + w.P))
+      def _():
+        cnt.wait(pl_.f1_done, pl_.fc1.nb)
+    run_proj(w, plain_tile(R.h_buf), R.w2, R.p2, finish_2)
+
+  # ----------------------------------------------------------------------------------------- exit
+  old = cnt.arrive(pl_.exit)
+
+  @pl.when(old == pl_.P - 1)      # the last program out: every other one is past its last counter access
+  def _():
+    if reset:
+      width = max(16, pl.next_power_of_2(pl_.n_counters))
+      C.store(R.cnt.at[pl.ds(zero, width)], jnp.zeros((width,), jnp.int32),
+              mask=jnp.arange(width) < pl_.n_counters)
+    else:
+      C.store(R.cnt.at[pl.ds(zero + pl_.exit, 1)], jnp.zeros((1,), jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------- calls
+WEIGHTS = ("q", "k", "v", "o", "1", "2")      # wq wk wv wo w1 w2, with scales s* and biases b*
+
+
+class LayerParams(NamedTuple):
+  """One layer's parameters as the kernel takes them. w*: [K, N] float or int8 ([N, K] where the matching
+  `trans` flag is set: int8 stored transposed); s*: [N] scales (int8) or None; b*: [N] biases or None;
+  ln*_g / ln*_b: the norms' scale and (LayerNorm) bias, [D]."""
+  ln1_g: Any
+  ln1_b: Any
+  wq: Any
+  sq: Any
+  bq: Any
+  wk: Any
+  sk: Any
+  bk: Any
+  wv: Any
+  sv: Any
+  bv: Any
+  wo: Any
+  so: Any
+  bo: Any
+  ln2_g: Any
+  ln2_b: Any
+  w1: Any
+  s1: Any
+  b1: Any
+  w2: Any
+  s2: Any
+  b2: Any
+
+
+def _kn(w, t):
+  return (w.shape[1], w.shape[0]) if t else tuple(w.shape)
+
+
+def layer_plan(x, k_cache, p: LayerParams, trans, config: LayerConfig, interpret: bool) -> LayerPlan:
+  M, D = x.shape
+  _, kvh, s_cap, h = k_cache.shape
+  n = _kn(p.wq, trans[0])[1] // h
+  F = _kn(p.w1, trans[4])[1]
+  ws = (p.wq, p.wk, p.wv, p.wo, p.w1, p.w2)
+  return make_plan(default_programs(config, interpret), M, D, n, kvh, h, F, s_cap,
+                   tuple(jnp.dtype(w.dtype).itemsize for w in ws), tuple(trans), config)
+
+
+def _check(x, stats, positions, k_cache, v_cache, p: LayerParams, trans, norm, act):
+  assert x.ndim == 2, f"x must be [M, D], got {x.shape}"
+  M, D = x.shape
+  assert 1 <= M <= ROWS, f"decode_layer takes 1..{ROWS} rows, got M={M} (x.shape={x.shape})"
+  C.check_dtype("x", x)
+  assert stats.ndim == 3 and stats.shape[:2] == (2, M), f"stats must be [2, M={M}, C], got {stats.shape}"
+  assert k_cache.ndim == 4 and k_cache.shape == v_cache.shape and k_cache.shape[0] == M, (
+      f"k_cache / v_cache must be [M={M}, k, s, h], got {k_cache.shape} / {v_cache.shape}")
+  assert k_cache.dtype == v_cache.dtype == x.dtype, (
+      f"the caches ({k_cache.dtype}, {v_cache.dtype}) must have x's dtype {x.dtype}")
+  _, kvh, s_cap, h = k_cache.shape
+  assert 16 <= h <= 256 and h & (h - 1) == 0, f"head_dim={h} must be a power of two in 16..256"
+  assert positions.shape == (M,), f"positions must be [M]=[{M}], got {positions.shape}"
+  assert norm in NORMS, f"norm={norm!r} is not one of {NORMS}"
+  assert act in ACTIVATIONS, f"act={act!r} is not one of {ACTIVATIONS}"
+  assert len(trans) == 6, f"trans must hold 6 flags (wq wk wv wo w1 w2), got {trans!r}"
+  ws = (p.wq, p.wk, p.wv, p.wo, p.w1, p.w2)
+  qn = _kn(p.wq, trans[0])[1]
+  assert qn % h == 0 and (qn // h) % kvh == 0, f"wq's {qn} outputs are not heads of {h} over {kvh} kv heads"
+  n = qn // h
+  F = _kn(p.w1, trans[4])[1]
+  want = ((D, n * h), (D, kvh * h), (D, kvh * h), (n * h, D), (D, F), (F, D))
+  for name, w, t, kn in zip(WEIGHTS, ws, trans, want):
+    assert w.ndim == 2 and _kn(w, t) == kn, (
+        f"w{name}.shape={w.shape}{' (transposed)' if t else ''}: expected [K, N]={list(kn)}")
+    assert jnp.dtype(w.dtype) in C.SUPPORTED_DTYPES + (jnp.dtype(jnp.int8),), f"w{name}.dtype={w.dtype}"
+    assert not t or w.dtype == jnp.int8, f"w{name}: only int8 weights are taken transposed"
+    for kind in ("s", "b"):
+      v = getattr(p, f"{kind}{name}")
+      assert v is None or v.shape == (kn[1],), f"{kind}{name} must be [{kn[1]}], got {v.shape}"
+    assert (w.dtype == jnp.int8) == (getattr(p, f"s{name}") is not None), f"s{name}: int8 weights need scales"
+  for name in ("ln1_g", "ln2_g", "ln1_b", "ln2_b"):
+    v = getattr(p, name)
+    assert (v is None) == (name.endswith("_b") and norm == "rmsnorm"), (
+        f"{name}: {'LayerNorm needs it' if v is None else 'RMSNorm has none'}")
+    assert v is None or v.shape == (D,), f"{name} must be [D]=[{D}], got {v.shape}"
+
+
+def _scratch(plan: LayerPlan, dtype):
+  """(name, shape, dtype) of the kernel's outputs after the caches and counters."""
+  M, D, n, kvh, h, F = plan.M, plan.D, plan.n, plan.kvh, plan.h, plan.F
+  g = n // kvh
+  nr = 1 if g == 1 else max(16, pl.next_power_of_2(g))
+  f32 = jnp.float32
+  wq, wk, wv = plan.qkv
+  return [
+      ("q_buf", (M, n * h), dtype), ("k_buf", (M, kvh * h), dtype), ("v_buf", (M, kvh * h), dtype),
+      ("pq", (wq.slots, M, n * h), f32), ("pk", (wk.slots, M, kvh * h), f32), ("pv", (wv.slots, M, kvh * h), f32),
+      ("att_o", (M * kvh, plan.att_splits * nr, h), f32), ("att_m", (M * kvh, plan.att_splits * nr, 1), f32),
+      ("att_l", (M * kvh, plan.att_splits * nr, 1), f32),
+      ("attn", (M, n * h), dtype),
+      ("po", (plan.o.slots, M, D), f32), ("x_mid", (M, D), dtype), ("mid_stats", (2, M, plan.o.nb), f32),
+      ("p1", (plan.fc1.slots, M, F), f32), ("h_buf", (M, F), dtype),
+      ("p2", (plan.fc2.slots, M, D), f32),
+  ]
+
+
+@functools.partial(jax.jit, static_argnames=("trans", "norm", "eps", "act", "scale", "config", "interpret",
+                                             "phased"))
+def _decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParams, *, trans, norm, eps, act,
+                  scale, config, interpret, phased):
+  M, D = x.shape
+  plan = layer_plan(x, k_cache, p, trans, config, interpret)
+  assert counters.shape == (plan.n_counters,) and counters.dtype == jnp.int32, (
+      f"counters must be int32 [{plan.n_counters}] (layer_counters), got {counters.dtype}{counters.shape}")
+  h = plan.h
+  qk_scale = (h ** -0.5 if scale is None else float(scale)) * C.LOG2E
+  ins, names = [], []
+  for name in ("x", "stats", "positions"):
+    ins.append({"x": x, "stats": stats, "positions": positions.astype(jnp.int32)}[name])
+    names.append(name)
+  for name, v in p._asdict().items():
+    if v is not None:
+      ins.append(v)
+      names.append(name)
+  ins += [k_cache, v_cache, counters]
+  names += ["k_in", "v_in", "cnt_in"]
+  outs = [("x_out", (M, D), x.dtype), ("out_stats", (2, M, plan.fc2.nb), jnp.float32),
+          ("k_out", k_cache.shape, k_cache.dtype), ("v_out", v_cache.shape, v_cache.dtype),
+          ("cnt", counters.shape, jnp.int32)] + _scratch(plan, x.dtype)
+  n_in = len(ins)
+  aliases = {n_in - 3: 2, n_in - 2: 3, n_in - 1: 4}
+  has = {nm: True for nm in names}
+  whole = lambda shape: pl.BlockSpec(tuple(shape), lambda i: (0,) * len(shape))  # noqa: E731
+  out_shape = [jax.ShapeDtypeStruct(sh, dt) for _, sh, dt in outs]
+  out_names = [nm for nm, _, _ in outs]
+
+  def call(phases, reset, args, extra_aliases):
+    kernel = functools.partial(
+        _layer_kernel, plan=plan,
+        names=tuple(names + ([f"{o}_in" for o in out_names[5:]] if len(args) > n_in else []) + out_names),
+        norm=norm, eps=float(eps), act=act, has=has, phases=phases, reset=reset, interpret=interpret,
+        dequant=resolve_dequant(config.dequant, interpret), qk_scale=qk_scale)
+    return pl.pallas_call(
+        kernel,
+        grid=(plan.P,),
+        in_specs=[whole(a.shape) for a in args],
+        out_specs=[whole(o.shape) for o in out_shape],
+        out_shape=out_shape,
+        input_output_aliases={**aliases, **extra_aliases},
+        compiler_params=C.triton_compiler_params(config.num_warps, config.num_stages),
+        interpret=interpret,
+        name="ftjax_decode_layer",
+    )(*args)
+
+  if not phased:
+    res = call(PHASES, True, ins, {})
+  else:
+    # One launch per phase (interpret-mode tests of the multi-program split): every scratch buffer travels
+    # from launch to launch (inputs aliased to the outputs), so a phase reads what the previous one wrote.
+    res = None
+    scratch0 = [jnp.zeros(o.shape, o.dtype) for o in out_shape[5:]]
+    head0 = [jnp.zeros(o.shape, o.dtype) for o in out_shape[:2]]
+    state = (head0, k_cache, v_cache, counters, scratch0)
+    for i, ph in enumerate(PHASES):
+      head, kc, vc, cn, scr = state
+      args = ins[:n_in - 3] + [kc, vc, cn] + scr
+      extra = {n_in + j: 5 + j for j in range(len(scr))}
+      r = call((ph,), i == len(PHASES) - 1, args, extra)
+      if ph == "fc2":
+        head = list(r[:2])
+      state = (head, r[2], r[3], r[4], list(r[5:]))
+    head, kc, vc, cn, _ = state
+    res = (head[0], head[1], kc, vc, cn)
+  return res[0], res[1], res[2], res[3], res[4]
+
+
+def layer_counters(x, k_cache, p: LayerParams, trans=(False,) * 6, *, config: LayerConfig | None = None,
+                   interpret: bool = False):
+  """The zeroed int32 counters a layer launch needs (one array serves every layer of a step in turn: each
+  launch leaves it zeroed)."""
+  plan = layer_plan(x, k_cache, p, tuple(trans), config or DEFAULT_CONFIG, interpret)
+  return jnp.zeros((plan.n_counters,), jnp.int32)
+
+
+def decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParams, *, trans=(False,) * 6,
+                 norm: str = "layernorm", eps: float = 1e-5, act: str = "gelu_tanh", scale=None,
+                 config: LayerConfig | None = None, interpret: bool = False, phased: bool = False):
+  """One decoder layer (sequential residual) of the decode step in one kernel launch (see the module doc).
+
+  x [M, D], stats [2, M, C] (x's row sums / sums of squares over C chunks: `row_stats(x)` or the previous
+  layer's), positions [M], k_cache / v_cache [M, k, s, h] (aliased to the outputs: updated in place where
+  the caller's buffers are dead), counters from `layer_counters` (returned zeroed). trans: per weight of
+  (wq, wk, wv, wo, w1, w2), True where it is int8 stored [N, K]. scale: attention's scale (None: h^-0.5).
+  phased (interpret mode): one launch per phase.
+  -> (x_out [M, D], stats_out [2, M, C'], k_cache, v_cache, counters)."""
+  trans = tuple(bool(t) for t in trans)
+  _check(x, stats, positions, k_cache, v_cache, p, trans, norm, act)
+  config = config or DEFAULT_CONFIG
+  assert isinstance(config, LayerConfig), f"config must be a LayerConfig, got {type(config).__name__}"
+  assert not phased or interpret, "phased launches are an interpret-mode test device"
+  return _decode_layer(x, stats, positions, k_cache, v_cache, counters, p, trans=trans, norm=norm,
+                       eps=float(eps), act=act, scale=scale, config=config, interpret=bool(interpret),
+                       phased=bool(phased))
+
+
+def row_stats(x):
+  """[2, M, 1] float32: each row's sum and sum of squares (the `stats` of a layer's first input)."""
+  xf = x.astype(jnp.float32)
+  return jnp.stack([jnp.sum(xf, -1), jnp.sum(xf * xf, -1)])[:, :, None]
+
+
+def decode_layer_reference(x, stats, positions, k_cache, v_cache, p: LayerParams, *, trans=(False,) * 6,
+                           norm: str = "layernorm", eps: float = 1e-5, act: str = "gelu_tanh", scale=None):
+  """Plain-jnp float32 twin of `decode_layer` (same rounding points to the dtype; products in float32)
+  -> (x_out, stats_out [2, M, 1], k_cache, v_cache)."""
+  from ftjax.pallas.decode_attention import decode_attention_reference
+
+  dt = x.dtype
+  M, D = x.shape
+  f32 = jnp.float32
+  hi = jax.lax.Precision.HIGHEST
+
+  def nrm(xv, st, gam, bet):
+    mean, rstd = mean_rstd(jnp.sum(st[0], -1, keepdims=True) if norm == "layernorm" else None,
+                           jnp.sum(st[1], -1, keepdims=True), D, norm, eps)
+    return scale_shift(xv.astype(f32), mean, rstd, gam.astype(f32), None if bet is None else bet.astype(f32)
+                       ).astype(dt)
+
+  def proj(xv, name, t):
+    w, s, b = getattr(p, f"w{name}"), getattr(p, f"s{name}"), getattr(p, f"b{name}")
+    wf = w.astype(dt).astype(f32)
+    y = jnp.dot(xv.astype(f32), wf.T if t else wf, precision=hi)
+    if s is not None:
+      y = y * s.astype(f32)
+    if b is not None:
+      y = y + b.astype(f32)
+    return y
+
+  _, kvh, s_cap, h = k_cache.shape
+  h1 = nrm(x, stats, p.ln1_g, p.ln1_b)
+  q, k, v = (proj(h1, nm, trans[i]).astype(dt) for i, nm in enumerate("qkv"))
+  n = q.shape[1] // h
+  rows_ = jnp.arange(M)
+  pos = jnp.minimum(positions.astype(jnp.int32), s_cap - 1)
+  k_cache = k_cache.at[rows_, :, pos].set(k.reshape(M, kvh, h))
+  v_cache = v_cache.at[rows_, :, pos].set(v.reshape(M, kvh, h))
+  att = decode_attention_reference(q.reshape(M, n, h), k_cache, v_cache, pos + 1, scale=scale).reshape(M, n * h)
+  x_mid = (proj(att, "o", trans[3]) + x.astype(f32)).astype(dt)
+  h2 = nrm(x_mid, row_stats(x_mid), p.ln2_g, p.ln2_b)
+  hh = kernel_activation(act, proj(h2, "1", trans[4]).astype(dt).astype(f32)).astype(dt)
+  x_out = (proj(hh, "2", trans[5]) + x_mid.astype(f32)).astype(dt)
+  return x_out, row_stats(x_out), k_cache, v_cache
