@@ -39,7 +39,7 @@ def main():
     ap.add_argument("--save-trace", default=None, help="trace the host too (XLA runtime and Python) and copy the "
                     "Perfetto JSON (.json.gz) here; read it with bench/host_trace.py")
     ap.add_argument("--steps-mode", default=None, choices=[None, "pieces", "exact"])
-    ap.add_argument("--fuse", default=None, choices=[None, "off", "stats", "stats2", "norm"],
+    ap.add_argument("--fuse", default=None, choices=[None, "off", "stats", "stats2", "norm", "layer"],
                     help="the decode step's fused path (Engine.fuse_decode; off: the small-M projections "
                     "reduced by XLA); default: the engine's")
     ap.add_argument("--append-config", default=None, help="block_k,min_blocks_per_split of the fused path's "

@@ -100,10 +100,12 @@ def _value(val: str):
             return conv(val)
         except ValueError:
             pass
-    if val.startswith(("DecodeConfig(", "SmallLinearConfig(")):    # a kernel config object
+    if val.startswith(("DecodeConfig(", "SmallLinearConfig(", "LayerConfig(")):    # a kernel config object
         from ftjax.pallas.decode_attention import DecodeConfig
+        from ftjax.pallas.decode_layer import LayerConfig
         from ftjax.pallas.small_linear import SmallLinearConfig
-        return eval(val, {"__builtins__": {}}, {"DecodeConfig": DecodeConfig, "SmallLinearConfig": SmallLinearConfig})
+        return eval(val, {"__builtins__": {}}, {"DecodeConfig": DecodeConfig, "SmallLinearConfig": SmallLinearConfig,
+                                                "LayerConfig": LayerConfig})
     return val
 
 
