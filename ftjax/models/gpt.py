@@ -76,7 +76,10 @@ class Block(nn.Module):
 
     def layer_params(self):
         """(LayerParams, trans flags) of this block for ftjax/pallas/decode_layer.py."""
+        import numpy as np
+
         from ftjax.layers.linear import _flat
+        from ftjax.layers.position import rope_inv_freq
         from ftjax.pallas.decode_layer import LayerParams
 
         def w(mod, n_in=1):
@@ -88,12 +91,15 @@ class Block(nn.Module):
             p = mod.variables["params"]
             return p["scale"], p.get("bias")
 
-        a, m = self.attn, self.mlp
-        ws = [w(a.q), w(a.k), w(a.v), w(a.o, 2), w(m.wi), w(m.wo)]
+        a, m, c = self.attn, self.mlp, self.cfg
+        mods = [(a.q, 1), (a.k, 1), (a.v, 1), (a.o, 2), (m.wi, 1), (m.wo, 1)] + ([(m.wg, 1)] if c.gated_ffn else [])
+        ws = [w(mod, n_in) for mod, n_in in mods]
         vals = dict(zip(("ln1_g", "ln1_b"), nrm(self.ln1)))
         vals.update(zip(("ln2_g", "ln2_b"), nrm(self.ln2)))
-        for name, (q, scale, bias, _) in zip(("q", "k", "v", "o", "1", "2"), ws):
+        for name, (q, scale, bias, _) in zip(("q", "k", "v", "o", "1", "2", "g"), ws):
             vals.update({f"w{name}": q, f"s{name}": scale, f"b{name}": bias})
+        if c.position == "rotary":
+            vals["rope"] = jnp.asarray(np.asarray(rope_inv_freq(c), np.float32))
         return LayerParams(**vals), tuple(t for *_, t in ws)
 
     def decode_layer(self, x, stats, positions, k_cache, v_cache, counters, interpret: bool):
@@ -142,12 +148,13 @@ class GPT(nn.Module):
 
     def _layer_kernel_ok(self, x, cache) -> bool:
         """Whether the fused decode step can run each block as ONE kernel (ftjax/pallas/decode_layer.py): a
-        sequential-residual block with learned or no positions, an ungated MLP and an activation the kernel
-        has (LLaMA-style rotary / gated blocks keep the kernel-per-op fused path)."""
+        sequential-residual block (GPT-2 / Megatron, LLaMA: learned or no positions, or rotary over the whole
+        head in NeoX halves; plain or gated MLP) with an activation the kernel has."""
         from ftjax.pallas.decode_layer import ACTIVATIONS, ROWS
 
         c = self.cfg
-        return (c.position != "rotary" and not c.gated_ffn and not c.shared_layernorm and c.activation in ACTIVATIONS
+        rotary_ok = c.position != "rotary" or (c.rot_dim == c.dim_per_head and not c.rotary_interleaved)
+        return (rotary_ok and not c.shared_layernorm and c.activation in ACTIVATIONS
                 and x.shape[0] <= ROWS and cache[0]["k"].shape[0] == x.shape[0])
 
     def prefill(self, tokens, lengths, all_logits: bool = False):

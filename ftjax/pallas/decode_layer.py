@@ -143,10 +143,13 @@ def _pow2_floor(v: float) -> int:
   return 1 << max(0, int(math.floor(math.log2(max(v, 1)))))
 
 
-def _tiles(K: int, N: int, itemsize: int, trans: bool, config: LayerConfig) -> tuple[int, int]:
+def _tiles(K: int, N: int, itemsize: int, trans: bool, config: LayerConfig, cap_n=None, cap_k=None):
+  """(block_n, block_k) of a weight's tiles: `row_bytes` along the stored row, `tile_bytes` in all; block_n
+  at most cap_n (the q/k/v weights: a column block stays inside one head), block_k at most cap_k (the o
+  weight: a K block stays inside one head)."""
   row_bytes = config.row_bytes or (256 if itemsize == 2 else 128)
-  max_n = max(16, pl.next_power_of_2(N))
-  max_k = max(16, pl.next_power_of_2(K))
+  max_n = min(max(16, pl.next_power_of_2(N)), cap_n or 1 << 30)
+  max_k = min(max(16, pl.next_power_of_2(K)), cap_k or 1 << 30)
   if trans:   # a tile row runs along K
     bk = min(max_k, max(16, row_bytes // itemsize))
     bn = min(max_n, max(16, min(256, _pow2_floor(config.tile_bytes / (bk * itemsize)))))
@@ -180,17 +183,22 @@ def _split_programs(P: int, sizes) -> list[tuple[int, int]]:
   return out
 
 
-def plan_phase(P: int, shapes, cnt0: int, config: LayerConfig) -> list[WeightPlan]:
-  """shapes: [(K, N, itemsize, trans)] of the phase's weights -> their plans (counters from cnt0 on)."""
-  tiles = [_tiles(K, N, isz, tr, config) for K, N, isz, tr in shapes]
+def plan_phase(P: int, shapes, cnt0: int, config: LayerConfig, shared_counters: bool = False, cap_n=None,
+               cap_k=None) -> list[WeightPlan]:
+  """shapes: [(K, N, itemsize, trans)] of the phase's weights -> their plans (counters from cnt0 on; with
+  shared_counters all weights count on the first one's: equal shapes, one epilogue per column block)."""
+  tiles = [_tiles(K, N, isz, tr, config, cap_n, cap_k) for K, N, isz, tr in shapes]
   sizes = [(-(-N // bn)) * (-(-K // bk)) for (K, N, _, _), (bn, bk) in zip(shapes, tiles)]
   plans = []
+  c0 = cnt0
   for (K, N, _, tr), (bn, bk), (p0, Pw) in zip(shapes, tiles, _split_programs(P, sizes)):
     nb, nkb = -(-N // bn), -(-K // bk)
     T = nb * nkb
+    Pw = min(Pw, T)   # no program with an empty range: a column block's contributors are then consecutive
     slots = max(_q_of((j + 1) * nkb - 1, Pw, T) - _q_of(j * nkb, Pw, T) + 1 for j in range(nb))
-    plans.append(WeightPlan(K, N, bn, bk, tr, p0, Pw, slots, cnt0))
-    cnt0 += nb
+    plans.append(WeightPlan(K, N, bn, bk, tr, p0, Pw, slots, c0))
+    if not shared_counters:
+      c0 += nb
   return plans
 
 
@@ -205,7 +213,7 @@ class LayerPlan(NamedTuple):
   s_cap: int
   qkv: tuple
   o: WeightPlan
-  fc1: WeightPlan
+  fc1: tuple        # (w1,) or (w1 "up", wg "gate") sharing counters
   fc2: WeightPlan
   att_splits: int
   att_block: int
@@ -218,13 +226,17 @@ class LayerPlan(NamedTuple):
   exit: int
   n_counters: int
 
+  @property
+  def gated(self) -> bool:
+    return len(self.fc1) == 2
+
 
 def make_plan(P: int, M: int, D: int, n: int, kvh: int, h: int, F: int, s_cap: int, witems, wtrans,
-              config: LayerConfig) -> LayerPlan:
-  """witems / wtrans: itemsize and transposed flag of (wq, wk, wv, wo, w1, w2)."""
+              config: LayerConfig, gated: bool = False) -> LayerPlan:
+  """witems / wtrans: itemsize and transposed flag of (wq, wk, wv, wo, w1, w2, [wg])."""
   c = 0
   qkv = plan_phase(P, [(D, n * h, witems[0], wtrans[0]), (D, kvh * h, witems[1], wtrans[1]),
-                       (D, kvh * h, witems[2], wtrans[2])], c, config)
+                       (D, kvh * h, witems[2], wtrans[2])], c, config, cap_n=h)
   c = qkv[-1].cnt0 + qkv[-1].nb
   qkv_done = c
   c += 1
@@ -232,12 +244,13 @@ def make_plan(P: int, M: int, D: int, n: int, kvh: int, h: int, F: int, s_cap: i
   c += M * kvh
   att_done = c
   c += 1
-  (o,) = plan_phase(P, [(n * h, D, witems[3], wtrans[3])], c, config)
+  (o,) = plan_phase(P, [(n * h, D, witems[3], wtrans[3])], c, config, cap_k=h)
   c += o.nb
   o_done = c
   c += 1
-  (fc1,) = plan_phase(P, [(D, F, witems[4], wtrans[4])], c, config)
-  c += fc1.nb
+  fc1 = plan_phase(P, [(D, F, witems[4], wtrans[4])] + ([(D, F, witems[6], wtrans[6])] if gated else []), c,
+                   config, shared_counters=True)
+  c += fc1[0].nb
   f1_done = c
   c += 1
   (fc2,) = plan_phase(P, [(F, D, witems[5], wtrans[5])], c, config)
@@ -248,12 +261,8 @@ def make_plan(P: int, M: int, D: int, n: int, kvh: int, h: int, F: int, s_cap: i
   while s_cap % block:
     block //= 2
   splits = config.attn_splits or max(1, min(P // max(1, M * kvh), -(-s_cap // block)))
-  return LayerPlan(P, M, D, n, kvh, h, F, s_cap, tuple(qkv), o, fc1, fc2, splits, block, qkv_done, att_grp,
-                   att_done, o_done, f1_done, ex, c)
-
-
-def n_counters(plan: LayerPlan) -> int:
-  return plan.n_counters
+  return LayerPlan(P, M, D, n, kvh, h, F, s_cap, tuple(qkv), o, tuple(fc1), fc2, splits, block, qkv_done,
+                   att_grp, att_done, o_done, f1_done, ex, c)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -265,7 +274,9 @@ def _and(a, b):
 
 class _Sync:
   """Counters in global memory (int32 ref): arrive (release) and wait (acquire). In interpret mode the
-  programs run one after another: a barrier among a program's threads is meaningless and is skipped."""
+  programs run one after another: a barrier among a program's threads is meaningless and is skipped.
+  A wait spins on atomic adds of 0 (a loop of plain or volatile loads whose value is not otherwise used
+  is removed by Triton's optimiser; an atomic is never removed, and it acquires)."""
 
   def __init__(self, cnt_ref, zero, interpret: bool):
     self.ref, self.zero, self.interpret = cnt_ref, zero, interpret
@@ -319,28 +330,22 @@ def kernel_activation(name: str, x):
   raise ValueError(f"activation {name!r} is not one of {ACTIVATIONS}")
 
 
-# ----------------------------------------------------------------------------------------------- kernel
-class _Refs:
-  """Named views of the kernel's refs (see `_layer_call` for the order)."""
-
-  def __init__(self, refs, names):
-    assert len(refs) == len(names), (len(refs), names)
-    self.__dict__.update(zip(names, refs))
+def _span(w: WeightPlan, j):
+  """(first, last) program (local to the weight) contributing to column block j."""
+  return _q_of(j * w.nkb, w.P, w.T), _q_of((j + 1) * w.nkb - 1, w.P, w.T)
 
 
-def _proj(w: WeightPlan, pid, *, M: int, x_tile, w_ref, part_ref, cnt: _Sync, finish, dequant: str,
-          precision):
+def _proj(w: WeightPlan, pid, *, x_tile, w_ref, part_ref, cnt: _Sync, rmask, dequant: str, precision,
+          finish=None, counter=None, expected=None, last=None):
   """One weight of a projection phase for program `pid` (a no-op outside [w.p0, w.p0 + w.P)).
 
-  x_tile(k0, kmask) -> [ROWS, bk] in the compute dtype (rows >= M zero); finish(j, acc [ROWS, bn] float32)
-  applies the epilogue of column block j once its sum is complete."""
+  x_tile(k0, kmask) -> [ROWS, bk] in the compute dtype (rows >= M zero). Where this program's range ends a
+  column block j: with `finish` given and the block entirely its own, finish(j, acc [ROWS, bn] float32)
+  from registers; otherwise the partial goes to part_ref[slot] and the program counts itself in on
+  counter(j); the one that brings it to expected(j) runs last(j), which sums the slots."""
   nkb, T, Pw = w.nkb, w.T, w.P
   q = pid - w.p0
   ragged_k, ragged_n = w.K % w.bk != 0, w.N % w.bn != 0
-  rmask = (jnp.arange(ROWS) < M)[:, None]
-
-  def q_of(it):
-    return ((it + 1) * Pw - 1) // T
 
   @pl.when((q >= 0) & (q < Pw))
   def _():
@@ -368,32 +373,36 @@ def _proj(w: WeightPlan, pid, *, M: int, x_tile, w_ref, part_ref, cnt: _Sync, fi
 
       @pl.when(end)
       def _():
-        qf = q_of(j * nkb)
-        ql = q_of((j + 1) * nkb - 1)
-        om = rmask if nmask is None else rmask & nmask[None, :]
+        qf, ql = _span(w, j)
 
-        @pl.when(qf == ql)            # the whole column block is this program's: finish from registers
-        def _():
-          finish(j, acc)
-
-        @pl.when(qf != ql)
-        def _():
+        def shared():
+          om = rmask if nmask is None else rmask & nmask[None, :]
           dst = part_ref.at[q - qf, pl.ds(pid * 0, ROWS), pl.ds(n0, w.bn)]
           C.store(dst, acc, mask=jnp.broadcast_to(om, acc.shape))
-          old = cnt.arrive(w.cnt0 + j)
+          old = cnt.arrive(counter(j))
+          pl.when(old == expected(j) - 1)(lambda: last(j))
 
-          @pl.when(old == ql - qf)    # the last one in: sum the slots in order
-          def _():
-            tot = jnp.zeros_like(acc)
-            for s in range(w.slots):
-              src = part_ref.at[pid * 0 + s, pl.ds(pid * 0, ROWS), pl.ds(n0, w.bn)]
-              m = jnp.broadcast_to(om & (s <= ql - qf), acc.shape)
-              tot = tot + C.load(src, mask=m, other=0.0)
-            finish(j, tot)
+        if finish is None:
+          shared()
+        else:
+          pl.when(qf == ql)(lambda: finish(j, acc))      # the whole column block is this program's
+          pl.when(qf != ql)(shared)
 
       return jnp.where(end, 0.0, acc)
 
     jax.lax.fori_loop(lo, hi, body, jnp.zeros((ROWS, w.bn), jnp.float32))
+
+
+def _slot_sum(w: WeightPlan, part_ref, j, rmask, zero):
+  """[ROWS, bn] float32: column block j's partials summed in slot order (deterministic)."""
+  qf, ql = _span(w, j)
+  n0 = j * w.bn
+  om = rmask if w.N % w.bn == 0 else rmask & ((n0 + jnp.arange(w.bn)) < w.N)[None, :]
+  tot = jnp.zeros((ROWS, w.bn), jnp.float32)
+  for s in range(w.slots):
+    src = part_ref.at[zero + s, pl.ds(zero, ROWS), pl.ds(n0, w.bn)]
+    tot = tot + C.load(src, mask=jnp.broadcast_to(om & (s <= ql - qf), (ROWS, w.bn)), other=0.0)
+  return tot
 
 
 def _row_stats(y, cmask):
@@ -402,32 +411,50 @@ def _row_stats(y, cmask):
   return jnp.sum(yf, axis=1), jnp.sum(yf * yf, axis=1)
 
 
-def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str, has: dict, phases,
+class _Refs:
+  """Named views of the kernel's refs (see `_decode_layer` for the order); absent ones are None."""
+
+  def __init__(self, refs, names):
+    assert len(refs) == len(names), (len(refs), names)
+    self.__dict__.update(zip(names, refs))
+
+  def __getattr__(self, name):      # only called for names not set: optional inputs left out
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- kernel
+def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str, rotary: bool, phases,
                   reset: bool, interpret: bool, dequant: str, qk_scale: float):
   R = _Refs(refs, names)
   pl_ = plan
-  M, D, n, kvh, h, F = pl_.M, pl_.D, pl_.n, pl_.kvh, pl_.h, pl_.F
+  M, D, n, kvh, h = pl_.M, pl_.D, pl_.n, pl_.kvh, pl_.h
   g = n // kvh
   pid = pl.program_id(0)
   zero = pid * 0
   cnt = _Sync(R.cnt, zero, interpret)
   cdtype = R.x.dtype
+  f32 = jnp.float32
   precision = C.dot_precision(cdtype)
   rmask = (jnp.arange(ROWS) < M)[:, None]                                  # [ROWS, 1]
 
   def vec(ref, start, width, mask):                                       # [1, width] float32 of a [N] ref
     v = ref.at[pl.ds(start, width)]
-    return (v[...] if mask is None else C.load(v, mask=mask, other=0)).astype(jnp.float32)[None, :]
+    return (v[...] if mask is None else C.load(v, mask=mask, other=0)).astype(f32)[None, :]
 
-  def rows(ref, start, width, mask):                                      # [ROWS, width] of an [M, N] ref
-    m = rmask if mask is None else rmask & mask[None, :]
-    return C.load(ref.at[pl.ds(zero, ROWS), pl.ds(start, width)], mask=jnp.broadcast_to(m, (ROWS, width)),
-                  other=0)
+  def rows_view(ref, start, width, head=None):
+    """[ROWS, width] view of an [M, N] ref at columns [start, start + width), or of an [M, heads, h] ref
+    at head `head`, features [start, start + width)."""
+    if head is None:
+      return ref.at[pl.ds(zero, ROWS), pl.ds(start, width)]
+    return ref.at[pl.ds(zero, ROWS), head, pl.ds(start, width)]
 
-  def store_rows(ref, start, width, mask, val):
+  def rows(ref, start, width, mask, head=None):
     m = rmask if mask is None else rmask & mask[None, :]
-    C.store(ref.at[pl.ds(zero, ROWS), pl.ds(start, width)], val.astype(ref.dtype),
-            mask=jnp.broadcast_to(m, (ROWS, width)))
+    return C.load(rows_view(ref, start, width, head), mask=jnp.broadcast_to(m, (ROWS, width)), other=0)
+
+  def store_rows(ref, start, width, mask, val, head=None):
+    m = rmask if mask is None else rmask & mask[None, :]
+    C.store(rows_view(ref, start, width, head), val.astype(ref.dtype), mask=jnp.broadcast_to(m, (ROWS, width)))
 
   def load_stats(ref, nchunks):                                           # -> mean [ROWS, 1] or None, rstd
     cp = max(16, pl.next_power_of_2(nchunks))
@@ -437,19 +464,13 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
     mean, rstd = mean_rstd(s1 if norm == "layernorm" else None, s2, D, norm, eps)
     return (None if mean is None else mean[:, None]), rstd[:, None]
 
-  def normed_tile(x_ref, stats, g_ref, b_ref):
+  def normed_tile(x_ref, stats, g_ref, b_ref, bk):
     mean, rstd = stats
 
-    def tile(k0, kmask, bk):
-      xb = rows(x_ref, k0, bk, kmask).astype(jnp.float32)
-      km = None if kmask is None else kmask
-      y = scale_shift(xb, mean, rstd, vec(g_ref, k0, bk, km), None if b_ref is None else vec(b_ref, k0, bk, km))
+    def tile(k0, kmask):
+      xb = rows(x_ref, k0, bk, kmask).astype(f32)
+      y = scale_shift(xb, mean, rstd, vec(g_ref, k0, bk, kmask), None if b_ref is None else vec(b_ref, k0, bk, kmask))
       return y.astype(cdtype)
-    return tile
-
-  def plain_tile(x_ref):
-    def tile(k0, kmask, bk):
-      return rows(x_ref, k0, bk, kmask).astype(cdtype)
     return tile
 
   def epilogue_sum(w: WeightPlan, j, acc, scale_ref, bias_ref):
@@ -463,183 +484,101 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
       y = y + vec(bias_ref, n0, w.bn, nmask)
     return y, n0, nmask
 
-  def run_proj(w: WeightPlan, x_tile_bk, w_ref, part_ref, finish):
-    _proj(w, pid, M=M, x_tile=lambda k0, km: x_tile_bk(k0, km, w.bk), w_ref=w_ref, part_ref=part_ref, cnt=cnt,
-          finish=finish, dequant=dequant, precision=precision)
+  def proj(w, x_tile, w_ref, part_ref, finish):
+    """The usual column-block protocol: finish from registers or the last arriver sums the slots."""
+    _proj(w, pid, x_tile=x_tile, w_ref=w_ref, part_ref=part_ref, cnt=cnt, rmask=rmask, dequant=dequant,
+          precision=precision, finish=finish, counter=lambda j: w.cnt0 + j,
+          expected=lambda j: (lambda s: s[1] - s[0] + 1)(_span(w, j)),
+          last=lambda j: finish(j, _slot_sum(w, part_ref, j, rmask, zero)))
+
+  def active(w):
+    return (pid >= w.p0) & (pid < w.p0 + w.P)
 
   # ------------------------------------------------------------------------------------------ qkv
   if "qkv" in phases:
-    x_tile = normed_tile(R.x, load_stats(R.stats, R.stats.shape[2]), R.ln1_g, getattr(R, "ln1_b", None))
-    for i, (w, nm) in enumerate(zip(pl_.qkv, ("q", "k", "v"))):
+    stats1 = load_stats(R.stats, R.stats.shape[2])
+    for w, nm in zip(pl_.qkv, ("q", "k", "v")):
       def finish(j, acc, w=w, nm=nm):
-        y, n0, nmask = epilogue_sum(w, j, acc, getattr(R, f"s{nm}", None), getattr(R, f"b{nm}", None))
-        store_rows(getattr(R, f"{nm}_buf"), n0, w.bn, nmask, y)
+        y, n0, _ = epilogue_sum(w, j, acc, getattr(R, f"s{nm}"), getattr(R, f"b{nm}"))
+        store_rows(getattr(R, f"{nm}_buf"), n0 % h, w.bn, None, y, head=n0 // h)   # [M, heads, h] buffers
         cnt.arrive(pl_.qkv_done)
-      run_proj(w, x_tile, getattr(R, f"w{nm}"), getattr(R, f"p{nm}"), finish)
+      proj(w, normed_tile(R.x, stats1, R.ln1_g, R.ln1_b, w.bk), getattr(R, f"w{nm}"), getattr(R, f"p{nm}"), finish)
 
   # ----------------------------------------------------------------------------------------- attn
   if "attn" in phases:
-    Cs, BA = pl_.att_splits, pl_.att_block
-    U = M * kvh * Cs
-    total_qkv = sum(w.nb for w in pl_.qkv)
-    gp = max(16, pl.next_power_of_2(g))
-    for t in range(-(-U // pl_.P)):
-      u = pid + t * pl_.P
-
-      @pl.when(u < U)
-      def _(u=u):
-        b = u // (kvh * Cs)
-        r = u - b * (kvh * Cs)
-        kh = r // Cs
-        c = r - kh * Cs
-        pos = jnp.minimum(R.positions[b], pl_.s_cap - 1)
-        length = pos + 1
-        nblk = (length + BA - 1) // BA
-        per = (nblk + Cs - 1) // Cs
-        lo = c * per
-        hi = jnp.minimum(lo + per, nblk)
-        cnt.wait(pl_.qkv_done, total_qkv)
-        kvec = R.k_buf.at[pl.ds(b, 1), pl.ds(kh * h, h)]
-        k_new = C.load(kvec).astype(jnp.float32)                           # [1, h]
-        v_new = C.load(R.v_buf.at[pl.ds(b, 1), pl.ds(kh * h, h)]).astype(jnp.float32)
-        if g == 1:
-          q = C.load(R.q_buf.at[pl.ds(b, 1), pl.ds(kh * h, h)]).astype(jnp.float32) * qk_scale   # [1, h]
-        else:
-          qm = jnp.broadcast_to((jnp.arange(gp) < g)[:, None], (gp, h))
-          qv = R.q_buf.at[pl.ds(b, 1), pl.ds(kh * g * h, gp * h)]
-          q = C.load(qv, mask=jnp.reshape(qm, (1, gp * h)), other=0).reshape(gp, h)        # [gp, h] dtype
-        writer = c == (nblk - 1) // per
-
-        @pl.when(writer)
-        def _():
-          C.store(R.k_out.at[b, kh, pl.ds(pos, 1), :], k_new.astype(R.k_out.dtype))
-          C.store(R.v_out.at[b, kh, pl.ds(pos, 1), :], v_new.astype(R.v_out.dtype))
-
-        def kv_block(ref, new, start):
-          rr = start + jnp.arange(BA)
-          blk = C.load(ref.at[b, kh, pl.ds(start, BA), :], mask=(rr < length)[:, None], other=0.0)
-          return rr, jnp.where((rr == pos)[:, None], new, blk.astype(jnp.float32))
-
-        if g == 1:
-          def body(i, carry):
-            o, m, l = carry
-            rr, kb = kv_block(R.k_out, k_new, i * BA)
-            s = jnp.where(rr < length, jnp.sum(kb * q, axis=1), C.MASK_VALUE)      # [BA]
-            m_new = jnp.maximum(m, jnp.max(s))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - m_new)
-            _, vb = kv_block(R.v_out, v_new, i * BA)
-            return o * alpha + jnp.sum(p[:, None] * vb, axis=0, keepdims=True), m_new, l * alpha + jnp.sum(p)
-
-          init = (jnp.zeros((1, h), jnp.float32), jnp.float32(C.MASK_VALUE), jnp.float32(0.0))
-        else:
-          def body(i, carry):
-            o, m, l = carry
-            rr, kb = kv_block(R.k_out, k_new, i * BA)
-            s = C.dot(q, kb.astype(cdtype), trans_b=True, precision=precision) * qk_scale    # [gp, BA]
-            s = jnp.where((rr < length)[None, :], s, C.MASK_VALUE)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - m_new[:, None])
-            _, vb = kv_block(R.v_out, v_new, i * BA)
-            o = o * alpha[:, None] + C.dot(p.astype(cdtype), vb.astype(cdtype), precision=precision)
-            return o, m_new, l * alpha + jnp.sum(p, axis=1)
-
-          init = (jnp.zeros((gp, h), jnp.float32), jnp.full((gp,), C.MASK_VALUE, jnp.float32),
-                  jnp.zeros((gp,), jnp.float32))
-        o, m, l = jax.lax.fori_loop(lo, hi, body, init)
-        grp = b * kvh + kh
-        gm = None if g == 1 else (jnp.arange(gp) < g)
-
-        def put_out(o_fin):                                               # [1, h] / [gp, h] float32
-          dst = R.attn.at[pl.ds(b, 1), pl.ds(kh * g * h, (1 if g == 1 else gp) * h)]
-          flat = o_fin.reshape(1, -1).astype(R.attn.dtype)
-          if g == 1:
-            C.store(dst, flat)
-          else:
-            C.store(dst, flat, mask=jnp.reshape(jnp.broadcast_to(gm[:, None], (gp, h)), (1, gp * h)))
-          cnt.arrive(pl_.att_done)
-
-        if Cs == 1:
-          put_out(o / jnp.maximum(l, 1e-30) if g == 1 else o / jnp.maximum(l, 1e-30)[:, None])
-        else:
-          # partials: att_o [G, Cs * rows, h], att_m / att_l [G, Cs * rows, 1] (rows: 1, or gp query heads)
-          nr = 1 if g == 1 else gp
-          C.store(R.att_o.at[grp, pl.ds(c * nr, nr), :], o)
-          C.store(R.att_m.at[grp, pl.ds(c * nr, nr), :], jnp.reshape(m, (nr, 1)))
-          C.store(R.att_l.at[grp, pl.ds(c * nr, nr), :], jnp.reshape(l, (nr, 1)))
-          old = cnt.arrive(pl_.att_grp + grp)
-
-          @pl.when(old == Cs - 1)        # the last split in merges them (in split order)
-          def _():
-            ms = [C.load(R.att_m.at[grp, pl.ds(zero + s * nr, nr), :]) for s in range(Cs)]    # [nr, 1]
-            mx = ms[0]
-            for s in range(1, Cs):
-              mx = jnp.maximum(mx, ms[s])
-            tot_l = jnp.zeros_like(mx)
-            tot_o = jnp.zeros((nr, h), jnp.float32)
-            for s in range(Cs):
-              wgt = jnp.exp2(ms[s] - mx)                                   # empty split: weight 0
-              tot_l = tot_l + C.load(R.att_l.at[grp, pl.ds(zero + s * nr, nr), :]) * wgt
-              tot_o = tot_o + C.load(R.att_o.at[grp, pl.ds(zero + s * nr, nr), :]) * wgt
-            put_out(tot_o / jnp.maximum(tot_l, 1e-30))
+    _attention(R, pl_, pid, zero, cnt, cdtype, precision, qk_scale, rotary)
 
   # -------------------------------------------------------------------------------------------- o
   if "o" in phases:
     w = pl_.o
 
     def finish_o(j, acc):
-      y, n0, nmask = epilogue_sum(w, j, acc, getattr(R, "so", None), getattr(R, "bo", None))
-      y = y + rows(R.x, n0, w.bn, nmask).astype(jnp.float32)
-      yr = y.astype(cdtype)
+      y, n0, nmask = epilogue_sum(w, j, acc, R.so, R.bo)
+      yr = (y + rows(R.x, n0, w.bn, nmask).astype(f32)).astype(cdtype)
       store_rows(R.x_mid, n0, w.bn, nmask, yr)
-      s1, s2 = _row_stats(yr.astype(jnp.float32), nmask)
+      s1, s2 = _row_stats(yr.astype(f32), nmask)
       C.store(R.mid_stats.at[zero, pl.ds(zero, ROWS), pl.ds(j, 1)], s1[:, None], mask=rmask)
       C.store(R.mid_stats.at[zero + 1, pl.ds(zero, ROWS), pl.ds(j, 1)], s2[:, None], mask=rmask)
       cnt.arrive(pl_.o_done)
 
     if "attn" in phases:
-      @pl.when((pid >= w.p0) & (pid < w.p0 + w.P))
-      def _():
-        cnt.wait(pl_.att_done, M * kvh)
-    run_proj(w, plain_tile(R.attn), R.wo, R.po, finish_o)
+      pl.when(active(w))(lambda: cnt.wait(pl_.att_done, M * kvh))
+    # x tiles: a K block stays inside one head of the [M, n, h] attention output (block_k <= h)
+    proj(w, lambda k0, km: rows(R.attn, k0 % h, w.bk, None, head=k0 // h).astype(cdtype), R.wo, R.po, finish_o)
 
   # ------------------------------------------------------------------------------------------ fc1
   if "fc1" in phases:
-    w = pl_.fc1
+    w1 = pl_.fc1[0]
+    if "o" in phases:
+      for w in pl_.fc1:
+        pl.when(active(w))(lambda: cnt.wait(pl_.o_done, pl_.o.nb))
+    stats2 = load_stats(R.mid_stats, pl_.o.nb)
 
-    def finish_1(j, acc):
-      y, n0, nmask = epilogue_sum(w, j, acc, getattr(R, "s1", None), getattr(R, "b1", None))
-      y = kernel_activation(act, y.astype(cdtype).astype(jnp.float32))
-      store_rows(R.h_buf, n0, w.bn, nmask, y)
+    def finish_1(j, up, gate=None):
+      y, n0, nmask = epilogue_sum(w1, j, up, R.s1, R.b1)
+      y = y.astype(cdtype).astype(f32)
+      if gate is None:
+        y = kernel_activation(act, y)
+      else:
+        yg, _, _ = epilogue_sum(pl_.fc1[1], j, gate, R.sg, R.bg)
+        y = kernel_activation(act, yg.astype(cdtype).astype(f32)) * y
+      store_rows(R.h_buf, n0, w1.bn, nmask, y)
       cnt.arrive(pl_.f1_done)
 
-    active = (pid >= w.p0) & (pid < w.p0 + w.P)
-    if "o" in phases:
-      @pl.when(active)
-      def _():
-        cnt.wait(pl_.o_done, pl_.o.nb)
-    x_tile = normed_tile(R.x_mid, load_stats(R.mid_stats, pl_.o.nb), R.ln2_g, getattr(R, "ln2_b", None))
-    run_proj(w, x_tile, R.w1, R.p1, finish_1)
+    if not pl_.gated:
+      proj(w1, normed_tile(R.x_mid, stats2, R.ln2_g, R.ln2_b, w1.bk), R.w1, R.p1, finish_1)
+    else:
+      # up (w1) and gate (wg) stream on their own programs; a column block is finished by whichever of its
+      # contributors (of either weight) arrives last, from both weights' partials
+      wg = pl_.fc1[1]
+
+      def expected(j):
+        (a0, a1), (b0, b1) = _span(w1, j), _span(wg, j)
+        return (a1 - a0 + 1) + (b1 - b0 + 1)
+
+      def last(j):
+        finish_1(j, _slot_sum(w1, R.p1, j, rmask, zero), _slot_sum(wg, R.pg, j, rmask, zero))
+
+      for w, w_ref, p_ref in ((w1, R.w1, R.p1), (wg, R.wg, R.pg)):
+        _proj(w, pid, x_tile=normed_tile(R.x_mid, stats2, R.ln2_g, R.ln2_b, w.bk), w_ref=w_ref, part_ref=p_ref,
+              cnt=cnt, rmask=rmask, dequant=dequant, precision=precision, counter=lambda j: w1.cnt0 + j,
+              expected=expected, last=last)
 
   # ------------------------------------------------------------------------------------------ fc2
   if "fc2" in phases:
     w = pl_.fc2
 
     def finish_2(j, acc):
-      y, n0, nmask = epilogue_sum(w, j, acc, getattr(R, "s2", None), getattr(R, "b2", None))
-      y = y + rows(R.x_mid, n0, w.bn, nmask).astype(jnp.float32)
-      yr = y.astype(cdtype)
+      y, n0, nmask = epilogue_sum(w, j, acc, R.s2, R.b2)
+      yr = (y + rows(R.x_mid, n0, w.bn, nmask).astype(f32)).astype(cdtype)
       store_rows(R.x_out, n0, w.bn, nmask, yr)
-      s1, s2 = _row_stats(yr.astype(jnp.float32), nmask)
+      s1, s2 = _row_stats(yr.astype(f32), nmask)
       C.store(R.out_stats.at[zero, pl.ds(zero, ROWS), pl.ds(j, 1)], s1[:, None], mask=rmask)
       C.store(R.out_stats.at[zero + 1, pl.ds(zero, ROWS), pl.ds(j, 1)], s2[:, None], mask=rmask)
 
     if "fc1" in phases:
-      @pl.when((pid >= w.p0) & (pid < w.p0 + w.P))
-      def _():
-        cnt.wait(pl_.f1_done, pl_.fc1.nb)
-    run_proj(w, plain_tile(R.h_buf), R.w2, R.p2, finish_2)
+      pl.when(active(w))(lambda: cnt.wait(pl_.f1_done, pl_.fc1[0].nb))
+    proj(w, lambda k0, km: rows(R.h_buf, k0, w.bk, km).astype(cdtype), R.w2, R.p2, finish_2)
 
   # ----------------------------------------------------------------------------------------- exit
   old = cnt.arrive(pl_.exit)
@@ -654,14 +593,161 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
       C.store(R.cnt.at[pl.ds(zero + pl_.exit, 1)], jnp.zeros((1,), jnp.int32))
 
 
+def _attention(R, pl_: LayerPlan, pid, zero, cnt: _Sync, cdtype, precision, qk_scale: float, rotary: bool):
+  """The attention phase: units (row b, kv head, key split c) dealt round-robin to the programs. A unit
+  waits for q/k/v, rotates q and the new key (rotary models), writes the new K/V into the cache (the split
+  holding the row's last key), attends over its split of keys [0, pos] (the new key from registers) and
+  either writes the output or, with several splits, its partial (o, m, l); the last split of a (row, kv
+  head) in merges them in split order."""
+  M, n, kvh, h = pl_.M, pl_.n, pl_.kvh, pl_.h
+  g = n // kvh
+  f32 = jnp.float32
+  Cs, BA = pl_.att_splits, pl_.att_block
+  U = M * kvh * Cs
+  total_qkv = sum(w.nb for w in pl_.qkv)
+  gp = max(16, pl.next_power_of_2(g))
+  nr = 1 if g == 1 else gp                                   # query rows a unit holds
+  half = h // 2
+  parts = ((0, half), (half, half)) if rotary else ((0, h),)   # q/k feature ranges (rotary: the two halves)
+  for t in range(-(-U // pl_.P)):
+    u = pid + t * pl_.P
+
+    @pl.when(u < U)
+    def _(u=u):
+      b = u // (kvh * Cs)
+      r = u - b * (kvh * Cs)
+      kh = r // Cs
+      c = r - kh * Cs
+      pos = jnp.minimum(R.positions[b], pl_.s_cap - 1)
+      length = pos + 1
+      nblk = (length + BA - 1) // BA
+      per = (nblk + Cs - 1) // Cs
+      lo = c * per
+      hi = jnp.minimum(lo + per, nblk)
+      cnt.wait(pl_.qkv_done, total_qkv)
+
+      def head_vec(ref, c0, w):                                # [1, w] of an [M, heads, h] ref, kv head kh
+        return C.load(ref.at[pl.ds(b, 1), kh, pl.ds(c0, w)]).astype(f32)
+
+      if g == 1:
+        def q_part(c0, w):
+          return head_vec(R.q_buf, c0, w)
+      else:
+        qmask = jnp.broadcast_to((jnp.arange(gp) < g)[:, None], (gp, half if rotary else h))
+
+        def q_part(c0, w):                                     # [gp, w]: the g query heads of kv head kh
+          return C.load(R.q_buf.at[b, pl.ds(kh * g, gp), pl.ds(c0, w)], mask=qmask, other=0).astype(f32)
+
+      qs = [q_part(c0, w) for c0, w in parts]
+      ks = [head_vec(R.k_buf, c0, w) for c0, w in parts]
+      v_new = head_vec(R.v_buf, 0, h)
+      if rotary:   # NeoX / LLaMA halves: (a, b) -> (a cos - b sin, b cos + a sin), rounded as XLA's path rounds
+        ang = pos.astype(f32) * vec_rope(R.rope, half)
+        cos, sin = jnp.cos(ang), jnp.sin(ang)
+
+        def rot(a, b_):
+          return ((a * cos - b_ * sin).astype(cdtype).astype(f32), (b_ * cos + a * sin).astype(cdtype).astype(f32))
+        qs = list(rot(*qs))
+        ks = list(rot(*ks))
+      writer = c == (nblk - 1) // per
+
+      @pl.when(writer)
+      def _():
+        for (c0, w), kp in zip(parts, ks):
+          C.store(R.k_out.at[b, kh, pl.ds(pos, 1), pl.ds(c0, w)], kp.astype(R.k_out.dtype))
+        C.store(R.v_out.at[b, kh, pl.ds(pos, 1), :], v_new.astype(R.v_out.dtype))
+
+      def kv_block(ref, new, start, c0, w):
+        rr = start + jnp.arange(BA)
+        blk = C.load(ref.at[b, kh, pl.ds(start, BA), pl.ds(c0, w)], mask=(rr < length)[:, None], other=0.0)
+        return rr, jnp.where((rr == pos)[:, None], new, blk.astype(f32))   # the new token from registers
+
+      if g == 1:
+        qv = [qp * qk_scale for qp in qs]
+
+        def body(i, carry):
+          o, m, l = carry
+          s = None
+          for (c0, w), qp, kp in zip(parts, qv, ks):
+            rr, kb = kv_block(R.k_out, kp, i * BA, c0, w)
+            sp = jnp.sum(kb * qp, axis=1)                      # [BA]
+            s = sp if s is None else s + sp
+          s = jnp.where(rr < length, s, C.MASK_VALUE)
+          m_new = jnp.maximum(m, jnp.max(s))
+          alpha = jnp.exp2(m - m_new)
+          p = jnp.exp2(s - m_new)
+          _, vb = kv_block(R.v_out, v_new, i * BA, 0, h)
+          return o * alpha + jnp.sum(p[:, None] * vb, axis=0, keepdims=True), m_new, l * alpha + jnp.sum(p)
+
+        init = (jnp.zeros((1, h), f32), jnp.float32(C.MASK_VALUE), jnp.float32(0.0))
+      else:
+        qd = [qp.astype(cdtype) for qp in qs]
+
+        def body(i, carry):
+          o, m, l = carry
+          s = None
+          for (c0, w), qp, kp in zip(parts, qd, ks):
+            rr, kb = kv_block(R.k_out, kp, i * BA, c0, w)
+            sp = C.dot(qp, kb.astype(cdtype), trans_b=True, precision=precision)   # [gp, BA]
+            s = sp if s is None else s + sp
+          s = jnp.where((rr < length)[None, :], s * qk_scale, C.MASK_VALUE)
+          m_new = jnp.maximum(m, jnp.max(s, axis=1))
+          alpha = jnp.exp2(m - m_new)
+          p = jnp.exp2(s - m_new[:, None])
+          _, vb = kv_block(R.v_out, v_new, i * BA, 0, h)
+          o = o * alpha[:, None] + C.dot(p.astype(cdtype), vb.astype(cdtype), precision=precision)
+          return o, m_new, l * alpha + jnp.sum(p, axis=1)
+
+        init = (jnp.zeros((gp, h), f32), jnp.full((gp,), C.MASK_VALUE, f32), jnp.zeros((gp,), f32))
+      o, m, l = jax.lax.fori_loop(lo, hi, body, init)
+      grp = b * kvh + kh
+
+      def put_out(o_fin):                                      # [nr, h] float32 -> the [M, n, h] output
+        if g == 1:
+          C.store(R.attn.at[pl.ds(b, 1), kh, :], o_fin.astype(R.attn.dtype))
+        else:
+          C.store(R.attn.at[b, pl.ds(kh * g, gp), :], o_fin.astype(R.attn.dtype),
+                  mask=jnp.broadcast_to((jnp.arange(gp) < g)[:, None], (gp, h)))
+        cnt.arrive(pl_.att_done)
+
+      if Cs == 1:
+        put_out(o / jnp.reshape(jnp.maximum(l, 1e-30), (nr, 1)))
+      else:
+        # partials: att_o [G, Cs * nr, h], att_m / att_l [G, Cs * nr, 1]
+        C.store(R.att_o.at[grp, pl.ds(c * nr, nr), :], o)
+        C.store(R.att_m.at[grp, pl.ds(c * nr, nr), :], jnp.reshape(m, (nr, 1)))
+        C.store(R.att_l.at[grp, pl.ds(c * nr, nr), :], jnp.reshape(l, (nr, 1)))
+        old = cnt.arrive(pl_.att_grp + grp)
+
+        @pl.when(old == Cs - 1)        # the last split in merges them (in split order)
+        def _():
+          ms = [C.load(R.att_m.at[grp, pl.ds(zero + s * nr, nr), :]) for s in range(Cs)]   # [nr, 1]
+          mx = ms[0]
+          for s in range(1, Cs):
+            mx = jnp.maximum(mx, ms[s])
+          tot_l = jnp.zeros_like(mx)
+          tot_o = jnp.zeros((nr, h), f32)
+          for s in range(Cs):
+            wgt = jnp.exp2(ms[s] - mx)                         # an empty split: weight 0
+            tot_l = tot_l + C.load(R.att_l.at[grp, pl.ds(zero + s * nr, nr), :]) * wgt
+            tot_o = tot_o + C.load(R.att_o.at[grp, pl.ds(zero + s * nr, nr), :]) * wgt
+          put_out(tot_o / jnp.maximum(tot_l, 1e-30))
+
+
+def vec_rope(ref, half: int):
+  """[1, half] float32: the rotary inverse frequencies."""
+  return ref[...].astype(jnp.float32)[None, :]
+
+
 # ---------------------------------------------------------------------------------------------- calls
-WEIGHTS = ("q", "k", "v", "o", "1", "2")      # wq wk wv wo w1 w2, with scales s* and biases b*
+WEIGHTS = ("q", "k", "v", "o", "1", "2", "g")    # wq wk wv wo w1 (up) w2 (down) wg (gate), scales s*, biases b*
 
 
 class LayerParams(NamedTuple):
   """One layer's parameters as the kernel takes them. w*: [K, N] float or int8 ([N, K] where the matching
   `trans` flag is set: int8 stored transposed); s*: [N] scales (int8) or None; b*: [N] biases or None;
-  ln*_g / ln*_b: the norms' scale and (LayerNorm) bias, [D]."""
+  ln*_g / ln*_b: the norms' scale and (LayerNorm) bias, [D]; wg / sg / bg: the gate of a gated MLP
+  (act(x wg) * (x w1)) or None; rope: rotary inverse frequencies [h/2] float32 (rotary models) or None."""
   ln1_g: Any
   ln1_b: Any
   wq: Any
@@ -684,20 +770,32 @@ class LayerParams(NamedTuple):
   w2: Any
   s2: Any
   b2: Any
+  wg: Any = None
+  sg: Any = None
+  bg: Any = None
+  rope: Any = None
 
 
 def _kn(w, t):
   return (w.shape[1], w.shape[0]) if t else tuple(w.shape)
 
 
+def _trans(p: LayerParams, trans) -> tuple:
+  """The 7 per-weight layout flags (wq wk wv wo w1 w2 wg) from 6 or 7 given."""
+  trans = tuple(bool(t) for t in trans)
+  assert len(trans) in (6, 7), f"trans must hold a flag per weight (wq wk wv wo w1 w2 [wg]), got {trans!r}"
+  return trans + (trans[4],) if len(trans) == 6 else trans
+
+
 def layer_plan(x, k_cache, p: LayerParams, trans, config: LayerConfig, interpret: bool) -> LayerPlan:
   M, D = x.shape
   _, kvh, s_cap, h = k_cache.shape
+  trans = _trans(p, trans)
   n = _kn(p.wq, trans[0])[1] // h
   F = _kn(p.w1, trans[4])[1]
-  ws = (p.wq, p.wk, p.wv, p.wo, p.w1, p.w2)
+  ws = (p.wq, p.wk, p.wv, p.wo, p.w1, p.w2, p.wg if p.wg is not None else p.w1)
   return make_plan(default_programs(config, interpret), M, D, n, kvh, h, F, s_cap,
-                   tuple(jnp.dtype(w.dtype).itemsize for w in ws), tuple(trans), config)
+                   tuple(jnp.dtype(w.dtype).itemsize for w in ws), trans, config, gated=p.wg is not None)
 
 
 def _check(x, stats, positions, k_cache, v_cache, p: LayerParams, trans, norm, act):
@@ -715,14 +813,14 @@ def _check(x, stats, positions, k_cache, v_cache, p: LayerParams, trans, norm, a
   assert positions.shape == (M,), f"positions must be [M]=[{M}], got {positions.shape}"
   assert norm in NORMS, f"norm={norm!r} is not one of {NORMS}"
   assert act in ACTIVATIONS, f"act={act!r} is not one of {ACTIVATIONS}"
-  assert len(trans) == 6, f"trans must hold 6 flags (wq wk wv wo w1 w2), got {trans!r}"
-  ws = (p.wq, p.wk, p.wv, p.wo, p.w1, p.w2)
+  gated = p.wg is not None
   qn = _kn(p.wq, trans[0])[1]
   assert qn % h == 0 and (qn // h) % kvh == 0, f"wq's {qn} outputs are not heads of {h} over {kvh} kv heads"
   n = qn // h
   F = _kn(p.w1, trans[4])[1]
-  want = ((D, n * h), (D, kvh * h), (D, kvh * h), (n * h, D), (D, F), (F, D))
-  for name, w, t, kn in zip(WEIGHTS, ws, trans, want):
+  want = [(D, n * h), (D, kvh * h), (D, kvh * h), (n * h, D), (D, F), (F, D)] + ([(D, F)] if gated else [])
+  for name, kn, t in zip(WEIGHTS, want, trans):
+    w = getattr(p, f"w{name}")
     assert w.ndim == 2 and _kn(w, t) == kn, (
         f"w{name}.shape={w.shape}{' (transposed)' if t else ''}: expected [K, N]={list(kn)}")
     assert jnp.dtype(w.dtype) in C.SUPPORTED_DTYPES + (jnp.dtype(jnp.int8),), f"w{name}.dtype={w.dtype}"
@@ -731,30 +829,40 @@ def _check(x, stats, positions, k_cache, v_cache, p: LayerParams, trans, norm, a
       v = getattr(p, f"{kind}{name}")
       assert v is None or v.shape == (kn[1],), f"{kind}{name} must be [{kn[1]}], got {v.shape}"
     assert (w.dtype == jnp.int8) == (getattr(p, f"s{name}") is not None), f"s{name}: int8 weights need scales"
+  if not gated:
+    assert p.sg is None and p.bg is None, "sg / bg given without wg"
   for name in ("ln1_g", "ln2_g", "ln1_b", "ln2_b"):
     v = getattr(p, name)
     assert (v is None) == (name.endswith("_b") and norm == "rmsnorm"), (
         f"{name}: {'LayerNorm needs it' if v is None else 'RMSNorm has none'}")
     assert v is None or v.shape == (D,), f"{name} must be [D]=[{D}], got {v.shape}"
+  assert p.rope is None or p.rope.shape == (h // 2,), f"rope must be [h/2]=[{h // 2}], got {p.rope.shape}"
 
 
 def _scratch(plan: LayerPlan, dtype):
-  """(name, shape, dtype) of the kernel's outputs after the caches and counters."""
+  """(name, shape, dtype) of the kernel's outputs after the caches and counters: the intermediate buffers
+  (q/k/v and the attention output per head, partial slots, x_mid and its statistics, h)."""
   M, D, n, kvh, h, F = plan.M, plan.D, plan.n, plan.kvh, plan.h, plan.F
   g = n // kvh
   nr = 1 if g == 1 else max(16, pl.next_power_of_2(g))
   f32 = jnp.float32
   wq, wk, wv = plan.qkv
-  return [
-      ("q_buf", (M, n * h), dtype), ("k_buf", (M, kvh * h), dtype), ("v_buf", (M, kvh * h), dtype),
+  out = [
+      ("q_buf", (M, n, h), dtype), ("k_buf", (M, kvh, h), dtype), ("v_buf", (M, kvh, h), dtype),
       ("pq", (wq.slots, M, n * h), f32), ("pk", (wk.slots, M, kvh * h), f32), ("pv", (wv.slots, M, kvh * h), f32),
       ("att_o", (M * kvh, plan.att_splits * nr, h), f32), ("att_m", (M * kvh, plan.att_splits * nr, 1), f32),
       ("att_l", (M * kvh, plan.att_splits * nr, 1), f32),
-      ("attn", (M, n * h), dtype),
+      ("attn", (M, n, h), dtype),
       ("po", (plan.o.slots, M, D), f32), ("x_mid", (M, D), dtype), ("mid_stats", (2, M, plan.o.nb), f32),
-      ("p1", (plan.fc1.slots, M, F), f32), ("h_buf", (M, F), dtype),
+      ("p1", (plan.fc1[0].slots, M, F), f32), ("h_buf", (M, F), dtype),
       ("p2", (plan.fc2.slots, M, D), f32),
   ]
+  if plan.gated:
+    out.append(("pg", (plan.fc1[1].slots, M, F), f32))
+  return out
+
+
+N_HEAD_OUTS = 5     # x_out, out_stats, k_out, v_out, cnt: then the scratch buffers
 
 
 @functools.partial(jax.jit, static_argnames=("trans", "norm", "eps", "act", "scale", "config", "interpret",
@@ -765,12 +873,9 @@ def _decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParam
   plan = layer_plan(x, k_cache, p, trans, config, interpret)
   assert counters.shape == (plan.n_counters,) and counters.dtype == jnp.int32, (
       f"counters must be int32 [{plan.n_counters}] (layer_counters), got {counters.dtype}{counters.shape}")
-  h = plan.h
-  qk_scale = (h ** -0.5 if scale is None else float(scale)) * C.LOG2E
-  ins, names = [], []
-  for name in ("x", "stats", "positions"):
-    ins.append({"x": x, "stats": stats, "positions": positions.astype(jnp.int32)}[name])
-    names.append(name)
+  qk_scale = (plan.h ** -0.5 if scale is None else float(scale)) * C.LOG2E
+  ins = [x, stats, positions.astype(jnp.int32)]
+  names = ["x", "stats", "positions"]
   for name, v in p._asdict().items():
     if v is not None:
       ins.append(v)
@@ -782,16 +887,15 @@ def _decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParam
           ("cnt", counters.shape, jnp.int32)] + _scratch(plan, x.dtype)
   n_in = len(ins)
   aliases = {n_in - 3: 2, n_in - 2: 3, n_in - 1: 4}
-  has = {nm: True for nm in names}
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda i: (0,) * len(shape))  # noqa: E731
   out_shape = [jax.ShapeDtypeStruct(sh, dt) for _, sh, dt in outs]
   out_names = [nm for nm, _, _ in outs]
 
   def call(phases, reset, args, extra_aliases):
+    in_names = names + ([f"{o}_in" for o in out_names[N_HEAD_OUTS:]] if len(args) > n_in else [])
     kernel = functools.partial(
-        _layer_kernel, plan=plan,
-        names=tuple(names + ([f"{o}_in" for o in out_names[5:]] if len(args) > n_in else []) + out_names),
-        norm=norm, eps=float(eps), act=act, has=has, phases=phases, reset=reset, interpret=interpret,
+        _layer_kernel, plan=plan, names=tuple(in_names + out_names), norm=norm, eps=float(eps), act=act,
+        rotary=p.rope is not None, phases=phases, reset=reset, interpret=interpret,
         dequant=resolve_dequant(config.dequant, interpret), qk_scale=qk_scale)
     return pl.pallas_call(
         kernel,
@@ -807,24 +911,17 @@ def _decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParam
 
   if not phased:
     res = call(PHASES, True, ins, {})
-  else:
-    # One launch per phase (interpret-mode tests of the multi-program split): every scratch buffer travels
-    # from launch to launch (inputs aliased to the outputs), so a phase reads what the previous one wrote.
-    res = None
-    scratch0 = [jnp.zeros(o.shape, o.dtype) for o in out_shape[5:]]
-    head0 = [jnp.zeros(o.shape, o.dtype) for o in out_shape[:2]]
-    state = (head0, k_cache, v_cache, counters, scratch0)
-    for i, ph in enumerate(PHASES):
-      head, kc, vc, cn, scr = state
-      args = ins[:n_in - 3] + [kc, vc, cn] + scr
-      extra = {n_in + j: 5 + j for j in range(len(scr))}
-      r = call((ph,), i == len(PHASES) - 1, args, extra)
-      if ph == "fc2":
-        head = list(r[:2])
-      state = (head, r[2], r[3], r[4], list(r[5:]))
-    head, kc, vc, cn, _ = state
-    res = (head[0], head[1], kc, vc, cn)
-  return res[0], res[1], res[2], res[3], res[4]
+    return tuple(res[:N_HEAD_OUTS])
+  # One launch per phase (interpret-mode tests of the multi-program split): the outputs travel from launch
+  # to launch (inputs aliased to the outputs), so a phase reads what the previous ones wrote.
+  state = [jnp.zeros(o.shape, o.dtype) for o in out_shape[:2]] + [k_cache, v_cache, counters] \
+      + [jnp.zeros(o.shape, o.dtype) for o in out_shape[N_HEAD_OUTS:]]
+  for i, ph in enumerate(PHASES):
+    args = ins[:n_in - 3] + state[2:]
+    extra = {n_in + j: N_HEAD_OUTS + j for j in range(len(state) - N_HEAD_OUTS)}
+    r = list(call((ph,), i == len(PHASES) - 1, args, extra))
+    state = (r[:2] if ph == "fc2" else state[:2]) + r[2:]
+  return tuple(state[:N_HEAD_OUTS])
 
 
 def layer_counters(x, k_cache, p: LayerParams, trans=(False,) * 6, *, config: LayerConfig | None = None,
@@ -843,10 +940,10 @@ def decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParams
   x [M, D], stats [2, M, C] (x's row sums / sums of squares over C chunks: `row_stats(x)` or the previous
   layer's), positions [M], k_cache / v_cache [M, k, s, h] (aliased to the outputs: updated in place where
   the caller's buffers are dead), counters from `layer_counters` (returned zeroed). trans: per weight of
-  (wq, wk, wv, wo, w1, w2), True where it is int8 stored [N, K]. scale: attention's scale (None: h^-0.5).
-  phased (interpret mode): one launch per phase.
+  (wq, wk, wv, wo, w1, w2[, wg]), True where it is int8 stored [N, K] (wg follows w1 when not given).
+  scale: attention's scale (None: h^-0.5). phased (interpret mode): one launch per phase.
   -> (x_out [M, D], stats_out [2, M, C'], k_cache, v_cache, counters)."""
-  trans = tuple(bool(t) for t in trans)
+  trans = _trans(p, trans)
   _check(x, stats, positions, k_cache, v_cache, p, trans, norm, act)
   config = config or DEFAULT_CONFIG
   assert isinstance(config, LayerConfig), f"config must be a LayerConfig, got {type(config).__name__}"
@@ -868,6 +965,7 @@ def decode_layer_reference(x, stats, positions, k_cache, v_cache, p: LayerParams
   -> (x_out, stats_out [2, M, 1], k_cache, v_cache)."""
   from ftjax.pallas.decode_attention import decode_attention_reference
 
+  trans = _trans(p, trans)
   dt = x.dtype
   M, D = x.shape
   f32 = jnp.float32
@@ -879,10 +977,11 @@ def decode_layer_reference(x, stats, positions, k_cache, v_cache, p: LayerParams
     return scale_shift(xv.astype(f32), mean, rstd, gam.astype(f32), None if bet is None else bet.astype(f32)
                        ).astype(dt)
 
-  def proj(xv, name, t):
+  def proj(xv, name):
+    i = WEIGHTS.index(name)
     w, s, b = getattr(p, f"w{name}"), getattr(p, f"s{name}"), getattr(p, f"b{name}")
     wf = w.astype(dt).astype(f32)
-    y = jnp.dot(xv.astype(f32), wf.T if t else wf, precision=hi)
+    y = jnp.dot(xv.astype(f32), wf.T if trans[i] else wf, precision=hi)
     if s is not None:
       y = y * s.astype(f32)
     if b is not None:
@@ -891,15 +990,28 @@ def decode_layer_reference(x, stats, positions, k_cache, v_cache, p: LayerParams
 
   _, kvh, s_cap, h = k_cache.shape
   h1 = nrm(x, stats, p.ln1_g, p.ln1_b)
-  q, k, v = (proj(h1, nm, trans[i]).astype(dt) for i, nm in enumerate("qkv"))
+  q, k, v = (proj(h1, nm).astype(dt) for nm in "qkv")
   n = q.shape[1] // h
-  rows_ = jnp.arange(M)
+  q, k, v = q.reshape(M, n, h), k.reshape(M, kvh, h), v.reshape(M, kvh, h)
   pos = jnp.minimum(positions.astype(jnp.int32), s_cap - 1)
-  k_cache = k_cache.at[rows_, :, pos].set(k.reshape(M, kvh, h))
-  v_cache = v_cache.at[rows_, :, pos].set(v.reshape(M, kvh, h))
-  att = decode_attention_reference(q.reshape(M, n, h), k_cache, v_cache, pos + 1, scale=scale).reshape(M, n * h)
-  x_mid = (proj(att, "o", trans[3]) + x.astype(f32)).astype(dt)
+  if p.rope is not None:
+    ang = pos.astype(f32)[:, None, None] * p.rope.astype(f32)                       # [M, 1, h/2]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+
+    def rot(t):
+      a, b_ = t[..., : h // 2].astype(f32), t[..., h // 2:].astype(f32)
+      return jnp.concatenate([a * cos - b_ * sin, b_ * cos + a * sin], -1).astype(dt)
+    q, k = rot(q), rot(k)
+  rows_ = jnp.arange(M)
+  k_cache = k_cache.at[rows_, :, pos].set(k)
+  v_cache = v_cache.at[rows_, :, pos].set(v)
+  att = decode_attention_reference(q, k_cache, v_cache, pos + 1, scale=scale).reshape(M, n * h)
+  x_mid = (proj(att, "o") + x.astype(f32)).astype(dt)
   h2 = nrm(x_mid, row_stats(x_mid), p.ln2_g, p.ln2_b)
-  hh = kernel_activation(act, proj(h2, "1", trans[4]).astype(dt).astype(f32)).astype(dt)
-  x_out = (proj(hh, "2", trans[5]) + x_mid.astype(f32)).astype(dt)
+  up = proj(h2, "1").astype(dt).astype(f32)
+  if p.wg is not None:
+    hh = (kernel_activation(act, proj(h2, "g").astype(dt).astype(f32)) * up).astype(dt)
+  else:
+    hh = kernel_activation(act, up).astype(dt)
+  x_out = (proj(hh, "2") + x_mid.astype(f32)).astype(dt)
   return x_out, row_stats(x_out), k_cache, v_cache
