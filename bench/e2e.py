@@ -191,7 +191,7 @@ def floor_ms(cfg, b, t_in, t_out, w_bytes, bw, rate, kv_itemsize=2):
 
 
 # ------------------------------------------------------------------------------------------- ftjax
-def run_ftjax(cfg, params, case, reps, variant, bw, rate, hlo_memory=True, int8_layout="auto"):
+def run_ftjax(cfg, params, case, reps, variant, bw, rate, hlo_memory=True, int8_layout="auto", fuse=None):
     import jax
 
     from ftjax.llm import LLM
@@ -202,6 +202,8 @@ def run_ftjax(cfg, params, case, reps, variant, bw, rate, hlo_memory=True, int8_
     t0 = now()
     llm = LLM(cfg, params, dtype="bfloat16", max_batch_size=b, max_seq_len=t_in + t_out, max_beam_width=1)
     llm.engine.int8_layout = int8_layout
+    if fuse:
+        llm.engine.fuse_decode = fuse
     build_s = now() - t0
     t0 = now()
     res = llm.generate(prompts, max_new_tokens=t_out, end_id=None)
@@ -416,6 +418,8 @@ def main(argv=None):
     ap.add_argument("--int8-layout", default="auto", choices=["auto", "kn", "nk"],
                     help="Engine.int8_layout: auto (transposed, QuantizedWeightT, when the small-M kernel runs), "
                     "kn (QuantizedWeight), nk (QuantizedWeightT)")
+    ap.add_argument("--fuse", default=None, help="Engine.fuse_decode for the ftjax runs (stats: a kernel per op, "
+                    "layer: a persistent kernel per decoder layer; default: the engine's)")
     ap.add_argument("--skip-ftjax", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--case-timeout", type=float, default=300, help="seconds per case and implementation (soft)")
@@ -511,14 +515,15 @@ def main(argv=None):
             for c in mcases:
                 if not over_budget(c, "ftjax-bf16"):
                     guarded(lambda c=c: run_ftjax(cfg, params, c, args.reps, "bf16", bw, rate,
-                                                  not args.no_hlo_memory), c, "ftjax-bf16")
+                                                  not args.no_hlo_memory, fuse=args.fuse), c, "ftjax-bf16")
             if not args.skip_int8:
                 params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16, delete_source=True)
                 jax.block_until_ready(params)
                 for c in mcases:
                     if not over_budget(c, "ftjax-int8"):
                         guarded(lambda c=c: run_ftjax(cfg, params, c, args.reps, "int8", bw, rate,
-                                                      not args.no_hlo_memory, args.int8_layout), c, "ftjax-int8")
+                                                      not args.no_hlo_memory, args.int8_layout, args.fuse), c,
+                                "ftjax-int8")
             del params
             gc.collect()
 

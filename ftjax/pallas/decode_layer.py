@@ -80,6 +80,8 @@ class LayerConfig:
   attn_block: keys per attention loop step; attn_splits: key splits per (row, kv head) (None: enough to
     give every program one unit).
   dequant: int8 -> float conversion of the weight tiles (small_linear's `dequant`).
+  prefetch_tiles: a program waiting for the previous phase first loads its first this many weight tiles of
+    the next one into the L2 (0: off), so the weight stream restarts from the L2 once the wait is over.
   """
   programs: int | None = None
   programs_per_sm: int = 1
@@ -90,6 +92,7 @@ class LayerConfig:
   attn_block: int = 64
   attn_splits: int | None = None
   dequant: str = "auto"
+  prefetch_tiles: int = 0
 
   def __post_init__(self):
     assert self.programs is None or self.programs >= 1, f"LayerConfig.programs={self.programs} must be >= 1"
@@ -99,6 +102,7 @@ class LayerConfig:
     assert self.attn_block >= 16 and self.attn_block & (self.attn_block - 1) == 0, (
         f"LayerConfig.attn_block={self.attn_block} must be a power of two >= 16")
     assert self.attn_splits is None or self.attn_splits >= 1, f"LayerConfig.attn_splits={self.attn_splits}"
+    assert 0 <= self.prefetch_tiles <= 16, f"LayerConfig.prefetch_tiles={self.prefetch_tiles} must be in 0..16"
 
 
 DEFAULT_CONFIG = LayerConfig()
@@ -335,38 +339,68 @@ def _span(w: WeightPlan, j):
   return _q_of(j * w.nkb, w.P, w.T), _q_of((j + 1) * w.nkb - 1, w.P, w.T)
 
 
+def _w_tile(w: WeightPlan, w_ref, it, **load_kw):
+  """(tile [bk, bn] / [bn, bk] as stored, column mask or None, K mask or None) of stream-K iteration it."""
+  j = it // w.nkb
+  k0 = (it - j * w.nkb) * w.bk
+  n0 = j * w.bn
+  kmask = ((k0 + jnp.arange(w.bk)) < w.K) if w.K % w.bk else None
+  nmask = ((n0 + jnp.arange(w.bn)) < w.N) if w.N % w.bn else None
+  if w.trans:
+    wm = _and(None if nmask is None else nmask[:, None], None if kmask is None else kmask[None, :])
+    ws = w_ref.at[pl.ds(n0, w.bn), pl.ds(k0, w.bk)]
+  else:
+    wm = _and(None if kmask is None else kmask[:, None], None if nmask is None else nmask[None, :])
+    ws = w_ref.at[pl.ds(k0, w.bk), pl.ds(n0, w.bn)]
+  if wm is None and not load_kw:
+    return ws[...], nmask, kmask
+  return C.pltriton.load(ws, mask=wm, other=None if wm is None else 0, **load_kw), nmask, kmask
+
+
+def _prefetch(w: WeightPlan, w_ref, lo, hi, tiles: int, sink):
+  """Bring this program's first `tiles` weight tiles [lo, lo + tiles) into the L2 (evict_last) while it
+  would otherwise only wait: each tile is loaded and folded into a max that `sink` consumes (a load whose
+  value is unused would be removed)."""
+  if not tiles:
+    return
+  acc = None
+  for i in range(tiles):
+    t, _, _ = _w_tile(w, w_ref, jnp.minimum(lo + i, hi - 1), eviction_policy="evict_last")
+    m = jnp.max(t.astype(jnp.float32))
+    acc = m if acc is None else jnp.maximum(acc, m)
+  sink(acc)
+
+
 def _proj(w: WeightPlan, pid, *, x_tile, w_ref, part_ref, cnt: _Sync, rmask, dequant: str, precision,
-          finish=None, counter=None, expected=None, last=None):
+          finish=None, counter=None, expected=None, last=None, wait=None, prefetch: int = 0, sink=None):
   """One weight of a projection phase for program `pid` (a no-op outside [w.p0, w.p0 + w.P)).
 
-  x_tile(k0, kmask) -> [ROWS, bk] in the compute dtype (rows >= M zero). Where this program's range ends a
-  column block j: with `finish` given and the block entirely its own, finish(j, acc [ROWS, bn] float32)
-  from registers; otherwise the partial goes to part_ref[slot] and the program counts itself in on
-  counter(j); the one that brings it to expected(j) runs last(j), which sums the slots."""
+  wait(): run before the first x tile is read (the phase's dependency), after `prefetch` tiles of the
+  weight were brought into the L2. x_tile() (called once the wait is over: it may read what the wait
+  guards) -> tile(k0, kmask) -> [ROWS, bk] in the compute dtype (rows >= M zero).
+  Where this program's range ends a column block j: with `finish` given and the block entirely its own,
+  finish(j, acc [ROWS, bn] float32) from registers; otherwise the partial goes to part_ref[slot] and the
+  program counts itself in on counter(j); the one that brings it to expected(j) runs last(j), which sums
+  the slots."""
   nkb, T, Pw = w.nkb, w.T, w.P
   q = pid - w.p0
-  ragged_k, ragged_n = w.K % w.bk != 0, w.N % w.bn != 0
 
   @pl.when((q >= 0) & (q < Pw))
   def _():
     lo = q * T // Pw
     hi = (q + 1) * T // Pw
+    if wait is not None:
+      _prefetch(w, w_ref, lo, hi, prefetch, sink)
+      wait()
+    tile = x_tile()
 
     def body(it, acc):
       j = it // nkb
       kb = it - j * nkb
       k0 = kb * w.bk
       n0 = j * w.bn
-      kmask = ((k0 + jnp.arange(w.bk)) < w.K) if ragged_k else None
-      nmask = ((n0 + jnp.arange(w.bn)) < w.N) if ragged_n else None
-      xb = x_tile(k0, kmask)
-      if w.trans:
-        wm = _and(None if nmask is None else nmask[:, None], None if kmask is None else kmask[None, :])
-        ws = w_ref.at[pl.ds(n0, w.bn), pl.ds(k0, w.bk)]
-      else:
-        wm = _and(None if kmask is None else kmask[:, None], None if nmask is None else nmask[None, :])
-        ws = w_ref.at[pl.ds(k0, w.bk), pl.ds(n0, w.bn)]
-      wb = ws[...] if wm is None else C.load(ws, mask=wm, other=0)
+      wb, nmask, kmask = _w_tile(w, w_ref, it)
+      xb = tile(k0, kmask)
       wb = dequant_int8(wb, xb.dtype, dequant) if wb.dtype == jnp.int8 else wb.astype(xb.dtype)
       acc = acc + C.dot(xb, wb, trans_b=w.trans, precision=precision)
       end = (kb == nkb - 1) | (it == hi - 1)
@@ -424,7 +458,7 @@ class _Refs:
 
 # ----------------------------------------------------------------------------------------------- kernel
 def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str, rotary: bool, phases,
-                  reset: bool, interpret: bool, dequant: str, qk_scale: float):
+                  reset: bool, interpret: bool, dequant: str, qk_scale: float, prefetch: int):
   R = _Refs(refs, names)
   pl_ = plan
   M, D, n, kvh, h = pl_.M, pl_.D, pl_.n, pl_.kvh, pl_.h
@@ -484,15 +518,16 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
       y = y + vec(bias_ref, n0, w.bn, nmask)
     return y, n0, nmask
 
-  def proj(w, x_tile, w_ref, part_ref, finish):
+  def sink(v):               # consumes prefetched values: a store that never happens, not provably so
+    pl.when(v == -1.2345e38)(lambda: C.store(R.sink.at[pl.ds(zero, 1)], jnp.reshape(v, (1,))))
+
+  def proj(w, x_tile, w_ref, part_ref, finish, wait=None):
     """The usual column-block protocol: finish from registers or the last arriver sums the slots."""
     _proj(w, pid, x_tile=x_tile, w_ref=w_ref, part_ref=part_ref, cnt=cnt, rmask=rmask, dequant=dequant,
           precision=precision, finish=finish, counter=lambda j: w.cnt0 + j,
           expected=lambda j: (lambda s: s[1] - s[0] + 1)(_span(w, j)),
-          last=lambda j: finish(j, _slot_sum(w, part_ref, j, rmask, zero)))
-
-  def active(w):
-    return (pid >= w.p0) & (pid < w.p0 + w.P)
+          last=lambda j: finish(j, _slot_sum(w, part_ref, j, rmask, zero)), wait=wait, prefetch=prefetch,
+          sink=sink)
 
   # ------------------------------------------------------------------------------------------ qkv
   if "qkv" in phases:
@@ -502,11 +537,12 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
         y, n0, _ = epilogue_sum(w, j, acc, getattr(R, f"s{nm}"), getattr(R, f"b{nm}"))
         store_rows(getattr(R, f"{nm}_buf"), n0 % h, w.bn, None, y, head=n0 // h)   # [M, heads, h] buffers
         cnt.arrive(pl_.qkv_done)
-      proj(w, normed_tile(R.x, stats1, R.ln1_g, R.ln1_b, w.bk), getattr(R, f"w{nm}"), getattr(R, f"p{nm}"), finish)
+      proj(w, lambda w=w: normed_tile(R.x, stats1, R.ln1_g, R.ln1_b, w.bk), getattr(R, f"w{nm}"),
+           getattr(R, f"p{nm}"), finish)
 
   # ----------------------------------------------------------------------------------------- attn
   if "attn" in phases:
-    _attention(R, pl_, pid, zero, cnt, cdtype, precision, qk_scale, rotary)
+    _attention(R, pl_, pid, zero, cnt, cdtype, precision, qk_scale, rotary, sink if prefetch else None)
 
   # -------------------------------------------------------------------------------------------- o
   if "o" in phases:
@@ -521,18 +557,18 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
       C.store(R.mid_stats.at[zero + 1, pl.ds(zero, ROWS), pl.ds(j, 1)], s2[:, None], mask=rmask)
       cnt.arrive(pl_.o_done)
 
-    if "attn" in phases:
-      pl.when(active(w))(lambda: cnt.wait(pl_.att_done, M * kvh))
     # x tiles: a K block stays inside one head of the [M, n, h] attention output (block_k <= h)
-    proj(w, lambda k0, km: rows(R.attn, k0 % h, w.bk, None, head=k0 // h).astype(cdtype), R.wo, R.po, finish_o)
+    proj(w, lambda: lambda k0, km: rows(R.attn, k0 % h, w.bk, None, head=k0 // h).astype(cdtype), R.wo, R.po,
+         finish_o,
+         wait=(lambda: cnt.wait(pl_.att_done, M * kvh)) if "attn" in phases else None)
 
   # ------------------------------------------------------------------------------------------ fc1
   if "fc1" in phases:
     w1 = pl_.fc1[0]
-    if "o" in phases:
-      for w in pl_.fc1:
-        pl.when(active(w))(lambda: cnt.wait(pl_.o_done, pl_.o.nb))
-    stats2 = load_stats(R.mid_stats, pl_.o.nb)
+    wait1 = (lambda: cnt.wait(pl_.o_done, pl_.o.nb)) if "o" in phases else None
+
+    def x_mid_tile(bk):           # norm(x_mid) tiles; its statistics read once the wait is over
+      return lambda: normed_tile(R.x_mid, load_stats(R.mid_stats, pl_.o.nb), R.ln2_g, R.ln2_b, bk)
 
     def finish_1(j, up, gate=None):
       y, n0, nmask = epilogue_sum(w1, j, up, R.s1, R.b1)
@@ -546,7 +582,7 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
       cnt.arrive(pl_.f1_done)
 
     if not pl_.gated:
-      proj(w1, normed_tile(R.x_mid, stats2, R.ln2_g, R.ln2_b, w1.bk), R.w1, R.p1, finish_1)
+      proj(w1, x_mid_tile(w1.bk), R.w1, R.p1, finish_1, wait=wait1)
     else:
       # up (w1) and gate (wg) stream on their own programs; a column block is finished by whichever of its
       # contributors (of either weight) arrives last, from both weights' partials
@@ -560,9 +596,9 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
         finish_1(j, _slot_sum(w1, R.p1, j, rmask, zero), _slot_sum(wg, R.pg, j, rmask, zero))
 
       for w, w_ref, p_ref in ((w1, R.w1, R.p1), (wg, R.wg, R.pg)):
-        _proj(w, pid, x_tile=normed_tile(R.x_mid, stats2, R.ln2_g, R.ln2_b, w.bk), w_ref=w_ref, part_ref=p_ref,
-              cnt=cnt, rmask=rmask, dequant=dequant, precision=precision, counter=lambda j: w1.cnt0 + j,
-              expected=expected, last=last)
+        _proj(w, pid, x_tile=x_mid_tile(w.bk), w_ref=w_ref, part_ref=p_ref, cnt=cnt, rmask=rmask, dequant=dequant,
+              precision=precision, counter=lambda j: w1.cnt0 + j, expected=expected, last=last, wait=wait1,
+              prefetch=prefetch, sink=sink)
 
   # ------------------------------------------------------------------------------------------ fc2
   if "fc2" in phases:
@@ -576,9 +612,8 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
       C.store(R.out_stats.at[zero, pl.ds(zero, ROWS), pl.ds(j, 1)], s1[:, None], mask=rmask)
       C.store(R.out_stats.at[zero + 1, pl.ds(zero, ROWS), pl.ds(j, 1)], s2[:, None], mask=rmask)
 
-    if "fc1" in phases:
-      pl.when(active(w))(lambda: cnt.wait(pl_.f1_done, pl_.fc1[0].nb))
-    proj(w, lambda k0, km: rows(R.h_buf, k0, w.bk, km).astype(cdtype), R.w2, R.p2, finish_2)
+    proj(w, lambda: lambda k0, km: rows(R.h_buf, k0, w.bk, km).astype(cdtype), R.w2, R.p2, finish_2,
+         wait=(lambda: cnt.wait(pl_.f1_done, pl_.fc1[0].nb)) if "fc1" in phases else None)
 
   # ----------------------------------------------------------------------------------------- exit
   old = cnt.arrive(pl_.exit)
@@ -593,7 +628,8 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
       C.store(R.cnt.at[pl.ds(zero + pl_.exit, 1)], jnp.zeros((1,), jnp.int32))
 
 
-def _attention(R, pl_: LayerPlan, pid, zero, cnt: _Sync, cdtype, precision, qk_scale: float, rotary: bool):
+def _attention(R, pl_: LayerPlan, pid, zero, cnt: _Sync, cdtype, precision, qk_scale: float, rotary: bool,
+               sink=None):
   """The attention phase: units (row b, kv head, key split c) dealt round-robin to the programs. A unit
   waits for q/k/v, rotates q and the new key (rotary models), writes the new K/V into the cache (the split
   holding the row's last key), attends over its split of keys [0, pos] (the new key from registers) and
@@ -624,6 +660,16 @@ def _attention(R, pl_: LayerPlan, pid, zero, cnt: _Sync, cdtype, precision, qk_s
       per = (nblk + Cs - 1) // Cs
       lo = c * per
       hi = jnp.minimum(lo + per, nblk)
+      if sink is not None:      # the split's first K/V block (the past: it does not wait for q/k/v) into the L2
+        st0 = jnp.minimum(lo, nblk - 1) * BA
+        rr0 = (st0 + jnp.arange(BA)) < length
+        mx = None
+        for ref in (R.k_out, R.v_out):
+          blk = C.pltriton.load(ref.at[b, kh, pl.ds(st0, BA), :], mask=rr0[:, None], other=0,
+                                eviction_policy="evict_last")
+          m_ = jnp.max(blk.astype(f32))
+          mx = m_ if mx is None else jnp.maximum(mx, m_)
+        sink(mx)
       cnt.wait(pl_.qkv_done, total_qkv)
 
       def head_vec(ref, c0, w):                                # [1, w] of an [M, heads, h] ref, kv head kh
@@ -859,6 +905,7 @@ def _scratch(plan: LayerPlan, dtype):
   ]
   if plan.gated:
     out.append(("pg", (plan.fc1[1].slots, M, F), f32))
+  out.append(("sink", (16,), f32))
   return out
 
 
@@ -896,7 +943,7 @@ def _decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParam
     kernel = functools.partial(
         _layer_kernel, plan=plan, names=tuple(in_names + out_names), norm=norm, eps=float(eps), act=act,
         rotary=p.rope is not None, phases=phases, reset=reset, interpret=interpret,
-        dequant=resolve_dequant(config.dequant, interpret), qk_scale=qk_scale)
+        dequant=resolve_dequant(config.dequant, interpret), qk_scale=qk_scale, prefetch=config.prefetch_tiles)
     return pl.pallas_call(
         kernel,
         grid=(plan.P,),
