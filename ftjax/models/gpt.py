@@ -150,12 +150,13 @@ class GPT(nn.Module):
         """Whether the fused decode step can run each block as ONE kernel (ftjax/pallas/decode_layer.py): a
         sequential-residual block (GPT-2 / Megatron, LLaMA: learned or no positions, or rotary over the whole
         head in NeoX halves; plain or gated MLP) with an activation the kernel has."""
-        from ftjax.pallas.decode_layer import ACTIVATIONS, ROWS
+        from ftjax.pallas import decode_layer as DL
 
         c = self.cfg
         rotary_ok = c.position != "rotary" or (c.rot_dim == c.dim_per_head and not c.rotary_interleaved)
-        return (rotary_ok and not c.shared_layernorm and c.activation in ACTIVATIONS
-                and x.shape[0] <= ROWS and cache[0]["k"].shape[0] == x.shape[0])
+        return (rotary_ok and not c.shared_layernorm and c.activation in DL.ACTIVATIONS
+                and x.shape[0] <= DL.ROWS and cache[0]["k"].shape[0] == x.shape[0]
+                and DL.grid_known(fused_decode_mode(x)["interpret"]))
 
     def prefill(self, tokens, lengths, all_logits: bool = False):
         """tokens [b, t] (right padded); lengths [b] >= 1.

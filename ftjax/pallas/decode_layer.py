@@ -108,13 +108,33 @@ class LayerConfig:
 DEFAULT_CONFIG = LayerConfig()
 
 
+def device_sms() -> int | None:
+  """The default device's multiprocessor count (None where the backend does not say)."""
+  try:
+    n = getattr(jax.devices()[0], "core_count", None)
+  except RuntimeError:
+    return None
+  return int(n) if n else None
+
+
 def default_programs(config: LayerConfig, interpret: bool) -> int:
+  """The grid: config.programs, else one program per SM times programs_per_sm (1 when interpreted). Every
+  program must be resident at once (they wait for each other): one per SM always is; more per SM only where
+  the compiled kernel's registers and shared memory let the SM hold them (bench/layer_sass.py shows both)."""
   if config.programs is not None:
     return config.programs
   if interpret:
     return 1
-  sms = getattr(jax.devices()[0], "core_count", None) or 132
-  return int(sms) * config.programs_per_sm
+  sms = device_sms()
+  if sms is None:
+    raise ValueError("decode_layer: the device does not report its multiprocessor count; pass "
+                     "LayerConfig(programs=...) (at most the programs the GPU holds at once)")
+  return sms * config.programs_per_sm
+
+
+def grid_known(interpret: bool) -> bool:
+  """Whether the default grid can be sized here (interpreted, or a device that reports its SMs)."""
+  return interpret or DEFAULT_CONFIG.programs is not None or device_sms() is not None
 
 
 # ----------------------------------------------------------------------------------------------- plan
