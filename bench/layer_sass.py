@@ -18,10 +18,7 @@ import argparse
 import collections
 import os
 import re
-import subprocess
 import sys
-import tempfile
-import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -30,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench.e2e import MODELS  # noqa: E402
-from bench.triton_sass import capture_ttir  # noqa: E402
+from bench.triton_sass import capture_ttir, compile_sm90, mma_loops, sass_lines  # noqa: E402
 
 REGS_PER_SM = 65536
 SMEM_PER_SM = 228 * 1024
@@ -67,53 +64,25 @@ def layer_args(cfg, weights: str, M: int, s: int):
 
 
 def compile_stats(ttir: str, num_warps: int, num_stages: int, plan, itemsize: int) -> dict:
-    warnings.filterwarnings("ignore")
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    # jaxlib's Triton prints a load's eviction policy as a bare keyword; the pip release parses an attribute
-    ttir = re.sub(r"evictionPolicy = (evict_\w+)",
-                  r"{cachePolicy = #tt.cache_policy<cache_modifier = none, eviction_policy = \1>}", ttir)
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ttir")
-        with open(src, "w") as f:
-            f.write(ttir)
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
-                                                                           "num_stages": num_stages})
-        cub = os.path.join(d, "k.cubin")
-        with open(cub, "wb") as f:
-            f.write(k.asm["cubin"])
-        res = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-resource-usage", cub],
-                             capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cub],
-                              capture_output=True, text=True, check=True).stdout
+    k, res, sass = compile_sm90(ttir, num_warps, num_stages)
     regs = int(re.search(r"REG:(\d+)", res).group(1))
     local = int(re.search(r"LOCAL:(\d+)", res).group(1))
     shared = int(k.metadata.shared)
     threads = 32 * num_warps
     by_regs = REGS_PER_SM // (max(regs, 1) * threads)
     by_smem = SMEM_PER_SM // max(shared + 1024, 1)
-    lines = [(int(a, 16), op, rest) for a, op, rest in
-             re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)]
     loops = []
-    for a, op, rest in lines:
-        m = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
-        if m and int(m.group(1), 16) < a:
-            start, end = int(m.group(1), 16), a
-            body = [(b, o, r) for b, o, r in lines if start <= b <= end]
-            if not any(o.startswith(("HMMA", "IMMA")) for _, o, _ in body):
-                continue
-            # the hot path: up to the first forward branch that skips the column-block epilogue, then from its
-            # target to the loop's end (the epilogue runs once per column block, not per tile)
-            hot = len(body)
-            for b, o, r in body:
-                t = re.search(r"0x([0-9a-f]+)", r) if o == "BRA" else None
-                if t and b < int(t.group(1), 16) <= end and int(t.group(1), 16) - b > 0x400:
-                    tgt = int(t.group(1), 16)
-                    hot = sum(1 for x, _, _ in body if x <= b or x >= tgt)
-                    break
-            loops.append((hot, [o for _, o, _ in body]))
+    for start, end, body in mma_loops(sass_lines(sass)):
+        # the hot path: up to the first forward branch that skips the column-block epilogue, then from its
+        # target to the loop's end (the epilogue runs once per column block, not per tile)
+        hot = len(body)
+        for b, o, r in body:
+            t = re.search(r"0x([0-9a-f]+)", r) if o == "BRA" else None
+            if t and b < int(t.group(1), 16) <= end and int(t.group(1), 16) - b > 0x400:
+                tgt = int(t.group(1), 16)
+                hot = sum(1 for x, _, _ in body if x <= b or x >= tgt)
+                break
+        loops.append((hot, [o for _, o, _ in body]))
     # one loop per projection weight, in program order (the attention loop has no tensor-core op for MHA)
     tiles = [w.bn * w.bk * itemsize for w in plan_weights(plan)]
     proj_loops = [lp for lp in loops if sum(o.startswith(("HMMA", "IMMA")) for o in lp[1]) >= 2]

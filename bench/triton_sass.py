@@ -61,12 +61,17 @@ def capture_ttir(fn, *args) -> str:
     return got[0]
 
 
-def sass_stats(ttir: str, num_warps: int, num_stages: int, weight_bytes_per_iter: int | None):
+def compile_sm90(ttir: str, num_warps: int, num_stages: int):
+    """Compile a captured Triton module with the pip `triton` for sm_90: (compiled kernel, the cuobjdump
+    resource usage text, the SASS text)."""
     warnings.filterwarnings("ignore")
     import triton
     from triton.backends.compiler import GPUTarget
 
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    # jaxlib's Triton prints a load's eviction policy as a bare keyword; the pip release parses an attribute
+    ttir = re.sub(r"evictionPolicy = (evict_\w+)",
+                  r"{cachePolicy = #tt.cache_policy<cache_modifier = none, eviction_policy = \1>}", ttir)
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ttir")
         with open(src, "w") as f:
@@ -80,16 +85,33 @@ def sass_stats(ttir: str, num_warps: int, num_stages: int, weight_bytes_per_iter
                              capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cub],
                               capture_output=True, text=True, check=True).stdout
-    regs = int(re.search(r"REG:(\d+)", res).group(1))
-    lines = [(int(a, 16), op, rest) for a, op, rest in
-             re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)]
+    return k, res, sass
+
+
+def sass_lines(sass: str):
+    """[(address, opcode, operands)] of a cuobjdump -sass listing (predicates dropped)."""
+    return [(int(a, 16), op, rest) for a, op, rest in
+            re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)]
+
+
+def mma_loops(lines):
+    """[(start, end, body lines)] of the loops (a backward branch) that hold a tensor-core instruction."""
     loops = []
     for a, op, rest in lines:
         m = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
         if m and int(m.group(1), 16) < a:
-            body = [o for b, o, _ in lines if int(m.group(1), 16) <= b <= a]
-            if any(o.startswith("HMMA") for o in body):
-                loops.append(body)
+            start = int(m.group(1), 16)
+            body = [ln for ln in lines if start <= ln[0] <= a]
+            if any(o.startswith(("HMMA", "IMMA")) for _, o, _ in body):
+                loops.append((start, a, body))
+    return loops
+
+
+def sass_stats(ttir: str, num_warps: int, num_stages: int, weight_bytes_per_iter: int | None):
+    k, res, sass = compile_sm90(ttir, num_warps, num_stages)
+    regs = int(re.search(r"REG:(\d+)", res).group(1))
+    lines = sass_lines(sass)
+    loops = [[o for _, o, _ in body] for _, _, body in mma_loops(lines)]
     out = dict(regs=regs, shared=k.metadata.shared, instructions=len(lines))
     if loops:
         body = max(loops, key=len)

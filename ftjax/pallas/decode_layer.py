@@ -55,7 +55,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 from ftjax.pallas import _common as C
@@ -481,8 +480,7 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
                   reset: bool, interpret: bool, dequant: str, qk_scale: float, prefetch: int):
   R = _Refs(refs, names)
   pl_ = plan
-  M, D, n, kvh, h = pl_.M, pl_.D, pl_.n, pl_.kvh, pl_.h
-  g = n // kvh
+  M, D, kvh, h = pl_.M, pl_.D, pl_.kvh, pl_.h
   pid = pl.program_id(0)
   zero = pid * 0
   cnt = _Sync(R.cnt, zero, interpret)
@@ -538,6 +536,16 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
       y = y + vec(bias_ref, n0, w.bn, nmask)
     return y, n0, nmask
 
+  def residual_out(w: WeightPlan, j, acc, scale_ref, bias_ref, res_ref, out_ref, stats_ref):
+    """Column block j of a projection that ends a sub-block: acc * scale + bias + the residual, rounded to
+    the dtype, into out_ref; its per-row sum and sum of squares into stats_ref[:, :, j] (the next norm's)."""
+    y, n0, nmask = epilogue_sum(w, j, acc, scale_ref, bias_ref)
+    yr = (y + rows(res_ref, n0, w.bn, nmask).astype(f32)).astype(cdtype)
+    store_rows(out_ref, n0, w.bn, nmask, yr)
+    s1, s2 = _row_stats(yr.astype(f32), nmask)
+    C.store(stats_ref.at[zero, pl.ds(zero, ROWS), pl.ds(j, 1)], s1[:, None], mask=rmask)
+    C.store(stats_ref.at[zero + 1, pl.ds(zero, ROWS), pl.ds(j, 1)], s2[:, None], mask=rmask)
+
   def sink(v):               # consumes prefetched values: a store that never happens, not provably so
     pl.when(v == -1.2345e38)(lambda: C.store(R.sink.at[pl.ds(zero, 1)], jnp.reshape(v, (1,))))
 
@@ -569,12 +577,7 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
     w = pl_.o
 
     def finish_o(j, acc):
-      y, n0, nmask = epilogue_sum(w, j, acc, R.so, R.bo)
-      yr = (y + rows(R.x, n0, w.bn, nmask).astype(f32)).astype(cdtype)
-      store_rows(R.x_mid, n0, w.bn, nmask, yr)
-      s1, s2 = _row_stats(yr.astype(f32), nmask)
-      C.store(R.mid_stats.at[zero, pl.ds(zero, ROWS), pl.ds(j, 1)], s1[:, None], mask=rmask)
-      C.store(R.mid_stats.at[zero + 1, pl.ds(zero, ROWS), pl.ds(j, 1)], s2[:, None], mask=rmask)
+      residual_out(w, j, acc, R.so, R.bo, R.x, R.x_mid, R.mid_stats)
       cnt.arrive(pl_.o_done)
 
     # x tiles: a K block stays inside one head of the [M, n, h] attention output (block_k <= h)
@@ -625,12 +628,7 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
     w = pl_.fc2
 
     def finish_2(j, acc):
-      y, n0, nmask = epilogue_sum(w, j, acc, R.s2, R.b2)
-      yr = (y + rows(R.x_mid, n0, w.bn, nmask).astype(f32)).astype(cdtype)
-      store_rows(R.x_out, n0, w.bn, nmask, yr)
-      s1, s2 = _row_stats(yr.astype(f32), nmask)
-      C.store(R.out_stats.at[zero, pl.ds(zero, ROWS), pl.ds(j, 1)], s1[:, None], mask=rmask)
-      C.store(R.out_stats.at[zero + 1, pl.ds(zero, ROWS), pl.ds(j, 1)], s2[:, None], mask=rmask)
+      residual_out(w, j, acc, R.s2, R.b2, R.x_mid, R.x_out, R.out_stats)
 
     proj(w, lambda: lambda k0, km: rows(R.h_buf, k0, w.bk, km).astype(cdtype), R.w2, R.p2, finish_2,
          wait=(lambda: cnt.wait(pl_.f1_done, pl_.fc1[0].nb)) if "fc1" in phases else None)
@@ -708,7 +706,7 @@ def _attention(R, pl_: LayerPlan, pid, zero, cnt: _Sync, cdtype, precision, qk_s
       ks = [head_vec(R.k_buf, c0, w) for c0, w in parts]
       v_new = head_vec(R.v_buf, 0, h)
       if rotary:   # NeoX / LLaMA halves: (a, b) -> (a cos - b sin, b cos + a sin), rounded as XLA's path rounds
-        ang = pos.astype(f32) * vec_rope(R.rope, half)
+        ang = pos.astype(f32) * R.rope[...].astype(f32)[None, :]           # [1, h/2]
         cos, sin = jnp.cos(ang), jnp.sin(ang)
 
         def rot(a, b_):
@@ -798,11 +796,6 @@ def _attention(R, pl_: LayerPlan, pid, zero, cnt: _Sync, cdtype, precision, qk_s
             tot_l = tot_l + C.load(R.att_l.at[grp, pl.ds(zero + s * nr, nr), :]) * wgt
             tot_o = tot_o + C.load(R.att_o.at[grp, pl.ds(zero + s * nr, nr), :]) * wgt
           put_out(tot_o / jnp.maximum(tot_l, 1e-30))
-
-
-def vec_rope(ref, half: int):
-  """[1, half] float32: the rotary inverse frequencies."""
-  return ref[...].astype(jnp.float32)[None, :]
 
 
 # ---------------------------------------------------------------------------------------------- calls
@@ -1008,13 +1001,13 @@ def decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParams
   layer's), positions [M], k_cache / v_cache [M, k, s, h] (aliased to the outputs: updated in place where
   the caller's buffers are dead), counters from `layer_counters` (returned zeroed). trans: per weight of
   (wq, wk, wv, wo, w1, w2[, wg]), True where it is int8 stored [N, K] (wg follows w1 when not given).
-  scale: attention's scale (None: h^-0.5). phased (interpret mode): one launch per phase.
+  scale: attention's scale (None: h^-0.5). phased: one launch per phase (the interpreter's way to run
+  several programs; on a GPU a diagnostic that takes the waits between phases out of the picture).
   -> (x_out [M, D], stats_out [2, M, C'], k_cache, v_cache, counters)."""
   trans = _trans(p, trans)
   _check(x, stats, positions, k_cache, v_cache, p, trans, norm, act)
   config = config or DEFAULT_CONFIG
   assert isinstance(config, LayerConfig), f"config must be a LayerConfig, got {type(config).__name__}"
-  assert not phased or interpret, "phased launches are an interpret-mode test device"
   return _decode_layer(x, stats, positions, k_cache, v_cache, counters, p, trans=trans, norm=norm,
                        eps=float(eps), act=act, scale=scale, config=config, interpret=bool(interpret),
                        phased=bool(phased))

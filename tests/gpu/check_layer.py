@@ -60,7 +60,7 @@ def make_case(rng, M, D, n, kvh, h, F, s, dtype, wmode, norm="layernorm", bias=T
 
 
 def check(rng, name, *, M, D, n, kvh, h, F, s, dtype="bfloat16", wmode="float", norm="layernorm", bias=True,
-          repeats=5, config=None, act="gelu_tanh"):
+          repeats=5, config=None, act="gelu_tanh", phased=False):
     import jax
     import jax.numpy as jnp
 
@@ -75,7 +75,8 @@ def check(rng, name, *, M, D, n, kvh, h, F, s, dtype="bfloat16", wmode="float", 
     cnt = L.layer_counters(x, kc, p, trans, config=cfg, interpret=ip)
     ref = L.decode_layer_reference(x, st, pos, kc, vc, p, trans=trans, norm=norm, act=act)
     fn = jax.jit(lambda x, st, pos, kc, vc, cnt, p: L.decode_layer(x, st, pos, kc, vc, cnt, p, trans=trans,
-                                                                    norm=norm, act=act, config=cfg, interpret=ip))
+                                                                    norm=norm, act=act, config=cfg, interpret=ip,
+                                                                    phased=phased))
     outs = []
     for _ in range(repeats):
         o = jax.block_until_ready(fn(x, st, pos, kc, vc, cnt, p))
@@ -123,6 +124,13 @@ def main():
         cases = cases[:2] + cases[4:6]
     if "--cpu" in sys.argv:
         cases = cases[:3]
+    # A ladder first, so that a failure says where it is: one program doing everything (no program waits for
+    # another), then a launch per phase on the whole grid (fixups across programs, no waits between phases),
+    # then the real thing.
+    lad = dict(M=2, D=1024, n=16, kvh=16, h=64, F=4096, s=640)
+    check(rng, "ladder 1: one program", **lad, config=L.LayerConfig(programs=1))
+    check(rng, "ladder 2: a launch per phase", **lad, phased=True)
+    check(rng, "ladder 3: one launch", **lad)
     for name, kw in cases:
         check(rng, name, **kw)
     for extra in ([] if quick else [dict(num_warps=4), dict(num_stages=2), dict(programs_per_sm=2)]):
