@@ -6,6 +6,7 @@
 #                                   # bitwise equal, counters left zeroed (tests/gpu/check_layer.py)
 #   bash bench/layer_gpu.sh ab      # decode step A/B in one process per model: the kernel-per-op fused step
 #                                   # (stats) against the layer kernel, bf16 and int8, 350M / 1.3B / 6.7B
+#   bash bench/layer_gpu.sh ab64    # the same at batch 64 (350M / 1.3B)
 #   bash bench/layer_gpu.sh tune    # layer-kernel configs on 1.3B: L2 prefetch, warps, stages, 2 programs/SM
 #   bash bench/layer_gpu.sh e2e     # issue 9's batch-1 table with --fuse layer (HF side by side)
 # Results land in $OUT (or ./out).
@@ -24,6 +25,10 @@ case "${1:-check}" in
     timeout 560 python bench/step_ab.py --models 1.3b,350m,6.7b --weights bf16,int8 --small-m stats,layer \
       --modes "" --json "$OUT/layer_ab.jsonl" 2>&1 | tail -20
     ;;
+  ab64)   # batch 64: the layer kernel with 64-row tiles (x normalised once per norm: prenorm)
+    timeout 560 python bench/step_ab.py --models 350m,1.3b --batch 64 --weights bf16,int8 --small-m stats,layer \
+      --modes "" --json "$OUT/layer_ab64.jsonl" 2>&1 | tail -20
+    ;;
   tune)
     timeout 560 python bench/step_ab.py --models 1.3b --weights bf16,int8 --small-m layer --modes "" \
       --sl default= "pf2=@$L:LayerConfig(prefetch_tiles=2)" "w4=@$L:LayerConfig(num_warps=4)" \
@@ -35,7 +40,7 @@ case "${1:-check}" in
       --budget 500 --out "$OUT" 2>&1 | tail -30
     ;;
   *)
-    echo "usage: $0 check|ab|tune|e2e" >&2
+    echo "usage: $0 check|ab|ab64|tune|e2e" >&2
     exit 2
     ;;
 esac

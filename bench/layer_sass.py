@@ -85,7 +85,7 @@ def compile_stats(ttir: str, num_warps: int, num_stages: int, plan, itemsize: in
         loops.append((hot, [o for _, o, _ in body]))
     # one loop per projection weight, in program order (the attention loop has no tensor-core op for MHA)
     tiles = [w.bn * w.bk * itemsize for w in plan_weights(plan)]
-    proj_loops = [lp for lp in loops if sum(o.startswith(("HMMA", "IMMA")) for o in lp[1]) >= 2]
+    proj_loops = [lp for lp in loops if sum(o.startswith(("HMMA", "IMMA", "HGMMA")) for o in lp[1]) >= 2]
     per_kb = [round(hot / (tile / 1024), 1) for (hot, _), tile in zip(proj_loops, tiles)]
     c = collections.Counter(o.split(".")[0] for o in (max((b for _, b in loops), key=len) if loops else []))
     return dict(regs=regs, local=local, shared=shared, programs_per_sm_fit=min(by_regs, by_smem),

@@ -102,7 +102,7 @@ def mma_loops(lines):
         if m and int(m.group(1), 16) < a:
             start = int(m.group(1), 16)
             body = [ln for ln in lines if start <= ln[0] <= a]
-            if any(o.startswith(("HMMA", "IMMA")) for _, o, _ in body):
+            if any(o.startswith(("HMMA", "IMMA", "HGMMA")) for _, o, _ in body):
                 loops.append((start, a, body))
     return loops
 

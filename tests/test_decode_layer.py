@@ -80,6 +80,8 @@ CASES = {
     "mqa-rotary-int8kn": dict(kvh=1, rotary=True, int8="kn"),
     "gated-int8t": dict(gated=True, int8="t"),
     "bf16-16rows": dict(M=16, kvh=2, dtype=jnp.bfloat16),
+    "40rows-llama-int8t": dict(M=40, kvh=2, rotary=True, gated=True, norm="rmsnorm", bias=False, int8="t"),
+    "prenorm-3rows": dict(M=3, cfg=dict(prenorm=True)),
 }
 
 
@@ -93,14 +95,15 @@ def test_layer_kernel_matches_reference(case):
     """One program doing every phase, and several programs phase by phase (tiles of 1 KB so that every
     weight is split over several programs and column blocks collect several partials)."""
     seed = np.random.randint(1 << 30)
-    kw = CASES[case]
+    kw = dict(CASES[case])
+    extra = kw.pop("cfg", {})
     x, kc, vc, pos, p, trans = make_case(seed, **kw)
     norm = kw.get("norm", "layernorm")
     act = "silu" if kw.get("gated") else "gelu_tanh"
     st = L.row_stats(x)
     ref = L.decode_layer_reference(x, st, pos, kc, vc, p, trans=trans, norm=norm, act=act)
     for P, phased in ((1, False),) + tuple((g, True) for g in GRIDS.get(case, (3,))):
-        cfg = L.LayerConfig(programs=P, tile_bytes=1024)
+        cfg = L.LayerConfig(programs=P, tile_bytes=1024, **extra)
         cnt = L.layer_counters(x, kc, p, trans, config=cfg, interpret=True)
         out = L.decode_layer(x, st, pos, kc, vc, cnt, p, trans=trans, norm=norm, act=act, config=cfg,
                              interpret=True, phased=phased)
@@ -138,9 +141,9 @@ def test_bad_inputs_name_what_is_wrong():
     st = L.row_stats(x)
     cnt = L.layer_counters(x, kc, p, interpret=True)
     with pytest.raises(AssertionError, match="rows"):
-        x17 = jnp.zeros((17, x.shape[1]), x.dtype)
-        L.decode_layer(x17, L.row_stats(x17), jnp.zeros((17,), jnp.int32), jnp.zeros((17,) + kc.shape[1:]),
-                       jnp.zeros((17,) + kc.shape[1:]), cnt, p, interpret=True)
+        x65 = jnp.zeros((65, x.shape[1]), x.dtype)
+        L.decode_layer(x65, L.row_stats(x65), jnp.zeros((65,), jnp.int32), jnp.zeros((65,) + kc.shape[1:]),
+                       jnp.zeros((65,) + kc.shape[1:]), cnt, p, interpret=True)
     with pytest.raises(AssertionError, match="wo.shape"):
         L.decode_layer(x, st, pos, kc, vc, cnt, p._replace(wo=p.wo[:-1]), interpret=True)
     with pytest.raises(AssertionError, match="ln1_b"):
@@ -155,12 +158,13 @@ def test_bad_inputs_name_what_is_wrong():
 TRITON = "__gpu$xla.gpu.triton"
 
 
-@pytest.mark.parametrize("shape", ["1.3b-bf16", "1.3b-int8t", "llama-gqa-int8kn"])
+@pytest.mark.parametrize("shape", ["1.3b-bf16", "1.3b-int8t", "1.3b-64rows-int8t", "llama-gqa-int8kn"])
 def test_layer_kernel_lowers_for_cuda(shape):
     """The Triton lowering (not the interpreter) takes the kernel at real sizes: the grid of one program per SM."""
     sd = jax.ShapeDtypeStruct
     if shape.startswith("1.3b"):
         M, D, n, kvh, h, F, gated, rotary, norm = 2, 2048, 16, 16, 128, 8192, False, False, "layernorm"
+        M = 64 if "64rows" in shape else M
     else:
         M, D, n, kvh, h, F, gated, rotary, norm = 5, 1024, 8, 2, 128, 2816, True, True, "rmsnorm"
     int8 = "int8" in shape
@@ -196,27 +200,28 @@ MODELS = {
 }
 
 
-def _llm(cfg, params, small_m, fuse):
-    llm = ftjax.LLM(cfg, params, dtype="float32", attention="pallas", max_batch_size=3, max_seq_len=48)
+def _llm(cfg, params, small_m, fuse, batch=3):
+    llm = ftjax.LLM(cfg, params, dtype="float32", attention="pallas", max_batch_size=batch, max_seq_len=48)
     llm.engine.small_m = small_m
     llm.engine.fuse_decode = fuse
     return llm
 
 
-@pytest.mark.parametrize("family,int8", [("gpt2", False), ("llama", True)])
-def test_decode_with_layer_kernel_matches_xla(family, int8):
+@pytest.mark.parametrize("family,int8,batch", [("gpt2", False, 3), ("llama", True, 20)])
+def test_decode_with_layer_kernel_matches_xla(family, int8, batch):
     """Engine.fuse_decode = "layer": every block of the decode step is one layer-kernel launch (interpreted),
     with the same greedy tokens and log probs as XLA's step; int8 weights in the engine's layout for the
-    kernel (stored transposed)."""
+    kernel (stored transposed); 20 rows: past the kernel-per-op fused path's 16."""
     seed = np.random.randint(1 << 30)
     cfg = ModelConfig(vocab_size=300, max_positions=64, hidden=64, num_layers=2, num_heads=4, ffn_dim=96,
                       bos_id=0, eos_id=1, **MODELS[family])
     params = gpt.init_params(cfg, seed=seed % 1000)
     if int8:
         params = Q.quantize_params(params, cfg)
-    prompts = [list(r) for r in np.random.RandomState(seed % 997).randint(2, 300, size=(3, 7))]
-    ref = _llm(cfg, params, False, True).generate(prompts, max_new_tokens=5, end_id=None, return_log_probs=True)
-    llm = _llm(cfg, params, True, "layer")
+    prompts = [list(r) for r in np.random.RandomState(seed % 997).randint(2, 300, size=(batch, 7))]
+    ref = _llm(cfg, params, False, True, batch).generate(prompts, max_new_tokens=5, end_id=None,
+                                                         return_log_probs=True)
+    llm = _llm(cfg, params, True, "layer", batch)
     got = llm.generate(prompts, max_new_tokens=5, end_id=None, return_log_probs=True)
     assert got.tokens == ref.tokens, f"seed {seed}"
     np.testing.assert_allclose(np.asarray(got.output_log_probs, np.float32),

@@ -114,6 +114,22 @@ def fused_decode_mode(x, n_in: int = 1):
     return mode
 
 
+LAYER_ROWS = 64     # the layer kernel (fuse="layer") takes decode steps of up to this many rows
+
+
+def layer_decode_mode(x):
+    """The small-M mode dict when fuse is "layer" and x (the decode step's [rows, d] activations, <= LAYER_ROWS
+    rows, one device per shard) may run each block as one kernel (ftjax/pallas/decode_layer.py), else None."""
+    mode = _SMALL_M.get()
+    if mode is None or mode.get("fuse") != "layer" or x.ndim != 2 or not 1 <= x.shape[0] <= LAYER_ROWS:
+        return None
+    from ftjax.sharding.mesh import current_attention_mesh
+    on = current_attention_mesh()
+    if (on is not None and on[0].size > 1) or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return None
+    return mode
+
+
 def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[tuple[jax.Array, Any]]:
     """Projections of x (<= SMALL_M_ROWS rows; the small-M kernel must be on) left unreduced: for each
     w a pair (parts [S, *lead, *out] float32, scale [*out] or None) with linear(x, w) = sum(parts, 0) *

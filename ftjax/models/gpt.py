@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from ftjax.config import ModelConfig
 from ftjax.layers.attention import Attention
 from ftjax.layers.embed import Embed
-from ftjax.layers.linear import Linear, fused_decode_mode
+from ftjax.layers.linear import Linear, fused_decode_mode, layer_decode_mode
 from ftjax.layers.mlp import MLP
 from ftjax.layers.norms import Norm
 
@@ -146,17 +146,23 @@ class GPT(nn.Module):
             return None
         return mode
 
-    def _layer_kernel_ok(self, x, cache) -> bool:
-        """Whether the fused decode step can run each block as ONE kernel (ftjax/pallas/decode_layer.py): a
-        sequential-residual block (GPT-2 / Megatron, LLaMA: learned or no positions, or rotary over the whole
-        head in NeoX halves; plain or gated MLP) with an activation the kernel has."""
+    def _layer_mode(self, x, cache):
+        """The small-M mode when the decode step runs each block as ONE kernel (fuse="layer",
+        ftjax/pallas/decode_layer.py), else None: Pallas attention, a sequential-residual block (GPT-2 /
+        Megatron, LLaMA: learned or no positions, or rotary over the whole head in NeoX halves; plain or
+        gated MLP) with an activation the kernel has, up to 64 rows, and a device that tells its SM count."""
         from ftjax.pallas import decode_layer as DL
+        from ftjax.pallas.decode_attention import append_supported
 
         c = self.cfg
+        mode = layer_decode_mode(x)
+        if mode is None or self.impl != "pallas" or c.parallel_residual or not cache:
+            return None
         rotary_ok = c.position != "rotary" or (c.rot_dim == c.dim_per_head and not c.rotary_interleaved)
-        return (rotary_ok and not c.shared_layernorm and c.activation in DL.ACTIVATIONS
-                and x.shape[0] <= DL.ROWS and cache[0]["k"].shape[0] == x.shape[0]
-                and DL.grid_known(fused_decode_mode(x)["interpret"]))
+        ok = (rotary_ok and not c.shared_layernorm and c.activation in DL.ACTIVATIONS
+              and cache[0]["k"].dtype == x.dtype and cache[0]["k"].shape[0] == x.shape[0]
+              and append_supported(c.dim_per_head, cache[0]["k"].shape[2]) and DL.grid_known(mode["interpret"]))
+        return mode if ok else None
 
     def prefill(self, tokens, lengths, all_logits: bool = False):
         """tokens [b, t] (right padded); lengths [b] >= 1.
@@ -178,8 +184,8 @@ class GPT(nn.Module):
     def decode(self, tokens, positions, cache):
         """tokens [b]; positions [b]; cache list of {"k", "v"} [b, k, s, h] -> (logits [b, v], cache)."""
         x = self.embed(tokens, positions)
-        mode = self._fused_mode(x, cache)
-        if mode is not None and mode["fuse"] == "layer" and self._layer_kernel_ok(x, cache):
+        mode = self._layer_mode(x, cache)
+        if mode is not None:
             # One persistent kernel per block (bench/RESULTS.md): the residual stream travels with its row
             # statistics; the counters the kernels synchronise through are created once per step
             from ftjax.pallas.decode_layer import layer_counters, row_stats
@@ -194,6 +200,7 @@ class GPT(nn.Module):
                                                               mode["interpret"])
                 new_cache.append({"k": k, "v": v})
             return self.logits(self.final_norm(x)), new_cache
+        mode = self._fused_mode(x, cache)
         if mode is not None:
             # Fused: each block's output projection stays as split-K partials until the next norm's
             # kernel adds them to the residual stream (bench/RESULTS.md: 16 -> 8 kernels a layer)

@@ -59,10 +59,12 @@ from jax.experimental import pallas as pl
 
 from ftjax.pallas import _common as C
 from ftjax.pallas.add_norm import mean_rstd, scale_shift
-from ftjax.pallas.small_linear import dequant_int8, resolve_dequant
+from ftjax.pallas.small_linear import dequant_int8, resolve_dequant, tile_rows
 
-ROWS = 16                 # the x tile's rows (the smallest tensor-core tile); M <= ROWS
-PHASES = ("qkv", "attn", "o", "fc1", "fc2")
+MAX_ROWS = 64             # M rows of the decode step (the batch); the x tile has tile_rows(M) rows: 16, 32, 64
+ACC_ELEMS = 16 * 256      # a projection's float32 accumulator tile holds at most this many elements (R x block_n)
+PHASES = ("norm1", "qkv", "attn", "o", "norm2", "fc1", "fc2")
+NORM_CHUNK = 128          # columns a program normalises at a time in the norm phases
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
 
@@ -81,6 +83,9 @@ class LayerConfig:
   dequant: int8 -> float conversion of the weight tiles (small_linear's `dequant`).
   prefetch_tiles: a program waiting for the previous phase first loads its first this many weight tiles of
     the next one into the L2 (0: off), so the weight stream restarts from the L2 once the wait is over.
+  prenorm: normalise x and x_mid once, in phases of their own (norm1, norm2), instead of in every x tile of
+    the projections that read them (None: when the x tile has more than 16 rows, where normalising each tile
+    again for every column block costs 33 instructions per KB of weight against 10 (bench/layer_sass.py)).
   """
   programs: int | None = None
   programs_per_sm: int = 1
@@ -92,6 +97,7 @@ class LayerConfig:
   attn_splits: int | None = None
   dequant: str = "auto"
   prefetch_tiles: int = 0
+  prenorm: bool | None = None
 
   def __post_init__(self):
     assert self.programs is None or self.programs >= 1, f"LayerConfig.programs={self.programs} must be >= 1"
@@ -207,9 +213,11 @@ def _split_programs(P: int, sizes) -> list[tuple[int, int]]:
 
 
 def plan_phase(P: int, shapes, cnt0: int, config: LayerConfig, shared_counters: bool = False, cap_n=None,
-               cap_k=None) -> list[WeightPlan]:
+               cap_k=None, R: int = 16) -> list[WeightPlan]:
   """shapes: [(K, N, itemsize, trans)] of the phase's weights -> their plans (counters from cnt0 on; with
-  shared_counters all weights count on the first one's: equal shapes, one epilogue per column block)."""
+  shared_counters all weights count on the first one's: equal shapes, one epilogue per column block). R: the
+  x tile's rows (block_n is capped so that the [R, block_n] accumulator stays ACC_ELEMS)."""
+  cap_n = min(cap_n or ACC_ELEMS, ACC_ELEMS // R)
   tiles = [_tiles(K, N, isz, tr, config, cap_n, cap_k) for K, N, isz, tr in shapes]
   sizes = [(-(-N // bn)) * (-(-K // bk)) for (K, N, _, _), (bn, bk) in zip(shapes, tiles)]
   plans = []
@@ -228,6 +236,7 @@ def plan_phase(P: int, shapes, cnt0: int, config: LayerConfig, shared_counters: 
 class LayerPlan(NamedTuple):
   P: int
   M: int
+  R: int            # rows of the x / accumulator tiles: tile_rows(M)
   D: int
   n: int
   kvh: int
@@ -240,7 +249,11 @@ class LayerPlan(NamedTuple):
   fc2: WeightPlan
   att_splits: int
   att_block: int
+  prenorm: bool
+  norm_chunks: int
   # counter offsets
+  n1_done: int
+  n2_done: int
   qkv_done: int
   att_grp: int
   att_done: int
@@ -257,9 +270,12 @@ class LayerPlan(NamedTuple):
 def make_plan(P: int, M: int, D: int, n: int, kvh: int, h: int, F: int, s_cap: int, witems, wtrans,
               config: LayerConfig, gated: bool = False) -> LayerPlan:
   """witems / wtrans: itemsize and transposed flag of (wq, wk, wv, wo, w1, w2, [wg])."""
+  R = tile_rows(M)
+  phase = functools.partial(plan_phase, config=config, R=R)
+  prenorm = R > 16 if config.prenorm is None else bool(config.prenorm)
   c = 0
-  qkv = plan_phase(P, [(D, n * h, witems[0], wtrans[0]), (D, kvh * h, witems[1], wtrans[1]),
-                       (D, kvh * h, witems[2], wtrans[2])], c, config, cap_n=h)
+  qkv = phase(P, [(D, n * h, witems[0], wtrans[0]), (D, kvh * h, witems[1], wtrans[1]),
+                  (D, kvh * h, witems[2], wtrans[2])], c, cap_n=h)
   c = qkv[-1].cnt0 + qkv[-1].nb
   qkv_done = c
   c += 1
@@ -267,25 +283,26 @@ def make_plan(P: int, M: int, D: int, n: int, kvh: int, h: int, F: int, s_cap: i
   c += M * kvh
   att_done = c
   c += 1
-  (o,) = plan_phase(P, [(n * h, D, witems[3], wtrans[3])], c, config, cap_k=h)
+  (o,) = phase(P, [(n * h, D, witems[3], wtrans[3])], c, cap_k=h)
   c += o.nb
   o_done = c
   c += 1
-  fc1 = plan_phase(P, [(D, F, witems[4], wtrans[4])] + ([(D, F, witems[6], wtrans[6])] if gated else []), c,
-                   config, shared_counters=True)
+  fc1 = phase(P, [(D, F, witems[4], wtrans[4])] + ([(D, F, witems[6], wtrans[6])] if gated else []), c,
+              shared_counters=True)
   c += fc1[0].nb
   f1_done = c
   c += 1
-  (fc2,) = plan_phase(P, [(F, D, witems[5], wtrans[5])], c, config)
+  (fc2,) = phase(P, [(F, D, witems[5], wtrans[5])], c)
   c += fc2.nb
   ex = c
-  c += 1
+  n1_done, n2_done = c + 1, c + 2
+  c += 3
   block = min(config.attn_block, s_cap)
   while s_cap % block:
     block //= 2
   splits = config.attn_splits or max(1, min(P // max(1, M * kvh), -(-s_cap // block)))
-  return LayerPlan(P, M, D, n, kvh, h, F, s_cap, tuple(qkv), o, tuple(fc1), fc2, splits, block, qkv_done,
-                   att_grp, att_done, o_done, f1_done, ex, c)
+  return LayerPlan(P, M, R, D, n, kvh, h, F, s_cap, tuple(qkv), o, tuple(fc1), fc2, splits, block, prenorm,
+                   -(-D // NORM_CHUNK), n1_done, n2_done, qkv_done, att_grp, att_done, o_done, f1_done, ex, c)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -390,15 +407,15 @@ def _prefetch(w: WeightPlan, w_ref, lo, hi, tiles: int, sink):
   sink(acc)
 
 
-def _proj(w: WeightPlan, pid, *, x_tile, w_ref, part_ref, cnt: _Sync, rmask, dequant: str, precision,
+def _proj(w: WeightPlan, pid, *, R: int, x_tile, w_ref, part_ref, cnt: _Sync, rmask, dequant: str, precision,
           finish=None, counter=None, expected=None, last=None, wait=None, prefetch: int = 0, sink=None):
   """One weight of a projection phase for program `pid` (a no-op outside [w.p0, w.p0 + w.P)).
 
   wait(): run before the first x tile is read (the phase's dependency), after `prefetch` tiles of the
   weight were brought into the L2. x_tile() (called once the wait is over: it may read what the wait
-  guards) -> tile(k0, kmask) -> [ROWS, bk] in the compute dtype (rows >= M zero).
+  guards) -> tile(k0, kmask) -> [R, bk] in the compute dtype (rows >= M zero).
   Where this program's range ends a column block j: with `finish` given and the block entirely its own,
-  finish(j, acc [ROWS, bn] float32) from registers; otherwise the partial goes to part_ref[slot] and the
+  finish(j, acc [R, bn] float32) from registers; otherwise the partial goes to part_ref[slot] and the
   program counts itself in on counter(j); the one that brings it to expected(j) runs last(j), which sums
   the slots."""
   nkb, T, Pw = w.nkb, w.T, w.P
@@ -430,7 +447,7 @@ def _proj(w: WeightPlan, pid, *, x_tile, w_ref, part_ref, cnt: _Sync, rmask, deq
 
         def shared():
           om = rmask if nmask is None else rmask & nmask[None, :]
-          dst = part_ref.at[q - qf, pl.ds(pid * 0, ROWS), pl.ds(n0, w.bn)]
+          dst = part_ref.at[q - qf, pl.ds(pid * 0, R), pl.ds(n0, w.bn)]
           C.store(dst, acc, mask=jnp.broadcast_to(om, acc.shape))
           old = cnt.arrive(counter(j))
           pl.when(old == expected(j) - 1)(lambda: last(j))
@@ -443,23 +460,24 @@ def _proj(w: WeightPlan, pid, *, x_tile, w_ref, part_ref, cnt: _Sync, rmask, deq
 
       return jnp.where(end, 0.0, acc)
 
-    jax.lax.fori_loop(lo, hi, body, jnp.zeros((ROWS, w.bn), jnp.float32))
+    jax.lax.fori_loop(lo, hi, body, jnp.zeros((R, w.bn), jnp.float32))
 
 
 def _slot_sum(w: WeightPlan, part_ref, j, rmask, zero):
-  """[ROWS, bn] float32: column block j's partials summed in slot order (deterministic)."""
+  """[R, bn] float32: column block j's partials summed in slot order (deterministic); R from rmask [R, 1]."""
   qf, ql = _span(w, j)
   n0 = j * w.bn
   om = rmask if w.N % w.bn == 0 else rmask & ((n0 + jnp.arange(w.bn)) < w.N)[None, :]
-  tot = jnp.zeros((ROWS, w.bn), jnp.float32)
+  R = rmask.shape[0]
+  tot = jnp.zeros((R, w.bn), jnp.float32)
   for s in range(w.slots):
-    src = part_ref.at[zero + s, pl.ds(zero, ROWS), pl.ds(n0, w.bn)]
-    tot = tot + C.load(src, mask=jnp.broadcast_to(om & (s <= ql - qf), (ROWS, w.bn)), other=0.0)
+    src = part_ref.at[zero + s, pl.ds(zero, R), pl.ds(n0, w.bn)]
+    tot = tot + C.load(src, mask=jnp.broadcast_to(om & (s <= ql - qf), (R, w.bn)), other=0.0)
   return tot
 
 
 def _row_stats(y, cmask):
-  """Per-row sum and sum of squares of y [ROWS, bn] float32 over the valid columns -> two [ROWS]."""
+  """Per-row sum and sum of squares of y [R, bn] float32 over the valid columns -> two [R]."""
   yf = y if cmask is None else jnp.where(cmask[None, :], y, 0.0)
   return jnp.sum(yf, axis=1), jnp.sum(yf * yf, axis=1)
 
@@ -487,32 +505,33 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
   cdtype = R.x.dtype
   f32 = jnp.float32
   precision = C.dot_precision(cdtype)
-  rmask = (jnp.arange(ROWS) < M)[:, None]                                  # [ROWS, 1]
+  RT = pl_.R                                                               # the tiles' rows
+  rmask = (jnp.arange(RT) < M)[:, None]                                    # [RT, 1]
 
   def vec(ref, start, width, mask):                                       # [1, width] float32 of a [N] ref
     v = ref.at[pl.ds(start, width)]
     return (v[...] if mask is None else C.load(v, mask=mask, other=0)).astype(f32)[None, :]
 
   def rows_view(ref, start, width, head=None):
-    """[ROWS, width] view of an [M, N] ref at columns [start, start + width), or of an [M, heads, h] ref
+    """[RT, width] view of an [M, N] ref at columns [start, start + width), or of an [M, heads, h] ref
     at head `head`, features [start, start + width)."""
     if head is None:
-      return ref.at[pl.ds(zero, ROWS), pl.ds(start, width)]
-    return ref.at[pl.ds(zero, ROWS), head, pl.ds(start, width)]
+      return ref.at[pl.ds(zero, RT), pl.ds(start, width)]
+    return ref.at[pl.ds(zero, RT), head, pl.ds(start, width)]
 
   def rows(ref, start, width, mask, head=None):
     m = rmask if mask is None else rmask & mask[None, :]
-    return C.load(rows_view(ref, start, width, head), mask=jnp.broadcast_to(m, (ROWS, width)), other=0)
+    return C.load(rows_view(ref, start, width, head), mask=jnp.broadcast_to(m, (RT, width)), other=0)
 
   def store_rows(ref, start, width, mask, val, head=None):
     m = rmask if mask is None else rmask & mask[None, :]
-    C.store(rows_view(ref, start, width, head), val.astype(ref.dtype), mask=jnp.broadcast_to(m, (ROWS, width)))
+    C.store(rows_view(ref, start, width, head), val.astype(ref.dtype), mask=jnp.broadcast_to(m, (RT, width)))
 
-  def load_stats(ref, nchunks):                                           # -> mean [ROWS, 1] or None, rstd
+  def load_stats(ref, nchunks):                                           # -> mean [RT, 1] or None, rstd
     cp = max(16, pl.next_power_of_2(nchunks))
-    sm = jnp.broadcast_to(rmask & (jnp.arange(cp) < nchunks)[None, :], (ROWS, cp))
-    s1 = jnp.sum(C.load(ref.at[zero, pl.ds(zero, ROWS), pl.ds(zero, cp)], mask=sm, other=0), axis=1)
-    s2 = jnp.sum(C.load(ref.at[zero + 1, pl.ds(zero, ROWS), pl.ds(zero, cp)], mask=sm, other=0), axis=1)
+    sm = jnp.broadcast_to(rmask & (jnp.arange(cp) < nchunks)[None, :], (RT, cp))
+    s1 = jnp.sum(C.load(ref.at[zero, pl.ds(zero, RT), pl.ds(zero, cp)], mask=sm, other=0), axis=1)
+    s2 = jnp.sum(C.load(ref.at[zero + 1, pl.ds(zero, RT), pl.ds(zero, cp)], mask=sm, other=0), axis=1)
     mean, rstd = mean_rstd(s1 if norm == "layernorm" else None, s2, D, norm, eps)
     return (None if mean is None else mean[:, None]), rstd[:, None]
 
@@ -526,7 +545,7 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
     return tile
 
   def epilogue_sum(w: WeightPlan, j, acc, scale_ref, bias_ref):
-    """acc * scale + bias of column block j: ([ROWS, bn] float32, n0, column mask or None)."""
+    """acc * scale + bias of column block j: ([RT, bn] float32, n0, column mask or None)."""
     n0 = j * w.bn
     nmask = ((n0 + jnp.arange(w.bn)) < w.N) if w.N % w.bn else None
     y = acc
@@ -543,30 +562,52 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
     yr = (y + rows(res_ref, n0, w.bn, nmask).astype(f32)).astype(cdtype)
     store_rows(out_ref, n0, w.bn, nmask, yr)
     s1, s2 = _row_stats(yr.astype(f32), nmask)
-    C.store(stats_ref.at[zero, pl.ds(zero, ROWS), pl.ds(j, 1)], s1[:, None], mask=rmask)
-    C.store(stats_ref.at[zero + 1, pl.ds(zero, ROWS), pl.ds(j, 1)], s2[:, None], mask=rmask)
+    C.store(stats_ref.at[zero, pl.ds(zero, RT), pl.ds(j, 1)], s1[:, None], mask=rmask)
+    C.store(stats_ref.at[zero + 1, pl.ds(zero, RT), pl.ds(j, 1)], s2[:, None], mask=rmask)
 
   def sink(v):               # consumes prefetched values: a store that never happens, not provably so
     pl.when(v == -1.2345e38)(lambda: C.store(R.sink.at[pl.ds(zero, 1)], jnp.reshape(v, (1,))))
 
   def proj(w, x_tile, w_ref, part_ref, finish, wait=None):
     """The usual column-block protocol: finish from registers or the last arriver sums the slots."""
-    _proj(w, pid, x_tile=x_tile, w_ref=w_ref, part_ref=part_ref, cnt=cnt, rmask=rmask, dequant=dequant,
+    _proj(w, pid, R=RT, x_tile=x_tile, w_ref=w_ref, part_ref=part_ref, cnt=cnt, rmask=rmask, dequant=dequant,
           precision=precision, finish=finish, counter=lambda j: w.cnt0 + j,
           expected=lambda j: (lambda s: s[1] - s[0] + 1)(_span(w, j)),
           last=lambda j: finish(j, _slot_sum(w, part_ref, j, rmask, zero)), wait=wait, prefetch=prefetch,
           sink=sink)
 
   # ------------------------------------------------------------------------------------------ qkv
+  def norm_phase(x_ref, stats_ref, nchunks, g_ref, b_ref, out_ref, done):
+    """prenorm: this program's NORM_CHUNK-column chunks of norm(x) into out_ref, each counted on `done`."""
+    def chunk(t, carry):
+      c0 = (pid + t * pl_.P) * NORM_CHUNK
+      cm = ((c0 + jnp.arange(NORM_CHUNK)) < D) if D % NORM_CHUNK else None
+      y = normed_tile(x_ref, load_stats(stats_ref, nchunks), g_ref, b_ref, NORM_CHUNK)(c0, cm)
+      store_rows(out_ref, c0, NORM_CHUNK, cm, y)
+      cnt.arrive(done)
+      return carry
+    jax.lax.fori_loop(0, jnp.maximum(pl_.norm_chunks - pid + pl_.P - 1, 0) // pl_.P, chunk, 0)
+
+  def plain_tile(ref, bk):
+    return lambda: lambda k0, km: rows(ref, k0, bk, km).astype(cdtype)
+
+  # ---------------------------------------------------------------------------------------- norm1
+  if "norm1" in phases and pl_.prenorm:
+    norm_phase(R.x, R.stats, R.stats.shape[2], R.ln1_g, R.ln1_b, R.h1, pl_.n1_done)
+
+  # ------------------------------------------------------------------------------------------ qkv
   if "qkv" in phases:
-    stats1 = load_stats(R.stats, R.stats.shape[2])
+    wait_n1 = (lambda: cnt.wait(pl_.n1_done, pl_.norm_chunks)) if pl_.prenorm and "norm1" in phases else None
     for w, nm in zip(pl_.qkv, ("q", "k", "v")):
       def finish(j, acc, w=w, nm=nm):
         y, n0, _ = epilogue_sum(w, j, acc, getattr(R, f"s{nm}"), getattr(R, f"b{nm}"))
         store_rows(getattr(R, f"{nm}_buf"), n0 % h, w.bn, None, y, head=n0 // h)   # [M, heads, h] buffers
         cnt.arrive(pl_.qkv_done)
-      proj(w, lambda w=w: normed_tile(R.x, stats1, R.ln1_g, R.ln1_b, w.bk), getattr(R, f"w{nm}"),
-           getattr(R, f"p{nm}"), finish)
+      if pl_.prenorm:
+        x_tile = plain_tile(R.h1, w.bk)
+      else:
+        x_tile = lambda w=w: normed_tile(R.x, load_stats(R.stats, R.stats.shape[2]), R.ln1_g, R.ln1_b, w.bk)  # noqa: E731
+      proj(w, x_tile, getattr(R, f"w{nm}"), getattr(R, f"p{nm}"), finish, wait=wait_n1)
 
   # ----------------------------------------------------------------------------------------- attn
   if "attn" in phases:
@@ -586,11 +627,21 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
          wait=(lambda: cnt.wait(pl_.att_done, M * kvh)) if "attn" in phases else None)
 
   # ------------------------------------------------------------------------------------------ fc1
+  if "norm2" in phases and pl_.prenorm:
+    if "o" in phases:
+      cnt.wait(pl_.o_done, pl_.o.nb)
+    norm_phase(R.x_mid, R.mid_stats, pl_.o.nb, R.ln2_g, R.ln2_b, R.h2, pl_.n2_done)
+
   if "fc1" in phases:
     w1 = pl_.fc1[0]
-    wait1 = (lambda: cnt.wait(pl_.o_done, pl_.o.nb)) if "o" in phases else None
+    if pl_.prenorm:
+      wait1 = (lambda: cnt.wait(pl_.n2_done, pl_.norm_chunks)) if "norm2" in phases else None
+    else:
+      wait1 = (lambda: cnt.wait(pl_.o_done, pl_.o.nb)) if "o" in phases else None
 
     def x_mid_tile(bk):           # norm(x_mid) tiles; its statistics read once the wait is over
+      if pl_.prenorm:
+        return plain_tile(R.h2, bk)
       return lambda: normed_tile(R.x_mid, load_stats(R.mid_stats, pl_.o.nb), R.ln2_g, R.ln2_b, bk)
 
     def finish_1(j, up, gate=None):
@@ -619,8 +670,8 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
         finish_1(j, _slot_sum(w1, R.p1, j, rmask, zero), _slot_sum(wg, R.pg, j, rmask, zero))
 
       for w, w_ref, p_ref in ((w1, R.w1, R.p1), (wg, R.wg, R.pg)):
-        _proj(w, pid, x_tile=x_mid_tile(w.bk), w_ref=w_ref, part_ref=p_ref, cnt=cnt, rmask=rmask, dequant=dequant,
-              precision=precision, counter=lambda j: w1.cnt0 + j, expected=expected, last=last, wait=wait1,
+        _proj(w, pid, R=RT, x_tile=x_mid_tile(w.bk), w_ref=w_ref, part_ref=p_ref, cnt=cnt, rmask=rmask,
+              dequant=dequant, precision=precision, counter=lambda j: w1.cnt0 + j, expected=expected, last=last, wait=wait1,
               prefetch=prefetch, sink=sink)
 
   # ------------------------------------------------------------------------------------------ fc2
@@ -630,7 +681,7 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
     def finish_2(j, acc):
       residual_out(w, j, acc, R.s2, R.b2, R.x_mid, R.x_out, R.out_stats)
 
-    proj(w, lambda: lambda k0, km: rows(R.h_buf, k0, w.bk, km).astype(cdtype), R.w2, R.p2, finish_2,
+    proj(w, plain_tile(R.h_buf, w.bk), R.w2, R.p2, finish_2,
          wait=(lambda: cnt.wait(pl_.f1_done, pl_.fc1[0].nb)) if "fc1" in phases else None)
 
   # ----------------------------------------------------------------------------------------- exit
@@ -663,32 +714,37 @@ def _attention(R, pl_: LayerPlan, pid, zero, cnt: _Sync, cdtype, precision, qk_s
   nr = 1 if g == 1 else gp                                   # query rows a unit holds
   half = h // 2
   parts = ((0, half), (half, half)) if rotary else ((0, h),)   # q/k feature ranges (rotary: the two halves)
-  for t in range(-(-U // pl_.P)):
-    u = pid + t * pl_.P
 
-    @pl.when(u < U)
-    def _(u=u):
-      b = u // (kvh * Cs)
-      r = u - b * (kvh * Cs)
-      kh = r // Cs
-      c = r - kh * Cs
-      pos = jnp.minimum(R.positions[b], pl_.s_cap - 1)
-      length = pos + 1
-      nblk = (length + BA - 1) // BA
-      per = (nblk + Cs - 1) // Cs
-      lo = c * per
-      hi = jnp.minimum(lo + per, nblk)
-      if sink is not None:      # the split's first K/V block (the past: it does not wait for q/k/v) into the L2
-        st0 = jnp.minimum(lo, nblk - 1) * BA
-        rr0 = (st0 + jnp.arange(BA)) < length
-        mx = None
-        for ref in (R.k_out, R.v_out):
-          blk = C.pltriton.load(ref.at[b, kh, pl.ds(st0, BA), :], mask=rr0[:, None], other=0,
-                                eviction_policy="evict_last")
-          m_ = jnp.max(blk.astype(f32))
-          mx = m_ if mx is None else jnp.maximum(mx, m_)
-        sink(mx)
-      cnt.wait(pl_.qkv_done, total_qkv)
+  def coords(u):
+    """(row, kv head, split, position, length, its key blocks [lo, hi), blocks per split, blocks) of unit u."""
+    b = u // (kvh * Cs)
+    r = u - b * (kvh * Cs)
+    kh = r // Cs
+    c = r - kh * Cs
+    pos = jnp.minimum(R.positions[b], pl_.s_cap - 1)
+    length = pos + 1
+    nblk = (length + BA - 1) // BA
+    per = (nblk + Cs - 1) // Cs
+    lo = c * per
+    return b, kh, c, pos, length, lo, jnp.minimum(lo + per, nblk), per, nblk
+
+  @pl.when(pid < U)
+  def _():
+    if sink is not None:   # the first unit's first K/V block (the past: it does not wait for q/k/v) into the L2
+      b, kh, _, _, length, lo, _, _, nblk = coords(pid)
+      st0 = jnp.minimum(lo, nblk - 1) * BA
+      rr0 = (st0 + jnp.arange(BA)) < length
+      mx = None
+      for ref in (R.k_out, R.v_out):
+        blk = C.pltriton.load(ref.at[b, kh, pl.ds(st0, BA), :], mask=rr0[:, None], other=0,
+                              eviction_policy="evict_last")
+        m_ = jnp.max(blk.astype(f32))
+        mx = m_ if mx is None else jnp.maximum(mx, m_)
+      sink(mx)
+    cnt.wait(pl_.qkv_done, total_qkv)
+
+    def unit(t, carry):     # this program's units: pid, pid + P, ...
+      b, kh, c, pos, length, lo, hi, per, nblk = coords(pid + t * pl_.P)
 
       def head_vec(ref, c0, w):                                # [1, w] of an [M, heads, h] ref, kv head kh
         return C.load(ref.at[pl.ds(b, 1), kh, pl.ds(c0, w)]).astype(f32)
@@ -796,6 +852,9 @@ def _attention(R, pl_: LayerPlan, pid, zero, cnt: _Sync, cdtype, precision, qk_s
             tot_l = tot_l + C.load(R.att_l.at[grp, pl.ds(zero + s * nr, nr), :]) * wgt
             tot_o = tot_o + C.load(R.att_o.at[grp, pl.ds(zero + s * nr, nr), :]) * wgt
           put_out(tot_o / jnp.maximum(tot_l, 1e-30))
+      return carry
+
+    jax.lax.fori_loop(0, (U - pid + pl_.P - 1) // pl_.P, unit, 0)
 
 
 # ---------------------------------------------------------------------------------------------- calls
@@ -860,7 +919,7 @@ def layer_plan(x, k_cache, p: LayerParams, trans, config: LayerConfig, interpret
 def _check(x, stats, positions, k_cache, v_cache, p: LayerParams, trans, norm, act):
   assert x.ndim == 2, f"x must be [M, D], got {x.shape}"
   M, D = x.shape
-  assert 1 <= M <= ROWS, f"decode_layer takes 1..{ROWS} rows, got M={M} (x.shape={x.shape})"
+  assert 1 <= M <= MAX_ROWS, f"decode_layer takes 1..{MAX_ROWS} rows, got M={M} (x.shape={x.shape})"
   C.check_dtype("x", x)
   assert stats.ndim == 3 and stats.shape[:2] == (2, M), f"stats must be [2, M={M}, C], got {stats.shape}"
   assert k_cache.ndim == 4 and k_cache.shape == v_cache.shape and k_cache.shape[0] == M, (
@@ -918,6 +977,8 @@ def _scratch(plan: LayerPlan, dtype):
   ]
   if plan.gated:
     out.append(("pg", (plan.fc1[1].slots, M, F), f32))
+  if plan.prenorm:
+    out += [("h1", (M, D), dtype), ("h2", (M, D), dtype)]
   out.append(("sink", (16,), f32))
   return out
 

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from check_model import FAILS, report  # noqa: E402
 
 
-def make_case(rng, M, D, n, kvh, h, F, s, dtype, wmode, norm="layernorm", bias=True):
+def make_case(rng, M, D, n, kvh, h, F, s, dtype, wmode, norm="layernorm", bias=True, gated=False, rotary=False):
     import jax.numpy as jnp
 
     from ftjax.pallas import decode_layer as L
@@ -38,13 +38,16 @@ def make_case(rng, M, D, n, kvh, h, F, s, dtype, wmode, norm="layernorm", bias=T
         return jnp.asarray(q.T if t else q), jnp.asarray(scale, dtype), t
 
     vals, trans = {}, []
-    for name, (K, N) in zip(L.WEIGHTS, [(D, n * h), (D, kvh * h), (D, kvh * h), (n * h, D), (D, F), (F, D)]):
+    dims = [(D, n * h), (D, kvh * h), (D, kvh * h), (n * h, D), (D, F), (F, D)] + ([(D, F)] if gated else [])
+    for name, (K, N) in zip(L.WEIGHTS, dims):
         w, sc, t = weight(K, N)
         vals[f"w{name}"], vals[f"s{name}"], vals[f"b{name}"] = w, sc, a((N,), 0.1) if bias else None
         trans.append(t)
     for i in (1, 2):
         vals[f"ln{i}_g"] = jnp.asarray(1 + 0.1 * rng.randn(D), dtype)
         vals[f"ln{i}_b"] = a((D,), 0.1) if norm == "layernorm" else None
+    if rotary:
+        vals["rope"] = jnp.asarray(1.0 / (10000.0 ** (np.arange(0, h, 2) / h)), jnp.float32)
     p = L.LayerParams(**vals)
     x = a((M, D))
     pos = rng.randint(0, s, size=M)
@@ -60,7 +63,7 @@ def make_case(rng, M, D, n, kvh, h, F, s, dtype, wmode, norm="layernorm", bias=T
 
 
 def check(rng, name, *, M, D, n, kvh, h, F, s, dtype="bfloat16", wmode="float", norm="layernorm", bias=True,
-          repeats=5, config=None, act="gelu_tanh", phased=False):
+          repeats=5, config=None, act="gelu_tanh", phased=False, gated=False, rotary=False):
     import jax
     import jax.numpy as jnp
 
@@ -69,7 +72,7 @@ def check(rng, name, *, M, D, n, kvh, h, F, s, dtype="bfloat16", wmode="float", 
 
     ip = default_interpret()          # a CPU dry run of this script interprets the kernel
     dt = jnp.dtype(dtype)
-    x, pos, kc, vc, p, trans = make_case(rng, M, D, n, kvh, h, F, s, dt, wmode, norm, bias)
+    x, pos, kc, vc, p, trans = make_case(rng, M, D, n, kvh, h, F, s, dt, wmode, norm, bias, gated, rotary)
     st = L.row_stats(x)
     cfg = config or L.DEFAULT_CONFIG
     cnt = L.layer_counters(x, kc, p, trans, config=cfg, interpret=ip)
@@ -116,6 +119,10 @@ def main():
         ("1.3b b2 int8t", dict(M=2, D=2048, n=16, kvh=16, h=128, F=8192, s=640, wmode="int8t")),
         ("1.3b b2 int8kn", dict(M=2, D=2048, n=16, kvh=16, h=128, F=8192, s=640, wmode="int8")),
         ("1.3b b16", dict(M=16, D=2048, n=16, kvh=16, h=128, F=8192, s=256)),
+        ("350m b64 (prenorm)", dict(M=64, D=1024, n=16, kvh=16, h=64, F=4096, s=640)),
+        ("1.3b b64 int8t (prenorm)", dict(M=64, D=2048, n=16, kvh=16, h=128, F=8192, s=640, wmode="int8t")),
+        ("llama-like b40 gqa rotary gated", dict(M=40, D=1024, n=8, kvh=2, h=128, F=2816, s=640, norm="rmsnorm",
+                                                 bias=False, act="silu", gated=True, rotary=True)),
         ("gqa 8x4 b5 gelu", dict(M=5, D=1024, n=8, kvh=4, h=128, F=2816, s=2048, act="gelu")),
         ("6.7b b1", dict(M=1, D=4096, n=32, kvh=32, h=128, F=16384, s=640)),
         ("6.7b b1 int8t", dict(M=1, D=4096, n=32, kvh=32, h=128, F=16384, s=640, wmode="int8t")),
