@@ -11,6 +11,7 @@ Shapes: B slots, S = max_seq_len, T = prefill bucket, b = rows in one prefill ca
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -66,6 +67,18 @@ INSERT_IN_PLACE = True
 # The in-place update is a second compiled variant of the admit; below this size the scatter costs well
 # under a millisecond, so a serving process's small multi-request admits keep one variant per shape.
 INSERT_IN_PLACE_MIN_TOKENS = 4096
+
+
+DECODE_FUSE_ENV = "FTJAX_DECODE_FUSE"
+_FUSE_NAMES = {"stats": True, "layer": "layer", "norm": "norm", "stats2": "stats2", "off": False}
+
+
+def decode_fuse_from_env():
+    """Engine.fuse_decode's default: True ("stats"), or what FTJAX_DECODE_FUSE names."""
+    v = os.environ.get(DECODE_FUSE_ENV, "stats").strip().lower()
+    if v not in _FUSE_NAMES:
+        raise ValueError(f"{DECODE_FUSE_ENV}={v!r}: expected one of {sorted(_FUSE_NAMES)}")
+    return _FUSE_NAMES[v]
 
 
 def bucket(n: int, lo: int, hi: int) -> int:
@@ -145,8 +158,10 @@ class Engine:
         self.slots = ecfg.max_batch_size
         self.B = max(2, ecfg.max_batch_size)
         # With the small-M kernel: the fused decode path of ftjax/models/gpt.py (split-K partials handed to
-        # the residual add + norm kernel and to the attention kernel, which writes the new K/V itself)
-        self.fuse_decode = True
+        # the residual add + norm kernel and to the attention kernel, which writes the new K/V itself); "layer":
+        # each decoder block as one persistent kernel (ftjax/pallas/decode_layer.py). FTJAX_DECODE_FUSE sets it
+        # for a process (a server, a benchmark): stats (the default), layer, norm, stats2, or off.
+        self.fuse_decode = decode_fuse_from_env()
         self._beam_heads: set[int] = set()   # host: slots heading a beam group that may still run
         self._sampled_slots: set[int] = set()   # host: slots holding a request that samples (not greedy)
         self.word_capacity = (4, 4)   # (words, tokens per word) of stop/bad word lists; grows by doubling

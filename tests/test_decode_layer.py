@@ -231,3 +231,18 @@ def test_decode_with_layer_kernel_matches_xla(family, int8, batch):
     txt = str(jax.make_jaxpr(lambda s: eng._generate_fn(eng.params, s, 0, rem=1, chunked=False, beam=False,
                                                         sampled=False))(eng.init_state()))
     assert len(re.findall(r"name=_decode_layer\b", txt)) == cfg.num_layers, "the layer kernel is not in the step"
+
+
+def test_decode_fuse_from_the_environment(monkeypatch):
+    """FTJAX_DECODE_FUSE picks an engine's decode path for a whole process (a server, a benchmark); a bad
+    value is refused by name."""
+    from ftjax.engine import decode_fuse_from_env
+
+    monkeypatch.delenv("FTJAX_DECODE_FUSE", raising=False)
+    assert decode_fuse_from_env() is True
+    for name, want in (("layer", "layer"), ("off", False), ("STATS", True)):
+        monkeypatch.setenv("FTJAX_DECODE_FUSE", name)
+        assert decode_fuse_from_env() == want
+    monkeypatch.setenv("FTJAX_DECODE_FUSE", "fast")
+    with pytest.raises(ValueError, match="FTJAX_DECODE_FUSE"):
+        decode_fuse_from_env()
