@@ -56,6 +56,9 @@ def make_case(seed, *, M=2, D=64, n=4, kvh=4, h=16, F=128, s=64, dtype=jnp.float
             L.LayerParams(**vals), tuple(trans))
 
 
+TRITON = "__gpu$xla.gpu.triton"
+
+
 def _f(a):
     return np.asarray(jnp.asarray(a, jnp.float32))
 
@@ -110,6 +113,30 @@ def test_layer_kernel_matches_reference(case):
         assert_matches(out, ref, x.dtype, f"{case} P={P} phased={phased} seed={seed}")
 
 
+def test_prefetch_leaves_results_unchanged():
+    """LayerConfig.prefetch_tiles: waiting programs load weight tiles (and the next layer's q/k/v tiles) into
+    the L2; the outputs stay the twin's, and the loads lower for CUDA."""
+    seed = np.random.randint(1 << 30)
+    x, kc, vc, pos, p, trans = make_case(seed, kvh=2)
+    st = L.row_stats(x)
+    ref = L.decode_layer_reference(x, st, pos, kc, vc, p, trans=trans)
+    nxt = (p.wq, p.wk, p.wv)
+    for P, phased in ((1, False), (3, True)):
+        cfg = L.LayerConfig(programs=P, tile_bytes=1024, prefetch_tiles=2)
+        cnt = L.layer_counters(x, kc, p, trans, config=cfg, interpret=True)
+        out = L.decode_layer(x, st, pos, kc, vc, cnt, p, trans=trans, config=cfg, interpret=True, phased=phased,
+                             next_qkv=nxt)
+        assert_matches(out, ref, x.dtype, f"prefetch P={P} seed={seed}")
+    cfg = L.LayerConfig(programs=132, prefetch_tiles=2)
+    sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
+    cnt = L.layer_counters(x, kc, p, trans, config=cfg)
+    fn = lambda *a: L.decode_layer(*a[:7], trans=trans, config=cfg, next_qkv=a[7])  # noqa: E731
+    exp = export.export(jax.jit(fn), platforms=["cuda"],
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(
+        *(jax.tree.map(sds, a) for a in (x, st, pos, kc, vc, cnt, p, nxt)))
+    assert exp.mlir_module().count(TRITON) == 1
+
+
 def test_stream_k_split_covers_every_tile_once():
     """plan_phase over random shapes: each weight's programs hold consecutive, non-empty ranges that cover its
     (column block, K block) iterations exactly once; a column block's contributors are consecutive programs,
@@ -153,9 +180,6 @@ def test_bad_inputs_name_what_is_wrong():
     with pytest.raises(AssertionError, match="head_dim"):
         kc24 = jnp.zeros(kc.shape[:3] + (24,), kc.dtype)
         L.decode_layer(x, st, pos, kc24, kc24, cnt, p, interpret=True)
-
-
-TRITON = "__gpu$xla.gpu.triton"
 
 
 @pytest.mark.parametrize("shape", ["1.3b-bf16", "1.3b-int8t", "1.3b-64rows-int8t", "llama-gqa-int8kn"])

@@ -686,6 +686,18 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
 
   # ----------------------------------------------------------------------------------------- exit
   old = cnt.arrive(pl_.exit)
+  if prefetch and R.nwq is not None:
+    # The first half of the programs out bring their first tiles of the NEXT layer's q/k/v (the same plan:
+    # the same tiles for the same program) into the L2 while the last ones finish: that launch's weight
+    # stream then starts from the L2. (After its arrival a program touches no counter.)
+    @pl.when(old < pl_.P // 2)
+    def _():
+      for w, ref in zip(pl_.qkv, (R.nwq, R.nwk, R.nwv)):
+        q = pid - w.p0
+
+        @pl.when((q >= 0) & (q < w.P))
+        def _(w=w, ref=ref, q=q):
+          _prefetch(w, ref, q * w.T // w.P, (q + 1) * w.T // w.P, prefetch, sink)
 
   @pl.when(old == pl_.P - 1)      # the last program out: every other one is past its last counter access
   def _():
@@ -988,8 +1000,8 @@ N_HEAD_OUTS = 5     # x_out, out_stats, k_out, v_out, cnt: then the scratch buff
 
 @functools.partial(jax.jit, static_argnames=("trans", "norm", "eps", "act", "scale", "config", "interpret",
                                              "phased"))
-def _decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParams, *, trans, norm, eps, act,
-                  scale, config, interpret, phased):
+def _decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParams, next_qkv, *, trans, norm, eps,
+                  act, scale, config, interpret, phased):
   M, D = x.shape
   plan = layer_plan(x, k_cache, p, trans, config, interpret)
   assert counters.shape == (plan.n_counters,) and counters.dtype == jnp.int32, (
@@ -1001,6 +1013,9 @@ def _decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParam
     if v is not None:
       ins.append(v)
       names.append(name)
+  if next_qkv is not None:
+    ins += list(next_qkv)
+    names += ["nwq", "nwk", "nwv"]
   ins += [k_cache, v_cache, counters]
   names += ["k_in", "v_in", "cnt_in"]
   outs = [("x_out", (M, D), x.dtype), ("out_stats", (2, M, plan.fc2.nb), jnp.float32),
@@ -1055,13 +1070,16 @@ def layer_counters(x, k_cache, p: LayerParams, trans=(False,) * 6, *, config: La
 
 def decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParams, *, trans=(False,) * 6,
                  norm: str = "layernorm", eps: float = 1e-5, act: str = "gelu_tanh", scale=None,
-                 config: LayerConfig | None = None, interpret: bool = False, phased: bool = False):
+                 config: LayerConfig | None = None, interpret: bool = False, phased: bool = False,
+                 next_qkv=None):
   """One decoder layer (sequential residual) of the decode step in one kernel launch (see the module doc).
 
   x [M, D], stats [2, M, C] (x's row sums / sums of squares over C chunks: `row_stats(x)` or the previous
   layer's), positions [M], k_cache / v_cache [M, k, s, h] (aliased to the outputs: updated in place where
   the caller's buffers are dead), counters from `layer_counters` (returned zeroed). trans: per weight of
   (wq, wk, wv, wo, w1, w2[, wg]), True where it is int8 stored [N, K] (wg follows w1 when not given).
+  next_qkv: the next layer's (wq, wk, wv) (same shapes and layouts), whose first tiles programs that finish
+  early bring into the L2 when config.prefetch_tiles > 0 (None: no such prefetch).
   scale: attention's scale (None: h^-0.5). phased: one launch per phase (the interpreter's way to run
   several programs; on a GPU a diagnostic that takes the waits between phases out of the picture).
   -> (x_out [M, D], stats_out [2, M, C'], k_cache, v_cache, counters)."""
@@ -1069,7 +1087,14 @@ def decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParams
   _check(x, stats, positions, k_cache, v_cache, p, trans, norm, act)
   config = config or DEFAULT_CONFIG
   assert isinstance(config, LayerConfig), f"config must be a LayerConfig, got {type(config).__name__}"
-  return _decode_layer(x, stats, positions, k_cache, v_cache, counters, p, trans=trans, norm=norm,
+  if next_qkv is not None:
+    next_qkv = tuple(next_qkv)
+    assert len(next_qkv) == 3 and all(a.shape == b.shape and a.dtype == b.dtype
+                                      for a, b in zip(next_qkv, (p.wq, p.wk, p.wv))), (
+        "next_qkv must be the next layer's (wq, wk, wv), shaped as this layer's")
+    if not config.prefetch_tiles:
+      next_qkv = None
+  return _decode_layer(x, stats, positions, k_cache, v_cache, counters, p, next_qkv, trans=trans, norm=norm,
                        eps=float(eps), act=act, scale=scale, config=config, interpret=bool(interpret),
                        phased=bool(phased))
 
