@@ -33,7 +33,8 @@ case "${1:-check}" in
     timeout 560 python bench/step_ab.py --models 1.3b --weights bf16,int8 --small-m layer --modes "" \
       --sl default= "pf2=@$L:LayerConfig(prefetch_tiles=2)" "w4=@$L:LayerConfig(num_warps=4)" \
       "st4=@$L:LayerConfig(num_stages=4)" "pps2=@$L:LayerConfig(programs_per_sm=2)" \
-      "t32k=@$L:LayerConfig(tile_bytes=32768)" default2= --json "$OUT/layer_tune.jsonl" 2>&1 | tail -20
+      "t32k=@$L:LayerConfig(tile_bytes=32768)" "sleep64=@$L:LayerConfig(spin_sleep_ns=64)" default2= \
+      --json "$OUT/layer_tune.jsonl" 2>&1 | tail -20
     ;;
   e2e)
     timeout 560 python bench/e2e.py --fuse layer --cases 350m-b1-128-8,350m-b1-512-32,1.3b-b1-128-8,1.3b-b1-512-32,6.7b-b1-512-32 \

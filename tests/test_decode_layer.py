@@ -115,7 +115,7 @@ def test_layer_kernel_matches_reference(case):
 
 def test_prefetch_leaves_results_unchanged():
     """LayerConfig.prefetch_tiles: waiting programs load weight tiles (and the next layer's q/k/v tiles) into
-    the L2; the outputs stay the twin's, and the loads lower for CUDA."""
+    the L2; the outputs stay the twin's, and the loads (and spin_sleep_ns's sleeps) lower for CUDA."""
     seed = np.random.randint(1 << 30)
     x, kc, vc, pos, p, trans = make_case(seed, kvh=2)
     st = L.row_stats(x)
@@ -127,7 +127,7 @@ def test_prefetch_leaves_results_unchanged():
         out = L.decode_layer(x, st, pos, kc, vc, cnt, p, trans=trans, config=cfg, interpret=True, phased=phased,
                              next_qkv=nxt)
         assert_matches(out, ref, x.dtype, f"prefetch P={P} seed={seed}")
-    cfg = L.LayerConfig(programs=132, prefetch_tiles=2)
+    cfg = L.LayerConfig(programs=132, prefetch_tiles=2, spin_sleep_ns=64)
     sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
     cnt = L.layer_counters(x, kc, p, trans, config=cfg)
     fn = lambda *a: L.decode_layer(*a[:7], trans=trans, config=cfg, next_qkv=a[7])  # noqa: E731

@@ -86,6 +86,8 @@ class LayerConfig:
   prenorm: normalise x and x_mid once, in phases of their own (norm1, norm2), instead of in every x tile of
     the projections that read them (None: when the x tile has more than 16 rows, where normalising each tile
     again for every column block costs 33 instructions per KB of weight against 10 (bench/layer_sass.py)).
+  spin_sleep_ns: a waiting program sleeps this long between reads of the counter (0: it re-reads at once),
+    so fewer atomics queue on the counter its producers are adding to.
   """
   programs: int | None = None
   programs_per_sm: int = 1
@@ -98,6 +100,7 @@ class LayerConfig:
   dequant: str = "auto"
   prefetch_tiles: int = 0
   prenorm: bool | None = None
+  spin_sleep_ns: int = 0
 
   def __post_init__(self):
     assert self.programs is None or self.programs >= 1, f"LayerConfig.programs={self.programs} must be >= 1"
@@ -108,6 +111,7 @@ class LayerConfig:
         f"LayerConfig.attn_block={self.attn_block} must be a power of two >= 16")
     assert self.attn_splits is None or self.attn_splits >= 1, f"LayerConfig.attn_splits={self.attn_splits}"
     assert 0 <= self.prefetch_tiles <= 16, f"LayerConfig.prefetch_tiles={self.prefetch_tiles} must be in 0..16"
+    assert 0 <= self.spin_sleep_ns <= 100000, f"LayerConfig.spin_sleep_ns={self.spin_sleep_ns} must be in 0..1e5"
 
 
 DEFAULT_CONFIG = LayerConfig()
@@ -318,8 +322,8 @@ class _Sync:
   A wait spins on atomic adds of 0 (a loop of plain or volatile loads whose value is not otherwise used
   is removed by Triton's optimiser; an atomic is never removed, and it acquires)."""
 
-  def __init__(self, cnt_ref, zero, interpret: bool):
-    self.ref, self.zero, self.interpret = cnt_ref, zero, interpret
+  def __init__(self, cnt_ref, zero, interpret: bool, sleep_ns: int = 0):
+    self.ref, self.zero, self.interpret, self.sleep_ns = cnt_ref, zero, interpret, sleep_ns
 
   def barrier(self):
     if not self.interpret:
@@ -333,9 +337,21 @@ class _Sync:
   def read(self, idx):
     return C.pltriton.atomic_add(self.ref, (self.zero + idx,), self.zero)
 
+  def _pause(self):
+    """0, after sleeping sleep_ns (GPU; an opaque 0 the compiler cannot fold, so the sleep stays in the loop)."""
+    if not self.sleep_ns or self.interpret:
+      return self.zero
+    [v] = C.pltriton.elementwise_inline_asm(
+        f"nanosleep.u32 {int(self.sleep_ns)};\nmov.b32 $0, $1;", args=[jnp.zeros((1,), jnp.int32) + self.zero],
+        constraints="=r,r", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct((1,), jnp.int32)])
+    return jnp.sum(v)
+
   def wait(self, idx, target):
-    """Spin until counter idx >= target (each read an acquiring atomic: it also orders the loads after)."""
-    jax.lax.while_loop(lambda v: v < target, lambda v: self.read(idx), self.read(idx))
+    """Spin until counter idx >= target (each read an acquiring atomic: it also orders the loads after); with
+    sleep_ns, each retry first sleeps (fewer atomics on the counter while its producers arrive)."""
+    def retry(v):
+      return C.pltriton.atomic_add(self.ref, (self.zero + idx,), self._pause())
+    jax.lax.while_loop(lambda v: v < target, retry, self.read(idx))
 
 
 _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
@@ -495,13 +511,14 @@ class _Refs:
 
 # ----------------------------------------------------------------------------------------------- kernel
 def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str, rotary: bool, phases,
-                  reset: bool, interpret: bool, dequant: str, qk_scale: float, prefetch: int):
+                  reset: bool, interpret: bool, dequant: str, qk_scale: float, prefetch: int,
+                  spin_sleep_ns: int):
   R = _Refs(refs, names)
   pl_ = plan
   M, D, kvh, h = pl_.M, pl_.D, pl_.kvh, pl_.h
   pid = pl.program_id(0)
   zero = pid * 0
-  cnt = _Sync(R.cnt, zero, interpret)
+  cnt = _Sync(R.cnt, zero, interpret, spin_sleep_ns)
   cdtype = R.x.dtype
   f32 = jnp.float32
   precision = C.dot_precision(cdtype)
@@ -1032,7 +1049,8 @@ def _decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParam
     kernel = functools.partial(
         _layer_kernel, plan=plan, names=tuple(in_names + out_names), norm=norm, eps=float(eps), act=act,
         rotary=p.rope is not None, phases=phases, reset=reset, interpret=interpret,
-        dequant=resolve_dequant(config.dequant, interpret), qk_scale=qk_scale, prefetch=config.prefetch_tiles)
+        dequant=resolve_dequant(config.dequant, interpret), qk_scale=qk_scale, prefetch=config.prefetch_tiles,
+        spin_sleep_ns=config.spin_sleep_ns)
     return pl.pallas_call(
         kernel,
         grid=(plan.P,),
