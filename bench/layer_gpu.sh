@@ -7,7 +7,8 @@
 #   bash bench/layer_gpu.sh ab      # decode step A/B in one process per model: the kernel-per-op fused step
 #                                   # (stats) against the layer kernel, bf16 and int8, 350M / 1.3B / 6.7B
 #   bash bench/layer_gpu.sh ab64    # the same at batch 64 (350M / 1.3B)
-#   bash bench/layer_gpu.sh tune    # layer-kernel configs on 1.3B: L2 prefetch, warps, stages, 2 programs/SM
+#   bash bench/layer_gpu.sh tune    # layer-kernel configs on 1.3B: L2 prefetch, stages, 2 programs/SM, spin sleep
+#   bash bench/layer_gpu.sh tune2   # and: 4 warps, 32 KB tiles, deeper prefetch
 #   bash bench/layer_gpu.sh e2e     # issue 9's batch-1 table with --fuse layer (HF side by side)
 # Results land in $OUT (or ./out).
 set -o pipefail
@@ -29,19 +30,23 @@ case "${1:-check}" in
     timeout 560 python bench/step_ab.py --models 350m,1.3b --batch 64 --weights bf16,int8 --small-m stats,layer \
       --modes "" --json "$OUT/layer_ab64.jsonl" 2>&1 | tail -20
     ;;
-  tune)
+  tune)   # each variant builds and compiles an engine (~30-40 s): two calls' worth
     timeout 560 python bench/step_ab.py --models 1.3b --weights bf16,int8 --small-m layer --modes "" \
-      --sl default= "pf2=@$L:LayerConfig(prefetch_tiles=2)" "w4=@$L:LayerConfig(num_warps=4)" \
-      "st4=@$L:LayerConfig(num_stages=4)" "pps2=@$L:LayerConfig(programs_per_sm=2)" \
-      "t32k=@$L:LayerConfig(tile_bytes=32768)" "sleep64=@$L:LayerConfig(spin_sleep_ns=64)" default2= \
+      --sl default= "pf2=@$L:LayerConfig(prefetch_tiles=2)" "st4=@$L:LayerConfig(num_stages=4)" \
+      "pps2=@$L:LayerConfig(programs_per_sm=2)" "sleep64=@$L:LayerConfig(spin_sleep_ns=64)" default2= \
       --json "$OUT/layer_tune.jsonl" 2>&1 | tail -20
+    ;;
+  tune2)
+    timeout 560 python bench/step_ab.py --models 1.3b --weights bf16,int8 --small-m layer --modes "" \
+      --sl default= "w4=@$L:LayerConfig(num_warps=4)" "t32k=@$L:LayerConfig(tile_bytes=32768)" \
+      "pf4=@$L:LayerConfig(prefetch_tiles=4)" default2= --json "$OUT/layer_tune2.jsonl" 2>&1 | tail -20
     ;;
   e2e)
     timeout 560 python bench/e2e.py --fuse layer --cases 350m-b1-128-8,350m-b1-512-32,1.3b-b1-128-8,1.3b-b1-512-32,6.7b-b1-512-32 \
       --budget 500 --out "$OUT" 2>&1 | tail -30
     ;;
   *)
-    echo "usage: $0 check|ab|ab64|tune|e2e" >&2
+    echo "usage: $0 check|ab|ab64|tune|tune2|e2e" >&2
     exit 2
     ;;
 esac
