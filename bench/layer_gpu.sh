@@ -5,7 +5,8 @@
 #   bash bench/layer_gpu.sh check   # correctness on the GPU: every shape against the float32 twin, repeats
 #                                   # bitwise equal, counters left zeroed (tests/gpu/check_layer.py)
 #   bash bench/layer_gpu.sh ab      # decode step A/B in one process per model: the kernel-per-op fused step
-#                                   # (stats) against the layer kernel, bf16 and int8, 350M / 1.3B / 6.7B
+#                                   # (stats) against the layer kernel, bf16 and int8, 350M / 1.3B
+#   bash bench/layer_gpu.sh ab67    # the same at 6.7B
 #   bash bench/layer_gpu.sh ab64    # the same at batch 64 (350M / 1.3B)
 #   bash bench/layer_gpu.sh tune    # layer-kernel configs on 1.3B: L2 prefetch, stages, 2 programs/SM, spin sleep
 #   bash bench/layer_gpu.sh tune2   # and: 4 warps, 32 KB tiles, deeper prefetch
@@ -23,8 +24,12 @@ case "${1:-check}" in
     timeout 420 python tests/gpu/check_layer.py 2>&1 | tee "$OUT/check_layer.log"
     ;;
   ab)
-    timeout 560 python bench/step_ab.py --models 1.3b,350m,6.7b --weights bf16,int8 --small-m stats,layer \
+    timeout 560 python bench/step_ab.py --models 1.3b,350m --weights bf16,int8 --small-m stats,layer \
       --modes "" --json "$OUT/layer_ab.jsonl" 2>&1 | tail -20
+    ;;
+  ab67)
+    timeout 560 python bench/step_ab.py --models 6.7b --weights bf16,int8 --small-m stats,layer \
+      --modes "" --json "$OUT/layer_ab67.jsonl" 2>&1 | tail -20
     ;;
   ab64)   # batch 64: the layer kernel with 64-row tiles (x normalised once per norm: prenorm)
     timeout 560 python bench/step_ab.py --models 350m,1.3b --batch 64 --weights bf16,int8 --small-m stats,layer \
@@ -46,7 +51,7 @@ case "${1:-check}" in
       --budget 500 --out "$OUT" 2>&1 | tail -30
     ;;
   *)
-    echo "usage: $0 check|ab|ab64|tune|tune2|e2e" >&2
+    echo "usage: $0 check|ab|ab67|ab64|tune|tune2|e2e" >&2
     exit 2
     ;;
 esac
