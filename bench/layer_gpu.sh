@@ -4,6 +4,7 @@
 # lease. One part per device call (each fits the 600 s command limit):
 #   bash bench/layer_gpu.sh check   # correctness on the GPU: every shape against the float32 twin, repeats
 #                                   # bitwise equal, counters left zeroed (tests/gpu/check_layer.py)
+#   bash bench/layer_gpu.sh trace   # bench/layer_trace.py: time per layer and per-phase stamps of every program
 #   bash bench/layer_gpu.sh ab      # decode step A/B in one process per model: the kernel-per-op fused step
 #                                   # (stats) against the layer kernel, bf16 and int8, 350M / 1.3B
 #   bash bench/layer_gpu.sh ab67    # the same at 6.7B
@@ -22,6 +23,10 @@ case "${1:-check}" in
   check)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     timeout 420 python tests/gpu/check_layer.py 2>&1 | tee "$OUT/check_layer.log"
+    ;;
+  trace)  # inside the kernel: per-phase time stamps of every program, and the time per layer
+    timeout 560 python bench/layer_trace.py --models 1.3b,350m --weights bf16,int8t --out "$OUT" \
+      --layer "" "prefetch_tiles=2" 2>&1 | tail -12
     ;;
   ab)
     timeout 560 python bench/step_ab.py --models 1.3b,350m --weights bf16,int8 --small-m stats,layer \
@@ -51,7 +56,7 @@ case "${1:-check}" in
       --budget 500 --out "$OUT" 2>&1 | tail -30
     ;;
   *)
-    echo "usage: $0 check|ab|ab67|ab64|tune|tune2|e2e" >&2
+    echo "usage: $0 check|trace|ab|ab67|ab64|tune|tune2|e2e" >&2
     exit 2
     ;;
 esac

@@ -137,6 +137,32 @@ def test_prefetch_leaves_results_unchanged():
     assert exp.mlir_module().count(TRITON) == 1
 
 
+def test_traced_launch_matches_and_stamps_every_phase():
+    """decode_layer_traced: the same outputs, a stamp row per program with every phase's events (interpreted,
+    the stamps are placeholders: the event numbers), and the clock reads lower for CUDA."""
+    seed = np.random.randint(1 << 30)
+    x, kc, vc, pos, p, trans = make_case(seed, kvh=2)
+    st = L.row_stats(x)
+    ref = L.decode_layer_reference(x, st, pos, kc, vc, p, trans=trans)
+    cfg = L.LayerConfig(programs=1, tile_bytes=1024)
+    cnt = L.layer_counters(x, kc, p, trans, config=cfg, interpret=True)
+    out, tr = L.decode_layer_traced(x, st, pos, kc, vc, cnt, p, trans=trans, config=cfg, interpret=True)
+    assert_matches(out, ref, x.dtype, f"traced seed={seed}")
+    tr = np.asarray(tr)
+    assert tr.shape == (1, L.TRACE_EVENTS)
+    for name in ("qkv_done", "attn_wait", "attn_done", "o_wait", "o_done", "fc1_wait", "fc1_done", "fc2_wait",
+                 "fc2_done", "exit"):
+        assert tr[0, L.EV[name]] == L.EV[name], (name, tr)
+    cfg = L.LayerConfig(programs=132)
+    sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
+    cnt = L.layer_counters(x, kc, p, trans, config=cfg)
+    fn = lambda *a: L.decode_layer_traced(*a, trans=trans, config=cfg)[1]  # noqa: E731
+    exp = export.export(jax.jit(fn), platforms=["cuda"],
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(
+        *(jax.tree.map(sds, a) for a in (x, st, pos, kc, vc, cnt, p)))
+    assert exp.mlir_module().count(TRITON) == 1
+
+
 def test_stream_k_split_covers_every_tile_once():
     """plan_phase over random shapes: each weight's programs hold consecutive, non-empty ranges that cover its
     (column block, K block) iterations exactly once; a column block's contributors are consecutive programs,

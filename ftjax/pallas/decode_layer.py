@@ -65,6 +65,11 @@ MAX_ROWS = 64             # M rows of the decode step (the batch); the x tile ha
 ACC_ELEMS = 16 * 256      # a projection's float32 accumulator tile holds at most this many elements (R x block_n)
 PHASES = ("norm1", "qkv", "attn", "o", "norm2", "fc1", "fc2")
 NORM_CHUNK = 128          # columns a program normalises at a time in the norm phases
+# Time stamps of `decode_layer_traced` (per program, %globaltimer_lo in ns; 0: the program has none there)
+EVENTS = ("start", "qkv_wait", "qkv_done", "attn_wait", "attn_done", "o_wait", "o_done", "fc1_wait", "fc1_done",
+          "fc2_wait", "fc2_done", "exit")
+EV = {name: i for i, name in enumerate(EVENTS)}
+TRACE_EVENTS = 16
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
 
@@ -351,7 +356,7 @@ class _Sync:
     sleep_ns, each retry first sleeps (fewer atomics on the counter while its producers arrive)."""
     def retry(v):
       return C.pltriton.atomic_add(self.ref, (self.zero + idx,), self._pause())
-    jax.lax.while_loop(lambda v: v < target, retry, self.read(idx))
+    return jax.lax.while_loop(lambda v: v < target, retry, self.read(idx))
 
 
 _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
@@ -424,7 +429,8 @@ def _prefetch(w: WeightPlan, w_ref, lo, hi, tiles: int, sink):
 
 
 def _proj(w: WeightPlan, pid, *, R: int, x_tile, w_ref, part_ref, cnt: _Sync, rmask, dequant: str, precision,
-          finish=None, counter=None, expected=None, last=None, wait=None, prefetch: int = 0, sink=None):
+          finish=None, counter=None, expected=None, last=None, wait=None, prefetch: int = 0, sink=None,
+          on_wait=None, on_done=None):
   """One weight of a projection phase for program `pid` (a no-op outside [w.p0, w.p0 + w.P)).
 
   wait(): run before the first x tile is read (the phase's dependency), after `prefetch` tiles of the
@@ -433,7 +439,8 @@ def _proj(w: WeightPlan, pid, *, R: int, x_tile, w_ref, part_ref, cnt: _Sync, rm
   Where this program's range ends a column block j: with `finish` given and the block entirely its own,
   finish(j, acc [R, bn] float32) from registers; otherwise the partial goes to part_ref[slot] and the
   program counts itself in on counter(j); the one that brings it to expected(j) runs last(j), which sums
-  the slots."""
+  the slots. on_wait(v) / on_done(acc): called with the wait's last counter value / the loop's final
+  accumulator (the tracer's time stamps, which must depend on what they time)."""
   nkb, T, Pw = w.nkb, w.T, w.P
   q = pid - w.p0
 
@@ -443,7 +450,9 @@ def _proj(w: WeightPlan, pid, *, R: int, x_tile, w_ref, part_ref, cnt: _Sync, rm
     hi = (q + 1) * T // Pw
     if wait is not None:
       _prefetch(w, w_ref, lo, hi, prefetch, sink)
-      wait()
+      v = wait()
+      if on_wait is not None:
+        on_wait(v)
     tile = x_tile()
 
     def body(it, acc):
@@ -476,7 +485,9 @@ def _proj(w: WeightPlan, pid, *, R: int, x_tile, w_ref, part_ref, cnt: _Sync, rm
 
       return jnp.where(end, 0.0, acc)
 
-    jax.lax.fori_loop(lo, hi, body, jnp.zeros((R, w.bn), jnp.float32))
+    acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((R, w.bn), jnp.float32))
+    if on_done is not None:
+      on_done(acc)
 
 
 def _slot_sum(w: WeightPlan, part_ref, j, rmask, zero):
@@ -512,7 +523,7 @@ class _Refs:
 # ----------------------------------------------------------------------------------------------- kernel
 def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str, rotary: bool, phases,
                   reset: bool, interpret: bool, dequant: str, qk_scale: float, prefetch: int,
-                  spin_sleep_ns: int):
+                  spin_sleep_ns: int, trace: bool):
   R = _Refs(refs, names)
   pl_ = plan
   M, D, kvh, h = pl_.M, pl_.D, pl_.kvh, pl_.h
@@ -582,16 +593,40 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
     C.store(stats_ref.at[zero, pl.ds(zero, RT), pl.ds(j, 1)], s1[:, None], mask=rmask)
     C.store(stats_ref.at[zero + 1, pl.ds(zero, RT), pl.ds(j, 1)], s2[:, None], mask=rmask)
 
+  def stamp(event, dep=None):
+    """trace: this program's time (%globaltimer_lo, ns) at `event` into trace[pid, event]; dep: a value the
+    stamp must follow (the clock read is a pure asm: without a dependency it could be hoisted)."""
+    if not trace:
+      return
+    d = zero
+    if dep is not None:
+      dep = jnp.sum(dep) if getattr(dep, "ndim", 0) else dep
+      d = jnp.where(dep == dep, zero, zero + 1) if jnp.issubdtype(dep.dtype, jnp.floating) else \
+          jnp.where(dep == -7777777, zero + 1, zero)
+    arg = jnp.zeros((1,), jnp.int32) + d + event
+    if interpret:
+      t = arg
+    else:
+      [t] = C.pltriton.elementwise_inline_asm("mov.u32 $0, %globaltimer_lo;", args=[arg], constraints="=r,r",
+                                               pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct((1,), jnp.int32)])
+    C.store(R.trace.at[pl.ds(pid, 1), pl.ds(zero + event, 1)], jnp.reshape(t, (1, 1)))
+
+  if trace and "norm1" in phases:     # the first (or only) launch of the layer clears this program's row
+    C.store(R.trace.at[pl.ds(pid, 1), pl.ds(zero, TRACE_EVENTS)], jnp.zeros((1, TRACE_EVENTS), jnp.int32))
+    stamp(EV["start"])
+
   def sink(v):               # consumes prefetched values: a store that never happens, not provably so
     pl.when(v == -1.2345e38)(lambda: C.store(R.sink.at[pl.ds(zero, 1)], jnp.reshape(v, (1,))))
 
-  def proj(w, x_tile, w_ref, part_ref, finish, wait=None):
-    """The usual column-block protocol: finish from registers or the last arriver sums the slots."""
+  def proj(w, x_tile, w_ref, part_ref, finish, wait=None, ev=None):
+    """The usual column-block protocol: finish from registers or the last arriver sums the slots. ev: the
+    phase's name in EV (its "_wait" and "_done" time stamps)."""
     _proj(w, pid, R=RT, x_tile=x_tile, w_ref=w_ref, part_ref=part_ref, cnt=cnt, rmask=rmask, dequant=dequant,
           precision=precision, finish=finish, counter=lambda j: w.cnt0 + j,
           expected=lambda j: (lambda s: s[1] - s[0] + 1)(_span(w, j)),
           last=lambda j: finish(j, _slot_sum(w, part_ref, j, rmask, zero)), wait=wait, prefetch=prefetch,
-          sink=sink)
+          sink=sink, on_wait=ev and (lambda v: stamp(EV[ev + "_wait"], v)),
+          on_done=ev and (lambda a: stamp(EV[ev + "_done"], a)))
 
   # ------------------------------------------------------------------------------------------ qkv
   def norm_phase(x_ref, stats_ref, nchunks, g_ref, b_ref, out_ref, done):
@@ -624,11 +659,11 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
         x_tile = plain_tile(R.h1, w.bk)
       else:
         x_tile = lambda w=w: normed_tile(R.x, load_stats(R.stats, R.stats.shape[2]), R.ln1_g, R.ln1_b, w.bk)  # noqa: E731
-      proj(w, x_tile, getattr(R, f"w{nm}"), getattr(R, f"p{nm}"), finish, wait=wait_n1)
+      proj(w, x_tile, getattr(R, f"w{nm}"), getattr(R, f"p{nm}"), finish, wait=wait_n1, ev="qkv")
 
   # ----------------------------------------------------------------------------------------- attn
   if "attn" in phases:
-    _attention(R, pl_, pid, zero, cnt, cdtype, precision, qk_scale, rotary, sink if prefetch else None)
+    _attention(R, pl_, pid, zero, cnt, cdtype, precision, qk_scale, rotary, sink if prefetch else None, stamp)
 
   # -------------------------------------------------------------------------------------------- o
   if "o" in phases:
@@ -640,8 +675,7 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
 
     # x tiles: a K block stays inside one head of the [M, n, h] attention output (block_k <= h)
     proj(w, lambda: lambda k0, km: rows(R.attn, k0 % h, w.bk, None, head=k0 // h).astype(cdtype), R.wo, R.po,
-         finish_o,
-         wait=(lambda: cnt.wait(pl_.att_done, M * kvh)) if "attn" in phases else None)
+         finish_o, wait=(lambda: cnt.wait(pl_.att_done, M * kvh)) if "attn" in phases else None, ev="o")
 
   # ------------------------------------------------------------------------------------------ fc1
   if "norm2" in phases and pl_.prenorm:
@@ -673,7 +707,7 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
       cnt.arrive(pl_.f1_done)
 
     if not pl_.gated:
-      proj(w1, x_mid_tile(w1.bk), R.w1, R.p1, finish_1, wait=wait1)
+      proj(w1, x_mid_tile(w1.bk), R.w1, R.p1, finish_1, wait=wait1, ev="fc1")
     else:
       # up (w1) and gate (wg) stream on their own programs; a column block is finished by whichever of its
       # contributors (of either weight) arrives last, from both weights' partials
@@ -688,8 +722,9 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
 
       for w, w_ref, p_ref in ((w1, R.w1, R.p1), (wg, R.wg, R.pg)):
         _proj(w, pid, R=RT, x_tile=x_mid_tile(w.bk), w_ref=w_ref, part_ref=p_ref, cnt=cnt, rmask=rmask,
-              dequant=dequant, precision=precision, counter=lambda j: w1.cnt0 + j, expected=expected, last=last, wait=wait1,
-              prefetch=prefetch, sink=sink)
+              dequant=dequant, precision=precision, counter=lambda j: w1.cnt0 + j, expected=expected, last=last,
+              wait=wait1, prefetch=prefetch, sink=sink, on_wait=lambda v: stamp(EV["fc1_wait"], v),
+              on_done=lambda a: stamp(EV["fc1_done"], a))
 
   # ------------------------------------------------------------------------------------------ fc2
   if "fc2" in phases:
@@ -699,10 +734,11 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
       residual_out(w, j, acc, R.s2, R.b2, R.x_mid, R.x_out, R.out_stats)
 
     proj(w, plain_tile(R.h_buf, w.bk), R.w2, R.p2, finish_2,
-         wait=(lambda: cnt.wait(pl_.f1_done, pl_.fc1[0].nb)) if "fc1" in phases else None)
+         wait=(lambda: cnt.wait(pl_.f1_done, pl_.fc1[0].nb)) if "fc1" in phases else None, ev="fc2")
 
   # ----------------------------------------------------------------------------------------- exit
   old = cnt.arrive(pl_.exit)
+  stamp(EV["exit"], old)
   if prefetch and R.nwq is not None:
     # The first half of the programs out bring their first tiles of the NEXT layer's q/k/v (the same plan:
     # the same tiles for the same program) into the L2 while the last ones finish: that launch's weight
@@ -727,7 +763,7 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
 
 
 def _attention(R, pl_: LayerPlan, pid, zero, cnt: _Sync, cdtype, precision, qk_scale: float, rotary: bool,
-               sink=None):
+               sink=None, stamp=lambda *a: None):
   """The attention phase: units (row b, kv head, key split c) dealt round-robin to the programs. A unit
   waits for q/k/v, rotates q and the new key (rotary models), writes the new K/V into the cache (the split
   holding the row's last key), attends over its split of keys [0, pos] (the new key from registers) and
@@ -770,7 +806,7 @@ def _attention(R, pl_: LayerPlan, pid, zero, cnt: _Sync, cdtype, precision, qk_s
         m_ = jnp.max(blk.astype(f32))
         mx = m_ if mx is None else jnp.maximum(mx, m_)
       sink(mx)
-    cnt.wait(pl_.qkv_done, total_qkv)
+    stamp(EV["attn_wait"], cnt.wait(pl_.qkv_done, total_qkv))
 
     def unit(t, carry):     # this program's units: pid, pid + P, ...
       b, kh, c, pos, length, lo, hi, per, nblk = coords(pid + t * pl_.P)
@@ -881,9 +917,9 @@ def _attention(R, pl_: LayerPlan, pid, zero, cnt: _Sync, cdtype, precision, qk_s
             tot_l = tot_l + C.load(R.att_l.at[grp, pl.ds(zero + s * nr, nr), :]) * wgt
             tot_o = tot_o + C.load(R.att_o.at[grp, pl.ds(zero + s * nr, nr), :]) * wgt
           put_out(tot_o / jnp.maximum(tot_l, 1e-30))
-      return carry
+      return carry + jnp.sum(o)
 
-    jax.lax.fori_loop(0, (U - pid + pl_.P - 1) // pl_.P, unit, 0)
+    stamp(EV["attn_done"], jax.lax.fori_loop(0, (U - pid + pl_.P - 1) // pl_.P, unit, jnp.float32(0)))
 
 
 # ---------------------------------------------------------------------------------------------- calls
@@ -1016,9 +1052,9 @@ N_HEAD_OUTS = 5     # x_out, out_stats, k_out, v_out, cnt: then the scratch buff
 
 
 @functools.partial(jax.jit, static_argnames=("trans", "norm", "eps", "act", "scale", "config", "interpret",
-                                             "phased"))
+                                             "phased", "trace"))
 def _decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParams, next_qkv, *, trans, norm, eps,
-                  act, scale, config, interpret, phased):
+                  act, scale, config, interpret, phased, trace=False):
   M, D = x.shape
   plan = layer_plan(x, k_cache, p, trans, config, interpret)
   assert counters.shape == (plan.n_counters,) and counters.dtype == jnp.int32, (
@@ -1038,6 +1074,8 @@ def _decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParam
   outs = [("x_out", (M, D), x.dtype), ("out_stats", (2, M, plan.fc2.nb), jnp.float32),
           ("k_out", k_cache.shape, k_cache.dtype), ("v_out", v_cache.shape, v_cache.dtype),
           ("cnt", counters.shape, jnp.int32)] + _scratch(plan, x.dtype)
+  if trace:
+    outs.append(("trace", (plan.P, TRACE_EVENTS), jnp.int32))
   n_in = len(ins)
   aliases = {n_in - 3: 2, n_in - 2: 3, n_in - 1: 4}
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda i: (0,) * len(shape))  # noqa: E731
@@ -1050,7 +1088,7 @@ def _decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParam
         _layer_kernel, plan=plan, names=tuple(in_names + out_names), norm=norm, eps=float(eps), act=act,
         rotary=p.rope is not None, phases=phases, reset=reset, interpret=interpret,
         dequant=resolve_dequant(config.dequant, interpret), qk_scale=qk_scale, prefetch=config.prefetch_tiles,
-        spin_sleep_ns=config.spin_sleep_ns)
+        spin_sleep_ns=config.spin_sleep_ns, trace=trace)
     return pl.pallas_call(
         kernel,
         grid=(plan.P,),
@@ -1065,7 +1103,7 @@ def _decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParam
 
   if not phased:
     res = call(PHASES, True, ins, {})
-    return tuple(res[:N_HEAD_OUTS])
+    return tuple(res[:N_HEAD_OUTS]) + ((res[-1],) if trace else ())
   # One launch per phase (interpret-mode tests of the multi-program split): the outputs travel from launch
   # to launch (inputs aliased to the outputs), so a phase reads what the previous ones wrote.
   state = [jnp.zeros(o.shape, o.dtype) for o in out_shape[:2]] + [k_cache, v_cache, counters] \
@@ -1075,7 +1113,7 @@ def _decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParam
     extra = {n_in + j: N_HEAD_OUTS + j for j in range(len(state) - N_HEAD_OUTS)}
     r = list(call((ph,), i == len(PHASES) - 1, args, extra))
     state = (r[:2] if ph == "fc2" else state[:2]) + r[2:]
-  return tuple(state[:N_HEAD_OUTS])
+  return tuple(state[:N_HEAD_OUTS]) + ((state[-1],) if trace else ())
 
 
 def layer_counters(x, k_cache, p: LayerParams, trans=(False,) * 6, *, config: LayerConfig | None = None,
@@ -1115,6 +1153,21 @@ def decode_layer(x, stats, positions, k_cache, v_cache, counters, p: LayerParams
   return _decode_layer(x, stats, positions, k_cache, v_cache, counters, p, next_qkv, trans=trans, norm=norm,
                        eps=float(eps), act=act, scale=scale, config=config, interpret=bool(interpret),
                        phased=bool(phased))
+
+
+def decode_layer_traced(x, stats, positions, k_cache, v_cache, counters, p: LayerParams, **kw):
+  """`decode_layer` with time stamps: (its outputs, trace [P, TRACE_EVENTS] int32), trace[p, EV[name]] the
+  %globaltimer_lo (ns) at which program p reached event `name` of EVENTS (0: it has no such event, e.g. no
+  wait before a phase it has no work in). The stamps cost a few instructions each; for profiling
+  (bench/layer_trace.py)."""
+  trans = _trans(p, kw.pop("trans", (False,) * 6))
+  norm, act = kw.get("norm", "layernorm"), kw.get("act", "gelu_tanh")
+  _check(x, stats, positions, k_cache, v_cache, p, trans, norm, act)
+  config = kw.pop("config", None) or DEFAULT_CONFIG
+  out = _decode_layer(x, stats, positions, k_cache, v_cache, counters, p, None, trans=trans, norm=norm,
+                      eps=float(kw.get("eps", 1e-5)), act=act, scale=kw.get("scale"), config=config,
+                      interpret=bool(kw.get("interpret", False)), phased=bool(kw.get("phased", False)), trace=True)
+  return out[:N_HEAD_OUTS], out[N_HEAD_OUTS]
 
 
 def row_stats(x):
