@@ -5,9 +5,9 @@ every program, and the kernel's time per layer.
         [--context 512] [--layer 'prefetch_tiles=2'] [--out $OUT]
 
 A profiler sees one kernel per layer; this shows what happens in it. For each (model, weights, config):
-- the time per layer: a chain of the model's layers (random weights, N(0, 0.02), each layer its own, so
-  nothing is served from the L2 twice) run back to back as one jitted call, median of repeats, with the
-  weight bytes over that time (GB/s);
+- the time per layer: the model's layers (random weights, N(0, 0.02), each layer its own, so nothing is
+  served from the L2 twice) run back to back in one jitted call, once and three times over; the difference
+  of the two medians over twice the layers (no call overhead in it), and the weight bytes over it (GB/s);
 - one traced launch (`decode_layer_traced`): for each event of EVENTS, over the programs that reach it,
   the min / median / max time in us after the first program started (%globaltimer: its resolution is the
   GPU's, ~32 ns to 1 us), and each phase's wait (the time from a program's previous event to the end of
@@ -109,25 +109,31 @@ def main():
                 lc = L.LayerConfig(**kw)
                 cnt = L.layer_counters(x, kc, params[0], trans, config=lc, interpret=ip)
 
-                def chain(x, st, cnt, caches, params):
-                    out = []
-                    for (k_, v_), p in zip(caches, params):
-                        x, st, k_, v_, cnt = L.decode_layer(x, st, pos, k_, v_, cnt, p, trans=trans, norm=norm,
-                                                            act=act, config=lc, interpret=ip)
-                        out.append((k_, v_))
-                    return x, st, cnt, out
+                def chain(x, st, cnt, caches, params, passes):
+                    for _ in range(passes):
+                        out = []
+                        for (k_, v_), p in zip(caches, params):
+                            x, st, k_, v_, cnt = L.decode_layer(x, st, pos, k_, v_, cnt, p, trans=trans, norm=norm,
+                                                                act=act, config=lc, interpret=ip)
+                            out.append((k_, v_))
+                        caches = out
+                    return x, st, cnt, caches
 
-                f = jax.jit(chain, donate_argnums=(3,))
+                # the time of 1 and of 3 passes over the layers: their difference has no call overhead in it
+                f = jax.jit(chain, donate_argnums=(3,), static_argnames=("passes",))
                 state = (x, st, cnt, caches)
-                ts = []
-                for i in range(a.reps + 3):
-                    t0 = time.perf_counter()
-                    xo, sto, cn, cs = f(*state, params)
-                    jax.block_until_ready(xo)
-                    if i >= 3:
-                        ts.append(time.perf_counter() - t0)
-                    state = (x, st, cn, cs)
-                per_layer = statistics.median(ts) / n_layers
+                med = {}
+                for passes in (1, 3):
+                    ts = []
+                    for i in range(a.reps + 2):
+                        t0 = time.perf_counter()
+                        xo, sto, cn, cs = f(*state, params, passes=passes)
+                        jax.block_until_ready(xo)
+                        if i >= 2:
+                            ts.append(time.perf_counter() - t0)
+                        state = (x, st, cn, cs)
+                    med[passes] = statistics.median(ts)
+                per_layer = (med[3] - med[1]) / (2 * n_layers)
                 _, tr = jax.jit(lambda x, st, cnt, kc, vc, p: L.decode_layer_traced(
                     x, st, pos, kc, vc, cnt, p, trans=trans, norm=norm, act=act, config=lc, interpret=ip))(
                     x, st, state[2], state[3][0][0], state[3][0][1], params[0])
