@@ -663,7 +663,8 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
 
   # ----------------------------------------------------------------------------------------- attn
   if "attn" in phases:
-    _attention(R, pl_, pid, zero, cnt, cdtype, precision, qk_scale, rotary, sink if prefetch else None, stamp)
+    _attention(R, pl_, pid, zero, cnt, cdtype, precision, qk_scale, rotary, sink if prefetch else None,
+               stamp if trace else None)
 
   # -------------------------------------------------------------------------------------------- o
   if "o" in phases:
@@ -763,7 +764,7 @@ def _layer_kernel(*refs, plan: LayerPlan, names, norm: str, eps: float, act: str
 
 
 def _attention(R, pl_: LayerPlan, pid, zero, cnt: _Sync, cdtype, precision, qk_scale: float, rotary: bool,
-               sink=None, stamp=lambda *a: None):
+               sink=None, stamp=None):
   """The attention phase: units (row b, kv head, key split c) dealt round-robin to the programs. A unit
   waits for q/k/v, rotates q and the new key (rotary models), writes the new K/V into the cache (the split
   holding the row's last key), attends over its split of keys [0, pos] (the new key from registers) and
@@ -806,7 +807,9 @@ def _attention(R, pl_: LayerPlan, pid, zero, cnt: _Sync, cdtype, precision, qk_s
         m_ = jnp.max(blk.astype(f32))
         mx = m_ if mx is None else jnp.maximum(mx, m_)
       sink(mx)
-    stamp(EV["attn_wait"], cnt.wait(pl_.qkv_done, total_qkv))
+    v = cnt.wait(pl_.qkv_done, total_qkv)
+    if stamp is not None:
+      stamp(EV["attn_wait"], v)
 
     def unit(t, carry):     # this program's units: pid, pid + P, ...
       b, kh, c, pos, length, lo, hi, per, nblk = coords(pid + t * pl_.P)
@@ -917,9 +920,11 @@ def _attention(R, pl_: LayerPlan, pid, zero, cnt: _Sync, cdtype, precision, qk_s
             tot_l = tot_l + C.load(R.att_l.at[grp, pl.ds(zero + s * nr, nr), :]) * wgt
             tot_o = tot_o + C.load(R.att_o.at[grp, pl.ds(zero + s * nr, nr), :]) * wgt
           put_out(tot_o / jnp.maximum(tot_l, 1e-30))
-      return carry + jnp.sum(o)
+      return carry + jnp.sum(o) if stamp is not None else carry    # traced: a value the stamp follows
 
-    stamp(EV["attn_done"], jax.lax.fori_loop(0, (U - pid + pl_.P - 1) // pl_.P, unit, jnp.float32(0)))
+    done = jax.lax.fori_loop(0, (U - pid + pl_.P - 1) // pl_.P, unit, jnp.float32(0))
+    if stamp is not None:
+      stamp(EV["attn_done"], done)
 
 
 # ---------------------------------------------------------------------------------------------- calls
