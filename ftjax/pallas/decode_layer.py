@@ -15,6 +15,12 @@ other through global memory, with counters for the dependencies instead of kerne
   fc1   norm(x_mid) times W1 (+ bias), activation -> h (rounded)
   fc2   h times W2; + bias + x_mid -> x_out (rounded) and its row statistics (the next layer's norm input)
 
+Measured (H100, bench/RESULTS.md, tenth session): correct, and SLOWER than the kernel-per-op step — 1.3B
+batch 1 1.54 vs 1.37 ms bf16, 1.44 vs 1.05 ms int8; 350M batch 64 2.55 vs 1.47 ms. Per layer (1.3B, 2 rows,
+bench/layer_trace.py) four hand-offs of ~2.5 us and a ~6 us attention phase stream no weights, and the
+projection phases run at 1.8-2.6 TB/s bf16 / 1.1-1.5 TB/s int8 with one program per SM; no LayerConfig
+knob changed that. It stays opt-in (FTJAX_DECODE_FUSE=layer).
+
 Work split. Each projection phase splits its weight's tiles over the programs "stream-K" style: the
 (column block j, K block kb) iterations of a weight, column-major, are cut into `P_w` equal contiguous
 ranges, one per program, so every program streams the same number of bytes whatever the shapes; a phase
