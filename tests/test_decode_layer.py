@@ -75,16 +75,16 @@ def assert_matches(out, ref, dtype, what):
     assert int(np.abs(np.asarray(out[4])).sum()) == 0, f"{what}: the counters were not left zeroed"
 
 
+# (GQA with RMSNorm and no biases is in "llama"; gated int8 [N, K] and the prenorm phases in "40rows-...":
+# the layer kernel is opt-in and measured slower (bench/RESULTS.md), so its CPU time in the suite is kept
+# to the cases that each exercise something the others do not.)
 CASES = {
     "gpt2": dict(),
-    "gqa-rms-nobias": dict(M=3, kvh=2, norm="rmsnorm", bias=False),
     "ragged": dict(M=1, D=80, F=96, h=32, n=2, kvh=2),
     "llama": dict(M=4, kvh=2, rotary=True, gated=True, norm="rmsnorm", bias=False),
     "mqa-rotary-int8kn": dict(kvh=1, rotary=True, int8="kn"),
-    "gated-int8t": dict(gated=True, int8="t"),
     "bf16-16rows": dict(M=16, kvh=2, dtype=jnp.bfloat16),
     "40rows-llama-int8t": dict(M=40, kvh=2, rotary=True, gated=True, norm="rmsnorm", bias=False, int8="t"),
-    "prenorm-3rows": dict(M=3, cfg=dict(prenorm=True)),
 }
 
 
