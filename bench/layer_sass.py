@@ -97,7 +97,7 @@ def plan_weights(plan):
 
 
 def main():
-    from bench.step_ab import _value
+    from bench.step_ab import layer_kwargs
     from ftjax.pallas import decode_layer as L
 
     ap = argparse.ArgumentParser()
@@ -111,7 +111,7 @@ def main():
     for model in a.models.split(","):
         for wq in a.weights.split(","):
             for v in a.layer:
-                kw = {k: _value(val) for k, _, val in (item.partition("=") for item in v.split(",") if item)}
+                kw = layer_kwargs(v)
                 cfg = L.LayerConfig(programs=a.programs, **kw)
                 x, kc, p, trans, norm, act = layer_args(MODELS[model], wq, a.rows, a.cache)
                 plan = L.layer_plan(x, kc, p, trans, cfg, interpret=False)

@@ -76,7 +76,7 @@ def layer_inputs(cfg, weights: str, M: int, context: int, seed: int):
 def main():
     import jax
 
-    from bench.step_ab import _value
+    from bench.step_ab import layer_kwargs
     from ftjax.pallas import decode_layer as L
 
     ap = argparse.ArgumentParser()
@@ -105,7 +105,7 @@ def main():
             wbytes = sum(int(v.nbytes) for v in jax.tree.leaves(params))
             del layers
             for v in a.layer:
-                kw = {k: _value(val) for k, _, val in (item.partition("=") for item in v.split(",") if item)}
+                kw = layer_kwargs(v)
                 lc = L.LayerConfig(**kw)
                 cnt = L.layer_counters(x, kc, params[0], trans, config=lc, interpret=ip)
 

@@ -109,6 +109,12 @@ def _value(val: str):
     return val
 
 
+def layer_kwargs(v: str) -> dict:
+    """'field=value,field=value' (a --layer variant of bench/layer_trace.py / layer_sass.py) -> LayerConfig
+    keyword arguments."""
+    return {k: _value(val) for k, _, val in (item.partition("=") for item in v.split(",") if item)}
+
+
 def parse_sl(v: str):
     """'name=field:value;field:value;@module.attr:value' -> (name, SmallLinearConfig, [(module, attr,
     value)]): SmallLinearConfig fields, and module globals set for that variant (values int, float, bool,

@@ -76,8 +76,9 @@ def _rows(x, n_in: int) -> int:
     return math.prod(x.shape[: x.ndim - n_in])
 
 
-def _small_m_mode(x, n_in, ws=None):
-    """The small-M mode dict when projections of x (by the weights ws, where known) run the kernel, else None."""
+def _kernel_mode(x, n_in):
+    """The small-M mode dict when it is on, x has rows and a kernel dtype and the step runs one device per
+    shard (what every Pallas projection path needs, whatever its row limit), else None."""
     mode = _SMALL_M.get()
     if mode is None or x.ndim < n_in:
         return None
@@ -85,9 +86,17 @@ def _small_m_mode(x, n_in, ws=None):
     on = current_attention_mesh()
     if on is not None and on[0].size > 1:
         return None
-    rows = _rows(x, n_in)
-    if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32) or rows < 1:
+    if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32) or _rows(x, n_in) < 1:
         return None
+    return mode
+
+
+def _small_m_mode(x, n_in, ws=None):
+    """The small-M mode dict when projections of x (by the weights ws, where known) run the kernel, else None."""
+    mode = _kernel_mode(x, n_in)
+    if mode is None:
+        return None
+    rows = _rows(x, n_in)
     if rows <= SMALL_M_ROWS:
         return mode
     quantized = ws is not None and all(isinstance(w, (QuantizedWeight, QuantizedWeightT)) for w in ws)
@@ -120,12 +129,8 @@ LAYER_ROWS = 64     # the layer kernel (fuse="layer") takes decode steps of up t
 def layer_decode_mode(x):
     """The small-M mode dict when fuse is "layer" and x (the decode step's [rows, d] activations, <= LAYER_ROWS
     rows, one device per shard) may run each block as one kernel (ftjax/pallas/decode_layer.py), else None."""
-    mode = _SMALL_M.get()
-    if mode is None or mode.get("fuse") != "layer" or x.ndim != 2 or not 1 <= x.shape[0] <= LAYER_ROWS:
-        return None
-    from ftjax.sharding.mesh import current_attention_mesh
-    on = current_attention_mesh()
-    if (on is not None and on[0].size > 1) or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    mode = _kernel_mode(x, 1) if x.ndim == 2 else None
+    if mode is None or mode.get("fuse") != "layer" or x.shape[0] > LAYER_ROWS:
         return None
     return mode
 

@@ -102,14 +102,14 @@ class Block(nn.Module):
             vals["rope"] = jnp.asarray(np.asarray(rope_inv_freq(c), np.float32))
         return LayerParams(**vals), tuple(t for *_, t in ws)
 
-    def decode_layer(self, x, stats, positions, k_cache, v_cache, counters, interpret: bool, next_qkv=None):
+    def decode_layer(self, x, stats, positions, k_cache, v_cache, counters, interpret: bool, params, next_qkv=None):
         """The whole block as one persistent kernel (ftjax/pallas/decode_layer.py): x [M, d] and its row
-        statistics in -> (x_out, stats_out, k_cache, v_cache, counters). next_qkv: the next block's q/k/v
-        weights (its first tiles may be prefetched)."""
+        statistics in -> (x_out, stats_out, k_cache, v_cache, counters). params: this block's
+        `layer_params()`; next_qkv: the next block's q/k/v weights (its first tiles may be prefetched)."""
         from ftjax.pallas.decode_layer import decode_layer
 
         c = self.cfg
-        p, trans = self.layer_params()
+        p, trans = params
         return decode_layer(x, stats, positions, k_cache, v_cache, counters, p, trans=trans, norm=c.norm,
                             eps=c.norm_eps, act=c.activation, interpret=interpret, next_qkv=next_qkv)
 
@@ -191,18 +191,14 @@ class GPT(nn.Module):
             # statistics; the counters the kernels synchronise through are created once per step
             from ftjax.pallas.decode_layer import layer_counters, row_stats
 
-            blk = self.layers[0]
-            p0, trans0 = blk.layer_params()
-            counters = layer_counters(x, cache[0]["k"], p0, trans0, interpret=mode["interpret"])
+            lps = [layer.layer_params() for layer in self.layers]
+            counters = layer_counters(x, cache[0]["k"], *lps[0], interpret=mode["interpret"])
             stats = row_stats(x)
             new_cache = []
             for i, (layer, c) in enumerate(zip(self.layers, cache)):
-                nxt = None
-                if i + 1 < len(self.layers):
-                    np_ = self.layers[i + 1].layer_params()[0]
-                    nxt = (np_.wq, np_.wk, np_.wv)
+                nxt = (lps[i + 1][0].wq, lps[i + 1][0].wk, lps[i + 1][0].wv) if i + 1 < len(lps) else None
                 x, stats, k, v, counters = layer.decode_layer(x, stats, positions, c["k"], c["v"], counters,
-                                                              mode["interpret"], next_qkv=nxt)
+                                                              mode["interpret"], lps[i], next_qkv=nxt)
                 new_cache.append({"k": k, "v": v})
             return self.logits(self.final_norm(x)), new_cache
         mode = self._fused_mode(x, cache)
