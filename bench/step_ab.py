@@ -148,6 +148,9 @@ def apply_sets(sets):
         assert hasattr(m, attr), f"--sl: {mod} has no {attr}"
         old.append((mod, attr, getattr(m, attr)))
         setattr(m, attr, val)
+    if sets:   # a global read when a kernel is traced (e.g. ftjax.pallas._common.PDL): no stale jit cache
+        import jax
+        jax.clear_caches()
     return old
 
 

@@ -132,3 +132,44 @@ def test_fused_decode_step_lowers(family):
     assert len(re.findall(r"name=_small_linear_parts\b", jtxt)) == 4 * L
     assert len(re.findall(r"name=_small_linear\b", jtxt)) == (0 if cfg.tie_embeddings else 1)
     assert "scatter" not in jtxt        # the K/V write is the attention kernel's
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_grid_dependency_wait_in_every_decode_kernel(pdl, monkeypatch):
+    """ftjax.pallas._common.PDL: with it on, each decode-path kernel carries the grid-dependency wait (and
+    early launch of its dependents) as inline PTX; off (and on a machine without a Hopper GPU, where the
+    default None resolves off) none does."""
+    from ftjax.pallas import _common as C
+    from ftjax.pallas.add_norm import add_stats, normalise
+
+    monkeypatch.setattr(C, "PDL", pdl)
+    jax.clear_caches()
+    try:
+        texts = [
+            lower_cuda(lambda x, w, s: small_linear(x, [w], [s], transposed=[True]), sds((1, 2048)),
+                       sds((6144, 2048), jnp.int8), sds((6144,), jnp.float32)),
+            lower_cuda(lambda x, w: small_linear_parts(x, [w, w]), sds((3, 512)), sds((512, 256))),
+            lower_cuda(lambda x, p: add_stats(x, p), sds((1, 2048)), sds((4, 1, 2048), jnp.float32)),
+            lower_cuda(lambda x, st, g: normalise(x, st, g, kind="rmsnorm"), sds((2, 1024)),
+                       sds((2, 2, 2), jnp.float32), sds((1024,))),
+            lower_cuda(lambda x, g: add_norm(x, gamma=g, kind="rmsnorm"), sds((2, 1024)), sds((1024,))),
+            lower_cuda(lambda q, k, v, kc, vc, p: decode_attention_append(q, k, v, kc, vc, p),
+                       sds((1, 2, 16, 64), jnp.float32), sds((1, 2, 4, 64), jnp.float32),
+                       sds((1, 2, 4, 64), jnp.float32), sds((2, 4, 256, 64)), sds((2, 4, 256, 64)),
+                       sds((2,), jnp.int32)),
+            lower_cuda(lambda q, kc, vc, n: decode_attention(q, kc, vc, n), sds((2, 16, 64)),
+                       sds((2, 16, 256, 64)), sds((2, 16, 256, 64)), sds((2,), jnp.int32)),
+        ]
+    finally:
+        jax.clear_caches()
+    for i, txt in enumerate(texts):
+        assert txt.count(TRITON) == 1
+        assert ("griddepcontrol.wait" in txt) == pdl, f"kernel {i}"
+        assert ("griddepcontrol.launch_dependents" in txt) == pdl, f"kernel {i}"
+    # more rows than PDL_MAX_ROWS (batch-64 steps measured slower with PDL): never
+    wide = lower_cuda(lambda x, w: small_linear(x, [w]), sds((C.PDL_MAX_ROWS + 1, 512)), sds((512, 256)))
+    jax.clear_caches()
+    assert wide.count(TRITON) == 1 and "griddepcontrol" not in wide
+    monkeypatch.setattr(C, "PDL", None)
+    assert C.pdl_on(False) == (jax.default_backend() == "gpu" and C._device_has_pdl())
+    assert not C.pdl_on(True)

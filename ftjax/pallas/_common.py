@@ -7,6 +7,9 @@ and the same kernel body runs on CPU under `interpret=True`, which is what CI us
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -29,6 +32,74 @@ def triton_compiler_params(num_warps: int, num_stages: int):
         f"jax {jax.__version__} has no jax.experimental.pallas.triton.CompilerParams; "
         "the ftjax Pallas kernels need Pallas' Triton lowering")
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+# Programmatic dependent launch (PDL, Hopper and later). With PDL on, every decode-path kernel (the small-M
+# projection, add_stats / add_norm / normalise, the decode attention kernels) begins with
+# `griddepcontrol.wait; griddepcontrol.launch_dependents;`: it waits there until the grids it depends on have
+# finished and their writes are visible, before any load or store of its own (the projection loads nothing
+# before it either), and lets the next kernel be scheduled as soon as all of its own programs have started.
+# XLA (jax 0.11, `xla_gpu_enable_pdl` on by default) launches such kernels with programmatic stream
+# serialization; where a launch does not, the two instructions do nothing. Measured on an H100 (bench/
+# RESULTS.md), outputs bitwise the same: batch-1 decode steps 2.5-4% faster (350M, 1.3B; bf16 and int8), but
+# batch-64 steps 3-4% slower, so only kernels of at most PDL_MAX_ROWS rows (tokens) take it.
+# None = on where the device can (a CUDA GPU of compute capability 9.0 or more), True / False = always /
+# never (True also for lowering without a GPU). FTJAX_PDL=0 / 1 sets it at import. Read when a kernel is
+# traced: change it before the first call, or call `jax.clear_caches()` after changing it.
+PDL = {"0": False, "1": True}.get(os.environ.get("FTJAX_PDL", ""), None)
+PDL_MAX_ROWS = 16
+
+_PDL_ASM = "griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;"
+_grid_dependency_p = None
+
+
+def _grid_dependency_primitive():
+  """The primitive (made on first use): inline PTX with side effects (`pure=False`: neither removed nor
+  moved across the kernel's memory operations), returning its int32 operand."""
+  global _grid_dependency_p
+  if _grid_dependency_p is None:
+    from jax._src import core as jax_core
+    from jax._src.lib.triton import dialect as tt_dialect
+    from jax._src.pallas.triton import lowering as tl
+    from jax.interpreters import mlir
+
+    p = jax_core.Primitive("ftjax_grid_dependency")
+    p.def_abstract_eval(lambda x: jax_core.ShapedArray(x.shape, x.dtype))
+
+    def lower(ctx, x):
+      [aval] = ctx.avals_out
+      return tt_dialect.elementwise_inline_asm(
+          [mlir.aval_to_ir_type(ctx.context.mlir_ctx, aval)], _PDL_ASM, constraints="=r,r", pure=False,
+          packed_element=1, args=[x])
+    tl.register_lowering(p)(lower)
+    _grid_dependency_p = p
+  return _grid_dependency_p
+
+
+@functools.lru_cache(maxsize=None)
+def _device_has_pdl() -> bool:
+  try:
+    d = jax.devices()[0]
+    return d.platform == "gpu" and float(getattr(d, "compute_capability", "0")) >= 9.0
+  except Exception:   # noqa: BLE001 - no backend, or a ROCm "gfx..." capability: no PDL
+    return False
+
+
+def pdl_on(interpret: bool, rows: int = 1) -> bool:
+  """Whether a kernel of `rows` rows (tokens) traced now starts with the grid-dependency wait (see PDL;
+  never when interpreted)."""
+  if interpret or PDL is False or rows > PDL_MAX_ROWS:
+    return False
+  return True if PDL else _device_has_pdl()
+
+
+def grid_dependency(pdl: bool):
+  """Call first in a kernel body: with `pdl`, the wait (see PDL) and a traced int32 zero to add to the
+  program ids / index zeros, so every access also depends on it; without, the Python int 0."""
+  if not pdl:
+    return 0
+  v = _grid_dependency_primitive().bind(jnp.zeros((1,), jnp.int32))
+  return jnp.sum(v)
 
 
 def load(ref, *, mask=None, other=None):

@@ -76,7 +76,8 @@ def scale_shift(xf, mean, rstd, g, b):
 
 
 def _kernel(x_ref, *refs, D: int, S: int, kind: str, eps: float, has_scale: bool, has_bias: bool,
-            has_beta: bool):
+            has_beta: bool, pdl: bool = False):
+  dep = C.grid_dependency(pdl)
   it = iter(refs)
   parts_ref = next(it) if S else None
   ps_ref = next(it) if has_scale else None
@@ -85,7 +86,7 @@ def _kernel(x_ref, *refs, D: int, S: int, kind: str, eps: float, has_scale: bool
   b_ref = next(it) if has_beta else None
   xo_ref, h_ref = next(it), next(it)
   Dp = max(16, pl.next_power_of_2(D))
-  row = pl.program_id(0)
+  row = pl.program_id(0) + dep
   # Traced zeros, not literals, as starts and indices: a [Dp] slice overruns a [D] ref on purpose
   # (masked), which a static start could be bounds-checked against (see small_linear.py).
   zero = row * 0
@@ -133,7 +134,7 @@ def add_norm(x, parts=None, pscale=None, pbias=None, *, gamma, beta=None, kind="
       + ([beta] if beta is not None else [])
   whole = lambda a: pl.BlockSpec(tuple(a.shape), lambda i: (0,) * a.ndim)  # noqa: E731
   kernel = functools.partial(_kernel, D=D, S=S, kind=kind, eps=float(eps), has_scale=pscale is not None,
-                             has_bias=pbias is not None, has_beta=beta is not None)
+                             has_bias=pbias is not None, has_beta=beta is not None, pdl=C.pdl_on(interpret, M))
   out_shape = [jax.ShapeDtypeStruct((M, D), x.dtype)] * 2
   return tuple(pl.pallas_call(
       kernel,
@@ -181,13 +182,15 @@ def add_norm_reference(x, parts=None, pscale=None, pbias=None, *, gamma, beta=No
 # kernel of its own.
 
 
-def _stats_kernel(x_ref, *refs, D: int, S: int, chunk: int, has_scale: bool, has_bias: bool):
+def _stats_kernel(x_ref, *refs, D: int, S: int, chunk: int, has_scale: bool, has_bias: bool,
+                  pdl: bool = False):
+  dep = C.grid_dependency(pdl)
   it = iter(refs)
   parts_ref = next(it) if S else None
   ps_ref = next(it) if has_scale else None
   pb_ref = next(it) if has_bias else None
   xo_ref, st_ref = next(it), next(it)
-  row, c = pl.program_id(0), pl.program_id(1)
+  row, c = pl.program_id(0) + dep, pl.program_id(1) + dep
   zero = row * 0
   c0 = c * chunk
   cmask = (c0 + jnp.arange(chunk)) < D
@@ -220,7 +223,7 @@ def add_stats(x, parts=None, pscale=None, pbias=None, *, interpret=False):
   args = [x] + ([parts] if S else []) + [v for v in (pscale, pbias) if v is not None]
   whole = lambda a: pl.BlockSpec(tuple(a.shape), lambda i, j: (0,) * a.ndim)  # noqa: E731
   kernel = functools.partial(_stats_kernel, D=D, S=S, chunk=chunk, has_scale=pscale is not None,
-                             has_bias=pbias is not None)
+                             has_bias=pbias is not None, pdl=C.pdl_on(interpret, M))
   return tuple(pl.pallas_call(
       kernel,
       grid=(M, nc),
@@ -244,10 +247,11 @@ def norm_from_stats(x, stats, gamma, beta=None, *, kind="layernorm", eps=1e-5):
 
 
 def _normalise_kernel(x_ref, st_ref, g_ref, *refs, D: int, n_chunks: int, chunk: int, kind: str, eps: float,
-                      has_beta: bool):
+                      has_beta: bool, pdl: bool = False):
+  dep = C.grid_dependency(pdl)
   b_ref = refs[0] if has_beta else None
   h_ref = refs[-1]
-  row, c = pl.program_id(0), pl.program_id(1)
+  row, c = pl.program_id(0) + dep, pl.program_id(1) + dep
   zero = row * 0
   cp = max(16, pl.next_power_of_2(n_chunks))
   smask = (jnp.arange(cp) < n_chunks)[None, :]
@@ -275,7 +279,7 @@ def normalise(x, stats, gamma, beta=None, *, kind="layernorm", eps=1e-5, interpr
   args = [x, stats, gamma] + ([beta] if beta is not None else [])
   whole = lambda a: pl.BlockSpec(tuple(a.shape), lambda i, j: (0,) * a.ndim)  # noqa: E731
   kernel = functools.partial(_normalise_kernel, D=D, n_chunks=int(stats.shape[2]), chunk=chunk, kind=kind,
-                             eps=float(eps), has_beta=beta is not None)
+                             eps=float(eps), has_beta=beta is not None, pdl=C.pdl_on(interpret, M))
   return pl.pallas_call(
       kernel,
       grid=(M, nc),

@@ -127,10 +127,11 @@ def _write(out_refs, o, m, l, *, num_splits: int):
 
 
 def _kernel_vec(len_ref, q_ref, k_ref, v_ref, *out_refs, qk_scale: float, block_k: int,
-                head_dim: int, num_splits: int):
+                head_dim: int, num_splits: int, pdl: bool = False):
   """g == 1. q_ref [hp]; k_ref, v_ref [s, hp]; out o [hp] (+ m, l scalars)."""
+  dep = C.grid_dependency(pdl)
   hp = q_ref.shape[-1]
-  length = len_ref[()]
+  length = len_ref[()] + dep
   lo, hi = _split_range(length, block_k, num_splits)
   q = q_ref[...].astype(jnp.float32) * qk_scale          # [hp]; padded lanes are zero
   dmask = None if hp == head_dim else (jnp.arange(hp) < head_dim)[None, :]
@@ -156,10 +157,11 @@ def _kernel_vec(len_ref, q_ref, k_ref, v_ref, *out_refs, qk_scale: float, block_
 
 
 def _kernel_dot(len_ref, q_ref, k_ref, v_ref, *out_refs, qk_scale: float, block_k: int,
-                head_dim: int, num_splits: int, precision):
+                head_dim: int, num_splits: int, precision, pdl: bool = False):
   """g > 1. q_ref [gp, hp]; k_ref, v_ref [s, hp]; out o [gp, hp] (+ m, l [gp])."""
+  dep = C.grid_dependency(pdl)
   gp, hp = q_ref.shape
-  length = len_ref[()]
+  length = len_ref[()] + dep
   lo, hi = _split_range(length, block_k, num_splits)
   q = q_ref[...]                                                    # [gp, hp]
   dmask = None if hp == head_dim else (jnp.arange(hp) < head_dim)[None, :]
@@ -266,7 +268,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, config=None, i
       qx = jnp.pad(qx, ((0, 0), (0, 0), (0, hp - h)))
     q_spec = pl.BlockSpec((None, None, hp), lambda i, j, p: (i, j, 0))
     kernel = functools.partial(_kernel_vec, qk_scale=qk_scale, block_k=bk, head_dim=h,
-                               num_splits=num_splits)
+                               num_splits=num_splits, pdl=C.pdl_on(interpret, b))
     rows = ()
   else:
     gp = max(16, pl.next_power_of_2(g))
@@ -274,7 +276,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, config=None, i
     qx = jnp.pad(qx, ((0, 0), (0, 0), (0, gp - g), (0, hp - h)))
     q_spec = pl.BlockSpec((None, None, gp, hp), lambda i, j, p: (i, j, 0, 0))
     kernel = functools.partial(_kernel_dot, qk_scale=qk_scale, block_k=bk, head_dim=h,
-                               num_splits=num_splits, precision=precision)
+                               num_splits=num_splits, precision=precision, pdl=C.pdl_on(interpret, b))
     rows = (gp,)
 
   out_shape, out_specs = _out_specs(b, kh, rows, hp, num_splits, q.dtype)
@@ -366,11 +368,12 @@ def _append_prologue(i, j, refs, *, S, g, hp, has_mult, has_bias, dtype):
 
 
 def _kernel_append(pos_ref, *refs, S, g, hp, has_mult, has_bias, qk_scale, block_k, num_splits,
-                   precision, s_cap):
+                   precision, s_cap, pdl: bool = False):
+  dep = C.grid_dependency(pdl)
   n_in = 3 + 3 * has_mult + 3 * has_bias
   src, (kc_ref, vc_ref), outs = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
   o_outs, (ko_ref, vo_ref) = outs[:-2], outs[-2:]
-  i, j = pl.program_id(0), pl.program_id(1)
+  i, j = pl.program_id(0) + dep, pl.program_id(1) + dep
   dtype = kc_ref.dtype
   q, k_new, v_new = _append_prologue(i, j, src, S=S, g=g, hp=hp, has_mult=has_mult, has_bias=has_bias,
                                      dtype=dtype)
@@ -510,7 +513,7 @@ def decode_attention_append(q, k, v, k_cache, v_cache, positions, mults=None, bi
   kernel = functools.partial(
       _kernel_append, S=S, g=g, hp=h, has_mult=mults is not None, has_bias=biases is not None,
       qk_scale=scale * C.LOG2E, block_k=bk, num_splits=num_splits,
-      precision=C.dot_precision(k_cache.dtype), s_cap=s)
+      precision=C.dot_precision(k_cache.dtype), s_cap=s, pdl=C.pdl_on(interpret, b))
   outs = pl.pallas_call(
       kernel,
       grid=(b, kh, num_splits),

@@ -372,7 +372,7 @@ def dequant_int8(wb, cdtype, how: str):
 
 def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int,
             num_splits: int, per_split: int, n_kblocks: int, precision, norm=None,
-            dequant: str = "cvt", trans=None):
+            dequant: str = "cvt", trans=None, pdl: bool = False):
   """x_ref [M, K]; refs = (*w_refs [K, N_i], [stats, gamma, (beta)], *out_refs [num_splits, M, N_i]),
   all whole arrays.
 
@@ -382,6 +382,7 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
   `small_linear_parts`), from the row statistics in stats [2, M, n_chunks].
   dequant: how an int8 W tile is converted (`dequant_int8`).
   trans: per weight, True where it is stored [N, K] (its tiles are read [bn, bk], product x @ tile.T).
+  pdl: the grid-dependency wait (`_common.PDL`) before the first load of x or of the norm statistics.
   """
   n_w = len(Ns)
   w_refs, refs = refs[:n_w], refs[n_w:]
@@ -404,7 +405,6 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
   # x has M <= 16 rows: the tile reads 16 (the smallest dot tile), the rows >= M masked off
   # (zeros, no memory traffic). The row start is a traced zero: the slice overruns the [M, K]
   # ref on purpose (masked), which a static start could be bounds-checked against.
-  row0 = zero
   R = tile_rows(M)
   rmask = None if M == R else (jnp.arange(R) < M)[:, None]                # [R, 1]
   if norm is not None:
@@ -415,17 +415,18 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
     smask = (jnp.arange(cp) < n_chunks)[None, :]
     smask = smask if rmask is None else smask & rmask
 
+  def norm_stats(row0):                   # (mean [16, 1] or None, rstd [16, 1]); after the wait
     def row_sum(i):                                                       # [16] sums over the chunks
       t = C.load(st_ref.at[zero + i, pl.ds(row0, R), pl.ds(zero, cp)], mask=smask, other=0)
       return jnp.sum(t, axis=1)
 
     mean, rstd = mean_rstd(row_sum(0) if kind == "layernorm" else None, row_sum(1), K, kind, eps)
-    mean = None if mean is None else mean[:, None]                        # [16, 1]
-    rstd = rstd[:, None]
+    return (None if mean is None else mean[:, None]), rstd[:, None]
 
-  def normalise(xb, k0, kmask):                                           # [16, bk] -> [16, bk] cdtype
+  def normalise(xb, k0, kmask, stats):                                    # [16, bk] -> [16, bk] cdtype
     if norm is None:
       return xb
+    mean, rstd = stats
     def tile(ref):                                                        # [1, bk] float32 of a [K] ref
       v = ref.at[pl.ds(k0, block_k)]
       return (v[...] if kmask is None else C.load(v, mask=kmask, other=0)).astype(jnp.float32)[None, :]
@@ -439,13 +440,12 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
     if N % block_n:
       nmask = ((n0 + jnp.arange(block_n)) < N)[None, :]                   # [1, bn]
 
-    def body(kb, acc):
+    def kmask_of(k0):
+      return ((k0 + jnp.arange(block_k)) < K) if ragged_k else None       # [bk]
+
+    def w_tile(kb):                                                       # [bk, bn] / [bn, bk], as stored
       k0 = kb * block_k
-      kmask = ((k0 + jnp.arange(block_k)) < K) if ragged_k else None      # [bk]
-      xm = _and(rmask, None if kmask is None else kmask[None, :])
-      xs = x_ref.at[pl.ds(row0, R), pl.ds(k0, block_k)]
-      xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)       # [16, bk]
-      xb = normalise(xb, k0, kmask)
+      kmask = kmask_of(k0)
       if t:                                                               # [bn, bk], K contiguous
         ncol = None if nmask is None else ((n0 + jnp.arange(block_n)) < N)[:, None]  # [bn, 1]
         wm = _and(ncol, None if kmask is None else kmask[None, :])
@@ -453,11 +453,24 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       else:
         wm = _and(None if kmask is None else kmask[:, None], nmask)
         ws = w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)]
-      wb = ws[...] if wm is None else C.load(ws, mask=wm, other=0)       # [bk, bn] / [bn, bk]
+      return ws[...] if wm is None else C.load(ws, mask=wm, other=0)
+
+    def product(kb, acc, wb, row0, stats):
+      k0 = kb * block_k
+      kmask = kmask_of(k0)
+      xm = _and(rmask, None if kmask is None else kmask[None, :])
+      xs = x_ref.at[pl.ds(row0, R), pl.ds(k0, block_k)]
+      xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)       # [16, bk]
+      xb = normalise(xb, k0, kmask, stats)
       wb = dequant_int8(wb, cdtype, dequant) if wb.dtype == jnp.int8 else wb.astype(cdtype)
       return acc + C.dot(xb, wb, trans_b=t, precision=precision)
 
-    acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((R, block_n), jnp.float32))
+    # The grid-dependency wait before x and the statistics are read (W, which no kernel writes, could be
+    # read before it: loading the first W tile ahead of the wait measured slower, bench/RESULTS.md).
+    row0 = zero + C.grid_dependency(pdl)
+    stats = norm_stats(row0) if norm is not None else None
+    acc = jax.lax.fori_loop(lo, hi, lambda kb, acc: product(kb, acc, w_tile(kb), row0, stats),
+                            jnp.zeros((R, block_n), jnp.float32))
     dst = o_ref.at[split, pl.ds(row0, R), pl.ds(n0, block_n)]
     om = _and(rmask, nmask)
     if om is None:
@@ -501,7 +514,7 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None):
   kernel = functools.partial(
       _kernel, Ns=Ns, firsts=firsts, K=K, M=M, block_n=bn, block_k=bk, num_splits=splits,
       per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype), norm=norm,
-      dequant=resolve_dequant(cfg.dequant, interpret), trans=trans)
+      dequant=resolve_dequant(cfg.dequant, interpret), trans=trans, pdl=C.pdl_on(interpret, M))
   # Whole-array blocks (index 0): the kernel indexes x, W and the outputs itself (pl.ds + masks),
   # so nothing is padded or copied around the call.
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda j, s: (0,) * len(shape))  # noqa: E731
