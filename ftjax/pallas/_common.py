@@ -85,12 +85,25 @@ def _device_has_pdl() -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=None)
+def _primitive_available() -> bool:
+  """The primitive is built on jax internals (Pallas' Triton lowering); a jax that moved them runs the
+  kernels without PDL (with a warning) rather than failing."""
+  try:
+    _grid_dependency_primitive()
+    return True
+  except Exception as e:   # noqa: BLE001
+    import logging
+    logging.getLogger("ftjax").warning("ftjax: programmatic dependent launch off (%s: %s)", type(e).__name__, e)
+    return False
+
+
 def pdl_on(interpret: bool, rows: int = 1) -> bool:
   """Whether a kernel of `rows` rows (tokens) traced now starts with the grid-dependency wait (see PDL;
   never when interpreted)."""
   if interpret or PDL is False or rows > PDL_MAX_ROWS:
     return False
-  return True if PDL else _device_has_pdl()
+  return (True if PDL else _device_has_pdl()) and _primitive_available()
 
 
 def grid_dependency(pdl: bool):
