@@ -16,7 +16,6 @@ import functools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -88,17 +87,13 @@ def main():
     a = ap.parse_args()
     if a.child:
         return child(a)
+    from bench.step_ab import run_child
+
     for v in a.variants:
         name, _, flags = v.partition("=")
-        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
-        cmd = [sys.executable, __file__, "--child", "--name", name, "--chain", str(a.chain), "--programs", a.programs,
-               "--width", str(a.width), "--work", str(a.work), "--reps", str(a.reps)] + (["--interpret"] if a.interpret else [])
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        for line in r.stdout.splitlines():
-            if line.startswith("ROW "):
-                print(line[4:], flush=True)
-        if r.returncode:
-            print(json.dumps({"variant": name, "error": r.stderr[-2000:]}), flush=True)
+        run_child(__file__, name, flags, ["--chain", str(a.chain), "--programs", a.programs, "--width", str(a.width),
+                                          "--work", str(a.work), "--reps", str(a.reps)]
+                  + (["--interpret"] if a.interpret else []))
 
 
 if __name__ == "__main__":

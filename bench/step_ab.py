@@ -154,6 +154,25 @@ def apply_sets(sets):
     return old
 
 
+def run_child(script: str, name: str, flags: str, argv) -> list[dict]:
+    """Run `script --child --name NAME *argv` with XLA_FLAGS += flags (XLA reads them when jax starts, so a
+    variant is a process); its 'ROW {json}' lines, printed as they come (a run cut by a timeout keeps what
+    it has), and its stderr tail when it fails."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+    got = []
+    with subprocess.Popen([sys.executable, script, "--child", "--name", name, *argv], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        for line in p.stdout:
+            if line.startswith("ROW "):
+                got.append(json.loads(line[4:]))
+                print(json.dumps(got[-1]), flush=True)
+        err = p.stderr.read()
+    if p.returncode or not got:
+        print(f"variant {name}: rc {p.returncode}\n{err[-3000:]}", flush=True)
+    return got
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="350m,1.3b")
@@ -181,20 +200,9 @@ def main():
     rows = []
     for v in a.variants:
         name, _, flags = v.partition("=")
-        env = dict(os.environ)
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-        cmd = [sys.executable, __file__, "--child", "--name", name, "--models", a.models, "--weights", a.weights,
-               "--batch", str(a.batch), "--prompt", str(a.prompt), "--attention", a.attention, "--modes", a.modes, "--small-m", a.small_m, "--sl", *a.sl]
-        got = []
-        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
-            for line in p.stdout:          # rows as they come (a run cut by a timeout keeps what it has)
-                if line.startswith("ROW "):
-                    got.append(json.loads(line[4:]))
-                    print(json.dumps(got[-1]), flush=True)
-            err = p.stderr.read()
-        if p.returncode or not got:
-            print(f"variant {name}: rc {p.returncode}\n{err[-3000:]}", flush=True)
-        rows += got
+        rows += run_child(__file__, name, flags, [
+            "--models", a.models, "--weights", a.weights, "--batch", str(a.batch), "--prompt", str(a.prompt),
+            "--attention", a.attention, "--modes", a.modes, "--small-m", a.small_m, "--sl", *a.sl])
     if a.json:
         with open(a.json, "w") as f:
             for r in rows:

@@ -50,30 +50,27 @@ PDL = {"0": False, "1": True}.get(os.environ.get("FTJAX_PDL", ""), None)
 PDL_MAX_ROWS = 16
 
 _PDL_ASM = "griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;"
-_grid_dependency_p = None
 
 
+@functools.lru_cache(maxsize=None)
 def _grid_dependency_primitive():
   """The primitive (made on first use): inline PTX with side effects (`pure=False`: neither removed nor
   moved across the kernel's memory operations), returning its int32 operand."""
-  global _grid_dependency_p
-  if _grid_dependency_p is None:
-    from jax._src import core as jax_core
-    from jax._src.lib.triton import dialect as tt_dialect
-    from jax._src.pallas.triton import lowering as tl
-    from jax.interpreters import mlir
+  from jax._src import core as jax_core
+  from jax._src.lib.triton import dialect as tt_dialect
+  from jax._src.pallas.triton import lowering as tl
+  from jax.interpreters import mlir
 
-    p = jax_core.Primitive("ftjax_grid_dependency")
-    p.def_abstract_eval(lambda x: jax_core.ShapedArray(x.shape, x.dtype))
+  p = jax_core.Primitive("ftjax_grid_dependency")
+  p.def_abstract_eval(lambda x: jax_core.ShapedArray(x.shape, x.dtype))
 
-    def lower(ctx, x):
-      [aval] = ctx.avals_out
-      return tt_dialect.elementwise_inline_asm(
-          [mlir.aval_to_ir_type(ctx.context.mlir_ctx, aval)], _PDL_ASM, constraints="=r,r", pure=False,
-          packed_element=1, args=[x])
-    tl.register_lowering(p)(lower)
-    _grid_dependency_p = p
-  return _grid_dependency_p
+  def lower(ctx, x):
+    [aval] = ctx.avals_out
+    return tt_dialect.elementwise_inline_asm(
+        [mlir.aval_to_ir_type(ctx.context.mlir_ctx, aval)], _PDL_ASM, constraints="=r,r", pure=False,
+        packed_element=1, args=[x])
+  tl.register_lowering(p)(lower)
+  return p
 
 
 @functools.lru_cache(maxsize=None)

@@ -440,12 +440,18 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
     if N % block_n:
       nmask = ((n0 + jnp.arange(block_n)) < N)[None, :]                   # [1, bn]
 
-    def kmask_of(k0):
-      return ((k0 + jnp.arange(block_k)) < K) if ragged_k else None       # [bk]
+    # The grid-dependency wait before x and the statistics are read (W, which no kernel writes, could be
+    # read before it: loading the first W tile ahead of the wait measured slower, bench/RESULTS.md).
+    row0 = zero + C.grid_dependency(pdl)
+    stats = norm_stats(row0) if norm is not None else None
 
-    def w_tile(kb):                                                       # [bk, bn] / [bn, bk], as stored
+    def body(kb, acc):
       k0 = kb * block_k
-      kmask = kmask_of(k0)
+      kmask = ((k0 + jnp.arange(block_k)) < K) if ragged_k else None      # [bk]
+      xm = _and(rmask, None if kmask is None else kmask[None, :])
+      xs = x_ref.at[pl.ds(row0, R), pl.ds(k0, block_k)]
+      xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)       # [16, bk]
+      xb = normalise(xb, k0, kmask, stats)
       if t:                                                               # [bn, bk], K contiguous
         ncol = None if nmask is None else ((n0 + jnp.arange(block_n)) < N)[:, None]  # [bn, 1]
         wm = _and(ncol, None if kmask is None else kmask[None, :])
@@ -453,24 +459,11 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       else:
         wm = _and(None if kmask is None else kmask[:, None], nmask)
         ws = w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)]
-      return ws[...] if wm is None else C.load(ws, mask=wm, other=0)
-
-    def product(kb, acc, wb, row0, stats):
-      k0 = kb * block_k
-      kmask = kmask_of(k0)
-      xm = _and(rmask, None if kmask is None else kmask[None, :])
-      xs = x_ref.at[pl.ds(row0, R), pl.ds(k0, block_k)]
-      xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)       # [16, bk]
-      xb = normalise(xb, k0, kmask, stats)
+      wb = ws[...] if wm is None else C.load(ws, mask=wm, other=0)       # [bk, bn] / [bn, bk]
       wb = dequant_int8(wb, cdtype, dequant) if wb.dtype == jnp.int8 else wb.astype(cdtype)
       return acc + C.dot(xb, wb, trans_b=t, precision=precision)
 
-    # The grid-dependency wait before x and the statistics are read (W, which no kernel writes, could be
-    # read before it: loading the first W tile ahead of the wait measured slower, bench/RESULTS.md).
-    row0 = zero + C.grid_dependency(pdl)
-    stats = norm_stats(row0) if norm is not None else None
-    acc = jax.lax.fori_loop(lo, hi, lambda kb, acc: product(kb, acc, w_tile(kb), row0, stats),
-                            jnp.zeros((R, block_n), jnp.float32))
+    acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((R, block_n), jnp.float32))
     dst = o_ref.at[split, pl.ds(row0, R), pl.ds(n0, block_n)]
     om = _and(rmask, nmask)
     if om is None:
