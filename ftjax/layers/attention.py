@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
-from ftjax.layers.linear import Linear, fused_linears, linear_parts, reduce_parts
+from ftjax.layers.linear import Linear, fused_linears, linear_parts, prefetch_arrays, reduce_parts
 from ftjax.layers.position import apply_rotary
 from ftjax.pallas import ops
 
@@ -82,8 +82,8 @@ class Attention(nn.Module):
             if any(sc is not None for sc in scales):
                 mults = tuple(jnp.ones(m.out_shape, jnp.float32) if sc is None else sc
                               for m, sc in zip(mods, scales))
-        out, k_cache, v_cache = decode_attention_append(*srcs, k_cache, v_cache, positions, mults, biases,
-                                                        interpret=interpret)
         po = self.o.variables["params"]
+        out, k_cache, v_cache = decode_attention_append(*srcs, k_cache, v_cache, positions, mults, biases,
+                                                        prefetch_arrays([po["kernel"]]), interpret=interpret)
         (part, scale), = linear_parts(out.astype(self.dtype), [po["kernel"]], 2)
         return (part, scale, po["bias"] if c.attn_bias else None), k_cache, v_cache

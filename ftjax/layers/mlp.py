@@ -51,9 +51,9 @@ class MLP(nn.Module):
         projections' partials are reduced here with bias and activation (one XLA fusion)."""
         mods = [self.wi, self.wg] if self.gated else [self.wi]
         ps = [m.variables["params"] for m in mods]
-        ys = [reduce_parts(part, scale, p["bias"] if self.use_bias else None).astype(self.dtype).astype(jnp.float32)
-              for (part, scale), p in zip(linear_parts(x, [p["kernel"] for p in ps]), ps)]
-        h = activation(self.act, ys[1]) * ys[0] if self.gated else activation(self.act, ys[0])
         po = self.wo.variables["params"]
+        ys = [reduce_parts(part, scale, p["bias"] if self.use_bias else None).astype(self.dtype).astype(jnp.float32)
+              for (part, scale), p in zip(linear_parts(x, [p["kernel"] for p in ps], prefetch=[po["kernel"]]), ps)]
+        h = activation(self.act, ys[1]) * ys[0] if self.gated else activation(self.act, ys[0])
         (part, scale), = linear_parts(h.astype(self.dtype), [po["kernel"]])
         return part, scale, (po["bias"] if self.use_bias else None)

@@ -3,7 +3,10 @@ every decode kernel the models must decode exactly as without it (same kernels, 
 bitwise equal tokens and log probs), GPT-2-like and LLaMA-like, bf16 and int8 weights, batch 1 and 8, and a
 chain of dependent kernels must not lose an update (bench/pdl_probe.py's kernel, each adding 1).
 
-  PYTHONUNBUFFERED=1 python tests/gpu/check_pdl.py
+  PYTHONUNBUFFERED=1 python tests/gpu/check_pdl.py [--on 'module.attr:value' ...]
+
+--on: module globals set for the "on" decode besides PDL (e.g. the L2 prefetches,
+'ftjax.pallas.small_linear.DEFAULT_CONFIG:SmallLinearConfig(prefetch_blocks=2)'): still bitwise equal.
 """
 from __future__ import annotations
 
@@ -17,15 +20,30 @@ import numpy as np  # noqa: E402
 from check_model import FAILS, report  # noqa: E402
 
 
+ON_SETS: list = []
+
+
 def decode(cfg, params, prompts, pdl, quantize, steps):
+    import jax
+
+    from bench.step_ab import apply_set_args, apply_sets
+    from ftjax.pallas import _common as C
+
+    C.PDL = pdl
+    old = apply_set_args(ON_SETS) if pdl and ON_SETS else []
+    jax.clear_caches()
+    try:
+        return _decode(cfg, params, prompts, quantize, steps)
+    finally:
+        apply_sets(old)
+
+
+def _decode(cfg, params, prompts, quantize, steps):
     import jax
 
     import ftjax
     from ftjax import quantize as Q
-    from ftjax.pallas import _common as C
 
-    C.PDL = pdl
-    jax.clear_caches()
     if quantize:
         params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16)
     llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=len(prompts), max_seq_len=256)
@@ -63,4 +81,8 @@ def main():
 
 
 if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--on", nargs="*", default=[], help="module.attr:value set for the PDL-on decode")
+    ON_SETS.extend(ap.parse_args().on)
     main()
