@@ -55,13 +55,19 @@ class Attention(nn.Module):
         out = ops.attention_decode(q, k_cache, v_cache, positions + 1, impl=self.impl)  # [b, n, h]
         return self.o(out), k_cache, v_cache
 
-    def decode_fused(self, x, positions, k_cache, v_cache, *, interpret: bool = False):
+    def in_kernels(self):
+        """The q, k, v weights (what a kernel before this attention may prefetch into L2)."""
+        return [m.variables["params"]["kernel"] for m in (self.q, self.k, self.v)]
+
+    def decode_fused(self, x, positions, k_cache, v_cache, *, interpret: bool = False, prefetch=()):
         """The fused decode path (small-M kernel on, ftjax/pallas/decode_attention.py's append kernel):
         x [b, d] (normed, or a NormedInput) -> ((parts [S, b, d], scale, bias) of the output projection,
         k_cache, v_cache).
 
         q/k/v leave their projection as split-K partials that the attention kernel sums itself, biases, and
-        writes into the cache (rotary models finish q and k in XLA first: the rotation needs whole values)."""
+        writes into the cache (rotary models finish q and k in XLA first: the rotation needs whole values).
+        prefetch: the weights of the projection after the output one (the MLP's input), which the output
+        projection's kernel may pull into L2 when done (SmallLinearConfig.next_bytes)."""
         from ftjax.pallas.decode_attention import decode_attention_append
 
         c = self.cfg
@@ -85,5 +91,5 @@ class Attention(nn.Module):
         po = self.o.variables["params"]
         out, k_cache, v_cache = decode_attention_append(*srcs, k_cache, v_cache, positions, mults, biases,
                                                         prefetch_arrays([po["kernel"]]), interpret=interpret)
-        (part, scale), = linear_parts(out.astype(self.dtype), [po["kernel"]], 2)
+        (part, scale), = linear_parts(out.astype(self.dtype), [po["kernel"]], 2, prefetch=prefetch)
         return (part, scale, po["bias"] if c.attn_bias else None), k_cache, v_cache
