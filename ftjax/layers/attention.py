@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
-from ftjax.layers.linear import Linear, fused_linears, linear_parts, prefetch_arrays, reduce_parts
+from ftjax.layers.linear import Linear, fused_linears, linear_parts, reduce_parts
 from ftjax.layers.position import apply_rotary
 from ftjax.pallas import ops
 
@@ -55,19 +55,13 @@ class Attention(nn.Module):
         out = ops.attention_decode(q, k_cache, v_cache, positions + 1, impl=self.impl)  # [b, n, h]
         return self.o(out), k_cache, v_cache
 
-    def in_kernels(self):
-        """The q, k, v weights (what a kernel before this attention may prefetch into L2)."""
-        return [m.variables["params"]["kernel"] for m in (self.q, self.k, self.v)]
-
-    def decode_fused(self, x, positions, k_cache, v_cache, *, interpret: bool = False, prefetch=()):
+    def decode_fused(self, x, positions, k_cache, v_cache, *, interpret: bool = False):
         """The fused decode path (small-M kernel on, ftjax/pallas/decode_attention.py's append kernel):
         x [b, d] (normed, or a NormedInput) -> ((parts [S, b, d], scale, bias) of the output projection,
         k_cache, v_cache).
 
         q/k/v leave their projection as split-K partials that the attention kernel sums itself, biases, and
-        writes into the cache (rotary models finish q and k in XLA first: the rotation needs whole values).
-        prefetch: the weights of the projection after the output one (the MLP's input), which the output
-        projection's kernel may pull into L2 when done (SmallLinearConfig.next_bytes)."""
+        writes into the cache (rotary models finish q and k in XLA first: the rotation needs whole values)."""
         from ftjax.pallas.decode_attention import decode_attention_append
 
         c = self.cfg
@@ -88,8 +82,8 @@ class Attention(nn.Module):
             if any(sc is not None for sc in scales):
                 mults = tuple(jnp.ones(m.out_shape, jnp.float32) if sc is None else sc
                               for m, sc in zip(mods, scales))
-        po = self.o.variables["params"]
         out, k_cache, v_cache = decode_attention_append(*srcs, k_cache, v_cache, positions, mults, biases,
-                                                        prefetch_arrays([po["kernel"]]), interpret=interpret)
-        (part, scale), = linear_parts(out.astype(self.dtype), [po["kernel"]], 2, prefetch=prefetch)
+                                                        interpret=interpret)
+        po = self.o.variables["params"]
+        (part, scale), = linear_parts(out.astype(self.dtype), [po["kernel"]], 2)
         return (part, scale, po["bias"] if c.attn_bias else None), k_cache, v_cache

@@ -7,12 +7,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 
-# The tied output projection of a decode step (<= 16 rows, small-M kernel on) through the small-M projection
-# kernel, the token table read as a transposed weight [V, D] (K contiguous), instead of XLA's dot. Read when the
-# step is traced.
-HEAD_SMALL_M = False
-
-
 class Embed(nn.Module):
     vocab_size: int            # v (rows, possibly padded)
     dim: int                   # d
@@ -34,12 +28,4 @@ class Embed(nn.Module):
         return x.astype(self.dtype)
 
     def attend(self, h):  # h [..., d] -> [..., v] float32 (tied output embedding)
-        if HEAD_SMALL_M:
-            from ftjax.layers.linear import _small_m_mode
-            mode = _small_m_mode(h, 1)
-            if mode is not None and h.shape[-1] == self.dim:
-                from ftjax.pallas.small_linear import small_linear
-                [y] = small_linear(h.reshape(-1, self.dim), [self.tokens.astype(h.dtype)], transposed=[True],
-                                   interpret=mode["interpret"])
-                return y.reshape(*h.shape[:-1], self.vocab_size)
         return jnp.einsum("...d,vd->...v", h, self.tokens.astype(h.dtype), preferred_element_type=jnp.float32)

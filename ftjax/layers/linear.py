@@ -135,19 +135,12 @@ def layer_decode_mode(x):
     return mode
 
 
-def prefetch_arrays(ws: Sequence[Any]) -> list[jax.Array]:
-    """The arrays a kernel may prefetch into L2 for the projections by ws (int8 weights: their int8 values)."""
-    return [w.q if isinstance(w, QuantizedWeight) else w.qt if isinstance(w, QuantizedWeightT) else w for w in ws]
-
-
-def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1, prefetch: Sequence[Any] = ()
-                 ) -> list[tuple[jax.Array, Any]]:
+def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[tuple[jax.Array, Any]]:
     """Projections of x (<= SMALL_M_ROWS rows; the small-M kernel must be on) left unreduced: for each
     w a pair (parts [S, *lead, *out] float32, scale [*out] or None) with linear(x, w) = sum(parts, 0) *
     scale (before any bias), all weights in one kernel launch. For consumers that sum the partials in
     their own kernel (ftjax/pallas/add_norm.py, decode_attention_append). x may be a `NormedInput`: the
-    kernel normalises it on the fly. prefetch: the next projection's weights, which the kernel may pull into
-    L2 when done (SmallLinearConfig.next_bytes)."""
+    kernel normalises it on the fly."""
     norm = None
     if isinstance(x, NormedInput):
         norm = (x.stats, x.gamma, x.beta, x.kind, x.eps)
@@ -160,7 +153,7 @@ def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1, prefetch: Seque
     flats = [_flat(w, n_in) for w in ws]
     x2 = x.reshape(math.prod(lead), -1)
     parts = small_linear_parts(x2, [f[0] for f in flats], norm=norm, interpret=mode["interpret"],
-                               transposed=[f[3] for f in flats], prefetch=prefetch_arrays(prefetch))
+                               transposed=[f[3] for f in flats])
     out = []
     for p, (_, scale, shape, _) in zip(parts, flats):
         out.append((p.reshape(p.shape[0], *lead, *shape), None if scale is None else scale.reshape(shape)))

@@ -45,22 +45,15 @@ class MLP(nn.Module):
             h = activation(self.act, self.wi(x).astype(jnp.float32))
         return self.wo(h.astype(self.dtype))
 
-    def in_kernels(self):
-        """The input projections' weights (what a kernel before this MLP may prefetch into L2)."""
-        return [m.variables["params"]["kernel"] for m in ([self.wi, self.wg] if self.gated else [self.wi])]
-
-    def parts(self, x, prefetch=()):
+    def parts(self, x):
         """The fused decode path: x [M, d] -> (parts [S, M, d] float32, scale or None, bias or None) of the
         output projection, unreduced (the caller's residual add + norm kernel sums them); the input
-        projections' partials are reduced here with bias and activation (one XLA fusion). prefetch: the weights
-        of the projection after the output one (the next block's q/k/v), which the output projection's kernel
-        may pull into L2 when done (SmallLinearConfig.next_bytes); the input projections' kernel does the same
-        for the output projection's weight."""
+        projections' partials are reduced here with bias and activation (one XLA fusion)."""
         mods = [self.wi, self.wg] if self.gated else [self.wi]
         ps = [m.variables["params"] for m in mods]
-        po = self.wo.variables["params"]
         ys = [reduce_parts(part, scale, p["bias"] if self.use_bias else None).astype(self.dtype).astype(jnp.float32)
-              for (part, scale), p in zip(linear_parts(x, [p["kernel"] for p in ps], prefetch=[po["kernel"]]), ps)]
+              for (part, scale), p in zip(linear_parts(x, [p["kernel"] for p in ps]), ps)]
         h = activation(self.act, ys[1]) * ys[0] if self.gated else activation(self.act, ys[0])
-        (part, scale), = linear_parts(h.astype(self.dtype), [po["kernel"]], prefetch=prefetch)
+        po = self.wo.variables["params"]
+        (part, scale), = linear_parts(h.astype(self.dtype), [po["kernel"]])
         return part, scale, (po["bias"] if self.use_bias else None)

@@ -62,22 +62,17 @@ class Block(nn.Module):
         a, k_cache, v_cache = self.attn.decode(h1, positions, k_cache, v_cache)
         return self._residual(x, h1, a), k_cache, v_cache
 
-    def decode_fused(self, pending, positions, k_cache, v_cache, interpret: bool, norm: str = "stats",
-                     next_block=None):
+    def decode_fused(self, pending, positions, k_cache, v_cache, interpret: bool, norm: str = "stats"):
         """The fused decode path (sequential residual): pending = (x, parts, scale, bias), the residual
         stream with the previous block's output projection not yet added; returns this block's.
         norm: how each norm runs (ftjax/pallas/add_norm.py): "stats" (`add_stats`; the consuming projection
-        normalises its input tiles), "norm" (one `add_norm` kernel), "stats2" (`add_stats` + `normalise`).
-        next_block: the block after this one (its q/k/v weights are what this block's last projection may
-        prefetch into L2, SmallLinearConfig.next_bytes) or None."""
+        normalises its input tiles), "norm" (one `add_norm` kernel), "stats2" (`add_stats` + `normalise`)."""
         method = {"stats": "add_stats", "layer": "add_stats", "norm": "add", "stats2": "add_normalise"}[norm]
         add = lambda n, *a: getattr(n, method)(*a, interpret=interpret)  # noqa: E731
         x, h1 = add(self.ln1, *pending)
-        o_pend, k_cache, v_cache = self.attn.decode_fused(h1, positions, k_cache, v_cache, interpret=interpret,
-                                                          prefetch=self.mlp.in_kernels())
+        o_pend, k_cache, v_cache = self.attn.decode_fused(h1, positions, k_cache, v_cache, interpret=interpret)
         x, h2 = add(self.ln2, x, *o_pend)
-        nxt = () if next_block is None else next_block.attn.in_kernels()
-        return (x, *self.mlp.parts(h2, prefetch=nxt)), k_cache, v_cache
+        return (x, *self.mlp.parts(h2)), k_cache, v_cache
 
     def layer_params(self):
         """(LayerParams, trans flags) of this block for ftjax/pallas/decode_layer.py."""
@@ -212,10 +207,9 @@ class GPT(nn.Module):
             # kernel adds them to the residual stream (bench/RESULTS.md: 16 -> 8 kernels a layer)
             new_cache = []
             pending = (x, None, None, None)
-            for i, (layer, c) in enumerate(zip(self.layers, cache)):
-                nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            for layer, c in zip(self.layers, cache):
                 pending, k, v = layer.decode_fused(pending, positions, c["k"], c["v"], mode["interpret"],
-                                                   norm=mode["fuse"], next_block=nxt)
+                                                   norm=mode["fuse"])
                 new_cache.append({"k": k, "v": v})
             _, h = self.final_norm.add(*pending, interpret=mode["interpret"])
             return self.logits(h), new_cache

@@ -8,9 +8,7 @@ and the same kernel body runs on CPU under `interpret=True`, which is what CI us
 from __future__ import annotations
 
 import functools
-import math
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -117,72 +115,6 @@ def grid_dependency(pdl: bool):
   v = _grid_dependency_primitive(_PDL_ASM_TRIGGER_FIRST if PDL_TRIGGER_FIRST else _PDL_ASM).bind(
       jnp.zeros((1,), jnp.int32))
   return jnp.sum(v)
-
-
-# Asynchronous L2 prefetch (Hopper's `cp.async.bulk.prefetch.L2.global`: the copy engine pulls a byte range
-# into the L2 cache; nothing waits for it, no register or shared memory holds it). A kernel issues it for
-# bytes it (or the kernel after it) will read: weights, which no kernel writes, may be prefetched before the
-# grid-dependency wait, while the DRAM would otherwise idle at a kernel boundary. GPU (sm_90+) only: callers
-# issue it only where `pdl_on` holds (never interpreted).
-_PREFETCH_ASM = "cp.async.bulk.prefetch.L2.global [$1], {nbytes};\n\tmov.b32 $0, 0;"
-
-
-@functools.lru_cache(maxsize=None)
-def _l2_prefetch_primitive():
-  """(ref, offsets int32 [P]; nbytes) -> int32 zeros [P]: element P_i prefetches `nbytes` bytes from
-  element offsets[i] of the ref's array."""
-  from jax._src import core as jax_core
-  from jax._src.lib.triton import dialect as tt_dialect
-  from jax._src.pallas.triton import lowering as tl
-  from jax.interpreters import mlir
-
-  p = jax_core.Primitive("ftjax_l2_prefetch")
-  p.def_abstract_eval(lambda ref, offs, *, nbytes: jax_core.ShapedArray(offs.shape, jnp.int32))
-
-  def lower(ctx, ptr, offs, *, nbytes):
-    [aval] = ctx.avals_out
-    assert tl._is_triton_pointer_type(ptr.type), f"l2_prefetch: operand 0 is not a pointer ({ptr.type})"
-    ptrs = tl._add(tl._bcast_to(ptr, aval.shape), offs)
-    return tt_dialect.elementwise_inline_asm(
-        [mlir.aval_to_ir_type(ctx.context.mlir_ctx, aval)], _PREFETCH_ASM.format(nbytes=int(nbytes)),
-        constraints="=r,l", pure=False, packed_element=1, args=[ptrs])
-  tl.register_lowering(p)(lower)
-  return p
-
-
-def l2_prefetch(ref, offsets, nbytes: int):
-  """Prefetch `nbytes` (a multiple of 16) from each element offset in `offsets` (int32 [P], P a power of two;
-  each start 16-byte aligned, each range inside the array) of the kernel operand `ref` (a whole array) into
-  the L2 cache. Returns a traced int32 zero: add it to an index so the prefetch stays where it is issued."""
-  itemsize = jnp.dtype(ref.dtype).itemsize
-  assert nbytes % 16 == 0 and nbytes > 0, f"l2_prefetch: nbytes={nbytes} must be a positive multiple of 16"
-  assert math.prod(ref.shape) * itemsize < 2**31, f"l2_prefetch: {ref.shape} {ref.dtype} over 2 GB (int32 offsets)"
-  v = _l2_prefetch_primitive().bind(ref, offsets.astype(jnp.int32), nbytes=int(nbytes))
-  return jnp.sum(v)
-
-
-def share_offsets(shape, dtype, program: Any, programs: int, nbytes: int, piece: int = 4096):
-  """Element offsets (int32 [P], P a power of two) of the `piece`-byte ranges through which program `program` of
-  `programs` prefetches its share of the first `nbytes` of a row-major array of `shape` / `dtype`: together the
-  programs cover those bytes; every range starts 16-byte aligned and stays inside the array. None where the
-  array is smaller than a piece or not a multiple of 16 bytes (nothing to prefetch)."""
-  itemsize = jnp.dtype(dtype).itemsize
-  total = math.prod(shape) * itemsize
-  nbytes = min(int(nbytes), total)
-  if nbytes < piece or total % 16 or piece % 16 or piece % itemsize:
-    return None
-  per = -(-nbytes // programs)                                   # bytes a program
-  n = 1 << max(0, (-(-per // piece) - 1).bit_length())           # pieces a program, a power of two
-  last = (total - piece) // itemsize                             # the last piece that stays in bounds
-  start = program * (n * piece // itemsize)
-  return jnp.minimum(start + jnp.arange(n, dtype=jnp.int32) * (piece // itemsize), last)
-
-
-def prefetch_share(ref, program: Any, programs: int, nbytes: int, piece: int = 4096):
-  """Prefetch program `program`'s share (of `programs`) of the first `nbytes` of `ref`'s array into L2
-  (`share_offsets`); a traced int32 zero (see l2_prefetch), or the Python int 0 where nothing is prefetched."""
-  offs = share_offsets(ref.shape, ref.dtype, program, programs, nbytes, piece)
-  return 0 if offs is None else l2_prefetch(ref, offs, piece)
 
 
 def load(ref, *, mask=None, other=None):

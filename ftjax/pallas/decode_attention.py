@@ -368,19 +368,10 @@ def _append_prologue(i, j, refs, *, S, g, hp, has_mult, has_bias, dtype):
 
 
 def _kernel_append(pos_ref, *refs, S, g, hp, has_mult, has_bias, qk_scale, block_k, num_splits,
-                   precision, s_cap, pdl: bool = False, n_pref: int = 0, pref_bytes: int = 0):
+                   precision, s_cap, pdl: bool = False):
+  dep = C.grid_dependency(pdl)
   n_in = 3 + 3 * has_mult + 3 * has_bias
-  src, (kc_ref, vc_ref), refs = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
-  pref_refs, outs = refs[:n_pref], refs[n_pref:]
-  # The next projection's weights (no kernel writes them): this program's share into L2 before the wait.
-  pf = 0
-  if pdl and pref_bytes:
-    me = (pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)) * num_splits + (
-        pl.program_id(2) if num_splits > 1 else 0)
-    programs = pl.num_programs(0) * pl.num_programs(1) * num_splits
-    for r in pref_refs:
-      pf = pf + C.prefetch_share(r, me, programs, pref_bytes)
-  dep = pf + C.grid_dependency(pdl)
+  src, (kc_ref, vc_ref), outs = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
   o_outs, (ko_ref, vo_ref) = outs[:-2], outs[-2:]
   i, j = pl.program_id(0) + dep, pl.program_id(1) + dep
   dtype = kc_ref.dtype
@@ -446,9 +437,6 @@ def _kernel_append(pos_ref, *refs, S, g, hp, has_mult, has_bias, qk_scale, block
 # at GPT 1.3B, batch 1) and each would otherwise walk its whole past alone: 64-key blocks, one per split
 # if need be, so that a long context spreads over ~target_programs programs.
 APPEND_CONFIG = DecodeConfig(block_k=64, min_blocks_per_split=1)
-# Bytes of each `prefetch` array (the output projection's weight) that the append kernel's programs pull into
-# the L2 cache, shared among them, while the attention itself reads little (GPU with PDL only). 0: none.
-PREFETCH_BYTES = 0
 
 
 def append_supported(head_dim: int, capacity: int) -> bool:
@@ -483,8 +471,8 @@ def _check_append(q, k, v, k_cache, v_cache, positions, mults, biases):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
-def decode_attention_append(q, k, v, k_cache, v_cache, positions, mults=None, biases=None, prefetch=(), *,
-                            scale=None, config=None, interpret=False):
+def decode_attention_append(q, k, v, k_cache, v_cache, positions, mults=None, biases=None, *, scale=None,
+                            config=None, interpret=False):
   """The decode step's attention, the new token's K/V written in the same kernel.
 
   q [S, b, n, h], k / v [S, b, k, h]: split-K partials of the q/k/v projections (float32; S = 1 for
@@ -493,8 +481,6 @@ def decode_attention_append(q, k, v, k_cache, v_cache, positions, mults=None, bi
   outputs: updated in place where the caller's buffers are dead, as in the engine's donated step; the
   function itself donates nothing, so an eager caller keeps its arrays); positions
   [b] int32, where each row's new token goes (< s; keys [0, positions] are attended).
-  prefetch: arrays (the output projection's weight) whose first PREFETCH_BYTES the programs prefetch into
-  L2 (GPU with PDL only; otherwise unused).
   -> (out [b, n, h] in the cache dtype, k_cache, v_cache) with the new K/V at `positions`.
   """
   _check_append(q, k, v, k_cache, v_cache, positions, mults, biases)
@@ -524,24 +510,21 @@ def decode_attention_append(q, k, v, k_cache, v_cache, positions, mults=None, bi
   o_shape, o_specs = _out_specs(b, kh, rows, h, num_splits, k_cache.dtype)
   o_shape, o_specs = ([o_shape], [o_specs]) if num_splits == 1 else (list(o_shape), list(o_specs))
   n_src = len(srcs)
-  pdl = C.pdl_on(interpret, b)
-  prefetch = tuple(prefetch) if pdl and PREFETCH_BYTES else ()
   kernel = functools.partial(
       _kernel_append, S=S, g=g, hp=h, has_mult=mults is not None, has_bias=biases is not None,
       qk_scale=scale * C.LOG2E, block_k=bk, num_splits=num_splits,
-      precision=C.dot_precision(k_cache.dtype), s_cap=s, pdl=pdl, n_pref=len(prefetch),
-      pref_bytes=PREFETCH_BYTES)
+      precision=C.dot_precision(k_cache.dtype), s_cap=s, pdl=C.pdl_on(interpret, b))
   outs = pl.pallas_call(
       kernel,
       grid=(b, kh, num_splits),
-      in_specs=[pos_spec] + [whole(a) for a in srcs] + [kv_spec, kv_spec] + [whole(a) for a in prefetch],
+      in_specs=[pos_spec] + [whole(a) for a in srcs] + [kv_spec, kv_spec],
       out_specs=o_specs + [kv_spec, kv_spec],
       out_shape=o_shape + [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype)] * 2,
       input_output_aliases={1 + n_src: len(o_shape), 2 + n_src: len(o_shape) + 1},
       compiler_params=C.triton_compiler_params(config.num_warps, num_stages),
       interpret=interpret,
       name="ftjax_decode_attention_append",
-  )(positions, *srcs, k_cache, v_cache, *prefetch)
+  )(positions, *srcs, k_cache, v_cache)
   k_cache, v_cache = outs[-2:]
   o = _merge_splits(outs[0] if num_splits == 1 else outs[:3], num_splits, k_cache.dtype)
   if g > 1:

@@ -126,12 +126,6 @@ class SmallLinearConfig:
     is placed in the mantissa of 2^23 and 2^23 + 128 subtracted), "asm" (the same trick in inline
     PTX, four bytes a time with `prmt`; GPU only), "auto" (= "cvt": the three measured the same
     decode step on an H100, bench/RESULTS.md).
-  prefetch_blocks: with PDL on (`_common.pdl_on`), each program first prefetches its first this many W tiles
-    into the L2 cache (`_common.l2_prefetch`, asynchronous), before the grid-dependency wait: a projection
-    launched early streams its weights while the kernel before it finishes. 0: none.
-  next_bytes: with PDL on and weights to prefetch passed (`small_linear_parts(prefetch=...)`: the weight of
-    the projection after this one), the programs prefetch the first this many bytes of each into L2 when
-    their own K loop is done, each program its share. 0: none.
   """
   block_n: int | None = None
   block_k: int | None = None
@@ -150,8 +144,6 @@ class SmallLinearConfig:
   row_bytes: int | None = None
   max_partial_fraction: float = 0.25
   dequant: str = "auto"
-  prefetch_blocks: int = 0
-  next_bytes: int = 0
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
@@ -180,9 +172,6 @@ class SmallLinearConfig:
         f"row_bytes={self.row_bytes}: must be >= 1 (row_bytes >= 16)")
     assert self.max_partial_fraction > 0, (
         f"SmallLinearConfig.max_partial_fraction={self.max_partial_fraction} must be > 0")
-    assert self.prefetch_blocks in (0, 1, 2, 4, 8) and self.next_bytes >= 0, (
-        f"SmallLinearConfig.prefetch_blocks={self.prefetch_blocks} must be 0, 1, 2, 4 or 8 and "
-        f"next_bytes={self.next_bytes} >= 0")
     assert self.dequant in DEQUANTS, (
         f"SmallLinearConfig.dequant={self.dequant!r} must be one of {DEQUANTS}")
 
@@ -383,8 +372,7 @@ def dequant_int8(wb, cdtype, how: str):
 
 def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int,
             num_splits: int, per_split: int, n_kblocks: int, precision, norm=None,
-            dequant: str = "cvt", trans=None, pdl: bool = False, prefetch_blocks: int = 0, n_next: int = 0,
-            next_bytes: int = 0):
+            dequant: str = "cvt", trans=None, pdl: bool = False):
   """x_ref [M, K]; refs = (*w_refs [K, N_i], [stats, gamma, (beta)], *out_refs [num_splits, M, N_i]),
   all whole arrays.
 
@@ -395,15 +383,13 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
   dequant: how an int8 W tile is converted (`dequant_int8`).
   trans: per weight, True where it is stored [N, K] (its tiles are read [bn, bk], product x @ tile.T).
   pdl: the grid-dependency wait (`_common.PDL`) before the first load of x or of the norm statistics.
-  prefetch_blocks, n_next, next_bytes: L2 prefetches (SmallLinearConfig.prefetch_blocks / next_bytes); the
-  n_next weights to prefetch follow the norm refs.
   """
   n_w = len(Ns)
   w_refs, refs = refs[:n_w], refs[n_w:]
   if norm is not None:
     n_norm = 3 if norm[3] else 2
     norm_refs, refs = refs[:n_norm], refs[n_norm:]
-  next_refs, o_refs = refs[:n_next], refs[n_next:]
+  o_refs = refs
   cdtype = x_ref.dtype
   pid = pl.program_id(0)
   # A traced zero, not the literal 0, where a ref is indexed at 0 (see row0 below; a Python int
@@ -455,10 +441,8 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       nmask = ((n0 + jnp.arange(block_n)) < N)[None, :]                   # [1, bn]
 
     # The grid-dependency wait before x and the statistics are read (W, which no kernel writes, could be
-    # read before it: loading the first W tile ahead of the wait measured slower, bench/RESULTS.md; an
-    # asynchronous L2 prefetch of the first tiles may go before it).
-    pf = _prefetch_own(w_ref, N, t, n0, lo) if pdl and prefetch_blocks else 0
-    row0 = zero + pf + C.grid_dependency(pdl)
+    # read before it: loading the first W tile ahead of the wait measured slower, bench/RESULTS.md).
+    row0 = zero + C.grid_dependency(pdl)
     stats = norm_stats(row0) if norm is not None else None
 
     def body(kb, acc):
@@ -480,36 +464,12 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       return acc + C.dot(xb, wb, trans_b=t, precision=precision)
 
     acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((R, block_n), jnp.float32))
-    if pdl and next_bytes:          # this program's share of the next projection's weights, into L2
-      me, programs = pid * num_splits + split, n_programs
-      for r in next_refs:
-        row0 = row0 + C.prefetch_share(r, me, programs, next_bytes)
     dst = o_ref.at[split, pl.ds(row0, R), pl.ds(n0, block_n)]
     om = _and(rmask, nmask)
     if om is None:
       dst[...] = acc
     else:
       C.store(dst, acc, mask=jnp.broadcast_to(om, (R, block_n)))
-
-  n_programs = (firsts[-1] + pl.cdiv(Ns[-1], block_n)) * num_splits
-
-  def _prefetch_own(w_ref, N: int, t: bool, n0, lo):
-    """Prefetch this program's first `prefetch_blocks` W tiles (in bounds; 0 where the layout does not allow
-    16-byte aligned row segments)."""
-    item = jnp.dtype(w_ref.dtype).itemsize
-    P = prefetch_blocks
-    if t:                                             # [N, K]: bn rows of P * bk contiguous bytes
-      seg = P * block_k * item
-      if K < P * block_k or (K * item) % 16 or seg % 16:
-        return 0
-      rows = jnp.minimum(n0 + jnp.arange(block_n), N - 1)
-      k0 = jnp.minimum(lo * block_k, K - P * block_k)
-      return C.l2_prefetch(w_ref, rows * K + k0, seg)
-    seg = block_n * item                              # [K, N]: P * bk rows of bn contiguous bytes
-    if N < block_n or (N * item) % 16 or seg % 16:
-      return 0
-    ks = jnp.minimum(lo * block_k + jnp.arange(P * block_k), K - 1)
-    return C.l2_prefetch(w_ref, ks * N + jnp.minimum(n0, N - block_n), seg)
 
   trans = trans or (False,) * n_w
   if n_w == 1:
@@ -531,7 +491,7 @@ def _and(a, b):
   return a if b is None else a & b
 
 
-def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None, prefetch=()):
+def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None):
   """The kernel call: list of [num_splits, M, N_i] float32 split-K partials (scales not applied)."""
   M, K = x.shape
   trans = _transposed(ws, trans)
@@ -544,13 +504,10 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None, pre
   nbs = [pl.cdiv(n, bn) for n in Ns]
   firsts = tuple(int(sum(nbs[:i])) for i in range(len(ws)))
 
-  pdl = C.pdl_on(interpret, M)
-  prefetch = tuple(prefetch) if pdl and cfg.next_bytes else ()
   kernel = functools.partial(
       _kernel, Ns=Ns, firsts=firsts, K=K, M=M, block_n=bn, block_k=bk, num_splits=splits,
       per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype), norm=norm,
-      dequant=resolve_dequant(cfg.dequant, interpret), trans=trans, pdl=pdl,
-      prefetch_blocks=cfg.prefetch_blocks, n_next=len(prefetch), next_bytes=cfg.next_bytes)
+      dequant=resolve_dequant(cfg.dequant, interpret), trans=trans, pdl=C.pdl_on(interpret, M))
   # Whole-array blocks (index 0): the kernel indexes x, W and the outputs itself (pl.ds + masks),
   # so nothing is padded or copied around the call.
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda j, s: (0,) * len(shape))  # noqa: E731
@@ -558,14 +515,13 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None, pre
   return list(pl.pallas_call(
       kernel,
       grid=(int(sum(nbs)), splits),
-      in_specs=([whole(x.shape)] + [whole(w.shape) for w in ws] + [whole(a.shape) for a in norm_args]
-                + [whole(a.shape) for a in prefetch]),
+      in_specs=[whole(x.shape)] + [whole(w.shape) for w in ws] + [whole(a.shape) for a in norm_args],
       out_specs=[whole(sh) for sh in out_shapes],
       out_shape=[jax.ShapeDtypeStruct(sh, jnp.float32) for sh in out_shapes],
       compiler_params=C.triton_compiler_params(cfg.num_warps, cfg.num_stages),
       interpret=interpret,
       name="ftjax_small_linear",
-  )(x, *ws, *norm_args, *prefetch))
+  )(x, *ws, *norm_args))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "trans"))
@@ -583,12 +539,12 @@ def _small_linear(x, ws, scales, *, config, interpret, trans=None):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "kind", "eps", "trans"))
-def _small_linear_parts(x, ws, norm_args, prefetch=(), *, config, interpret, kind, eps, trans=None):
+def _small_linear_parts(x, ws, norm_args, *, config, interpret, kind, eps, trans=None):
   norm = None
   if norm_args:
     norm = (kind, eps, int(norm_args[0].shape[2]), len(norm_args) == 3)
   return _parts(x, ws, config=config, interpret=interpret, norm_args=tuple(norm_args), norm=norm,
-                trans=trans, prefetch=prefetch)
+                trans=trans)
 
 
 def small_linear(x, ws, scales=None, *, config: SmallLinearConfig | None = None,
@@ -611,7 +567,7 @@ def small_linear(x, ws, scales=None, *, config: SmallLinearConfig | None = None,
 
 
 def small_linear_parts(x, ws, *, norm=None, config: SmallLinearConfig | None = None, interpret: bool = False,
-                       transposed=None, prefetch=()):
+                       transposed=None):
   """Like `small_linear` without the reduction: list of [S, M, N_i] float32 split-K partials whose
   sum over S is x @ ws[i].astype(x.dtype) (scales are the caller's to apply, after the sum). For a
   consumer kernel that sums them itself (`add_stats`, `decode_attention_append`): no XLA kernel runs
@@ -620,8 +576,7 @@ def small_linear_parts(x, ws, *, norm=None, config: SmallLinearConfig | None = N
   norm = (stats [2, M, C], gamma [K], beta [K] or None, kind, eps) or None: x is first normalised, as
   `ftjax.pallas.add_norm.norm_from_stats(x, stats, gamma, beta, kind=kind, eps=eps)` would (stats from
   `add_stats`), tile by tile inside the kernel: the norm costs no kernel launch of its own.
-  `transposed` as in `small_linear`. prefetch: arrays (the next projection's weights) whose first
-  `config.next_bytes` each program prefetches into L2 when done (GPU with PDL only; otherwise unused)."""
+  `transposed` as in `small_linear`."""
   ws, _ = _normalize(ws, None)
   trans = _transposed(ws, transposed)
   _check(x, ws, [None] * len(ws), trans)
@@ -638,7 +593,7 @@ def small_linear_parts(x, ws, *, norm=None, config: SmallLinearConfig | None = N
     assert beta is None or kind == "layernorm", "beta is a LayerNorm parameter"
     norm_args = (stats, gamma) + (() if beta is None else (beta,))
     eps = float(eps)
-  return _small_linear_parts(x, tuple(ws), norm_args, tuple(prefetch), config=config or DEFAULT_CONFIG,
+  return _small_linear_parts(x, tuple(ws), norm_args, config=config or DEFAULT_CONFIG,
                              interpret=bool(interpret), kind=kind, eps=eps, trans=trans if any(trans) else None)
 
 

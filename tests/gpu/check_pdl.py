@@ -5,8 +5,8 @@ chain of dependent kernels must not lose an update (bench/pdl_probe.py's kernel,
 
   PYTHONUNBUFFERED=1 python tests/gpu/check_pdl.py [--on 'module.attr:value' ...]
 
---on: module globals set for the "on" decode besides PDL (e.g. the L2 prefetches,
-'ftjax.pallas.small_linear.DEFAULT_CONFIG:SmallLinearConfig(prefetch_blocks=2)'): still bitwise equal.
+--on: module globals set for the "on" decode besides PDL (e.g. 'ftjax.pallas._common.PDL_TRIGGER_FIRST:True'):
+the tokens and log probs must still be bitwise equal to the decode without PDL.
 """
 from __future__ import annotations
 
