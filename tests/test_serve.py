@@ -125,7 +125,7 @@ def test_32_concurrent_clients_mixed(served):
     for k in range(32):
         n = int(rng.randint(1, 3))
         prompts = [rng.randint(1, 200, size=rng.randint(1, 20)).tolist() for _ in range(n)]
-        out = int(rng.randint(1, 24))
+        out = int(rng.choice([1, 5, 11, 23]))   # a few output lengths: fewer step counts to compile (suite time)
         kind = k % 4
         kw = {} if kind == 0 else {"top_k": 4, "random_seed": 100 + k} if kind == 1 else \
              {"top_p": 0.8, "temperature": 0.9, "random_seed": 7 * k} if kind == 2 else {"repetition_penalty": 1.3}
