@@ -49,23 +49,23 @@ def triton_compiler_params(num_warps: int, num_stages: int):
 PDL = {"0": False, "1": True}.get(os.environ.get("FTJAX_PDL", ""), None)
 PDL_MAX_ROWS = 16
 # The order of the two instructions: False = wait, then let the dependents launch (the default); True = let
-# them launch first, so a chain of kernels can be resident (and prefetching, see l2_prefetch) two deep.
+# them launch first, so a chain of kernels can be resident two deep (not measured alone, bench/RESULTS.md).
 PDL_TRIGGER_FIRST = False
 
-_PDL_ASM = "griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;"
-_PDL_ASM_TRIGGER_FIRST = "griddepcontrol.launch_dependents;\n\tgriddepcontrol.wait;\n\tmov.b32 $0, $1;"
+_WAIT, _TRIGGER = "griddepcontrol.wait;", "griddepcontrol.launch_dependents;"
 
 
 @functools.lru_cache(maxsize=None)
-def _grid_dependency_primitive(asm: str = _PDL_ASM):
-  """The primitive (made on first use): inline PTX with side effects (`pure=False`: neither removed nor
-  moved across the kernel's memory operations), returning its int32 operand."""
+def _grid_dependency_primitive(trigger_first: bool = False):
+  """The primitive (made on first use, one per order): inline PTX with side effects (`pure=False`: neither
+  removed nor moved across the kernel's memory operations), returning its int32 operand."""
   from jax._src import core as jax_core
   from jax._src.lib.triton import dialect as tt_dialect
   from jax._src.pallas.triton import lowering as tl
   from jax.interpreters import mlir
 
-  p = jax_core.Primitive("ftjax_grid_dependency" if asm == _PDL_ASM else "ftjax_grid_dependency_tf")
+  asm = "\n\t".join((_TRIGGER, _WAIT) if trigger_first else (_WAIT, _TRIGGER)) + "\n\tmov.b32 $0, $1;"
+  p = jax_core.Primitive("ftjax_grid_dependency_tf" if trigger_first else "ftjax_grid_dependency")
   p.def_abstract_eval(lambda x: jax_core.ShapedArray(x.shape, x.dtype))
 
   def lower(ctx, x):
@@ -112,8 +112,7 @@ def grid_dependency(pdl: bool):
   program ids / index zeros, so every access also depends on it; without, the Python int 0."""
   if not pdl:
     return 0
-  v = _grid_dependency_primitive(_PDL_ASM_TRIGGER_FIRST if PDL_TRIGGER_FIRST else _PDL_ASM).bind(
-      jnp.zeros((1,), jnp.int32))
+  v = _grid_dependency_primitive(bool(PDL_TRIGGER_FIRST)).bind(jnp.zeros((1,), jnp.int32))
   return jnp.sum(v)
 
 

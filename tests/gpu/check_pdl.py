@@ -1,7 +1,7 @@
 """Programmatic dependent launch (`ftjax.pallas._common.PDL`) on the GPU: with the grid-dependency wait in
 every decode kernel the models must decode exactly as without it (same kernels, same order of arithmetic:
-bitwise equal tokens and log probs), GPT-2-like and LLaMA-like, bf16 and int8 weights, batch 1 and 8, and a
-chain of dependent kernels must not lose an update (bench/pdl_probe.py's kernel, each adding 1).
+bitwise equal tokens and log probs), GPT-2-like and LLaMA-like, bf16 and int8 weights, batch 1 and 8. (That
+a chain of dependent kernels loses no update is bench/pdl_probe.py's `value_ok`.)
 
   PYTHONUNBUFFERED=1 python tests/gpu/check_pdl.py [--on 'module.attr:value' ...]
 
@@ -26,29 +26,22 @@ ON_SETS: list = []
 def decode(cfg, params, prompts, pdl, quantize, steps):
     import jax
 
+    import ftjax
     from bench.step_ab import apply_set_args, apply_sets
+    from ftjax import quantize as Q
     from ftjax.pallas import _common as C
 
     C.PDL = pdl
     old = apply_set_args(ON_SETS) if pdl and ON_SETS else []
     jax.clear_caches()
     try:
-        return _decode(cfg, params, prompts, quantize, steps)
+        if quantize:
+            params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16)
+        llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=len(prompts), max_seq_len=256)
+        r = llm.generate(prompts, steps, return_log_probs=True)
+        return np.asarray(r.tokens), np.asarray(r.output_log_probs, np.float32)
     finally:
         apply_sets(old)
-
-
-def _decode(cfg, params, prompts, quantize, steps):
-    import jax
-
-    import ftjax
-    from ftjax import quantize as Q
-
-    if quantize:
-        params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16)
-    llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=len(prompts), max_seq_len=256)
-    r = llm.generate(prompts, steps, return_log_probs=True)
-    return np.asarray(r.tokens), np.asarray(r.output_log_probs, np.float32)
 
 
 def main():
