@@ -9,7 +9,7 @@
 - models: the decode step with the epilogues against the default fused step ("stats"), GPT-2- and
   LLaMA-like (gated SiLU, RMSNorm, rotary, GQA), float32 (token for token, log probs within 2e-3) and
   bfloat16 (log probs of the common prefix within 0.1; a near-tie may flip a token), float and int8
-  weights, batch 1 and 8.
+  weights, batch 1 and 8 (the combinations in COMBOS).
 
   PYTHONUNBUFFERED=1 python tests/gpu/check_epilogue.py
 """
@@ -25,6 +25,10 @@ import numpy as np  # noqa: E402
 from check_model import FAILS, report  # noqa: E402
 
 REPEATS = 200
+COMBOS = [  # (dtype, model, int8, batch) of the model check
+    ("float32", "gpt2-like", False, 1), ("float32", "gpt2-like", True, 8), ("float32", "llama-like", False, 8),
+    ("float32", "llama-like", True, 1), ("bfloat16", "gpt2-like", False, 1), ("bfloat16", "llama-like", True, 8),
+]
 
 
 def _twin(x, ws, scales, biases, residual, mode, act, trans):
@@ -134,28 +138,26 @@ def models():
                                   bos_id=0, eos_id=1),
     }
     rng = np.random.RandomState(0)
-    for dtype in ("float32", "bfloat16"):
-        for name, cfg in shapes.items():
-            base = gpt.init_params(cfg, seed=1)
-            for int8 in (False, True):
-                params = Q.quantize_params(base, cfg) if int8 else base
-                for b in (1, 8):
-                    prompts = [rng.randint(2, cfg.vocab_size, size=int(rng.randint(5, 60))).tolist() for _ in range(b)]
-                    res = {}
-                    for epi in (False, True):
-                        linear.PROJ_EPILOGUE = epi
-                        jax.clear_caches()
-                        llm = ftjax.LLM(cfg, params, dtype=dtype, max_batch_size=b, max_seq_len=256)
-                        res[epi] = llm.generate(prompts, max_new_tokens=24, end_id=None, return_log_probs=True)
-                    linear.PROJ_EPILOGUE = False
-                    a, r = res[True], res[False]
-                    agree = [next((i for i, (p, q) in enumerate(zip(ta, tb)) if p != q), len(ta))
-                             for ta, tb in zip(a.tokens, r.tokens)]
-                    lp = max(float(np.max(np.abs(np.asarray(la, np.float32)[:n] - np.asarray(lb, np.float32)[:n])))
-                             if n else 0.0 for la, lb, n in zip(a.output_log_probs, r.output_log_probs, agree))
-                    ok = (min(agree) == 24 and lp < 2e-3) if dtype == "float32" else lp < 0.1
-                    report(f"model {dtype} {name} int8={int8} b{b} epilogue vs stats", ok,
-                           f"tokens agree for {agree} of 24, max log-prob diff {lp:.3g}")
+    bases = {name: gpt.init_params(cfg, seed=1) for name, cfg in shapes.items()}
+    for dtype, name, int8, b in COMBOS:
+        cfg = shapes[name]
+        params = Q.quantize_params(bases[name], cfg) if int8 else bases[name]
+        prompts = [rng.randint(2, cfg.vocab_size, size=int(rng.randint(5, 60))).tolist() for _ in range(b)]
+        res = {}
+        for epi in (False, True):
+            linear.PROJ_EPILOGUE = epi
+            jax.clear_caches()
+            llm = ftjax.LLM(cfg, params, dtype=dtype, max_batch_size=b, max_seq_len=256)
+            res[epi] = llm.generate(prompts, max_new_tokens=24, end_id=None, return_log_probs=True)
+        linear.PROJ_EPILOGUE = False
+        a, r = res[True], res[False]
+        agree = [next((i for i, (p, q) in enumerate(zip(ta, tb)) if p != q), len(ta))
+                 for ta, tb in zip(a.tokens, r.tokens)]
+        lp = max(float(np.max(np.abs(np.asarray(la, np.float32)[:n] - np.asarray(lb, np.float32)[:n])))
+                 if n else 0.0 for la, lb, n in zip(a.output_log_probs, r.output_log_probs, agree))
+        ok = (min(agree) == 24 and lp < 2e-3) if dtype == "float32" else lp < 0.1
+        report(f"model {dtype} {name} int8={int8} b{b} epilogue vs stats", ok,
+               f"tokens agree for {agree} of 24, max log-prob diff {lp:.3g}")
 
 
 def main():
