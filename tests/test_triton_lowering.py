@@ -191,3 +191,50 @@ def test_pdl_trigger_first_swaps_the_instructions(monkeypatch):
         jax.clear_caches()
     assert default.index("griddepcontrol.wait") < default.index("griddepcontrol.launch_dependents")
     assert first.index("griddepcontrol.launch_dependents") < first.index("griddepcontrol.wait")
+
+
+def test_projection_epilogues_lower():
+    """small_linear_epilogue lowers to one Triton kernel: with several programs per column block (split-K, or
+    two weights) they count themselves in with an atomic add on the counters (aliased in place); with one
+    program per block there is no atomic. The fused decode step with linear.PROJ_EPILOGUE: per layer q/k/v,
+    the attention, o (residual), MLP in (activation) and MLP out (residual), and no add_stats but the
+    embedding's."""
+    from ftjax.layers import linear
+    from ftjax.pallas.small_linear import SmallLinearConfig, small_linear_epilogue
+
+    split = lower_cuda(lambda x, w, r, c: small_linear_epilogue(x, [w], c, mode="residual", residual=r),
+                       sds((1, 2048)), sds((2048, 2048)), sds((1, 2048)), sds((2048,), jnp.int32))
+    gated = lower_cuda(lambda x, u, g, c: small_linear_epilogue(x, [u, g], c, mode="act", act="silu",
+                                                                config=SmallLinearConfig(64, 64, 1)),
+                       sds((3, 256)), sds((256, 512)), sds((256, 512)), sds((64,), jnp.int32))
+    single = lower_cuda(lambda x, w, c: small_linear_epilogue(x, [w], c, mode="act", act="gelu",
+                                                              config=SmallLinearConfig(64, 64, 1)),
+                        sds((1, 256)), sds((256, 256)), sds((256,), jnp.int32))
+    for txt, atomic in ((split, True), (gated, True), (single, False)):
+        assert txt.count(TRITON) == 1 and "output_operand_aliases" in txt
+        assert ("atomic_rmw" in txt) == atomic
+    cfg = ModelConfig(vocab_size=300, max_positions=256, hidden=128, num_layers=2, num_heads=4, ffn_dim=256,
+                      bos_id=0, eos_id=1)
+    model = gpt.build(cfg, jnp.bfloat16, "pallas")
+    params = jax.eval_shape(lambda: gpt.init_params(cfg, dtype=jnp.bfloat16))
+    cache = [{"k": sds((2, cfg.kv_heads, 256, cfg.dim_per_head)), "v": sds((2, cfg.kv_heads, 256, cfg.dim_per_head))}
+             for _ in range(cfg.num_layers)]
+
+    def step(p, tok, pos, c):
+        with small_m_kernel(True, interpret=False, fuse=True):
+            return model.apply({"params": p}, tok, pos, c, method=gpt.GPT.decode)
+
+    args = (params, sds((2,), jnp.int32), sds((2,), jnp.int32), cache)
+    old = linear.PROJ_EPILOGUE
+    linear.PROJ_EPILOGUE = True
+    try:
+        txt = lower_cuda(step, *args)
+        jtxt = str(jax.make_jaxpr(step)(*args))
+    finally:
+        linear.PROJ_EPILOGUE = old
+    names = re.findall(r'name = "(ftjax_[a-z_]+)"', txt)
+    assert {"ftjax_small_linear_residual", "ftjax_small_linear_act", "ftjax_normalise"} <= set(names), names
+    L = cfg.num_layers
+    assert len(re.findall(r"name=_small_linear_epilogue\b", jtxt)) == 3 * L
+    assert len(re.findall(r"name=add_stats\b", jtxt)) == 1
+    assert len(re.findall(r"name=decode_attention_append\b", jtxt)) == L
