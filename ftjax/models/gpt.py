@@ -12,8 +12,10 @@ Decode has two paths with the same results. The plain one runs each module as wr
 sequential residual, a power-of-two head_dim) keeps every projection's split-K partials unreduced and
 hands them to the next kernel: the residual stream travels between blocks as `pending` = (x, partials,
 int8 scale, bias), added by the next norm's kernel (ftjax/pallas/add_norm.py), and q/k/v go straight to
-the attention kernel that writes the new K/V (`decode_attention_append`). Parallel-residual blocks
-(GPT-J, NeoX) take the plain path.
+the attention kernel that writes the new K/V (`decode_attention_append`). With `linear.PROJ_EPILOGUE` the
+o, MLP-in and MLP-out projections finish their partials in their own kernels instead (bias + residual +
+row statistics, or bias + activation; `small_linear_epilogue`), and `pending` is (x, row statistics).
+Parallel-residual blocks (GPT-J, NeoX) take the plain path.
 """
 from __future__ import annotations
 

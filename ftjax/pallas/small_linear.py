@@ -36,6 +36,14 @@ around the call. After the call plain jnp sums the partials over s and multiplie
 XLA fuses that with whatever elementwise epilogue the caller applies (bias, activation, cast)
 into one small kernel; with one split the partial is the result (a free reshape).
 
+In-kernel epilogue (`small_linear_epilogue`). Instead of leaving the partials to a later kernel, each
+program stores its partial, then (all its threads past a barrier) adds 1 to its column block's counter
+with an acq_rel atomic at GPU scope; the program that brings the count to splits x weights sums the
+block's partials in split order (so the result does not depend on which program that was), applies the
+epilogue (scale, bias, then activation, or residual add and the block's row statistics), writes [M, N]
+in x.dtype and zeroes the counter, so the same int32 counters serve the next call. A block with one
+program (one split, one weight) finishes from its registers, without an atomic.
+
 Auto configuration (`choose_config`): the W tile starts at about `tile_bytes` (16 KB: block_n
 = 256 bytes of a row, 128 for int8; block_k the rest) and, for int8 and float32 weights, shrinks
 (block_k first, down to 32, then block_n, down to 32, never below `min_tile_bytes`, 8 KB) while
