@@ -4,7 +4,7 @@
 #   bash bench/epilogue_gpu.sh check   # the 1.3B bf16 decode step A/B (default, epilogues, PDL trigger first
 #                                      # alone; default and epilogues twice), then tests/gpu/check_epilogue.py
 #   bash bench/epilogue_gpu.sh int8    # the same A/B for 1.3B int8 and 350M bf16 / int8
-#   bash bench/epilogue_gpu.sh profile # where a 1.3B bf16 step's time goes with the epilogues
+#   bash bench/epilogue_gpu.sh profile # a 1.3B bf16 step kernel by kernel, default and with the epilogues
 # Results land in $OUT (or ./out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -27,8 +27,9 @@ case "${1:-check}" in
     timeout 280 python bench/step_ab.py --models 350m --weights bf16,int8 --small-m stats --modes "" \
       --sl default= "epi=$EPI" default2= "epi2=$EPI" --json "$OUT/epi_ab_350.jsonl" 2>&1 | tail -10
     ;;
-  profile)
-    timeout 300 python bench/profile_decode.py --model 1.3b --steps 32 --sequence "$OUT/seq_epi.txt" --set \
-      ftjax.layers.linear.PROJ_EPILOGUE:True 2>&1 | tail -40
+  profile) # the default step and the epilogue step, kernel by kernel (the sequence files: ~2 steps each)
+    timeout 250 python bench/profile_decode.py --model 1.3b --steps 32 --sequence "$OUT/seq_default.txt" 2>&1 | tail -25
+    timeout 250 python bench/profile_decode.py --model 1.3b --steps 32 --sequence "$OUT/seq_epi.txt" --set \
+      ftjax.layers.linear.PROJ_EPILOGUE:True 2>&1 | tail -25
     ;;
 esac
