@@ -28,8 +28,8 @@ case "${1:-check}" in
       --sl default= "epi=$EPI" default2= "epi2=$EPI" --json "$OUT/epi_ab_350.jsonl" 2>&1 | tail -10
     ;;
   profile) # the default step and the epilogue step, kernel by kernel (the sequence files: ~2 steps each)
-    timeout 250 python bench/profile_decode.py --model 1.3b --steps 32 --sequence "$OUT/seq_default.txt" 2>&1 | tail -25
-    timeout 250 python bench/profile_decode.py --model 1.3b --steps 32 --sequence "$OUT/seq_epi.txt" --set \
+    timeout 200 python bench/profile_decode.py --model 1.3b --steps 32 --sequence "$OUT/seq_default.txt" 2>&1 | tail -25
+    timeout 200 python bench/profile_decode.py --model 1.3b --steps 32 --sequence "$OUT/seq_epi.txt" --set \
       ftjax.layers.linear.PROJ_EPILOGUE:True 2>&1 | tail -25
     ;;
 esac
