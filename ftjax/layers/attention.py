@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
-from ftjax.layers.linear import Linear, fused_linears, linear_epilogue, linear_parts, reduce_parts
+from ftjax.layers.linear import Linear, fused_linears, linear_parts, reduce_parts
 from ftjax.layers.position import apply_rotary
 from ftjax.pallas import ops
 
@@ -55,16 +55,13 @@ class Attention(nn.Module):
         out = ops.attention_decode(q, k_cache, v_cache, positions + 1, impl=self.impl)  # [b, n, h]
         return self.o(out), k_cache, v_cache
 
-    def decode_fused(self, x, positions, k_cache, v_cache, *, interpret: bool = False, residual=None,
-                     counters=None):
+    def decode_fused(self, x, positions, k_cache, v_cache, *, interpret: bool = False):
         """The fused decode path (small-M kernel on, ftjax/pallas/decode_attention.py's append kernel):
         x [b, d] (normed, or a NormedInput) -> ((parts [S, b, d], scale, bias) of the output projection,
         k_cache, v_cache).
 
         q/k/v leave their projection as split-K partials that the attention kernel sums itself, biases, and
-        writes into the cache (rotary models finish q and k in XLA first: the rotation needs whole values).
-        With counters (`linear.PROJ_EPILOGUE`): the output projection adds its bias and `residual` in its own
-        kernel -> ((x_new [b, d], row statistics [2, b, C], counters), k_cache, v_cache)."""
+        writes into the cache (rotary models finish q and k in XLA first: the rotation needs whole values)."""
         from ftjax.pallas.decode_attention import decode_attention_append
 
         c = self.cfg
@@ -88,9 +85,5 @@ class Attention(nn.Module):
         out, k_cache, v_cache = decode_attention_append(*srcs, k_cache, v_cache, positions, mults, biases,
                                                         interpret=interpret)
         po = self.o.variables["params"]
-        if counters is not None:
-            return linear_epilogue(out.astype(self.dtype), [po["kernel"]], counters, mode="residual",
-                                   biases=[po["bias"] if c.attn_bias else None], residual=residual,
-                                   n_in=2), k_cache, v_cache
         (part, scale), = linear_parts(out.astype(self.dtype), [po["kernel"]], 2)
         return (part, scale, po["bias"] if c.attn_bias else None), k_cache, v_cache

@@ -160,38 +160,6 @@ def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[tuple[j
     return out
 
 
-# The fused decode path ("stats"): the o, MLP-in and MLP-out projections finish their split-K partials inside
-# their own kernel (the last program of each column block adds bias and residual and writes the row
-# statistics, or the activation), so no add_stats kernel and no XLA activation fusion runs between them
-# (`small_linear_epilogue`; bench/RESULTS.md, thirteenth session). Read when the step is traced.
-PROJ_EPILOGUE = False
-
-
-def linear_epilogue(x: jax.Array, ws: Sequence[Any], counters: jax.Array, *, mode: str, biases=None,
-                    residual=None, act=None, n_in: int = 1):
-    """`small_linear_epilogue` on Linear kernels (the small-M kernel must be on): x (or a `NormedInput`)
-    [*lead, *in] -> (y [*lead, *out] x.dtype, stats [2, M, C] or None, counters). mode "act": act(x w + b)
-    (ws = [w]) or act(x w_gate + b_gate) * (x w_up + b_up) (ws = [w_up, w_gate]); mode "residual": residual
-    + x w + b and its row statistics. counters: int32, zero, at least N / 16 of them (returned zeroed)."""
-    from ftjax.pallas.small_linear import small_linear_epilogue
-
-    norm = None
-    if isinstance(x, NormedInput):
-        norm = (x.stats, x.gamma, x.beta, x.kind, x.eps)
-        x = x.x
-    mode_ = _small_m_mode(x, n_in)
-    assert mode_ is not None, "linear_epilogue: the small-M kernel is off for this input"
-    lead = x.shape[: x.ndim - n_in]
-    rows = math.prod(lead)
-    flats = [_flat(w, n_in) for w in ws]
-    bs = None if biases is None else [None if b is None else b.reshape(-1) for b in biases]
-    y, stats, counters = small_linear_epilogue(
-        x.reshape(rows, -1), [f[0] for f in flats], counters, mode=mode, scales=[f[1] for f in flats], biases=bs,
-        residual=None if residual is None else residual.reshape(rows, -1), act=act, norm=norm,
-        interpret=mode_["interpret"], transposed=[f[3] for f in flats])
-    return y.reshape(*lead, *flats[0][2]), stats, counters
-
-
 def reduce_parts(part: jax.Array, scale: Any, bias: Any = None) -> jax.Array:
     """The float32 projection from `linear_parts`' (parts, scale), plus bias: sum(parts, 0) * scale + bias."""
     y = jnp.sum(part, axis=0)

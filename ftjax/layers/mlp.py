@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftjax.layers.linear import Linear, fused_linears, linear_epilogue, linear_parts, reduce_parts
+from ftjax.layers.linear import Linear, fused_linears, linear_parts, reduce_parts
 
 
 def activation(name: str, x):
@@ -57,15 +57,3 @@ class MLP(nn.Module):
         po = self.wo.variables["params"]
         (part, scale), = linear_parts(h.astype(self.dtype), [po["kernel"]])
         return part, scale, (po["bias"] if self.use_bias else None)
-
-    def epilogue(self, x, residual, counters):
-        """The fused decode path with in-kernel epilogues (`linear.PROJ_EPILOGUE`): x [M, d] (a NormedInput)
-        -> (residual + mlp(x) [M, d], its row statistics [2, M, C], counters); two kernels, the activation
-        in the first one's epilogue, the residual add and statistics in the second's."""
-        mods = [self.wi, self.wg] if self.gated else [self.wi]
-        ps = [m.variables["params"] for m in mods]
-        bias = lambda p: p["bias"] if self.use_bias else None  # noqa: E731
-        h, _, counters = linear_epilogue(x, [p["kernel"] for p in ps], counters, mode="act", act=self.act,
-                                         biases=[bias(p) for p in ps])
-        po = self.wo.variables["params"]
-        return linear_epilogue(h, [po["kernel"]], counters, mode="residual", biases=[bias(po)], residual=residual)

@@ -12,10 +12,8 @@ Decode has two paths with the same results. The plain one runs each module as wr
 sequential residual, a power-of-two head_dim) keeps every projection's split-K partials unreduced and
 hands them to the next kernel: the residual stream travels between blocks as `pending` = (x, partials,
 int8 scale, bias), added by the next norm's kernel (ftjax/pallas/add_norm.py), and q/k/v go straight to
-the attention kernel that writes the new K/V (`decode_attention_append`). With `linear.PROJ_EPILOGUE` the
-o, MLP-in and MLP-out projections finish their partials in their own kernels instead (bias + residual +
-row statistics, or bias + activation; `small_linear_epilogue`), and `pending` is (x, row statistics).
-Parallel-residual blocks (GPT-J, NeoX) take the plain path.
+the attention kernel that writes the new K/V (`decode_attention_append`). Parallel-residual blocks
+(GPT-J, NeoX) take the plain path.
 """
 from __future__ import annotations
 
@@ -28,7 +26,6 @@ import jax.numpy as jnp
 from ftjax.config import ModelConfig
 from ftjax.layers.attention import Attention
 from ftjax.layers.embed import Embed
-from ftjax.layers import linear
 from ftjax.layers.linear import Linear, fused_decode_mode, layer_decode_mode
 from ftjax.layers.mlp import MLP
 from ftjax.layers.norms import Norm
@@ -65,37 +62,17 @@ class Block(nn.Module):
         a, k_cache, v_cache = self.attn.decode(h1, positions, k_cache, v_cache)
         return self._residual(x, h1, a), k_cache, v_cache
 
-    def decode_fused(self, pending, positions, k_cache, v_cache, interpret: bool, norm: str = "stats",
-                     counters=None):
+    def decode_fused(self, pending, positions, k_cache, v_cache, interpret: bool, norm: str = "stats"):
         """The fused decode path (sequential residual): pending = (x, parts, scale, bias), the residual
         stream with the previous block's output projection not yet added; returns this block's.
         norm: how each norm runs (ftjax/pallas/add_norm.py): "stats" (`add_stats`; the consuming projection
-        normalises its input tiles), "norm" (one `add_norm` kernel), "stats2" (`add_stats` + `normalise`).
-        With counters ("stats" only; `linear.PROJ_EPILOGUE`) the projections finish their own partials:
-        pending may also be (x, row statistics), and this block returns that, and the counters, as
-        (pending, k_cache, v_cache, counters)."""
-        if counters is not None:
-            x = pending[0]
-            h1 = self._normed(self.ln1, *pending) if len(pending) == 2 else \
-                self.ln1.add_stats(*pending, interpret=interpret)[1]
-            if len(pending) != 2:
-                x = h1.x
-            (x, st, counters), k_cache, v_cache = self.attn.decode_fused(
-                h1, positions, k_cache, v_cache, interpret=interpret, residual=x, counters=counters)
-            x, st, counters = self.mlp.epilogue(self._normed(self.ln2, x, st), x, counters)
-            return (x, st), k_cache, v_cache, counters
+        normalises its input tiles), "norm" (one `add_norm` kernel), "stats2" (`add_stats` + `normalise`)."""
         method = {"stats": "add_stats", "layer": "add_stats", "norm": "add", "stats2": "add_normalise"}[norm]
         add = lambda n, *a: getattr(n, method)(*a, interpret=interpret)  # noqa: E731
         x, h1 = add(self.ln1, *pending)
         o_pend, k_cache, v_cache = self.attn.decode_fused(h1, positions, k_cache, v_cache, interpret=interpret)
         x, h2 = add(self.ln2, x, *o_pend)
         return (x, *self.mlp.parts(h2)), k_cache, v_cache
-
-    @staticmethod
-    def _normed(norm, x, stats):
-        from ftjax.layers.linear import NormedInput
-
-        return NormedInput(x, stats, *norm._gamma_beta(), norm.kind, float(norm.eps))
 
     def layer_params(self):
         """(LayerParams, trans flags) of this block for ftjax/pallas/decode_layer.py."""
@@ -230,20 +207,6 @@ class GPT(nn.Module):
             # kernel adds them to the residual stream (bench/RESULTS.md: 16 -> 8 kernels a layer)
             new_cache = []
             pending = (x, None, None, None)
-            if mode["fuse"] == "stats" and linear.PROJ_EPILOGUE:
-                # ... or finished in the projections' own kernels, with counters they synchronise through
-                # (zero, one set for the step: each kernel leaves them zero)
-                counters = jnp.zeros((max(self.cfg.hidden, self.cfg.ffn_dim),), jnp.int32)
-                for layer, c in zip(self.layers, cache):
-                    pending, k, v, counters = layer.decode_fused(pending, positions, c["k"], c["v"],
-                                                                 mode["interpret"], counters=counters)
-                    new_cache.append({"k": k, "v": v})
-                from ftjax.pallas.add_norm import normalise
-
-                g, b = self.final_norm._gamma_beta()
-                h = normalise(*pending, g, b, kind=self.final_norm.kind, eps=float(self.final_norm.eps),
-                              interpret=mode["interpret"])
-                return self.logits(h), new_cache
             for layer, c in zip(self.layers, cache):
                 pending, k, v = layer.decode_fused(pending, positions, c["k"], c["v"], mode["interpret"],
                                                    norm=mode["fuse"])

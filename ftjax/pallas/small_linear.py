@@ -36,14 +36,6 @@ around the call. After the call plain jnp sums the partials over s and multiplie
 XLA fuses that with whatever elementwise epilogue the caller applies (bias, activation, cast)
 into one small kernel; with one split the partial is the result (a free reshape).
 
-In-kernel epilogue (`small_linear_epilogue`). Instead of leaving the partials to a later kernel, each
-program stores its partial, then (all its threads past a barrier) adds 1 to its column block's counter
-with an acq_rel atomic at GPU scope; the program that brings the count to splits x weights sums the
-block's partials in split order (so the result does not depend on which program that was), applies the
-epilogue (scale, bias, then activation, or residual add and the block's row statistics), writes [M, N]
-in x.dtype and zeroes the counter, so the same int32 counters serve the next call. A block with one
-program (one split, one weight) finishes from its registers, without an atomic.
-
 Auto configuration (`choose_config`): the W tile starts at about `tile_bytes` (16 KB: block_n
 = 256 bytes of a row, 128 for int8; block_k the rest) and, for int8 and float32 weights, shrinks
 (block_k first, down to 32, then block_n, down to 32, never below `min_tile_bytes`, 8 KB) while
@@ -69,7 +61,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -381,7 +372,7 @@ def dequant_int8(wb, cdtype, how: str):
 
 def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int,
             num_splits: int, per_split: int, n_kblocks: int, precision, norm=None,
-            dequant: str = "cvt", trans=None, pdl: bool = False, epi=None, interpret: bool = False):
+            dequant: str = "cvt", trans=None, pdl: bool = False):
   """x_ref [M, K]; refs = (*w_refs [K, N_i], [stats, gamma, (beta)], *out_refs [num_splits, M, N_i]),
   all whole arrays.
 
@@ -392,26 +383,13 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
   dequant: how an int8 W tile is converted (`dequant_int8`).
   trans: per weight, True where it is stored [N, K] (its tiles are read [bn, bk], product x @ tile.T).
   pdl: the grid-dependency wait (`_common.PDL`) before the first load of x or of the norm statistics.
-  epi: an `Epilogue` or None. With one, refs go on (after the norm's) with [scales], [biases], [residual],
-  counters, and end with (*parts, y, [stats], counters): see `small_linear_epilogue`.
   """
   n_w = len(Ns)
   w_refs, refs = refs[:n_w], refs[n_w:]
   if norm is not None:
     n_norm = 3 if norm[3] else 2
     norm_refs, refs = refs[:n_norm], refs[n_norm:]
-  if epi is not None:
-    it = iter(refs)
-    sc_refs = [next(it) for _ in range(n_w)] if epi.has_scale else None
-    bi_refs = [next(it) for _ in range(n_w)] if epi.has_bias else None
-    res_ref = next(it) if epi.mode == "residual" else None
-    next(it)                                                              # counters in (aliased to out)
-    o_refs = [next(it) for _ in range(n_w)]
-    y_ref = next(it)
-    ost_ref = next(it) if epi.mode == "residual" else None               # (st_ref: the norm's input stats)
-    cnt_ref = next(it)
-  else:
-    o_refs = refs
+  o_refs = refs
   cdtype = x_ref.dtype
   pid = pl.program_id(0)
   # A traced zero, not the literal 0, where a ref is indexed at 0 (see row0 below; a Python int
@@ -486,84 +464,12 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       return acc + C.dot(xb, wb, trans_b=t, precision=precision)
 
     acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((R, block_n), jnp.float32))
+    dst = o_ref.at[split, pl.ds(row0, R), pl.ds(n0, block_n)]
     om = _and(rmask, nmask)
-
-    def store_partial():
-      dst = o_ref.at[split, pl.ds(row0, R), pl.ds(n0, block_n)]
-      if om is None:
-        dst[...] = acc
-      else:
-        C.store(dst, acc, mask=jnp.broadcast_to(om, (R, block_n)))
-
-    if epi is None:
-      store_partial()
-      return
-    j = pid - first                                                       # the column block (its counter)
-    if num_splits * n_w == 1:                                             # the only program of its block
-      finish(j, row0, [acc])
-      return
-    store_partial()
-    sync = C.Sync(cnt_ref, zero, interpret)
-    old = sync.arrive(j)
-
-    @pl.when(old == num_splits * n_w - 1)
-    def _last():                      # every partial of block j is in: sum them in slot order, finish
-      sums = [_slot_sum(o_refs[i], j, row0) for i in range(n_w)]
-      C.store(cnt_ref.at[pl.ds(j, 1)], jnp.zeros((1,), jnp.int32))       # zeroed for the next call
-      finish(j, row0, sums)
-
-  def _slot_sum(o_ref, j, row0):
-    n0 = j * block_n
-    om = _and(rmask, ((n0 + jnp.arange(block_n)) < Ns[0])[None, :] if Ns[0] % block_n else None)
-    m = None if om is None else jnp.broadcast_to(om, (R, block_n))
-    tot = None
-    for s in range(num_splits):                                           # static: every load in flight
-      src = o_ref.at[zero + s, pl.ds(row0, R), pl.ds(n0, block_n)]
-      v = src[...] if m is None else C.load(src, mask=m, other=0.0)
-      tot = v if tot is None else tot + v
-    return tot
-
-  def finish(j, row0, ys):
-    """The epilogue of column block j from its float32 sums ys (one per weight; see `Epilogue`)."""
-    N = Ns[0]
-    n0 = j * block_n
-    cmask = ((n0 + jnp.arange(block_n)) < N) if N % block_n else None      # [bn]
-    om = _and(rmask, None if cmask is None else cmask[None, :])
-    om = None if om is None else jnp.broadcast_to(om, (R, block_n))
-
-    def vec(ref):                                                         # [1, bn] float32 of an [N] ref
-      v = ref.at[pl.ds(n0, block_n)]
-      return (v[...] if cmask is None else C.load(v, mask=cmask, other=0)).astype(jnp.float32)[None, :]
-
-    def post(i):                                                          # sum * scale + bias
-      y = ys[i]
-      if epi.has_scale:
-        y = y * vec(sc_refs[i])
-      if epi.has_bias:
-        y = y + vec(bi_refs[i])
-      return y
-
-    dst = y_ref.at[pl.ds(row0, R), pl.ds(n0, block_n)]
-    if epi.mode == "act":
-      rnd = lambda v: v.astype(cdtype).astype(jnp.float32)  # noqa: E731  (each projection rounded, as unfused)
-      h = C.kernel_activation(epi.act, rnd(post(n_w - 1)))
-      if n_w == 2:
-        h = h * rnd(post(0))                                              # act(gate) * up
-      out = h.astype(y_ref.dtype)
-    else:
-      src = res_ref.at[pl.ds(row0, R), pl.ds(n0, block_n)]
-      xr = (src[...] if om is None else C.load(src, mask=om, other=0)).astype(jnp.float32)
-      out = (xr + post(0)).astype(y_ref.dtype)
     if om is None:
-      dst[...] = out
+      dst[...] = acc
     else:
-      C.store(dst, out, mask=om)
-    if epi.mode == "residual":                                            # this block's row statistics
-      xf = out.astype(jnp.float32)
-      xf = xf if cmask is None else jnp.where(cmask[None, :], xf, 0.0)
-      sm = None if rmask is None else rmask
-      for i, v in enumerate((jnp.sum(xf, axis=1), jnp.sum(xf * xf, axis=1))):
-        C.store(ost_ref.at[zero + i, pl.ds(row0, R), pl.ds(j, 1)], v[:, None], mask=sm)
+      C.store(dst, acc, mask=jnp.broadcast_to(om, (R, block_n)))
 
   trans = trans or (False,) * n_w
   if n_w == 1:
@@ -585,10 +491,8 @@ def _and(a, b):
   return a if b is None else a & b
 
 
-def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None, epi=None, epi_args=(),
-           counters=None):
-  """The kernel call: list of [num_splits, M, N_i] float32 split-K partials (scales not applied); with `epi`
-  (epi_args: [scales], [biases], [residual]) the list ends with y, [stats] and the counters."""
+def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None):
+  """The kernel call: list of [num_splits, M, N_i] float32 split-K partials (scales not applied)."""
   M, K = x.shape
   trans = _transposed(ws, trans)
   Ns = tuple(int(_kn(w, t)[1]) for w, t in zip(ws, trans))
@@ -603,34 +507,21 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None, epi
   kernel = functools.partial(
       _kernel, Ns=Ns, firsts=firsts, K=K, M=M, block_n=bn, block_k=bk, num_splits=splits,
       per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype), norm=norm,
-      dequant=resolve_dequant(cfg.dequant, interpret), trans=trans, pdl=C.pdl_on(interpret, M), epi=epi,
-      interpret=interpret)
+      dequant=resolve_dequant(cfg.dequant, interpret), trans=trans, pdl=C.pdl_on(interpret, M))
   # Whole-array blocks (index 0): the kernel indexes x, W and the outputs itself (pl.ds + masks),
   # so nothing is padded or copied around the call.
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda j, s: (0,) * len(shape))  # noqa: E731
-  out_shape = [jax.ShapeDtypeStruct((splits, M, n), jnp.float32) for n in Ns]
-  args = [x, *ws, *norm_args]
-  aliases = {}
-  if epi is not None:
-    assert counters.shape[0] >= nbs[0], (
-        f"counters [{counters.shape[0]}] are fewer than the {nbs[0]} column blocks of this projection")
-    out_shape.append(jax.ShapeDtypeStruct((M, Ns[0]), x.dtype))
-    if epi.mode == "residual":
-      out_shape.append(jax.ShapeDtypeStruct((2, M, nbs[0]), jnp.float32))
-    out_shape.append(jax.ShapeDtypeStruct(counters.shape, counters.dtype))
-    args += [*epi_args, counters]
-    aliases = {len(args) - 1: len(out_shape) - 1}
+  out_shapes = [(splits, M, n) for n in Ns]
   return list(pl.pallas_call(
       kernel,
       grid=(int(sum(nbs)), splits),
-      in_specs=[whole(a.shape) for a in args],
-      out_specs=[whole(o.shape) for o in out_shape],
-      out_shape=out_shape,
-      input_output_aliases=aliases,
+      in_specs=[whole(x.shape)] + [whole(w.shape) for w in ws] + [whole(a.shape) for a in norm_args],
+      out_specs=[whole(sh) for sh in out_shapes],
+      out_shape=[jax.ShapeDtypeStruct(sh, jnp.float32) for sh in out_shapes],
       compiler_params=C.triton_compiler_params(cfg.num_warps, cfg.num_stages),
       interpret=interpret,
-      name="ftjax_small_linear" if epi is None else f"ftjax_small_linear_{epi.mode}",
-  )(*args))
+      name="ftjax_small_linear",
+  )(x, *ws, *norm_args))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "trans"))
@@ -675,90 +566,6 @@ def small_linear(x, ws, scales=None, *, config: SmallLinearConfig | None = None,
                        interpret=bool(interpret), trans=trans if any(trans) else None)
 
 
-class Epilogue(NamedTuple):
-  """What `small_linear_epilogue` finishes in the kernel (static)."""
-  mode: str            # "act": y = act(...); "residual": y = residual + ..., and y's row statistics
-  act: str | None      # "act": one of _common.ACTIVATIONS
-  has_scale: bool
-  has_bias: bool
-
-
-def _norm_args(x, norm):
-  """(norm_args, kind, eps) of small_linear_parts' `norm` argument, checked."""
-  if norm is None:
-    return (), None, None
-  stats, gamma, beta, kind, eps = norm
-  M, K = x.shape
-  assert kind in ("layernorm", "rmsnorm"), f"norm kind={kind!r} is not 'layernorm' or 'rmsnorm'"
-  assert stats.ndim == 3 and stats.shape[:2] == (2, M), f"stats must be [2, M={M}, C], got {stats.shape}"
-  assert gamma.shape == (K,) and (beta is None or beta.shape == (K,)), (
-      f"gamma / beta must be [K]=[{K}], got {gamma.shape} / {None if beta is None else beta.shape}")
-  assert beta is None or kind == "layernorm", "beta is a LayerNorm parameter"
-  return (stats, gamma) + (() if beta is None else (beta,)), kind, float(eps)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "kind", "eps", "trans", "epi"))
-def _small_linear_epilogue(x, ws, norm_args, epi_args, counters, *, config, interpret, kind, eps, trans, epi):
-  norm = None
-  if norm_args:
-    norm = (kind, eps, int(norm_args[0].shape[2]), len(norm_args) == 3)
-  out = _parts(x, ws, config=config, interpret=interpret, norm_args=tuple(norm_args), norm=norm, trans=trans,
-               epi=epi, epi_args=tuple(epi_args), counters=counters)
-  out = out[len(ws):]
-  return out[0], (out[1] if epi.mode == "residual" else None), out[-1]
-
-
-def small_linear_epilogue(x, ws, counters, *, mode: str, scales=None, biases=None, residual=None, act=None,
-                          norm=None, config: SmallLinearConfig | None = None, interpret: bool = False,
-                          transposed=None):
-  """A projection whose split-K partials are finished inside the kernel, by the program that brings
-  its column block's count to the total (the last arriver; it sums the partials in split order, so the
-  result does not depend on which program that is): no kernel runs after the projection to reduce them.
-
-  x [M, K] (or normalised on the fly: `norm` as in `small_linear_parts`); ws: one weight [K, N] (or
-  [N, K], `transposed`), or for mode "act" two of the same N (up, gate); scales / biases: None or lists
-  aligned with ws of [N] (int8 scales; biases); counters: int32 [>= column blocks], all zero (a fresh
-  `jnp.zeros`, or the counters an earlier call returned: the kernel leaves them zero).
-    mode "act":      y = act(p) (one weight), or act(p_gate) * p_up, with each p = sum * scale + bias rounded to
-                     x.dtype first (as the unfused MLP does); act one of `_common.ACTIVATIONS`; stats None.
-    mode "residual": y = residual + (sum * scale + bias) rounded to x.dtype (residual [M, N]); stats
-                     [2, M, C] float32, the sum / sum of squares of each row of y over each of its C column
-                     blocks (what `add_norm.add_stats` computes, in other chunks: a consumer sums them).
-  -> (y [M, N] x.dtype, stats or None, counters)."""
-  assert mode in ("act", "residual"), f"small_linear_epilogue: mode={mode!r} is not 'act' or 'residual'"
-  ws, scales = _normalize(ws, scales)
-  trans = _transposed(ws, transposed)
-  _check(x, ws, scales, trans)
-  M = x.shape[0]
-  Ns = [_kn(w, t)[1] for w, t in zip(ws, trans)]
-  assert len(ws) == 1 or (mode == "act" and len(ws) == 2 and Ns[0] == Ns[1]), (
-      f"small_linear_epilogue: one weight, or two of one N (up, gate) for mode 'act'; got N={Ns}")
-  if mode == "act":
-    assert act in C.ACTIVATIONS, f"act={act!r} is not one of {C.ACTIVATIONS}"
-    assert residual is None, "mode 'act' takes no residual"
-  else:
-    assert residual is not None and residual.shape == (M, Ns[0]), (
-        f"mode 'residual' needs residual [M, N]=[{M}, {Ns[0]}], got {getattr(residual, 'shape', None)}")
-  biases = list(biases) if biases is not None else [None] * len(ws)
-  assert len(biases) == len(ws), f"biases has {len(biases)} entries but ws has {len(ws)}"
-  has_scale = any(s is not None for s in scales)
-  has_bias = any(b is not None for b in biases)
-  fill = lambda vs, v: [jnp.full((n,), v, jnp.float32) if a is None else a for a, n in zip(vs, Ns)]  # noqa: E731
-  epi_args = (fill(scales, 1.0) if has_scale else []) + (fill(biases, 0.0) if has_bias else []) \
-      + ([residual] if residual is not None else [])
-  for b, n in zip(biases, Ns):
-    assert b is None or b.shape == (n,), f"biases must be [N]=[{n}], got {b.shape}"
-  assert counters.ndim == 1 and counters.dtype == jnp.int32, (
-      f"counters must be int32 [n], got {counters.dtype} {counters.shape}")
-  assert config is None or isinstance(config, SmallLinearConfig), (
-      f"config must be a SmallLinearConfig or None, got {type(config).__name__}")
-  norm_args, kind, eps = _norm_args(x, norm)
-  epi = Epilogue(mode, act if mode == "act" else None, has_scale, has_bias)
-  return _small_linear_epilogue(x, tuple(ws), norm_args, tuple(epi_args), counters,
-                                config=config or DEFAULT_CONFIG, interpret=bool(interpret), kind=kind, eps=eps,
-                                trans=trans if any(trans) else None, epi=epi)
-
-
 def small_linear_parts(x, ws, *, norm=None, config: SmallLinearConfig | None = None, interpret: bool = False,
                        transposed=None):
   """Like `small_linear` without the reduction: list of [S, M, N_i] float32 split-K partials whose
@@ -775,7 +582,17 @@ def small_linear_parts(x, ws, *, norm=None, config: SmallLinearConfig | None = N
   _check(x, ws, [None] * len(ws), trans)
   assert config is None or isinstance(config, SmallLinearConfig), (
       f"config must be a SmallLinearConfig or None, got {type(config).__name__}")
-  norm_args, kind, eps = _norm_args(x, norm)
+  norm_args, kind, eps = (), None, None
+  if norm is not None:
+    stats, gamma, beta, kind, eps = norm
+    M, K = x.shape
+    assert kind in ("layernorm", "rmsnorm"), f"norm kind={kind!r} is not 'layernorm' or 'rmsnorm'"
+    assert stats.ndim == 3 and stats.shape[:2] == (2, M), f"stats must be [2, M={M}, C], got {stats.shape}"
+    assert gamma.shape == (K,) and (beta is None or beta.shape == (K,)), (
+        f"gamma / beta must be [K]=[{K}], got {gamma.shape} / {None if beta is None else beta.shape}")
+    assert beta is None or kind == "layernorm", "beta is a LayerNorm parameter"
+    norm_args = (stats, gamma) + (() if beta is None else (beta,))
+    eps = float(eps)
   return _small_linear_parts(x, tuple(ws), norm_args, config=config or DEFAULT_CONFIG,
                              interpret=bool(interpret), kind=kind, eps=eps, trans=trans if any(trans) else None)
 
