@@ -76,7 +76,7 @@ EVENTS = ("start", "qkv_wait", "qkv_done", "attn_wait", "attn_done", "o_wait", "
           "fc2_wait", "fc2_done", "exit")
 EV = {name: i for i, name in enumerate(EVENTS)}
 TRACE_EVENTS = 16
-ACTIVATIONS = C.ACTIVATIONS
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
 
 
@@ -327,8 +327,74 @@ def _and(a, b):
   return a if b is None else a & b
 
 
-_Sync = C.Sync
-kernel_activation = C.kernel_activation
+class _Sync:
+  """Counters in global memory (int32 ref): arrive (release) and wait (acquire). In interpret mode the
+  programs run one after another: a barrier among a program's threads is meaningless and is skipped.
+  A wait spins on atomic adds of 0 (a loop of plain or volatile loads whose value is not otherwise used
+  is removed by Triton's optimiser; an atomic is never removed, and it acquires)."""
+
+  def __init__(self, cnt_ref, zero, interpret: bool, sleep_ns: int = 0):
+    self.ref, self.zero, self.interpret, self.sleep_ns = cnt_ref, zero, interpret, sleep_ns
+
+  def barrier(self):
+    if not self.interpret:
+      C.pltriton.debug_barrier()
+
+  def arrive(self, idx, val=1):
+    """All threads' earlier stores, then +val on counter idx; the value before."""
+    self.barrier()
+    return C.pltriton.atomic_add(self.ref, (self.zero + idx,), self.zero + val)
+
+  def read(self, idx):
+    return C.pltriton.atomic_add(self.ref, (self.zero + idx,), self.zero)
+
+  def _pause(self):
+    """0, after sleeping sleep_ns (GPU; an opaque 0 the compiler cannot fold, so the sleep stays in the loop)."""
+    if not self.sleep_ns or self.interpret:
+      return self.zero
+    [v] = C.pltriton.elementwise_inline_asm(
+        f"nanosleep.u32 {int(self.sleep_ns)};\nmov.b32 $0, $1;", args=[jnp.zeros((1,), jnp.int32) + self.zero],
+        constraints="=r,r", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct((1,), jnp.int32)])
+    return jnp.sum(v)
+
+  def wait(self, idx, target):
+    """Spin until counter idx >= target (each read an acquiring atomic: it also orders the loads after); with
+    sleep_ns, each retry first sleeps (fewer atomics on the counter while its producers arrive)."""
+    def retry(v):
+      return C.pltriton.atomic_add(self.ref, (self.zero + idx,), self._pause())
+    return jax.lax.while_loop(lambda v: v < target, retry, self.read(idx))
+
+
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def _erf(x):
+  """erf on float32 by a rational fit on [-4, 4] (~1e-7 absolute; the Triton lowering has no erf)."""
+  x = jnp.clip(x, -4.0, 4.0)
+  x2 = x * x
+  p = jnp.full_like(x, _ERF_P[0])
+  for c in _ERF_P[1:]:
+    p = p * x2 + c
+  q = jnp.full_like(x, _ERF_Q[0])
+  for c in _ERF_Q[1:]:
+    q = q * x2 + c
+  return x * p / q
+
+
+def kernel_activation(name: str, x):
+  """`ftjax.layers.mlp.activation` in ops the Triton lowering has (float32 in and out)."""
+  if name == "gelu":
+    return 0.5 * x * (1.0 + _erf(x * 0.7071067811865476))
+  if name == "gelu_tanh":
+    return 0.5 * x * (1.0 + jnp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+  if name == "relu":
+    return jnp.maximum(x, 0.0)
+  if name == "silu":
+    return x / (1.0 + jnp.exp(-x))
+  raise ValueError(f"activation {name!r} is not one of {ACTIVATIONS}")
 
 
 def _span(w: WeightPlan, j):
