@@ -52,10 +52,11 @@ class Prefix(NamedTuple):
     first_logprob: jax.Array  # [b] float32
 
 
-def select(logits, sp, *, seq, prompt_len, seq_len, gen_count, top_p, sampled=True):
+def select(logits, sp, *, seq, prompt_len, seq_len, gen_count, top_p, sampled=True, penalized=True):
     """Per-row decoding of one step: penalties/bans/temperature, then greedy or top-k/top-p draw.
-    logits [B, v] -> (ids [B] int32, log probs [B] f32). sampled=False: every row is greedy (static)."""
-    x = sampling.process_logits(logits, sp, seq, prompt_len, seq_len, gen_count)
+    logits [B, v] -> (ids [B] int32, log probs [B] f32). sampled=False: every row is greedy (static);
+    penalized=False: no row has a penalty, min_length or bad words (static)."""
+    x = sampling.process_logits(logits, sp, seq, prompt_len, seq_len, gen_count, penalized=penalized)
     return sampling.sample(x, sp, gen_count, top_p, sampled=sampled)
 
 
@@ -67,6 +68,12 @@ INSERT_IN_PLACE = True
 # The in-place update is a second compiled variant of the admit; below this size the scatter costs well
 # under a millisecond, so a serving process's small multi-request admits keep one variant per shape.
 INSERT_IN_PLACE_MIN_TOKENS = 4096
+
+
+# The decode step compiles the processors (penalties, min_length, bad and stop words: [B, V] scatters and
+# word matching each step) only while a live slot needs them (`SamplingParams.penalized`); True compiles
+# them in always (the behaviour before; bench/step_ab.py's A/B of the two).
+ALWAYS_PENALIZE = False
 
 
 DECODE_FUSE_ENV = "FTJAX_DECODE_FUSE"
@@ -164,6 +171,8 @@ class Engine:
         self.fuse_decode = decode_fuse_from_env()
         self._beam_heads: set[int] = set()   # host: slots heading a beam group that may still run
         self._sampled_slots: set[int] = set()   # host: slots holding a request that samples (not greedy)
+        # host: slots holding a request with penalties, min_length, bad or stop words (SamplingParams.penalized)
+        self._penalized_slots: set[int] = set()
         self.word_capacity = (4, 4)   # (words, tokens per word) of stop/bad word lists; grows by doubling
         self.reset_capacity = 4       # top_p_reset_ids per request
         if not 1 <= ecfg.max_beam_width <= ecfg.max_batch_size:
@@ -178,7 +187,8 @@ class Engine:
         self._admit = jax.jit(self._admit_fn, donate_argnums=(1,),
                               static_argnames=("spec", "sampled", "contiguous"), **_copts(opts.get("admit")))
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,),
-                                 static_argnames=("rem", "chunked", "beam", "sampled", "snap", "chunk"),
+                                 static_argnames=("rem", "chunked", "beam", "sampled", "penalized", "snap",
+                                                  "chunk"),
                                  **_copts(opts.get("generate")))
         self._logits = jax.jit(self._logits_fn)
         self._retire = jax.jit(self._retire_sharded, donate_argnums=(0,))
@@ -366,7 +376,7 @@ class Engine:
         return st, ids, is_beam, fin
 
     def _generate_fn(self, params, state: DecodeState, n_chunks, *, rem: int, chunked: bool, beam: bool,
-                     sampled: bool = True, snap: int = 0, chunk: int = 0):
+                     sampled: bool = True, penalized: bool = True, snap: int = 0, chunk: int = 0):
         """n_chunks * CHUNK + rem decode steps for every live slot, in one call: (chunked) a while loop
         over chunks of CHUNK steps, each chunk a loop of static trip count, then a loop of `rem` steps
         (static). XLA:GPU evaluates a while loop's condition on the host (a device-to-host copy and a
@@ -375,8 +385,10 @@ class Engine:
         every slot is done; steps of the static loops after that change nothing (every row is masked).
         beam: compile the beam-search step in (the host knows whether any beam group may be live; a
         `lax.cond` on it would cost another host round trip per step). sampled: likewise whether any live
-        slot samples (else the draw is not compiled in: argmax only). chunk: steps per while-loop
-        iteration (0: CHUNK); 1 is steps_mode "dynamic"."""
+        slot samples (else the draw and the nucleus decay are not compiled in: argmax only). penalized:
+        whether any live slot has a penalty, min_length, bad or stop words (else the [B, V] scatters of the
+        penalties and the word matching are not compiled in; outputs are the same either way). chunk: steps
+        per while-loop iteration (0: CHUNK); 1 is steps_mode "dynamic"."""
         chunk = chunk or self.CHUNK
         B, S = self.B, self.S
         rows = jnp.arange(B)
@@ -392,7 +404,7 @@ class Engine:
             with small_m_kernel(self.small_m, interpret=default_interpret(), fuse=self.fuse_decode):
                 logits, cache = self.family.decode(params, tok, dpos, st.cache)
             nxt, lp = select(logits, st.sp, seq=st.seq, prompt_len=st.prompt_len, seq_len=st.seq_len,
-                             gen_count=st.gen_count, top_p=st.top_p, sampled=sampled)
+                             gen_count=st.gen_count, top_p=st.top_p, sampled=sampled, penalized=penalized)
             st = st._replace(cache=cache)
             beam_row = beam_fin = jnp.zeros((B,), bool)
             if beam and st.beam is not None:
@@ -403,11 +415,13 @@ class Engine:
             logprobs = st.logprobs.at[rows, at].set(jnp.where(live, lp, st.logprobs[rows, at]))
             seq_len = st.seq_len + live
             gen_count = st.gen_count + live
-            ended = (nxt == st.sp.end_id) | (gen_count >= st.max_new) | sampling.stop_hit(seq, seq_len, st.sp,
-                                                                                          st.prompt_len)
+            ended = (nxt == st.sp.end_id) | (gen_count >= st.max_new)
+            if penalized:
+                ended |= sampling.stop_hit(seq, seq_len, st.sp, st.prompt_len)
             ended = jnp.where(beam_row, beam_fin, ended)
             done = st.done | (live & ended)
-            top_p = jnp.where(live, sampling.next_top_p(st.top_p, nxt, st.sp), st.top_p)
+            # the decayed nucleus only matters to a row that samples
+            top_p = jnp.where(live, sampling.next_top_p(st.top_p, nxt, st.sp), st.top_p) if sampled else st.top_p
             st = self._constrain(st._replace(cache=cache, seq=seq, logprobs=logprobs, seq_len=seq_len,
                                              gen_count=gen_count, done=done, top_p=top_p))
             return st, count + jnp.any(live).astype(jnp.int32)
@@ -499,6 +513,10 @@ class Engine:
                 self._sampled_slots.update(sl)
             else:
                 self._sampled_slots.difference_update(sl)
+            if prm.penalized:
+                self._penalized_slots.update(sl)
+            else:
+                self._penalized_slots.difference_update(sl)
             src += [i] * len(sl)
             dst += sl
         m = bucket(len(dst), 1, self.B)
@@ -548,6 +566,7 @@ class Engine:
         arr[: len(slots)] = slots
         self._beam_heads.difference_update(int(x) for x in slots)
         self._sampled_slots.difference_update(int(x) for x in slots)
+        self._penalized_slots.difference_update(int(x) for x in slots)
         return self._retire(state, arr)
 
     CHUNK = 16   # decode steps per host round trip inside generate
@@ -573,10 +592,12 @@ class Engine:
         n = int(n_steps)
         beam = bool(self._beam_heads) and self.max_beam_width > 1
         sampled = bool(self._sampled_slots)
+        # beam search applies the processors inside its own step (sampling.beam_log_probs) whatever this says
+        penalized = bool(self._penalized_slots) or ALWAYS_PENALIZE
         q, r = divmod(n, self.CHUNK)
         if self.steps_mode == "dynamic":
             out = self._generate(self.params, state, np.int32(n), rem=0, chunked=n > 0, beam=beam,
-                                 sampled=sampled, snap=snap, chunk=1)
+                                 sampled=sampled, penalized=penalized, snap=snap, chunk=1)
             return out if snap else out[:2]
         if self.steps_mode == "exact":
             calls = [(q, r)]
@@ -587,7 +608,8 @@ class Engine:
         total = None
         for k, (cq, cr) in enumerate(calls):
             out = self._generate(self.params, state, np.int32(cq), rem=cr, chunked=cq > 0, beam=beam,
-                                 sampled=sampled, snap=snap if k == len(calls) - 1 else 0)
+                                 sampled=sampled, penalized=penalized,
+                                 snap=snap if k == len(calls) - 1 else 0)
             state, steps = out[:2]
             total = steps if total is None else total + steps
         return (state, total, out[2]) if snap else (state, total)

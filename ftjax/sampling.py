@@ -249,6 +249,14 @@ class SamplingParams:
         s("top_p_reset_ids", tuple(t for t in r if t >= 0))
 
     @property
+    def penalized(self) -> bool:
+        """Whether the request needs the per-step processors besides temperature: a repetition or presence
+        penalty, min_length, bad words or stop words (the engine compiles those into its decode step only
+        while a live slot needs them)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.min_length > 0
+                or bool(self.bad_words) or bool(self.stop_words))
+
+    @property
     def greedy(self) -> bool:
         """FT: no top-k and no top-p filter is greedy; so are temperature 0 and top_k 1."""
         return (self.top_k == 0 and self.top_p == 0.0) or self.temperature == 0.0 or self.top_k == 1
@@ -456,13 +464,17 @@ def _penalise(x, sp: SlotParams, seq, prompt_len, seq_len, gen_count):
     return jnp.where(ban, -jnp.inf, x)
 
 
-def process_logits(logits, sp: SlotParams, seq, prompt_len, seq_len, gen_count):
+def process_logits(logits, sp: SlotParams, seq, prompt_len, seq_len, gen_count, *, penalized: bool = True):
     """logits [B, V] -> processed [B, V] f32 for `sample`.
 
     seq [B, S] int32 holds prompt then generated ids: seq[b, :seq_len[b]] valid, the generated ones
-    seq[b, prompt_len[b]:seq_len[b]]; gen_count [B] tokens generated so far.
+    seq[b, prompt_len[b]:seq_len[b]]; gen_count [B] tokens generated so far. penalized=False (static):
+    the caller knows that no row has a penalty, min_length or bad words (`SamplingParams.penalized`), so
+    only the temperature applies (the same values: every processor is then the identity).
     """
-    x = _penalise(logits.astype(jnp.float32), sp, seq, prompt_len, seq_len, gen_count)
+    x = logits.astype(jnp.float32)
+    if penalized:
+        x = _penalise(x, sp, seq, prompt_len, seq_len, gen_count)
     t = jnp.where(sp.temperature > 0, sp.temperature, 1.0)
     return x / t[:, None]
 

@@ -223,6 +223,46 @@ def test_greedy_decode_loop_has_no_conditional(llm):
     assert not eng._sampled_slots
 
 
+def test_unpenalized_decode_step_leaves_out_the_processors(llm):
+    """With no live slot holding a penalty, min_length, bad or stop words, the decode step compiles none of
+    the processors' [B, V] scatters nor the word matching; the host's view follows the requests, and a
+    request that needs them still gets them (its tokens differ from the plain greedy ones where a
+    presence penalty bans the repeat the greedy decode makes)."""
+    eng = llm.engine
+    st = eng.init_state()
+
+    def scatters(**kw):
+        text = eng._generate.lower(eng.params, st, np.int32(0), rem=2, chunked=False, beam=False,
+                                   sampled=False, **kw).as_text()
+        return text.count("stablehlo.scatter")
+
+    assert scatters(penalized=False) < scatters(penalized=True) - 2
+    sp = llm.sampling_params
+    for kw, want in (({}, set()), ({"repetition_penalty": 1.3}, {0}), ({"presence_penalty": 0.5}, {0}),
+                     ({"min_length": 2}, {0}), ({"bad_words": [[5]]}, {0}), ({"stop_words": [[5, 6]]}, {0}),
+                     ({"temperature": 0.7, "top_k": 3}, set())):
+        st = eng.prefill_insert(st, [[1, 2]], [0], [4], sp(1, end_id=None, **kw))
+        assert eng._penalized_slots == want, kw
+    st = eng.retire(st, [0])
+    assert not eng._penalized_slots
+    # the same prompts greedy, then with a strong presence penalty in one slot: the plain slot's tokens
+    # and log probs are those it gets alone (so the compiled-out processors were the identity), and the
+    # penalised slot never repeats a generated token
+    rng = np.random.default_rng()
+    for _ in range(8):   # a prompt whose greedy continuation repeats a token (tiny random models loop)
+        prompt = [int(t) for t in rng.integers(2, 100, size=6)]
+        alone = llm.generate([prompt], max_new_tokens=12, end_id=None, return_log_probs=True)
+        if len(set(alone.tokens[0])) < 12:
+            break
+    assert len(set(alone.tokens[0])) < 12, "no greedy continuation repeated: the penalty check has no teeth"
+    both = llm.generate([prompt, prompt], max_new_tokens=12, end_id=None, return_log_probs=True,
+                        presence_penalty=[0.0, 1e9])
+    assert both.tokens[0] == alone.tokens[0]
+    np.testing.assert_allclose(both.output_log_probs[0], alone.output_log_probs[0], rtol=1e-5, atol=1e-5)
+    gen = both.tokens[1]
+    assert len(gen) == 12 and len(set(gen)) == 12, gen
+
+
 def test_pack_words_round_trip():
     """The admit call's single host array: every dtype and shape survives pack_words -> unpack_words
     (jitted), float bit patterns included (NaN, -0.0, subnormals)."""

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The decode step's sampler and bookkeeping on the GPU (fourteenth session), one part per device call:
+#   bash bench/sampler_gpu.sh ab   # processors compiled in only when a live slot needs them (the default)
+#                                  # against always (ftjax.engine.ALWAYS_PENALIZE), 1.3B and 350M, bf16 and
+#                                  # int8; then a kernel sequence of the 1.3B step both ways
+# Results land in $OUT (or ./out).
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PEN=@ftjax.engine.ALWAYS_PENALIZE:True
+case "${1:-ab}" in
+  ab)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    python -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__)"
+    timeout 300 python bench/step_ab.py --models 1.3b,350m --weights bf16,int8 --small-m stats --modes "" \
+      --sl default= "always=$PEN" default2= --json "$OUT/pen_ab.jsonl" 2>&1 | tail -16
+    timeout 90 python bench/profile_decode.py --model 1.3b --steps 32 --sequence "$OUT/seq_default.txt" 2>&1 | tail -25
+    timeout 90 python bench/profile_decode.py --model 1.3b --steps 32 --set ftjax.engine.ALWAYS_PENALIZE:True \
+      --sequence "$OUT/seq_always.txt" 2>&1 | tail -8
+    ;;
+  *) echo "unknown part $1"; exit 2 ;;
+esac
