@@ -79,6 +79,9 @@ def child(a):
                    "sl": sl_name, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
             t64, t16 = timed(64), timed(16)
             row["step_ms"] = round((t64 - t16) / 48, 4)
+            # 16 and 31 steps are each one static loop (Engine.static_first_chunk): a step without the while
+            # loop's host round trips, which step_ms includes (3-4 of them over its 48 steps)
+            row["static_step_ms"] = round((timed(31) - t16) / 15, 4)
             for mode in [m for m in a.modes.split(",") if m]:
                 eng.steps_mode = mode
                 for n in (1, 7, 15):

@@ -377,12 +377,13 @@ class Engine:
 
     def _generate_fn(self, params, state: DecodeState, n_chunks, *, rem: int, chunked: bool, beam: bool,
                      sampled: bool = True, penalized: bool = True, snap: int = 0, chunk: int = 0):
-        """n_chunks * CHUNK + rem decode steps for every live slot, in one call: (chunked) a while loop
-        over chunks of CHUNK steps, each chunk a loop of static trip count, then a loop of `rem` steps
-        (static). XLA:GPU evaluates a while loop's condition on the host (a device-to-host copy and a
-        wait per iteration); a loop of known trip count runs without one, so the host waits once per
-        CHUNK steps, and not at all for a call of fewer than CHUNK steps. The while loop stops early once
-        every slot is done; steps of the static loops after that change nothing (every row is masked).
+        """rem + n_chunks * CHUNK decode steps for every live slot, in one call: a loop of `rem` steps
+        (static trip count), then (chunked) a while loop over chunks of CHUNK steps, each chunk a loop of
+        static trip count. XLA:GPU evaluates a while loop's condition on the host (a device-to-host copy and
+        a wait per iteration); a loop of known trip count runs without one, so the host waits once per
+        CHUNK steps, and not at all for a call without the while loop (generate_steps: fewer than
+        2 * CHUNK steps). The while loop stops early once every slot is done; steps of the static loops
+        after that change nothing (every row is masked).
         beam: compile the beam-search step in (the host knows whether any beam group may be live; a
         `lax.cond` on it would cost another host round trip per step). sampled: likewise whether any live
         slot samples (else the draw and the nucleus decay are not compiled in: argmax only). penalized:
@@ -435,12 +436,14 @@ class Engine:
             st, count = jax.lax.fori_loop(0, chunk, lambda _, c: step(*c), (st, count))
             return i + chunk, st, count
 
-        carry = (jnp.int32(0), self._constrain(state), jnp.int32(0))
-        if chunked:
-            carry = jax.lax.while_loop(cond, body, carry)
-        _, state, steps = carry
+        # The static steps first: they follow the previous call on the device without a host round trip;
+        # each evaluation of the while loop's condition then waits for the device and exposes the next
+        # chunk's launch (~1 ms on an H100 under the profiler, bench/RESULTS.md fourteenth session).
+        state, steps = self._constrain(state), jnp.int32(0)
         if rem:
             state, steps = jax.lax.fori_loop(0, rem, lambda _, c: step(*c), (state, steps))
+        if chunked:
+            _, state, steps = jax.lax.while_loop(cond, body, (jnp.int32(0), state, steps))
         state = self._constrain(state)
         if snap:   # the server's snapshot, in the same executable (one call less per scheduler iteration)
             return state, steps, self._snapshot_fn(state, width=snap, beam=beam)
@@ -547,9 +550,11 @@ class Engine:
         R = max([self.reset_capacity] + [len(p.top_p_reset_ids) for p in params_list])
         while R > self.reset_capacity:
             self.reset_capacity *= 2
-        if (W, L) == self.word_capacity and state.sp.top_p_reset_ids.shape[1] == self.reset_capacity:
-            return state
         self.word_capacity = (W, L)
+        # the state's own shapes decide: another state of this engine may have grown the capacity meanwhile
+        if (tuple(state.sp.bad_words.shape[1:]) == (W, L)
+                and state.sp.top_p_reset_ids.shape[1] == self.reset_capacity):
+            return state
 
         def words(a):  # [B, W0, L0] right-aligned -> [B, W, L]
             return jnp.pad(a, ((0, 0), (0, W - a.shape[1]), (L - a.shape[2], 0)), constant_values=-1)
@@ -577,7 +582,9 @@ class Engine:
 
     # "pieces": n = q * CHUNK + r runs as one call for the q chunks (with r's top bit, 8, folded in) and
     # one call per remaining binary digit of r (4, 2, 1): at most 4 calls, and at most 2 x 4 loop shapes
-    # compiled per (beam, sampled) whatever n is. "exact": one call, compiled per (n mod CHUNK, n >= CHUNK).
+    # compiled per (beam, sampled) whatever n is. "exact": one call, compiled per (n mod CHUNK, n >= CHUNK,
+    # n >= 2 * CHUNK): a static loop of n steps below 2 * CHUNK, else of CHUNK + n mod CHUNK steps followed
+    # by a while loop over the remaining chunks.
     # "dynamic": one call and one loop shape for every n: a while loop of single steps, whose condition
     # XLA:GPU evaluates on the device only when WHILE is among the command-buffer types of the generate
     # executable (compiler_options); otherwise the host waits on it every step.
@@ -585,6 +592,9 @@ class Engine:
     # pieces (7 steps = 3 calls), 26 ms dynamic with WHILE command buffers; and its first request compiles
     # one loop shape, not three.
     steps_mode = "exact"
+    # "exact": a call's first CHUNK steps run in its static loop (False: in the while loop, as before the
+    # fourteenth session; bench/request_ab.py's A/B of the two)
+    static_first_chunk = True
 
     def generate_steps(self, state: DecodeState, n_steps: int, *, snap: int = 0):
         """Runs up to n_steps decode steps (fewer when every slot finishes). -> (state, steps run), and with
@@ -600,7 +610,9 @@ class Engine:
                                  sampled=sampled, penalized=penalized, snap=snap, chunk=1)
             return out if snap else out[:2]
         if self.steps_mode == "exact":
-            calls = [(q, r)]
+            # the first chunk is static too (the while loop's first check could only skip a call made with
+            # no live slot): no host round trip below 2 * CHUNK steps, one less above
+            calls = [(q - 1, self.CHUNK + r)] if q and self.static_first_chunk else [(q, r)]
         else:
             first = r & 8 if q > 0 else (1 << (r.bit_length() - 1) if r else 0)   # r's top piece rides along
             calls = [(q, first)] + [(0, b) for b in (4, 2, 1) if r & b and b != first]

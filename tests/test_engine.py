@@ -64,27 +64,41 @@ def test_generate_chunks_add_up_to_n_steps(llm):
     """generate_steps(n) for n that are not multiples of the chunk runs exactly n steps in either
     step-count mode, with the same tokens; "pieces" compiles a bounded set of loop shapes whatever n."""
     eng = llm.engine
+    calls = []
+    compiled = eng._generate
+
+    def recording(*args, **kw):
+        calls.append((int(args[2]), kw["rem"], kw["chunked"]))
+        return compiled(*args, **kw)
+
+    eng._generate = recording
     try:
         seqs = {}
-        for mode in ("exact", "pieces", "dynamic"):
-            eng.steps_mode = mode
+        for mode, first_static in (("exact", True), ("exact", False), ("pieces", True), ("dynamic", True)):
+            eng.steps_mode, eng.static_first_chunk = mode, first_static
             for n in (1, 7, 16, 19, 40, 13, 31):
                 st = eng.prefill_insert(eng.init_state(), [[1, 2, 3]], [0], [100],
                                         llm.sampling_params(1, end_id=None))
+                calls.clear()
                 st, steps = eng.generate_steps(st, n)
                 assert int(steps) == n and int(st.gen_count[0]) == n + 1 and int(st.seq_len[0]) == 3 + n + 1
-                seqs[mode, n] = np.asarray(st.seq[0, : 3 + n + 1])
+                seqs[mode, first_static, n] = np.asarray(st.seq[0, : 3 + n + 1])
+                if mode == "exact" and first_static:   # one call; a while loop only from 2 * CHUNK steps
+                    C = eng.CHUNK
+                    assert calls == [(n // C - 1, C + n % C, True) if n >= 2 * C else (0, n, False)], (n, calls)
         for n in (1, 7, 16, 19, 40, 13, 31):
-            np.testing.assert_array_equal(seqs["exact", n], seqs["pieces", n])
-            np.testing.assert_array_equal(seqs["exact", n], seqs["dynamic", n])
+            for other in (("exact", False), ("pieces", True), ("dynamic", True)):
+                np.testing.assert_array_equal(seqs["exact", True, n], seqs[(*other, n)])
         eng.steps_mode = "pieces"
-        before = eng._generate._cache_size()
+        before = compiled._cache_size()
         for n in range(1, 48):
             eng.generate_steps(eng.init_state(), n)
         # loop shapes of "pieces": chunks with remainder 0 or 8, and 8, 4, 2, 1 alone (all seen above)
-        assert eng._generate._cache_size() == before
+        assert compiled._cache_size() == before
     finally:
         eng.steps_mode = type(eng).steps_mode
+        eng.static_first_chunk = type(eng).static_first_chunk
+        eng._generate = compiled
 
 
 @pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.08), ("float16", 0.02)])
@@ -261,6 +275,25 @@ def test_unpenalized_decode_step_leaves_out_the_processors(llm):
     np.testing.assert_allclose(both.output_log_probs[0], alone.output_log_probs[0], rtol=1e-5, atol=1e-5)
     gen = both.tokens[1]
     assert len(gen) == 12 and len(set(gen)) == 12, gen
+
+
+def test_word_capacity_follows_each_state(llm):
+    """The engine's word-list capacity grows for any of its states; a state made before that is padded
+    when it next takes a request (it was refused with a shape error), and its running rows go on."""
+    eng = llm.engine
+    sp = llm.sampling_params
+    old = eng.init_state()
+    old = eng.prefill_insert(old, [[3, 4, 5]], [1], [6], sp(1, end_id=None, stop_words=[[7, 8]]))
+    W, L = eng.word_capacity
+    new = eng.init_state()
+    new = eng.prefill_insert(new, [[1, 2]], [0], [4], sp(1, end_id=None, bad_words=[[1] * (2 * L)] * (2 * W)))
+    assert eng.word_capacity[0] >= 2 * W and eng.word_capacity[1] >= 2 * L
+    old = eng.prefill_insert(old, [[1, 2]], [0], [4], sp(1, end_id=None))
+    assert old.sp.bad_words.shape[1:] == eng.word_capacity
+    old, steps = eng.generate_steps(old, 3)
+    assert int(steps) == 3 and int(old.gen_count[1]) == 4 and list(np.asarray(old.sp.stop_words[1, 0, -2:])) == [7, 8]
+    for st in (old, new):
+        eng.retire(st, list(range(eng.B)))
 
 
 def test_pack_words_round_trip():
