@@ -415,6 +415,8 @@ def main(argv=None):
                     f"(ids: {', '.join(case_id(c) for c in CASES)})")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-int8", action="store_true")
+    ap.add_argument("--int8-mode", default="int8", choices=["int8", "int8-embed"],
+                    help="the int8 column's ftjax.quantize mode (int8-embed: the token embedding / tied head too)")
     ap.add_argument("--int8-layout", default="auto", choices=["auto", "kn", "nk"],
                     help="Engine.int8_layout: auto (transposed, QuantizedWeightT, when the small-M kernel runs), "
                     "kn (QuantizedWeight), nk (QuantizedWeightT)")
@@ -517,7 +519,8 @@ def main(argv=None):
                     guarded(lambda c=c: run_ftjax(cfg, params, c, args.reps, "bf16", bw, rate,
                                                   not args.no_hlo_memory, fuse=args.fuse), c, "ftjax-bf16")
             if not args.skip_int8:
-                params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16, delete_source=True)
+                params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16, delete_source=True,
+                                           mode=args.int8_mode)
                 jax.block_until_ready(params)
                 for c in mcases:
                     if not over_budget(c, "ftjax-int8"):

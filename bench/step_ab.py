@@ -43,7 +43,8 @@ def child(a):
                                                    for m in a.small_m.split(",") for c in sls]:
             SL.DEFAULT_CONFIG = sl_cfg
             restore = apply_sets(sl_sets)
-            params = base if wq == "bf16" else Q.quantize_params(base, cfg, scale_dtype=jax.numpy.bfloat16)
+            params = base if wq == "bf16" else Q.quantize_params(base, cfg, scale_dtype=jax.numpy.bfloat16,
+                                                                 mode="int8-embed" if wq == "int8e" else "int8")
             S = min(512, cfg.max_positions)
             P = a.prompt or min(128, S // 4)
             assert P + 64 < S, f"--prompt {P}: a 64-step call must fit the {S}-token cache"
@@ -179,7 +180,8 @@ def run_child(script: str, name: str, flags: str, argv) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="350m,1.3b")
-    ap.add_argument("--weights", default="bf16", help="comma list of bf16, int8 (the engine's layout), int8kn "
+    ap.add_argument("--weights", default="bf16", help="comma list of bf16, int8 (the engine's layout), int8e (mode "
+                    "int8-embed: the token embedding / tied head int8 too), int8kn "
                     "(QuantizedWeight, [K, N]), int8t (QuantizedWeightT, [N, K]: the small-M kernel reads its tiles along K)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=0, help="prompt tokens (0: 128, tiny models S/4); the steps "

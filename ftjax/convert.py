@@ -1,4 +1,4 @@
-"""`python -m ftjax.convert SRC DST [--dtype float32|bfloat16|float16] [--quantize int8]`
+"""`python -m ftjax.convert SRC DST [--dtype float32|bfloat16|float16] [--quantize int8|int8-embed]`
 
 Reads any checkpoint ftjax understands (HF GPT-2 directory, Megatron-LM `model_optim_rng.pt` shards,
 FasterTransformer converted folder, or an ftjax checkpoint), checks every key and shape, and writes
@@ -65,8 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("src", help="HF / Megatron / FasterTransformer / ftjax checkpoint")
     ap.add_argument("dst", help="destination directory for the ftjax (orbax) checkpoint")
     ap.add_argument("--dtype", default="float32", choices=DTYPES, help="storage dtype (default float32)")
-    ap.add_argument("--quantize", default=None, choices=["int8"],
-                    help="int8: weight-only INT8 of the attention/MLP projections (per-output-channel scales)")
+    ap.add_argument("--quantize", default=None, choices=["int8", "int8-embed"],
+                    help="int8: weight-only INT8 of the attention/MLP projections (per-output-channel scales); "
+                         "int8-embed: also the token embedding (per-row scales; the tied output head reads it)")
     ap.add_argument("--num-heads", type=int, default=None,
                     help="Megatron checkpoints without pickled args only (16 for the 345M release)")
     a = ap.parse_args(argv)

@@ -6,7 +6,13 @@ w ≈ q * scale with scale = max|w[:, c]| / 127 and q = round(w / scale) in [-12
 embedding (and the tied output head that reuses it), position embeddings, norms and biases stay in the
 model dtype. An untied `lm_head/kernel` [d, v] is quantized too (per vocab column; `lm_head=False` keeps
 it in the model dtype, as FT does): on LLaMA-3-8B it holds 1/16 of the weights, and int8 weights
-reach <= 0.55x the bf16 bytes only with it. A tied head is the token embedding and stays.
+reach <= 0.55x the bf16 bytes only with it. A tied head is the token embedding and stays, as in FT.
+
+Mode "int8-embed" (an ftjax addition) quantizes the token embedding too, per row: `embed/tokens` [v, d]
+becomes QuantizedWeightT(qt int8 [v, d], scale [v]) — the lookup reads qt[id] * scale[id], and the tied
+output head is the same int8 matrix with one scale per vocab column, read by the one linear op like any
+QuantizedWeightT. It halves the bytes the decode step's tied head streams (GPT 1.3B: 206 -> 103 MB a step)
+at the cost of the embedding's rounding in both places (bench/RESULTS.md has its accuracy and speed).
 
 Quantization changes the model from outside (DESIGN.md convention 8): the param tree keeps its keys,
 only `.../kernel` leaves become QuantizedWeight (a NamedTuple, hence a pytree that jit, device_put and
@@ -32,12 +38,12 @@ import numpy as np
 
 from ftjax.layers.linear import QuantizedWeight, QuantizedWeightT
 
-MODES = ("int8",)
+MODES = ("int8", "int8-embed")
 # Parent module names of the weights quantized (GPT Attention/MLP, T5 Attn/MLP).
 PROJECTIONS = ("q", "k", "v", "o", "wi", "wg", "wo")
 QMAX = 127.0
 
-__all__ = ["QuantizedWeight", "QuantizedWeightT", "transpose_quantized", "quantize_weight", "dequantize",
+__all__ = ["QuantizedWeight", "QuantizedWeightT", "transpose_quantized", "quantize_weight", "quantize_rows", "dequantize",
            "quantize_params", "set_int8_layout", "is_quantized", "param_bytes", "from_storage", "logical_axes", "int8_accuracy", "check_mode"]
 
 
@@ -80,6 +86,32 @@ def quantize_weight(w, n_in: int = 1, scale_dtype=np.float32) -> QuantizedWeight
     scale = np.where(amax > 0, amax / QMAX, 1.0).astype(np.float32)
     q = np.clip(np.rint(w2 / scale), -QMAX, QMAX).astype(np.int8)
     return QuantizedWeight(q.reshape(shape), scale.reshape(out).astype(scale_dtype))
+
+
+def quantize_rows(w, scale_dtype=np.float32) -> QuantizedWeightT:
+    """An embedding table w [v, d] -> QuantizedWeightT(qt int8 [v, d], scale [v]): one scale per row, i.e. per
+    output channel of the tied head x @ w.T (numpy on the host, jax.Array on its device, ShapeDtypeStruct:
+    shapes only)."""
+    shape = tuple(w.shape)
+    if len(shape) != 2:
+        raise ValueError(f"quantize_rows: an embedding table [vocab, d] expected, got shape {shape}")
+    if isinstance(w, jax.ShapeDtypeStruct):
+        return QuantizedWeightT(jax.ShapeDtypeStruct(shape, jnp.int8), jax.ShapeDtypeStruct(shape[:1], scale_dtype))
+    if isinstance(w, jax.Array):
+        q, scale = _quantize_jnp(w.T, jnp.zeros((), scale_dtype))
+        return QuantizedWeightT(q.T, scale)
+    w2 = np.asarray(w, np.float32)
+    amax = np.abs(w2).max(axis=1)
+    scale = np.where(amax > 0, amax / QMAX, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w2 / scale[:, None]), -QMAX, QMAX).astype(np.int8)
+    return QuantizedWeightT(q, scale.astype(scale_dtype))
+
+
+def _is_table(path) -> bool:
+    """A tree path (keys) ending in embed/tokens: the token embedding, whose int8 form is always a
+    QuantizedWeightT [v, d] (rows looked up, and the tied head's [out, in])."""
+    keys = [getattr(k, "key", k) for k in path]
+    return len(keys) >= 2 and keys[-2:] == ["embed", "tokens"]
 
 
 def _qt_perm(ndim: int, n_out: int, to_t: bool):
@@ -134,7 +166,8 @@ def quantize_params(params: dict[str, Any], cfg=None, *, mode: str = "int8", lm_
                     scale_dtype=np.float32, delete_source: bool = False,
                     progress: Callable[[str], None] | None = None, transposed: bool = False) -> dict[str, Any]:
     """The same tree with every attention / MLP projection kernel (and the untied `lm_head/kernel` unless
-    `lm_head=False`) replaced by a QuantizedWeight. Leaves already quantized are kept. Numpy leaves are
+    `lm_head=False`; with mode "int8-embed" also the token embedding, as a QuantizedWeightT by rows) replaced
+    by a QuantizedWeight. Leaves already quantized are kept. Numpy leaves are
     quantized on the host (nothing reaches a device); jax.Array leaves on their device, one weight at a
     time — with `delete_source` each float weight is deleted as soon as its int8 copy exists, so at most
     one float weight is alive beside the int8 tree. `cfg` is accepted for symmetry with the loaders
@@ -143,13 +176,19 @@ def quantize_params(params: dict[str, Any], cfg=None, *, mode: str = "int8", lm_
     check_mode(mode)
     del cfg
     count = [0]
+    embedding = mode == "int8-embed"
 
     def walk(node, name):
         if isinstance(node, dict):
             out = {}
             for k in list(node):
                 v = node[k]
-                if k == "kernel" and _is_q(v):
+                if name == "embed" and k == "tokens" and (embedding or _is_q(v)):
+                    out[k] = _in_layout(v, True) if _is_q(v) else quantize_rows(v, scale_dtype)
+                    count[0] += not _is_q(v)
+                    if delete_source and isinstance(v, jax.Array):
+                        v.delete()
+                elif k == "kernel" and _is_q(v):
                     out[k] = _in_layout(v, transposed)
                 elif k == "kernel" and not isinstance(v, dict) and (
                         name in PROJECTIONS or (lm_head and name == "lm_head")):
@@ -170,12 +209,14 @@ def quantize_params(params: dict[str, Any], cfg=None, *, mode: str = "int8", lm_
 
 def set_int8_layout(params, transposed: bool):
     """The same tree with every int8 weight in one layout: QuantizedWeightT (transposed=True) or
-    QuantizedWeight. Float leaves are left as they are (nothing is quantized here). numpy leaves are
+    QuantizedWeight (an int8 token embedding stays a QuantizedWeightT [v, d] either way). Float leaves are left as they are (nothing is quantized here). numpy leaves are
     transposed on the host, jax.Array leaves on their device (a weight's old layout is freed once nothing
     else holds it)."""
     def fix(path, w):
         if not _is_q(w):
             return w
+        if _is_table(path):   # the token embedding: rows looked up, so always [v, d]
+            return _in_layout(w, True)
         stacked = any(getattr(k, "key", None) == "stages" for k in path)   # pipeline-stacked: [stages, ...]
         return _in_layout(w, transposed, lead=int(stacked))
 
@@ -187,24 +228,32 @@ def param_bytes(params) -> int:
     return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
 
 
-def from_storage(tree):
-    """Regroup `{"q": int8, "scale": float}` dicts (how orbax stores a QuantizedWeight) into QuantizedWeight."""
+def from_storage(tree, _name: str = "", _parent: str = ""):
+    """Regroup `{"q": int8, "scale": float}` dicts (how orbax stores a QuantizedWeight) into QuantizedWeight;
+    embed/tokens (stored [v, d], as it is used) into a QuantizedWeightT."""
     if isinstance(tree, dict):
         if set(tree) == {"q", "scale"} and not isinstance(tree["q"], dict):
-            return QuantizedWeight(tree["q"], tree["scale"])
-        return {k: from_storage(v) for k, v in tree.items()}
+            table = (_parent, _name) == ("embed", "tokens")
+            return (QuantizedWeightT if table else QuantizedWeight)(tree["q"], tree["scale"])
+        return {k: from_storage(v, k, _name) for k, v in tree.items()}
     return tree
 
 
 def to_storage(tree):
     """QuantizedWeight leaves -> `{"q", "scale"}` dicts (the structure orbax restores); a QuantizedWeightT
-    is stored as the QuantizedWeight it transposes."""
+    is stored as the QuantizedWeight it transposes, except the int8 token embedding ([v, d] as it is)."""
+    return _to_storage(tree, "", "")
+
+
+def _to_storage(tree, name, parent):
+    if isinstance(tree, QuantizedWeightT) and (parent, name) == ("embed", "tokens"):
+        return {"q": tree.qt, "scale": tree.scale}   # the int8 embedding keeps its [v, d] rows
     if isinstance(tree, QuantizedWeightT):
         tree = transpose_quantized(tree)
     if isinstance(tree, QuantizedWeight):
         return {"q": tree.q, "scale": tree.scale}
     if isinstance(tree, dict):
-        return {k: to_storage(v) for k, v in tree.items()}
+        return {k: _to_storage(v, k, name) for k, v in tree.items()}
     return tree
 
 
@@ -213,6 +262,8 @@ def logical_axes(axes, params):
     a QuantizedWeight kernel gets QuantizedWeight(q=kernel axes, scale=its output axes); a QuantizedWeightT
     QuantizedWeightT(qt=output axes + input axes, scale=output axes)."""
     def walk(a, p, name):
+        if isinstance(p, QuantizedWeightT) and name == "tokens":   # the int8 embedding [v, d], scale [v]
+            return QuantizedWeightT(tuple(a), tuple(a)[:1])
         if isinstance(p, QuantizedWeight):
             names = tuple(a)
             return QuantizedWeight(names, names[_n_in(name, len(names)):])

@@ -131,6 +131,64 @@ def test_transposed_layout():
     check_params(LLAMA_CFG, tp, "test")
 
 
+def _dequantized(params):
+    """The float32 twin of a quantized tree: every int8 leaf replaced by its values times its scales."""
+    def f(path, x):
+        if isinstance(x, QuantizedWeightT) and Q._is_table(path):
+            return np.asarray(x.qt, np.float32) * np.asarray(x.scale, np.float32)[:, None]
+        if isinstance(x, (QuantizedWeight, QuantizedWeightT)):
+            return np.asarray(Q.dequantize(x), np.float32)
+        return x
+    return jax.tree_util.tree_map_with_path(f, params, is_leaf=lambda x: isinstance(x, (QuantizedWeight, QuantizedWeightT)))
+
+
+def test_int8_embedding_table():
+    """Mode "int8-embed": the token embedding becomes int8 rows with one scale each (numpy and on-device
+    quantizers agree, error <= scale / 2); the model equals its float32 twin built from the dequantized
+    values (lookup and tied head alike), the engine keeps it int8 in either layout of the other weights,
+    and the device bytes drop below plain int8's."""
+    seed = int(np.random.randint(1000))
+    cfg = dataclasses.replace(GPT_CFG, vocab_size=311)
+    p = _params(cfg, seed)
+    w = p["embed"]["tokens"]
+    t = Q.quantize_rows(w)
+    assert isinstance(t, QuantizedWeightT) and t.qt.dtype == np.int8 and t.qt.shape == w.shape and t.scale.shape == w.shape[:1]
+    assert np.all(np.abs(w - t.qt * t.scale[:, None]) <= t.scale[:, None] / 2 + 1e-7)
+    td = Q.quantize_rows(jnp.asarray(w))
+    np.testing.assert_array_equal(np.asarray(td.qt), t.qt)
+    np.testing.assert_allclose(np.asarray(td.scale), t.scale, rtol=1e-6)
+    assert Q.quantize_rows(jax.ShapeDtypeStruct(w.shape, jnp.float32)).qt.shape == w.shape
+    with pytest.raises(ValueError, match="vocab"):
+        Q.quantize_rows(np.zeros((2, 3, 4)))
+    qp = Q.quantize_params(p, cfg, mode="int8-embed")
+    np.testing.assert_array_equal(qp["embed"]["tokens"].qt, t.qt)
+    assert isinstance(qp["embed"]["positions"], np.ndarray)                     # position table stays float
+    assert isinstance(Q.quantize_params(p, cfg)["embed"]["tokens"], np.ndarray)  # plain int8 keeps it float
+    # the layout of the other int8 weights never touches the table
+    for tr in (False, True):
+        assert isinstance(Q.set_int8_layout(qp, tr)["embed"]["tokens"], QuantizedWeightT)
+    twin = LLM(cfg, _dequantized(qp), dtype="float32", max_batch_size=2, max_seq_len=48)
+    q = LLM(cfg, qp, dtype="float32", max_batch_size=2, max_seq_len=48)
+    assert isinstance(q.engine.params["embed"]["tokens"], QuantizedWeightT)
+    assert q.engine.params["embed"]["tokens"].qt.dtype == jnp.int8
+    prompts = _prompts(seed, 3, 4, 20, vocab=cfg.vocab)
+    a, b = twin.logits(prompts), q.logits(prompts)
+    np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-4 * np.abs(a).max())
+    ga = twin.generate(prompts, max_new_tokens=5, end_id=None, return_log_probs=True)
+    gb = q.generate(prompts, max_new_tokens=5, end_id=None, return_log_probs=True)
+    np.testing.assert_allclose(np.asarray(gb.output_log_probs[0][:1]), np.asarray(ga.output_log_probs[0][:1]), atol=1e-3)
+    nb = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))  # noqa: E731
+    plain = LLM(cfg, Q.quantize_params(p, cfg), dtype="bfloat16", max_batch_size=1, max_seq_len=32)
+    emb = LLM(cfg, qp, dtype="bfloat16", max_batch_size=1, max_seq_len=32)
+    assert nb(emb.engine.params) < nb(plain.engine.params) - cfg.vocab_size * cfg.hidden // 2
+    # GPT 1.3B: int8 weights with the int8 table, from abstract shapes
+    gpt13 = ModelConfig(vocab_size=50257, hidden=2048, num_layers=24, num_heads=16, ffn_dim=8192, max_positions=2048)
+    shapes, _ = gpt.abstract_params(gpt13, jnp.bfloat16)
+    r = [Q.param_bytes(Q.quantize_params(shapes, gpt13, mode=m, scale_dtype=jnp.bfloat16)) / Q.param_bytes(shapes)
+         for m in ("int8", "int8-embed")]
+    assert r[1] < r[0] - 0.03 and r[1] <= 0.52, r
+
+
 # --------------------------------------------------------------------------------- model accuracy
 def test_int8_logits_close_to_float(pair):
     fp, q = pair
@@ -234,6 +292,17 @@ def test_convert_cli_int8_round_trip(tmp_path):
     assert k.scale.dtype.name == "bfloat16"
     with pytest.raises(ValueError, match="quantize"):
         ftjax.load(src, quantize="int4")
+    # with the embedding table: stored as int8 rows [v, d], read back as the table
+    dste = str(tmp_path / "int8e")
+    assert convert.main([src, dste, "--quantize", "int8-embed"]) == 0
+    _, pe = orbax_io.load(dste)
+    te = pe["embed"]["tokens"]
+    assert isinstance(te, QuantizedWeightT) and te.qt.dtype == np.int8 and te.qt.shape == (211, 32)
+    stored_e = ftjax.load(dste, dtype="float32", max_batch_size=2, max_seq_len=64)
+    onload_e = ftjax.load(src, dtype="float32", max_batch_size=2, max_seq_len=64, quantize="int8-embed")
+    d = stored_e.logits(ids)
+    np.testing.assert_allclose(d, onload_e.logits(ids), rtol=1e-5, atol=1e-5)
+    assert np.linalg.norm(d - c) / np.linalg.norm(c) < 0.05 and not np.allclose(d, a, rtol=1e-5, atol=1e-5)
 
 
 # -------------------------------------------------------------------- no bf16 copy of the weights

@@ -258,6 +258,28 @@ def test_int8_weights_follow_the_rule_table(gpt2_untied):
     assert llm.generate(PROMPTS, max_new_tokens=6, end_id=None).tokens == ref
 
 
+def test_int8_embedding_table_shards_and_pads():
+    """Mode "int8-embed" (the tied head is the int8 table) on T=2 x P=2 with the vocabulary padded for T:
+    the tokens of the single-device engine; the table's rows and scales split over `tensor`."""
+    from ftjax import quantize as Q
+    from ftjax.config import ModelConfig
+    from ftjax.models import gpt
+    from ftjax.sharding.mesh import make_mesh
+
+    cfg = ModelConfig(vocab_size=301, max_positions=64, hidden=64, num_layers=4, num_heads=4, ffn_dim=96,
+                      bos_id=0, eos_id=1)
+    p = Q.quantize_params(gpt.init_params(cfg, seed=int(np.random.randint(1000))), cfg, mode="int8-embed")
+    kw = dict(dtype="float32", attention="xla", max_batch_size=4, max_seq_len=32, max_beam_width=1)
+    ref = ftjax.LLM(cfg, p, **kw).generate(PROMPTS, max_new_tokens=6, end_id=None, return_log_probs=True)
+    llm = ftjax.LLM(cfg, p, mesh=make_mesh(tensor=2, pipeline=2), **kw)
+    t = llm.engine.params["embed"]["tokens"]
+    assert isinstance(t, Q.QuantizedWeightT) and t.qt.shape == (302, 64)
+    assert tuple(t.qt.sharding.spec)[:1] == ("tensor",) and tuple(t.scale.sharding.spec) == ("tensor",)
+    got = llm.generate(PROMPTS, max_new_tokens=6, end_id=None, return_log_probs=True)
+    assert got.tokens == ref.tokens
+    np.testing.assert_allclose(np.asarray(got.output_log_probs), np.asarray(ref.output_log_probs), atol=1e-4)
+
+
 def test_transposed_int8_weights_shard_and_pad():
     """QuantizedWeightT (int8 stored [*out, *in]) on T=2 x P=2, vocab padded for T (its lm_head too): the
     tokens of the single-device plain-int8 engine; q's axes follow its transposed layout."""

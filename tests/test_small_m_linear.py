@@ -38,29 +38,34 @@ def _int8_leaves(params):
 
 
 @pytest.mark.parametrize("family", sorted(SHAPES))
-@pytest.mark.parametrize("int8", [False, True, "transposed"])
+@pytest.mark.parametrize("int8", [False, True, "transposed", "embed"])
 def test_decode_with_small_m_kernel_matches_xla(family, int8):
     """int8=True: the kernel reads the plain layout (int8_layout="kn"); int8="transposed": the engine's
     default with the kernel on, QuantizedWeightT (q stored [*out, *in]), whether the tree came in
-    transposed or not. The reference is XLA on the plain QuantizedWeight tree, and XLA on the transposed
-    tree is held to it too."""
+    transposed or not; "embed": the engine's default on mode "int8-embed" (the tied head of the GPT-2-like
+    model is the int8 table, through the kernel). The reference is XLA on the plain QuantizedWeight tree,
+    and XLA on the transposed tree is held to it too."""
     seed = np.random.randint(1 << 30)
     cfg = ModelConfig(vocab_size=300, max_positions=64, hidden=64, num_layers=2, num_heads=4, ffn_dim=96,
                       bos_id=0, eos_id=1, **SHAPES[family])
     params = gpt.init_params(cfg, seed=seed % 1000)
     if int8:
-        params = Q.quantize_params(params, cfg)
+        params = Q.quantize_params(params, cfg, mode="int8-embed" if int8 == "embed" else "int8")
     kparams = Q.quantize_params(params, cfg, transposed=True) if int8 == "transposed" else params
     prompts = [list(r) for r in np.random.RandomState(seed % 997).randint(2, 300, size=(3, 7))]
     res = {}
     runs = [("xla", params, False, "auto"), ("kernel", kparams, True, "kn" if int8 is True else "auto")]
+    if int8 == "embed":
+        assert isinstance(params["embed"]["tokens"], Q.QuantizedWeightT)
     if int8 == "transposed":
         runs += [("xla_t", kparams, False, "nk"), ("kernel_auto", params, True, "auto")]
     for name, p, small_m, layout in runs:
         llm = _llm(cfg, p, small_m, int8_layout=layout)
         if int8:
             want = Q.QuantizedWeightT if (layout == "nk" or (layout == "auto" and small_m)) else Q.QuantizedWeight
-            assert all(isinstance(w, want) for w in _int8_leaves(llm.engine.params)), (name, want)
+            leaves = _int8_leaves({k: v for k, v in llm.engine.params.items() if k != "embed"})
+            assert all(isinstance(w, want) for w in leaves), (name, want)
+            assert isinstance(llm.engine.params["embed"]["tokens"], Q.QuantizedWeightT if int8 == "embed" else jax.Array)
         res[name] = llm.generate(prompts, max_new_tokens=6, end_id=None, return_log_probs=True)
     for name in set(res) - {"xla"}:
         assert res[name].tokens == res["xla"].tokens, f"{name}: seed {seed}"

@@ -31,7 +31,12 @@ def check_params(cfg: ModelConfig, params: dict[str, Any], source: str) -> None:
 
     shapes, _ = family.abstract_params(cfg)
     want = {k: tuple(v.shape) for k, v in _flat(shapes).items()}
-    have = {k: tuple(v.shape if hasattr(v, "scale") else np.shape(v)) for k, v in _flat(params).items()}
+    def shape(k, v):   # an int8 weight's logical [*in, *out]; the int8 embedding table's rows [v, d]
+        if hasattr(v, "qt") and k.endswith("embed/tokens"):
+            return tuple(v.qt.shape)
+        return tuple(v.shape if hasattr(v, "scale") else np.shape(v))
+
+    have = {k: shape(k, v) for k, v in _flat(params).items()}
     missing = sorted(set(want) - set(have))
     if missing:
         raise ValueError(f"{source}: missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")

@@ -50,10 +50,12 @@ def save(dst: str, cfg: ModelConfig, params: dict[str, Any], dtype: str = "float
         a = np.asarray(x)
         return a.astype(npd) if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a
 
-    tree = jax.tree.map(cast, params)
+    from ftjax.quantize import is_quantized, to_storage
+
+    # int8 weights as {"q", "scale"} dicts, the form `load` regroups (ftjax.quantize.from_storage)
+    tree = jax.tree.map(cast, to_storage(params))
     ocp.PyTreeCheckpointer().save(os.path.join(dst, PARAMS_DIR), tree)
     meta = {"format": "ftjax", "format_version": FORMAT_VERSION, "dtype": dtype, "config": cfg.to_dict()}
-    from ftjax.quantize import is_quantized
 
     if is_quantized(params):  # QuantizedWeight kernels are stored as {"q" int8, "scale"} (ftjax.quantize)
         meta["quantize"] = "int8"

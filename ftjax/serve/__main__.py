@@ -24,7 +24,9 @@ def parse_args(argv=None):
                     help="engine slots (rows decoded together); 'auto' (default): as many as the device memory "
                          "left after the weights holds at --max-seq-len (8 on a backend that reports no memory)")
     ap.add_argument("--max-seq-len", type=int, default=None, help="prompt + generated; default: the model's maximum")
-    ap.add_argument("--quantize", choices=["int8"], default=None)
+    ap.add_argument("--quantize", choices=["int8", "int8-embed"], default=None,
+                    help="weight-only INT8: int8 (the projections, as FT's int8_mode=1), int8-embed (also the token "
+                         "embedding and so the tied output head)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--metrics-port", type=int, default=8002)

@@ -144,7 +144,8 @@ def pad_vocab(cfg, params, tensor: int):
         return type(k)(pad(k.q, 1), pad(k.scale, 0)) if hasattr(k, "scale") else pad(k, 1)
 
     params = dict(params)
-    params["embed"] = dict(params["embed"], tokens=pad(params["embed"]["tokens"], 0))
+    tokens = params["embed"]["tokens"]   # [v, d], or the int8 table QuantizedWeightT(qt [v, d], scale [v])
+    params["embed"] = dict(params["embed"], tokens=pad_kernel(tokens) if hasattr(tokens, "qt") else pad(tokens, 0))
     if "lm_head" in params:
         head = dict(params["lm_head"], kernel=pad_kernel(params["lm_head"]["kernel"]))
         if "bias" in head:
