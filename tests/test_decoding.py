@@ -158,8 +158,10 @@ def test_seed_reproducible_across_batch_positions_and_composition(pair):
 def test_changing_values_never_recompiles(pair):
     llm, _ = pair
     prompts = random_prompts(np.random.RandomState(6), 4, 2, 9)
-    # (the decode loop compiles per step count mod 16: both calls ask the same count)
-    llm.generate(prompts, max_new_tokens=9, beam_width=[1, 2, 1, 1], top_k=[0, 0, 5, 0], end_id=None)
+    # (the decode loop compiles per step count mod 16: both calls ask the same count; and once per feature a
+    # live slot needs — beam search, a sampling draw, a penalty / word list — which the first call has too)
+    llm.generate(prompts, max_new_tokens=9, beam_width=[1, 2, 1, 1], top_k=[0, 0, 5, 0],
+                 repetition_penalty=[1.0, 1.0, 1.0, 1.1], end_id=None)
     eng = llm.engine
     sizes = (eng._admit._cache_size(), eng._generate._cache_size())
     llm.generate(prompts, max_new_tokens=9, beam_width=[2, 1, 3, 1], top_k=[3, 0, 0, 40], top_p=[0, 0.5, 0, 0.8],

@@ -81,7 +81,7 @@ def test_repository_serves_ft_folder(tmp_path, ft_folder):
 
 
 @pytest.mark.parametrize("param,value,msg", [
-    ("int8_mode", "1", "int8_mode"),
+    ("int8_mode", "2", "int8_mode"),
     ("tensor_para_size", "3", "tensor_parallel=3"),        # does not divide the heads
     ("pipeline_para_size", "3", "pipeline_parallel=3"),    # does not divide the layers
     ("model_type", "T5", "T5"),
@@ -95,6 +95,23 @@ def test_repository_refusals(tmp_path, ft_folder, param, value, msg):
     ckpt = kw.pop("model_checkpoint_path", ft_folder[0])
     with pytest.raises(ValueError, match=msg):
         load_models(model_repository=_repo(tmp_path, ckpt, **kw), max_batch_size=2, attention="xla")
+
+
+def test_repository_int8_mode_1_quantizes(tmp_path, ft_folder):
+    """FT's int8_mode 1 is weight-only INT8: the model's projections are int8 once loaded, and its greedy
+    tokens are those of the same checkpoint loaded with quantize="int8"."""
+    import ftjax
+    from ftjax.layers.linear import QuantizedWeight, QuantizedWeightT
+    from ftjax.serve.server import load_models
+
+    ckpt, _ = ft_folder
+    (m,) = load_models(model_repository=_repo(tmp_path, ckpt, int8_mode="1"), max_batch_size=2, attention="xla")
+    k = m.llm.engine.params["layers_0"]["mlp"]["wi"]["kernel"]
+    assert isinstance(k, (QuantizedWeight, QuantizedWeightT))
+    ref = ftjax.load(ckpt, dtype="float32", max_batch_size=2, attention="xla", quantize="int8")
+    prompts = [[5, 17, 33, 2], [9, 1, 4]]
+    assert m.llm.generate(prompts, max_new_tokens=6, end_id=None).tokens == \
+        ref.generate(prompts, max_new_tokens=6, end_id=None).tokens
 
 
 def test_shipped_configs_parse(tmp_path):

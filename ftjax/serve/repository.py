@@ -8,7 +8,9 @@ FT parameters read (string values, as FT writes them):
                            from the model's folder
     data_type              fp32 | fp16 | bf16 (overridden by --dtype)
     tensor_para_size, pipeline_para_size   must agree with the load (only 1 in this build)
-    int8_mode              0 (weight-only int8 is refused until ftjax.quantize lands)
+    int8_mode              0, or 1: weight-only INT8 of the projections (FT's int8_mode=1; ftjax.quantize
+                           "int8", applied as the checkpoint loads; --quantize int8-embed also quantizes
+                           the embedding); FT's 2 (SmoothQuant W8A8) is refused
 Triton fields: `max_batch_size` (the largest batch one request may carry; 0 = no limit) and
 `model_transaction_policy.decoupled` (true: ModelStreamInfer sends one response per token).
 Other FT parameters (enable_custom_all_reduce, ...) are accepted and ignored.
@@ -85,9 +87,9 @@ def spec_from_config(cfg: mc.ModelConfig, model_dir: str, name: str, where: str)
     int8 = _int_param(cfg, "int8_mode", where, 0)
     if tp < 1 or pp < 1:
         raise RepositoryError(f"{where}: tensor_para_size / pipeline_para_size must be >= 1, got {tp} / {pp}")
-    if int8 != 0:
-        raise RepositoryError(f"{where}: int8_mode {int8}: weight-only INT8 is not available in this build yet "
-                              "(use int8_mode 0)")
+    if int8 not in (0, 1):
+        raise RepositoryError(f"{where}: int8_mode {int8}: only 0 (none) and 1 (weight-only INT8) are served; "
+                              "FT's int8_mode 2 (SmoothQuant, int8 activations) is not")
     dt = _param(cfg, "data_type", None)
     dtype = None
     if dt:

@@ -421,7 +421,7 @@ def load_models(*, model: str | None = None, model_repository: str | None = None
         try:
             llm = ftjax.load(s.checkpoint, dtype=dtype or s.dtype or "bfloat16", max_batch_size=max_batch_size or 8,
                              max_seq_len=max_seq_len, attention=attention, tensor_parallel=tp,
-                             pipeline_parallel=pp, quantize=quantize)
+                             pipeline_parallel=pp, quantize=quantize or ("int8" if s.int8_mode == 1 else None))
         except ValueError as e:
             where = f"model {s.name}" + (f" ({s.checkpoint})" if s.checkpoint else "")
             raise ValueError(f"{where}: {e}") from None
