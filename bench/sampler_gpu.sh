@@ -6,9 +6,8 @@
 #   bash bench/sampler_gpu.sh loop # whole requests with a call's first chunk in its static loop (the default)
 #                                  # against in the while loop (Engine.static_first_chunk=False), 1.3B and
 #                                  # 350M; then the step with and without the while loop's round trips
-#   bash bench/sampler_gpu.sh all  # one call: the step A/B of bf16, int8 and int8-embed weights (and the
-#                                  # processors always on), the loop A/B as whole requests, and the
-#                                  # int8 / int8-embed accuracy against bf16
+#   bash bench/sampler_gpu.sh all  # one call: the loop A/B as whole requests, the step of bf16, int8 and
+#                                  # int8-embed weights, and the int8 / int8-embed accuracy against bf16
 # Results land in $OUT (or ./out).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -39,14 +38,14 @@ case "${1:-ab}" in
   all)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     python -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__)"
-    timeout 200 python bench/step_ab.py --models 1.3b --weights bf16,int8,int8e --small-m stats --modes "" \
-      --sl default= "always=$PEN" --json "$OUT/all_step.jsonl" 2>&1 | tail -8
     OLD="old=exact;engine:static_first_chunk=false"
-    timeout 120 python bench/request_ab.py --model 1.3b --cases 1-512-32,1-128-64 \
+    timeout 110 python bench/request_ab.py --model 1.3b --cases 1-512-32,1-128-64 \
       --variants "exact,$OLD" --reps 9 --json "$OUT/all_loop_13b.jsonl" 2>&1 | tail -6
-    timeout 60 python bench/request_ab.py --model 350m --cases 1-512-32 \
+    timeout 150 python bench/step_ab.py --models 1.3b --weights bf16,int8,int8e --small-m stats --modes "" \
+      --json "$OUT/all_step.jsonl" 2>&1 | tail -5
+    timeout 50 python bench/request_ab.py --model 350m --cases 1-512-32 \
       --variants "exact,$OLD" --reps 9 --json "$OUT/all_loop_350m.jsonl" 2>&1 | tail -4
-    timeout 150 python bench/int8_accuracy.py --models 350m,1.3b --modes int8,int8-embed --out "$OUT" 2>&1 | tail -7
+    timeout 120 python bench/int8_accuracy.py --models 350m,1.3b --modes int8,int8-embed --out "$OUT" 2>&1 | tail -7
     ;;
   *) echo "unknown part $1"; exit 2 ;;
 esac
