@@ -30,7 +30,7 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--attention", default="auto")
-    ap.add_argument("--quantize", default=None, choices=[None, "int8", "int8kn", "int8t"],
+    ap.add_argument("--quantize", default=None, choices=[None, "int8", "int8kn", "int8t", "int8e"],
                     help="weight-only int8 (as ftjax.load: the engine picks the layout); int8kn / int8t: "
                     "QuantizedWeight / QuantizedWeightT (Engine.int8_layout kn / nk)")
     ap.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp())
@@ -62,7 +62,8 @@ def main():
     params = random_params(cfg)
     if a.quantize:
         from ftjax import quantize as Q
-        params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16)
+        params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16,
+                                   mode="int8-embed" if a.quantize == "int8e" else "int8")
     llm = ftjax.LLM(cfg, params, dtype="bfloat16", max_batch_size=max(a.batch, 1), max_seq_len=a.prompt + a.steps + 8,
                     attention=a.attention)
     llm.engine.int8_layout = INT8_LAYOUTS.get(a.quantize, "auto")
