@@ -352,3 +352,24 @@ def test_decode_loop_keeps_dequantisation_inside_the_loop():
             hoisted = _entry_uses_of_int8_params(compiled.as_text())
             assert not hoisted, f"int8 weights dequantised outside the decode loop: {hoisted[:3]}"
     assert temp["int8"] <= temp["bf16"] + 64 * 1024, temp
+
+
+def test_int8_embedding_on_t5(tmp_path):
+    """T5 v1.0 (the tied head reads the shared table, scaled by d^-0.5) with mode "int8-embed": the
+    encoder, decoder and head all read the int8 rows, and the model equals its float32 twin."""
+    from ftjax.checkpoint import load_checkpoint
+    from tests.test_t5 import make_hf_t5
+
+    path = str(tmp_path / "t5")
+    make_hf_t5(path, seed=int(np.random.randint(100)))
+    cfg, p = load_checkpoint(path)
+    qp = Q.quantize_params(p, cfg, mode="int8-embed")
+    assert isinstance(qp["embed"]["tokens"], QuantizedWeightT)
+    kw = dict(dtype="float32", attention="xla", max_batch_size=2, max_seq_len=24)
+    q, twin = LLM(cfg, qp, **kw), LLM(cfg, _dequantized(qp), **kw)
+    rng = np.random.RandomState(int(np.random.randint(1000)))
+    enc = [rng.randint(2, 131, size=n).tolist() for n in (5, 9)]
+    dec = [[0] + rng.randint(2, 131, size=4).tolist() for _ in range(2)]
+    a, b = twin.logits(enc, dec), q.logits(enc, dec)
+    np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-4 * np.abs(a).max())
+    assert [len(t) for t in q.generate(enc, max_new_tokens=4, end_id=None).tokens] == [4, 4]
