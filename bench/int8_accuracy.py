@@ -52,13 +52,13 @@ def main():
         fp = ftjax.LLM(cfg, params, **kw)
         lf = fp.logits(prompts).astype(np.float64)
         del fp
+        top2 = np.sort(lf, axis=-1)[..., -2:]
+        gap = (top2[..., 1] - top2[..., 0]).reshape(-1)
+        clear = gap >= 0.05
         for mode in a.modes.split(","):
             q = ftjax.LLM(cfg, Q.quantize_params(params, cfg, mode=mode, scale_dtype=jax.numpy.bfloat16), **kw)
             lq = q.logits(prompts).astype(np.float64)
             rep = Q.int8_accuracy_from_logits(lf, lq, [len(p) for p in prompts])
-            top2 = np.sort(lf, axis=-1)[..., -2:]
-            gap = (top2[..., 1] - top2[..., 0]).reshape(-1)
-            clear = gap >= 0.05
             agree = (lf.argmax(-1) == lq.argmax(-1)).reshape(-1)
             row = {"model": name, "mode": mode, **rep,
                    "median_top2_gap": round(float(np.median(gap)), 4), "logit_std": round(float(lf.std()), 4),

@@ -3,9 +3,6 @@
 #   bash bench/sampler_gpu.sh ab   # processors compiled in only when a live slot needs them (the default)
 #                                  # against always (ftjax.engine.ALWAYS_PENALIZE), 1.3B and 350M, bf16 and
 #                                  # int8; then a kernel sequence of the 1.3B step both ways
-#   bash bench/sampler_gpu.sh loop # whole requests with a call's first chunk in its static loop (the default)
-#                                  # against in the while loop (Engine.static_first_chunk=False), 1.3B and
-#                                  # 350M; then the step with and without the while loop's round trips
 #   bash bench/sampler_gpu.sh all  # one call: the loop A/B as whole requests, the step of bf16, int8 and
 #                                  # int8-embed weights, and the int8 / int8-embed accuracy against bf16
 # Results land in $OUT (or ./out).
@@ -24,16 +21,6 @@ case "${1:-ab}" in
     timeout 90 python bench/profile_decode.py --model 1.3b --steps 32 --sequence "$OUT/seq_default.txt" 2>&1 | tail -25
     timeout 90 python bench/profile_decode.py --model 1.3b --steps 32 --set ftjax.engine.ALWAYS_PENALIZE:True \
       --sequence "$OUT/seq_always.txt" 2>&1 | tail -8
-    ;;
-  loop)
-    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    OLD="old=exact;engine:static_first_chunk=false"
-    timeout 240 python bench/request_ab.py --model 1.3b --cases 1-512-32,1-128-8,1-128-64 \
-      --variants "exact,$OLD,exact2=exact" --reps 9 --json "$OUT/loop_13b.jsonl" 2>&1 | tail -12
-    timeout 150 python bench/request_ab.py --model 350m --cases 1-512-32,1-128-64 \
-      --variants "exact,$OLD,exact2=exact" --reps 9 --json "$OUT/loop_350m.jsonl" 2>&1 | tail -8
-    timeout 180 python bench/step_ab.py --models 1.3b --weights bf16,int8 --small-m stats --modes "" \
-      --sl default= "always=$PEN" --json "$OUT/loop_step.jsonl" 2>&1 | tail -6
     ;;
   all)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader

@@ -95,16 +95,9 @@ def quantize_rows(w, scale_dtype=np.float32) -> QuantizedWeightT:
     shape = tuple(w.shape)
     if len(shape) != 2:
         raise ValueError(f"quantize_rows: an embedding table [vocab, d] expected, got shape {shape}")
-    if isinstance(w, jax.ShapeDtypeStruct):
-        return QuantizedWeightT(jax.ShapeDtypeStruct(shape, jnp.int8), jax.ShapeDtypeStruct(shape[:1], scale_dtype))
-    if isinstance(w, jax.Array):
-        q, scale = _quantize_jnp(w.T, jnp.zeros((), scale_dtype))
-        return QuantizedWeightT(q.T, scale)
-    w2 = np.asarray(w, np.float32)
-    amax = np.abs(w2).max(axis=1)
-    scale = np.where(amax > 0, amax / QMAX, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w2 / scale[:, None]), -QMAX, QMAX).astype(np.int8)
-    return QuantizedWeightT(q, scale.astype(scale_dtype))
+    # the table's transpose [d, v] is the head's weight [in, out]: its per-column quantization, stored back [v, d]
+    wt = jax.ShapeDtypeStruct(shape[::-1], w.dtype) if isinstance(w, jax.ShapeDtypeStruct) else w.T
+    return transpose_quantized(quantize_weight(wt, 1, scale_dtype))
 
 
 def _is_table(path) -> bool:

@@ -22,12 +22,9 @@ class Embed(nn.Module):
 
     def setup(self):
         init = nn.initializers.normal(stddev=0.02)
-        if self.has_variable("params", "tokens") and isinstance(self.get_variable("params", "tokens"),
-                                                                QuantizedWeightT):
-            self.tokens = self.get_variable("params", "tokens")   # int8 rows, read as they are
-        else:
-            self.tokens = self.param("tokens", nn.with_logical_partitioning(init, ("vocab", "embed")),
-                                     (self.vocab_size, self.dim), self.dtype)
+        # an int8 table (QuantizedWeightT) comes back as it is: its first leaf qt has the table's shape
+        self.tokens = self.param("tokens", nn.with_logical_partitioning(init, ("vocab", "embed")),
+                                 (self.vocab_size, self.dim), self.dtype)
         if self.max_positions:
             self.positions = self.param("positions", nn.with_logical_partitioning(init, ("positions", "embed")),
                                         (self.max_positions, self.dim), self.dtype)
