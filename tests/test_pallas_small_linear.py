@@ -7,6 +7,8 @@ x @ W.astype(x.dtype) accumulated in float32, times the scale: with W cast the s
 reference differs from the kernel only by the order of the float32 sums, so the tolerance is a
 few float32 ulps of sum_k |x_k| |W_kn| whatever the input dtype.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,6 +120,32 @@ def test_transposed_weights(M, K, Ns, wd, cfg):
   check(sums, x, ws, scales)
   with pytest.raises(AssertionError, match="transposed"):
     small_linear(x, stored, scales, interpret=True, transposed=trans[:1] if len(ws) > 1 else [True, True])
+
+
+@pytest.mark.parametrize("case", [0, 1, 3, 4, 6, 10])
+def test_swapped_operands(case):
+  """swap_ab (W the left operand of the tile product, a [block_n, R] accumulator transposed before the store)
+  forced on and off gives the reference's outputs, in both weight layouts and through the normalising
+  prologue; auto (None) swaps only 2-byte x and weights of <= 16 rows."""
+  M, K, Ns, wd, xd, cfg = CASES[case]
+  x, ws, scales = make(60 + case, M, K, Ns, wd, xd)
+  trans = [i % 2 == 1 for i in range(len(ws))]
+  stored = [w.T if t else w for w, t in zip(ws, trans)]
+  for swap in (True, False):
+    c = dataclasses.replace(cfg or C(), swap_ab=swap)
+    check(small_linear(x, ws, scales, config=c, interpret=True), x, ws, scales)
+    check(small_linear(x, stored, scales, config=c, interpret=True, transposed=trans), x, ws, scales)
+  assert S._swap_ab(None, x, ws) == (M <= 16 and jnp.dtype(xd).itemsize == 2
+                                     and all(jnp.dtype(d).itemsize == 2 for d in wd))
+  assert S._swap_ab(True, x, ws) and not S._swap_ab(False, x, ws)
+  # the normalising prologue (x normalised tile by tile from add_stats' statistics) under both orders
+  g = jax.random.uniform(jax.random.key(case), (K,), F32, 0.5, 1.5)
+  xs = jnp.stack([jnp.sum(x.astype(F32), 1), jnp.sum(jnp.square(x.astype(F32)), 1)])[:, :, None]
+  norm = (xs, g, None, "rmsnorm", 1e-6)
+  got = [S.small_linear_parts(x, stored, norm=norm, config=dataclasses.replace(cfg or C(), swap_ab=swap),
+                              interpret=True, transposed=trans) for swap in (True, False)]
+  for a, b in zip(*got):
+    np.testing.assert_allclose(np.asarray(a.sum(0)), np.asarray(b.sum(0)), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("xd", [BF16, F16])

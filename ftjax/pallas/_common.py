@@ -124,12 +124,12 @@ def load(ref, *, mask=None, other=None):
   return pltriton.load(ref, mask=mask, other=other)
 
 
-def dot(a, b, *, trans_b=False, precision=None):
+def dot(a, b, *, trans_a=False, trans_b=False, precision=None):
   """2-D matrix product in a Triton-lowered kernel, float32 result (tensor cores for bf16/fp16).
 
   `jax.experimental.pallas.triton.dot` in jax 0.10 / 0.11 (`pl.dot` is gone from 0.11).
   """
-  return pltriton.dot(a, b, trans_b=trans_b, precision=precision)
+  return pltriton.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
 def store(ref, val, *, mask=None):

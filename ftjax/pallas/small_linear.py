@@ -49,11 +49,18 @@ lowered where the pipeline stages would not fit the shared memory. int8 calls of
 (`large_bytes`: GPT 6.7B's q/k/v, fc1 and fc2) aim for `large_programs` (264) programs of
 `large_warps` (8) warps instead: measured 7% faster on 6.7B's int8 decode step, slower for bf16.
 
+Swapped operands (`swap_ab`): with 2-byte weights the product is computed transposed, W tile as the
+left operand ([block_n, block_k] x [block_k, R] -> a [block_n, R] accumulator, transposed once before
+the store): a tile of >= 64 rows, which Triton compiles to Hopper's asynchronous wgmma (`HGMMA`, 8 a
+loop step) instead of 16-row mma.sync (`HMMA`, 16). Measured on an H100 (bench/RESULTS.md, fifteenth
+session): decode steps 350M bf16 0.70 -> 0.68 ms, 1.3B bf16 1.319 -> 1.308. int8 tiles are not swapped:
+converted in registers they must then be re-laid for wgmma's register operand (byte-wise shared-memory
+loads and ~5x the permutes), and the 1.3B int8 step went 1.00 -> 1.22 ms.
+
 Lowering: Pallas' Triton lowering (`CompilerParams` of `jax.experimental.pallas.triton`,
-passed explicitly). The op is a memory-bound stream whose matrix products have 16 rows, so
-Hopper's wgmma (64-row tiles) buys nothing; what matters is enough W bytes in flight per SM,
-which Triton's software pipelining of the W loads (`num_stages`) and several resident
-programs per SM give. The same kernel body runs on CPU under `interpret=True` in jax 0.10 and
+passed explicitly). The op is a memory-bound stream whose matrix products have 16 rows:
+what matters is enough W bytes in flight per SM, which Triton's software pipelining of the W
+loads (`num_stages`) and several resident programs per SM give. The same kernel body runs on CPU under `interpret=True` in jax 0.10 and
 0.11, which is what CI tests.
 """
 from __future__ import annotations
@@ -126,6 +133,8 @@ class SmallLinearConfig:
     is placed in the mantissa of 2^23 and 2^23 + 128 subtracted), "asm" (the same trick in inline
     PTX, four bytes a time with `prmt`; GPU only), "auto" (= "cvt": the three measured the same
     decode step on an H100, bench/RESULTS.md).
+  swap_ab: W as the left operand of the tile product (see the module docstring); None = where every weight
+    and x are 2-byte floats and x has at most 16 rows (int8 swapped measured slower).
   """
   block_n: int | None = None
   block_k: int | None = None
@@ -144,6 +153,7 @@ class SmallLinearConfig:
   row_bytes: int | None = None
   max_partial_fraction: float = 0.25
   dequant: str = "auto"
+  swap_ab: bool | None = None
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
@@ -372,7 +382,7 @@ def dequant_int8(wb, cdtype, how: str):
 
 def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int,
             num_splits: int, per_split: int, n_kblocks: int, precision, norm=None,
-            dequant: str = "cvt", trans=None, pdl: bool = False):
+            dequant: str = "cvt", trans=None, pdl: bool = False, swap_ab: bool = False):
   """x_ref [M, K]; refs = (*w_refs [K, N_i], [stats, gamma, (beta)], *out_refs [num_splits, M, N_i]),
   all whole arrays.
 
@@ -461,9 +471,15 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
         ws = w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)]
       wb = ws[...] if wm is None else C.load(ws, mask=wm, other=0)       # [bk, bn] / [bn, bk]
       wb = dequant_int8(wb, cdtype, dequant) if wb.dtype == jnp.int8 else wb.astype(cdtype)
+      if swap_ab:                                                         # [bn, R]: W the left operand
+        if t:
+          return acc + C.dot(wb, xb, trans_b=True, precision=precision)
+        return acc + C.dot(wb, xb, trans_a=True, trans_b=True, precision=precision)
       return acc + C.dot(xb, wb, trans_b=t, precision=precision)
 
-    acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((R, block_n), jnp.float32))
+    acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((block_n, R) if swap_ab else (R, block_n), jnp.float32))
+    if swap_ab:
+      acc = acc.T
     dst = o_ref.at[split, pl.ds(row0, R), pl.ds(n0, block_n)]
     om = _and(rmask, nmask)
     if om is None:
@@ -491,6 +507,14 @@ def _and(a, b):
   return a if b is None else a & b
 
 
+def _swap_ab(how, x, ws) -> bool:
+  """SmallLinearConfig.swap_ab resolved for this call (None: 2-byte x and weights, <= ROWS rows)."""
+  if how is not None:
+    return bool(how)
+  return (x.shape[0] <= ROWS and jnp.dtype(x.dtype).itemsize == 2
+          and all(jnp.dtype(w.dtype).itemsize == 2 for w in ws))
+
+
 def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None):
   """The kernel call: list of [num_splits, M, N_i] float32 split-K partials (scales not applied)."""
   M, K = x.shape
@@ -507,7 +531,8 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None):
   kernel = functools.partial(
       _kernel, Ns=Ns, firsts=firsts, K=K, M=M, block_n=bn, block_k=bk, num_splits=splits,
       per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype), norm=norm,
-      dequant=resolve_dequant(cfg.dequant, interpret), trans=trans, pdl=C.pdl_on(interpret, M))
+      dequant=resolve_dequant(cfg.dequant, interpret), trans=trans, pdl=C.pdl_on(interpret, M),
+      swap_ab=_swap_ab(cfg.swap_ab, x, ws))
   # Whole-array blocks (index 0): the kernel indexes x, W and the outputs itself (pl.ds + masks),
   # so nothing is padded or copied around the call.
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda j, s: (0,) * len(shape))  # noqa: E731

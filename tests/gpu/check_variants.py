@@ -1,6 +1,6 @@
 """GPU check of the small-M kernel's variants (run on the device; CPU CI covers them interpreted / lowered):
 
-  python tests/gpu/check_variants.py
+  python tests/gpu/check_variants.py [--swap]   (--swap: only the swap_ab check)
 
 - int8 dequantisation: "asm" and "bits" against "cvt" (all exact conversions, same products: the outputs
   must be bitwise equal), bf16 and f16 x, ragged shapes, every int8 value present in the weights;
@@ -30,8 +30,38 @@ def report(name, ok, detail=""):
         FAILS.append(name)
 
 
+def check_swap(rng):
+    """W as the product's left operand (SmallLinearConfig.swap_ab: 64-row tiles, Hopper's wgmma) against the
+    default and a float32 product: bf16 and int8 weights, both layouts, ragged shapes, 1..64 rows."""
+    for M, K, Ns, wdt in [(1, 2048, (2048, 2048, 2048), "bf16"), (1, 8192, (2048,), "int8"),
+                          (5, 1000, (300, 17), "bf16"), (16, 4100, (1030,), "int8"), (40, 1024, (4096,), "bf16"),
+                          (64, 2048, (2048, 2048, 2048), "int8")]:
+        x = jnp.asarray(rng.randn(M, K), jnp.bfloat16)
+        if wdt == "int8":
+            ws = [jnp.asarray(rng.randint(-128, 128, (K, n)), jnp.int8) for n in Ns]
+            sc = [jnp.asarray(rng.rand(n) + 0.5, jnp.float32) for n in Ns]
+        else:
+            ws = [jnp.asarray(rng.randn(K, n) * 0.05, jnp.bfloat16) for n in Ns]
+            sc = [None] * len(Ns)
+        xf = np.asarray(x, np.float32)
+        ref = [xf @ (np.asarray(w, np.float32) * (1.0 if s is None else np.asarray(s))) for w, s in zip(ws, sc)]
+        for t in ((False, True) if wdt == "int8" else (False,)):
+            wl, tr = ([w.T for w in ws] if t else ws), [t] * len(ws)
+            base = small_linear(x, wl, sc, transposed=tr)
+            got = small_linear(x, wl, sc, transposed=tr, config=SmallLinearConfig(swap_ab=True))
+            fin = all(bool(jnp.isfinite(a).all()) for a in got)
+            rel = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, base))
+            rref = max(float(np.max(np.abs(np.asarray(a) - r)) / np.max(np.abs(r))) for a, r in zip(got, ref))
+            report(f"swap_ab M={M} K={K} Ns={Ns} {wdt} transposed={t} == default, float32", fin and rel < 1e-5
+                   and rref < 1e-5, f"max rel diff {rel:.3g}, vs float32 {rref:.3g}")
+
+
 def main():
     rng = np.random.RandomState(0)
+    if sys.argv[1:] == ["--swap"]:
+        check_swap(rng)
+        print(f"{'FAIL' if FAILS else 'ALL PASS'}: {len(FAILS)} failed", flush=True)
+        sys.exit(1 if FAILS else 0)
     for M, K, Ns, xdt in [(1, 2048, (2048, 2048, 2048), jnp.bfloat16), (5, 1000, (300, 17), jnp.bfloat16),
                           (16, 4100, (1030,), jnp.float16), (2, 8192, (2048,), jnp.bfloat16)]:
         x = jnp.asarray(rng.randn(M, K), xdt)
