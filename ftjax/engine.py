@@ -566,6 +566,17 @@ class Engine:
                                                        constant_values=-1))
         return state._replace(sp=sp)
 
+    def release_slots(self, slots) -> None:
+        """Host only: the rows of these slots have ended (their requests finished), so the decode step no
+        longer needs what they asked for. The slots leave the host-side sets that choose the compiled variant
+        of the next generate calls (sampling, processors, beam search); without this a finished sampled or
+        penalised request keeps every later greedy step on the slower variant until its slot is reused. No
+        device work: a finished row stays done in the state."""
+        s = {int(x) for x in slots}
+        self._beam_heads.difference_update(s)
+        self._sampled_slots.difference_update(s)
+        self._penalized_slots.difference_update(s)
+
     def retire(self, state: DecodeState, slots) -> DecodeState:
         """Cancel/free slots (host ints); their rows stop decoding immediately."""
         arr = np.full((self.B,), self.B, np.int32)

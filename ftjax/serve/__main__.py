@@ -43,6 +43,14 @@ def parse_args(argv=None):
                     help="gRPC front-end processes sharing --grpc-port (ftjax addition): with N > 1 this process "
                          "keeps the engines and N spawned processes parse requests and send the responses. "
                          "auto (the default): one per 4 CPU cores, 1 to 4")
+    ap.add_argument("--warmup", type=_warmup, default="greedy,sampled",
+                    help="compile before reporting ready (ftjax addition): comma-separated request kinds from "
+                         "greedy, sampled, penalized, sampled+penalized, beam, each run once per --warmup-lengths "
+                         "prompt length through the calls a real request makes; 'none' skips it (the first "
+                         "request of each kind then compiles). Default: greedy,sampled")
+    ap.add_argument("--warmup-lengths", type=_lengths, default="16",
+                    help="prompt lengths the warm-up admits (each a power-of-two bucket of prompts compiled "
+                         "once); default 16")
     ap.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0 (multi-host)")
     ap.add_argument("--num-processes", type=int, default=None)
     ap.add_argument("--process-id", type=int, default=None)
@@ -63,6 +71,29 @@ def _frontends(v: str):
     keeps the service in this process; a 16-core GPU host gets 4, which serving was measured with)."""
     v = _slots(v)
     return min(4, max(1, (os.cpu_count() or 1) // 4)) if v == "auto" else v
+
+
+def _warmup(v: str):
+    from ftjax.serve.scheduler import WARMUP_KINDS
+
+    if v == "none":
+        return ()
+    kinds = tuple(k.strip() for k in v.split(",") if k.strip())
+    bad = [k for k in kinds if k not in WARMUP_KINDS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown warm-up kind(s) {', '.join(bad) or repr(v)}: expected 'none' or "
+                                         f"a comma-separated list of {', '.join(WARMUP_KINDS)}")
+    return kinds
+
+
+def _lengths(v: str):
+    try:
+        out = tuple(int(x) for x in v.split(","))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated prompt lengths >= 1, got {v!r}")
+    return out
 
 
 def _slots(v: str):
@@ -101,7 +132,8 @@ def main(argv=None) -> int:
             return 0
         server = Server(models, host=a.host, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
                         max_queue=a.max_queue, request_timeout=a.request_timeout,
-                        stream_chunk=a.stream_chunk, frontends=a.frontends).start()
+                        stream_chunk=a.stream_chunk, frontends=a.frontends, warmup=a.warmup,
+                        warmup_lengths=a.warmup_lengths).start()
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

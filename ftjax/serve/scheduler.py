@@ -132,6 +132,7 @@ class Scheduler:
         self._cv = threading.Condition(threading.RLock())
         self._stop = False
         self._free = list(range(self.B))
+        self._ended: list[int] = []   # freed slots not yet passed to Engine.release_slots
         self._state = None
         self._inflight: collections.deque = collections.deque()   # (call index, snapshot) not yet read back
         self._ncalls = 0                                           # generate calls dispatched
@@ -170,6 +171,12 @@ class Scheduler:
         # Host seconds per phase, for benchmarks: dispatch (generate calls), admit (prefill + insert calls and
         # their bookkeeping), readback (waiting for a snapshot), process (snapshot -> updates), deliver.
         self.phase_s: dict[str, float] = collections.defaultdict(float)
+        # Compiled before ready (`_warm_up`, ftjax addition): each kind ("greedy", "sampled", "penalized",
+        # "sampled+penalized", "beam") as one request per prompt length of `warmup_lengths`, through the calls
+        # a real request makes. () = nothing (the library default; `python -m ftjax.serve --warmup` sets it).
+        self.warmup: tuple[str, ...] = ()
+        self.warmup_lengths: tuple[int, ...] = (16,)
+        self.warmup_s = 0.0            # seconds the warm-up took
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"ftjax-scheduler-{model_name}", daemon=True)
@@ -211,6 +218,8 @@ class Scheduler:
     def _run(self):
         try:
             self._state = self.engine.init_state()
+            if self.warmup:
+                self._warm_up()
             if self.reader_thread:
                 self._reader = threading.Thread(target=self._read_loop, name=self._thread.name + "-reader",
                                                 daemon=True)
@@ -253,6 +262,41 @@ class Scheduler:
                         self._fail(r, "unavailable", "server is shutting down")
             self._flush()
 
+    def _warm_up(self):
+        """Compiles, before the server reports ready, what the first request of each `warmup` kind would
+        otherwise wait for (seconds on a GPU; nothing on a restart with the persistent compilation cache): a
+        request at each prompt length of `warmup_lengths` goes through `prefill_insert` into the first slots,
+        then, once per kind, the generate calls of `chunk` and `stream_chunk` steps run with it live, and the
+        slots are retired. No request is live yet, so no other row is touched; the engine's host-side slot
+        sets are back to empty afterwards."""
+        t0 = time.perf_counter()
+        eng = self.engine
+        ks = sorted({self.chunk, self.stream_chunk})
+        vocab = int(getattr(eng.cfg, "vocab", getattr(eng.cfg, "vocab_size", 2)))
+        compiled = 0
+        for kind in self.warmup:
+            params = warmup_params(kind)
+            width = params.beam_width
+            if width > eng.max_beam_width:
+                raise ValueError(f"warm-up kind {kind!r} needs beam width {width}, but the engine's "
+                                 f"max_beam_width is {eng.max_beam_width}")
+            slots = list(range(width))
+            for j, length in enumerate(self.warmup_lengths):
+                n = max(1, min(int(length), eng.S - max(ks) - 1))
+                prompt = [2 + (7 * i) % max(1, vocab - 2) for i in range(n)]
+                self._state = eng.prefill_insert(self._state, [prompt], [slots if width > 1 else slots[0]],
+                                                 [max(ks) + 1], [params])
+                compiled += 1
+                if j == 0:
+                    for k in ks:
+                        self._state = eng.generate_snap(self._state, k)[0]
+                        compiled += 1
+                self._state = eng.retire(self._state, slots)
+        jax.block_until_ready(self._state)
+        self.warmup_s = time.perf_counter() - t0
+        log.info("warm-up of %s: %d calls (prompt lengths %s, steps %s) in %.1f s", self.model_name, compiled,
+                 ",".join(map(str, self.warmup_lengths)), ",".join(map(str, ks)), self.warmup_s)
+
     def _stop_reader(self):
         if self._reader is not None:
             self._reader_q.put(None)
@@ -288,6 +332,7 @@ class Scheduler:
             running = any(not r.finished for r in self._live)
             k = self.stream_chunk if any(r.stream for r in self._live) else self.chunk
         if running:
+            self._release_ended()
             t0 = time.perf_counter()
             self._state, _, snap = self.engine.generate_snap(self._state, k)
             self.phase_s["dispatch"] += time.perf_counter() - t0
@@ -336,6 +381,7 @@ class Scheduler:
                 if r.gen_bound[i] >= r.rows[i].max_new:
                     r.released[i] = self._ncalls - 1
                     self._free.extend(sl)
+                    self._ended.extend(sl)
 
     def _drop_cancelled(self, now):
         with self._cv:
@@ -385,7 +431,19 @@ class Scheduler:
         finally:
             self.phase_s["admit"] += time.perf_counter() - t0
 
+    def _release_ended(self):
+        """Tells the engine which freed slots' rows have ended (`Engine.release_slots`: its host-side slot sets,
+        which choose the compiled variant of the next calls), so that a greedy batch stops running the
+        sampling or penalty step of a request that finished. On the dispatch thread only, before any admit
+        that could reuse those slots and before each generate call: every engine call keeps one thread and
+        one order (a multi-host leader publishes them in that order)."""
+        with self._cv:
+            ended, self._ended = self._ended, []
+        if ended:
+            self.engine.release_slots(ended)
+
     def _admit_picks(self, now, picks) -> list[Request]:
+        self._release_ended()
         reqs = list(dict.fromkeys(r for r, _, _ in picks))
         try:
             self._prefill([(r.rows[i], s) for r, i, s in picks])   # without the lock: the reader goes on
@@ -408,6 +466,7 @@ class Scheduler:
             except ValueError as e:
                 self._ensure_state()
                 self._free.extend(x for rr, _, s in picks if rr is r for x in s)
+                self._ended.extend(x for rr, _, s in picks if rr is r for x in s)
                 if r in self._waiting:
                     self._waiting.remove(r)
                 self._fail(r, "invalid", str(e))
@@ -506,6 +565,7 @@ class Scheduler:
                             r.result_lps[i] = [[float(x) for x in r.gen_lp[i]]]
                     if r.released[i] is None:
                         self._free.extend(sl)
+                        self._ended.extend(sl)
                     r.slots[i] = None
             if steps:
                 self._stream(r, steps)
@@ -564,6 +624,23 @@ class Scheduler:
         self._emit(r, Update("error", code=code, message=message))
         if self.metrics:
             self.metrics.request_done(self.model_name, False, time.monotonic() - r.t_arrival, 0)
+
+
+WARMUP_KINDS = ("greedy", "sampled", "penalized", "sampled+penalized", "beam")
+
+
+def warmup_params(kind: str):
+    """The SamplingParams of a warm-up request of this kind: each kind is one compiled variant of the calls
+    (greedy or sampling, with or without the per-step processors, beam search)."""
+    from ftjax.sampling import SamplingParams
+
+    table = {"greedy": SamplingParams(), "sampled": SamplingParams(top_k=4, random_seed=1),
+             "penalized": SamplingParams(repetition_penalty=1.1),
+             "sampled+penalized": SamplingParams(top_k=4, random_seed=1, repetition_penalty=1.1),
+             "beam": SamplingParams(beam_width=2)}
+    if kind not in table:
+        raise ValueError(f"warm-up kind {kind!r} is not one of {', '.join(WARMUP_KINDS)}")
+    return table[kind]
 
 
 def _width(params) -> int:

@@ -298,7 +298,8 @@ class Server:
 
     def __init__(self, models: list[Model], *, host: str = "127.0.0.1", grpc_port: int = 8001,
                  metrics_port: int | None = 8002, max_queue: int = 1024, request_timeout: float | None = None,
-                 chunk: int = 8, stream_chunk: int = 1, frontends: int = 1, remote=None):
+                 chunk: int = 8, stream_chunk: int = 1, frontends: int = 1, remote=None,
+                 warmup: tuple[str, ...] = (), warmup_lengths: tuple[int, ...] = (16,)):
         if frontends < 1:
             raise ValueError(f"frontends: must be >= 1, got {frontends}")
         self.metrics = Metrics()
@@ -309,6 +310,7 @@ class Server:
                 continue
             m.scheduler = Scheduler(m.llm, max_queue=max_queue, chunk=chunk, stream_chunk=stream_chunk,
                                     metrics=self.metrics, model_name=m.name)
+            m.scheduler.warmup, m.scheduler.warmup_lengths = tuple(warmup), tuple(warmup_lengths)
             self.metrics.waiting_fn[m.name] = (lambda s=m.scheduler: s.waiting)
         self.host = host
         self._hub = self._loop = None

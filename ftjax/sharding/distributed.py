@@ -70,7 +70,7 @@ def _client():
 class Leader:
     """Process 0's engine: publishes each call, then runs it. Anything else is the engine's own."""
 
-    CALLS = ("init_state", "prefill_insert", "retire", "generate_steps", "generate_snap")
+    CALLS = ("init_state", "prefill_insert", "retire", "release_slots", "generate_steps", "generate_snap")
 
     def __init__(self, engine, channel: str = "0"):
         self._engine, self._channel, self._n = engine, channel, 0
@@ -99,6 +99,10 @@ class Leader:
     def retire(self, state, slots):
         self._publish("retire", (list(slots),))
         return self._engine.retire(state, slots)
+
+    def release_slots(self, slots):   # host-side, but it decides the next calls' compiled variant: published
+        self._publish("release_slots", (list(slots),))
+        return self._engine.release_slots(slots)
 
     def generate_steps(self, state, n_steps: int):
         self._publish("generate_steps", (int(n_steps),))
@@ -139,6 +143,8 @@ def follow(engine, channel: str = "0", poll_s: float = 1.0) -> int:
                 state = engine.prefill_insert(state, *args)
             elif op == "retire":
                 state = engine.retire(state, *args)
+            elif op == "release_slots":
+                engine.release_slots(*args)
             elif op == "generate_steps":
                 state, _ = engine.generate_steps(state, *args)
             elif op == "generate_snap":   # the snapshot is a computation over the mesh: every process runs it
