@@ -127,6 +127,8 @@ class LLM:
             st, _ = self.engine.generate_steps(st, max_new - 1 if first_at_prefill else max_new)
             self._state = st
             self._collect(st, chunk, slots, plist, out)
+            # every row of the chunk has ended: the next chunk's steps need not run its sampling or processors
+            self.engine.release_slots([x for sl in slots for x in ([sl] if np.ndim(sl) == 0 else sl)])
         if not want_lp:
             out.cum_log_probs = out.output_log_probs = None
         return out

@@ -213,6 +213,14 @@ def test_serve_cli_max_batch_size_flag():
     assert parse_args([]).stream_chunk == 4
     with pytest.raises(SystemExit):
         parse_args(["--frontends", "0"])
+    assert parse_args([]).warmup == ("greedy", "sampled") and parse_args([]).warmup_lengths == (16,)
+    assert parse_args(["--warmup", "none"]).warmup == ()
+    a = parse_args(["--warmup", "penalized,beam", "--warmup-lengths", "16,300"])
+    assert a.warmup == ("penalized", "beam") and a.warmup_lengths == (16, 300)
+    for bad in (["--warmup", "greedy,fast"], ["--warmup", ""], ["--warmup-lengths", "0"],
+                ["--warmup-lengths", "x"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
 
 
 def test_greedy_decode_loop_has_no_conditional(llm):
@@ -367,3 +375,30 @@ def test_in_place_insert_matches_the_scatter(llm, monkeypatch):
     want = dst.copy()
     want[2:4, :, :6] = upd
     np.testing.assert_array_equal(np.asarray(a), want)
+
+
+def test_generate_leaves_no_slot_flagged(llm):
+    """After `LLM.generate` of sampled, penalised and beam requests every row has ended, so the engine's
+    host-side slot sets (which pick the compiled variant of later steps) are empty: a greedy call after them
+    runs the greedy step, and its tokens equal a greedy call on an engine that never sampled."""
+    eng = llm.engine
+    rng = np.random.RandomState(np.random.randint(1 << 20))
+    prompts = random_prompts(rng, 2, 2, 9)
+    want = llm.generate(prompts, max_new_tokens=6, end_id=None).tokens
+    llm.generate(prompts, max_new_tokens=4, end_id=None, top_k=5, random_seed=7, repetition_penalty=1.2)
+    assert not (eng._sampled_slots or eng._penalized_slots or eng._beam_heads)
+    llm.generate(prompts[:1], max_new_tokens=4, end_id=None, beam_width=2)
+    assert not (eng._sampled_slots or eng._penalized_slots or eng._beam_heads)
+    seen = []
+    compiled = eng._generate
+
+    def recording(*args, **kw):
+        seen.append((kw["sampled"], kw["penalized"], kw["beam"]))
+        return compiled(*args, **kw)
+
+    eng._generate = recording
+    try:
+        assert llm.generate(prompts, max_new_tokens=6, end_id=None).tokens == want
+    finally:
+        eng._generate = compiled
+    assert seen and all(v == (False, False, False) for v in seen), seen
