@@ -1,13 +1,29 @@
 #!/usr/bin/env bash
-# Fifteenth session: where a 512-token prefill's time goes at 1.3B, bf16 against int8 (XLA's GEMMs; the int8
-# weights' conversion), one device call. Results land in $OUT (or ./out).
+# Fifteenth session: the 512-token prefill at 1.3B, bf16 against int8. Results land in $OUT (or ./out).
+#   bash bench/prefill_gpu.sh profile   # where its time goes (kernel lists of the prefill, bf16 and int8)
+#   bash bench/prefill_gpu.sh ab        # int8 (and bf16) requests with the admit call's GEMMs all on XLA's
+#                                       # Triton emitter (xla_gpu_cublas_fallback=false: the int8 -> bf16
+#                                       # conversion fused into the GEMM) against the default
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-for q in bf16 int8; do
-  extra=""; [ "$q" = int8 ] && extra="--quantize int8"
-  timeout 100 python bench/profile_decode.py --model 1.3b --prompt 512 --steps 4 $extra \
-    --sequence "$OUT/pre512_$q.txt" 2>&1 | grep -v Warning | tail -22
-done
+case "${1:-profile}" in
+  profile)
+    for q in bf16 int8; do
+      extra=""; [ "$q" = int8 ] && extra="--quantize int8"
+      timeout 100 python bench/profile_decode.py --model 1.3b --prompt 512 --steps 4 $extra \
+        --sequence "$OUT/pre512_$q.txt" 2>&1 | grep -v Warning | tail -22
+    done
+    ;;
+  ab)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    NOFB="exact;admit:xla_gpu_cublas_fallback=false"
+    timeout 200 python bench/request_ab.py --model 1.3b --weights int8 --cases 1-512-32,1-128-8 --reps 7 \
+      --variants "exact,nofb=$NOFB,exact2=exact,nofb2=$NOFB" --json "$OUT/nofb.jsonl" 2>&1 | grep -v Warning
+    timeout 120 python bench/request_ab.py --model 1.3b --weights bf16 --cases 1-512-32 --reps 7 \
+      --variants "exact,nofb=$NOFB" --json "$OUT/nofb.jsonl" 2>&1 | grep -v Warning
+    ;;
+  *) echo "unknown part $1"; exit 2 ;;
+esac

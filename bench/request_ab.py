@@ -80,6 +80,8 @@ def main():
     ap.add_argument("--variants", default="pieces,exact,dyn_while")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--weights", default="bf16", choices=["bf16", "int8", "int8e"],
+                    help="int8 / int8e: weight-only INT8 (quantize='int8' / 'int8-embed') of the random weights")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -93,9 +95,13 @@ def main():
 
     cfg = ModelConfig(**models[a.model])
     params = jax.tree.map(lambda x: jax.device_put(np.asarray(x)), random_params(cfg))
+    if a.weights != "bf16":
+        from ftjax import quantize as Q
+        params = Q.quantize_params(params, cfg, scale_dtype=jax.numpy.bfloat16,
+                                   mode="int8-embed" if a.weights == "int8e" else "int8")
     cases = [tuple(int(x) for x in c.split("-")) for c in a.cases.split(",")]
     variants = [parse_variant(v) for v in a.variants.split(",")]
-    print(f"{a.model} on {jax.devices()[0].device_kind}, jax {jax.__version__}; ms per request, median of "
+    print(f"{a.model} ({a.weights}) on {jax.devices()[0].device_kind}, jax {jax.__version__}; ms per request, median of "
           f"{a.reps} (min in brackets)")
     out = open(a.json, "a") if a.json else None
     ref = {}   # case -> the first variant's tokens (greedy: every variant must give the same)
@@ -129,7 +135,7 @@ def main():
                 lat.append(time.perf_counter() - t0)
             assert all(len(t) == t_out for t in res.tokens)
             same = ref.setdefault((b, t_in, t_out), res.tokens) == res.tokens
-            row = {"model": a.model, "case": f"b{b}-{t_in}-{t_out}", "variant": name, "mode": mode,
+            row = {"model": a.model, "weights": a.weights, "case": f"b{b}-{t_in}-{t_out}", "variant": name, "mode": mode,
                    "options": {**opts, "engine": attrs} if attrs else opts, "ms": 1e3 * statistics.median(lat), "min_ms": 1e3 * min(lat),
                    "first_s": first, "same_tokens": same, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
             print(f"  {row['case']:14s} {name:22s} {row['ms']:8.2f} ({row['min_ms']:.2f})  first {first:.1f} s"
