@@ -3,7 +3,9 @@
 #   bash bench/prefill_gpu.sh profile   # where its time goes (kernel lists of the prefill, bf16 and int8)
 #   bash bench/prefill_gpu.sh ab        # int8 (and bf16) requests with the admit call's GEMMs all on XLA's
 #                                       # Triton emitter (xla_gpu_cublas_fallback=false: the int8 -> bf16
-#                                       # conversion fused into the GEMM) against the default
+#                                       # conversion fused into the GEMM) against the default; bf16 requests
+#                                       # with XLA's dot merger off for the admit call (it concatenates the
+#                                       # q/k/v weights every prefill to run one GEMM)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -22,8 +24,9 @@ case "${1:-profile}" in
     NOFB="exact;admit:xla_gpu_cublas_fallback=false"
     timeout 200 python bench/request_ab.py --model 1.3b --weights int8 --cases 1-512-32,1-128-8 --reps 7 \
       --variants "exact,nofb=$NOFB,exact2=exact,nofb2=$NOFB" --json "$OUT/nofb.jsonl" 2>&1 | grep -v Warning
-    timeout 120 python bench/request_ab.py --model 1.3b --weights bf16 --cases 1-512-32 --reps 7 \
-      --variants "exact,nofb=$NOFB" --json "$OUT/nofb.jsonl" 2>&1 | grep -v Warning
+    NOMERGE="exact;admit:xla_disable_hlo_passes=dot_merger"
+    timeout 200 python bench/request_ab.py --model 1.3b --weights bf16 --cases 1-512-32,1-128-8 --reps 7 \
+      --variants "exact,nomerge=$NOMERGE,exact2=exact,nomerge2=$NOMERGE" --json "$OUT/nomerge.jsonl" 2>&1 | grep -v Warning
     ;;
   *) echo "unknown part $1"; exit 2 ;;
 esac
