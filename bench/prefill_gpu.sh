@@ -22,10 +22,10 @@ case "${1:-profile}" in
   ab)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     NOFB="exact;admit:xla_gpu_cublas_fallback=false"
-    timeout 200 python bench/request_ab.py --model 1.3b --weights int8 --cases 1-512-32,1-128-8 --reps 7 \
+    timeout 115 python bench/request_ab.py --model 1.3b --weights int8 --cases 1-512-32 --reps 5 \
       --variants "exact,nofb=$NOFB,exact2=exact,nofb2=$NOFB" --json "$OUT/nofb.jsonl" 2>&1 | grep -v Warning
     NOMERGE="exact;admit:xla_disable_hlo_passes=dot_merger"
-    timeout 200 python bench/request_ab.py --model 1.3b --weights bf16 --cases 1-512-32,1-128-8 --reps 7 \
+    timeout 115 python bench/request_ab.py --model 1.3b --weights bf16 --cases 1-512-32 --reps 5 \
       --variants "exact,nomerge=$NOMERGE,exact2=exact,nomerge2=$NOMERGE" --json "$OUT/nomerge.jsonl" 2>&1 | grep -v Warning
     ;;
   *) echo "unknown part $1"; exit 2 ;;
