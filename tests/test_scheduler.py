@@ -138,7 +138,7 @@ def test_queue_time_never_negative(llm):
 
 def test_warm_up_compiles_first_requests_and_changes_no_answer(llm):
     """A scheduler with a warm-up (`python -m ftjax.serve --warmup`): once ready, a greedy, a sampled and a
-    penalised request, each alone, one of them streamed, compile nothing more (the engine's jit caches keep
+    penalised request of prompts in the warmed bucket, each alone, one of them streamed, compile nothing more (the engine's jit caches keep
     their sizes), and every answer equals the library's on an engine that never warmed up (the warm-up's
     rows leave no trace in the state or in the engine's slot sets). The penalised request comes after the
     sampled one has finished: its step is the penalised greedy one, not sampled + penalised (the scheduler
@@ -149,19 +149,19 @@ def test_warm_up_compiles_first_requests_and_changes_no_answer(llm):
     rng = np.random.RandomState(np.random.randint(1 << 20))
     kinds = [SamplingParams(end_id=None), SamplingParams(top_k=5, random_seed=int(rng.randint(1 << 30)), end_id=None),
              SamplingParams(repetition_penalty=1.3, end_id=None)]
-    jobs = [(rng.randint(2, 200, size=rng.randint(2, 20)).tolist(), int(rng.randint(2, 10)), p) for p in kinds]
+    jobs = [(rng.randint(2, 200, size=rng.randint(2, 17)).tolist(), int(rng.randint(2, 10)), p) for p in kinds]
     refs = [prompt + llm.generate([prompt], max_new_tokens=n, params=p).tokens[0] for prompt, n, p in jobs]
     fresh = ftjax.LLM(llm.cfg, llm.engine.params, dtype="float32", attention="xla", max_batch_size=2, max_seq_len=48)
     eng = fresh.engine
     sched = Scheduler(fresh, chunk=4, stream_chunk=2)
-    sched.warmup, sched.warmup_lengths = ("greedy", "sampled", "penalized"), (5, 20)
+    sched.warmup, sched.warmup_lengths = ("greedy", "sampled", "penalized"), (5,)
     sched.start()
     try:
         assert sched.ready.wait(300) and sched.error is None, sched.error
         assert sched.warmup_s > 0
         assert not (eng._sampled_slots or eng._penalized_slots or eng._beam_heads)
         sizes = (eng._admit._cache_size(), eng._generate._cache_size(), eng._retire._cache_size())
-        assert sizes[0] >= 4 and sizes[1] >= 6   # 2 prompt buckets x (greedy, sampled); 3 kinds x 2 step counts
+        assert sizes[0] >= 2 and sizes[1] >= 6   # the prompt bucket x (greedy, sampled); 3 kinds x 2 step counts
         for k, ((prompt, n, p), ref) in enumerate(zip(jobs, refs)):
             r = sched.submit(Request([Row(prompt, n, p)], stream=k == 1))
             while True:
