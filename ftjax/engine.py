@@ -184,8 +184,15 @@ class Engine:
         # The host inputs of a call travel as ONE int32 array (`pack_words`): each array handed to a jitted
         # call is its own host-to-device copy, and ~25 of them cost the admit call milliseconds of host time.
         opts = self.compiler_options
+        admit_opts = dict(opts.get("admit") or {})
+        if INT8_PREFILL_TRITON and _has_int8(self.params):
+            # the prefill's GEMMs on XLA's Triton emitter, which converts int8 weights in its tiles: with cuBLAS
+            # allowed, XLA writes a bf16 copy of most int8 weights every prefill (1.3 ms of a 1.3B 512-token
+            # prefill on an H200) and the 1.3B int8 512/32 request measured 0.35-3.7% slower (H100, RESULTS.md)
+            admit_opts.setdefault("xla_gpu_cublas_fallback", False)
+        self.admit_options = admit_opts   # what the admit call is compiled with (read-only: set compiler_options)
         self._admit = jax.jit(self._admit_fn, donate_argnums=(1,),
-                              static_argnames=("spec", "sampled", "contiguous"), **_copts(opts.get("admit")))
+                              static_argnames=("spec", "sampled", "contiguous"), **_copts(admit_opts))
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,),
                                  static_argnames=("rem", "chunked", "beam", "sampled", "penalized", "snap",
                                                   "chunk"),
@@ -647,6 +654,18 @@ class Engine:
     def logits(self, *arrays):
         """GPT: (tokens, lengths); T5: (enc_tokens, enc_len, dec_tokens, dec_len) -> full logits."""
         return self._logits(self.params, *arrays)
+
+
+# Engines with int8 weights compile their admit (prefill) call with xla_gpu_cublas_fallback=False (see
+# Engine.__init__); False keeps XLA's default choice between cuBLAS and its Triton GEMMs.
+INT8_PREFILL_TRITON = True
+
+
+def _has_int8(params) -> bool:
+    from ftjax.layers.linear import QuantizedWeight, QuantizedWeightT
+
+    quantized = lambda x: isinstance(x, (QuantizedWeight, QuantizedWeightT))  # noqa: E731
+    return any(quantized(x) for x in jax.tree.leaves(params, is_leaf=quantized))
 
 
 def _copts(options) -> dict:

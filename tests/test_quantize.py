@@ -229,6 +229,11 @@ def test_engine_keeps_int8_and_memory(pair):
     with pytest.raises(ValueError, match="int8_layout"):
         q.engine.int8_layout = "rows"
     assert q.engine.int8_layout == "auto"
+    # int8 weights: the prefill's GEMMs compile without the cuBLAS fallback (XLA's Triton GEMMs convert int8
+    # in their tiles); float weights keep XLA's default; the int8 engine compiled and ran its admit with it
+    q.generate([[3, 4, 5]], max_new_tokens=2)
+    assert q.engine.admit_options.get("xla_gpu_cublas_fallback") is False and q.engine._admit._cache_size() >= 1
+    assert "xla_gpu_cublas_fallback" not in pair[0].engine.admit_options
     # Device bytes: int8 <= 0.55x bf16 of the same model (embedding share here ~ a 1.3B GPT's)
     cfg = dataclasses.replace(GPT_CFG, hidden=256, num_layers=4, ffn_dim=1024)
     p = _params(cfg)
