@@ -122,7 +122,7 @@ def test_transposed_weights(M, K, Ns, wd, cfg):
     small_linear(x, stored, scales, interpret=True, transposed=trans[:1] if len(ws) > 1 else [True, True])
 
 
-@pytest.mark.parametrize("case", [0, 1, 3, 4, 6, 10])
+@pytest.mark.parametrize("case", [1, 6, 10])   # ragged split-K bf16; mixed dtypes, f16 x; 40 rows
 def test_swapped_operands(case):
   """swap_ab (W the left operand of the tile product, a [block_n, R] accumulator transposed before the store)
   forced on and off gives the reference's outputs, in both weight layouts and through the normalising

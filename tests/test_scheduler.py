@@ -153,7 +153,7 @@ def test_warm_up_compiles_first_requests_and_changes_no_answer(llm):
     refs = [prompt + llm.generate([prompt], max_new_tokens=n, params=p).tokens[0] for prompt, n, p in jobs]
     fresh = ftjax.LLM(llm.cfg, llm.engine.params, dtype="float32", attention="xla", max_batch_size=2, max_seq_len=48)
     eng = fresh.engine
-    sched = Scheduler(fresh, chunk=4, stream_chunk=2)
+    sched = Scheduler(fresh, chunk=4, stream_chunk=4)
     sched.warmup, sched.warmup_lengths = ("greedy", "sampled", "penalized"), (5,)
     sched.start()
     try:
@@ -161,7 +161,7 @@ def test_warm_up_compiles_first_requests_and_changes_no_answer(llm):
         assert sched.warmup_s > 0
         assert not (eng._sampled_slots or eng._penalized_slots or eng._beam_heads)
         sizes = (eng._admit._cache_size(), eng._generate._cache_size(), eng._retire._cache_size())
-        assert sizes[0] >= 2 and sizes[1] >= 6   # the prompt bucket x (greedy, sampled); 3 kinds x 2 step counts
+        assert sizes[0] >= 2 and sizes[1] >= 3   # the prompt bucket x (greedy, sampled); 3 kinds x 1 step count
         for k, ((prompt, n, p), ref) in enumerate(zip(jobs, refs)):
             r = sched.submit(Request([Row(prompt, n, p)], stream=k == 1))
             while True:
