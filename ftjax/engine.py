@@ -185,7 +185,9 @@ class Engine:
         # call is its own host-to-device copy, and ~25 of them cost the admit call milliseconds of host time.
         opts = self.compiler_options
         admit_opts = dict(opts.get("admit") or {})
-        if INT8_PREFILL_TRITON and _has_int8(self.params):
+        from ftjax.quantize import is_quantized
+
+        if INT8_PREFILL_TRITON and is_quantized(self.params):
             # the prefill's GEMMs on XLA's Triton emitter, which converts int8 weights in its tiles: with cuBLAS
             # allowed, XLA writes a bf16 copy of most int8 weights every prefill (1.3 ms of a 1.3B 512-token
             # prefill on an H200) and the 1.3B int8 512/32 request measured 0.35-3.7% slower (H100, RESULTS.md)
@@ -588,9 +590,7 @@ class Engine:
         """Cancel/free slots (host ints); their rows stop decoding immediately."""
         arr = np.full((self.B,), self.B, np.int32)
         arr[: len(slots)] = slots
-        self._beam_heads.difference_update(int(x) for x in slots)
-        self._sampled_slots.difference_update(int(x) for x in slots)
-        self._penalized_slots.difference_update(int(x) for x in slots)
+        self.release_slots(slots)
         return self._retire(state, arr)
 
     CHUNK = 16   # decode steps per host round trip inside generate
@@ -659,13 +659,6 @@ class Engine:
 # Engines with int8 weights compile their admit (prefill) call with xla_gpu_cublas_fallback=False (see
 # Engine.__init__); False keeps XLA's default choice between cuBLAS and its Triton GEMMs.
 INT8_PREFILL_TRITON = True
-
-
-def _has_int8(params) -> bool:
-    from ftjax.layers.linear import QuantizedWeight, QuantizedWeightT
-
-    quantized = lambda x: isinstance(x, (QuantizedWeight, QuantizedWeightT))  # noqa: E731
-    return any(quantized(x) for x in jax.tree.leaves(params, is_leaf=quantized))
 
 
 def _copts(options) -> dict:

@@ -60,8 +60,8 @@ loads and ~5x the permutes), and the 1.3B int8 step went 1.00 -> 1.22 ms.
 Lowering: Pallas' Triton lowering (`CompilerParams` of `jax.experimental.pallas.triton`,
 passed explicitly). The op is a memory-bound stream whose matrix products have 16 rows:
 what matters is enough W bytes in flight per SM, which Triton's software pipelining of the W
-loads (`num_stages`) and several resident programs per SM give. The same kernel body runs on CPU under `interpret=True` in jax 0.10 and
-0.11, which is what CI tests.
+loads (`num_stages`) and several resident programs per SM give. The same kernel body runs on
+CPU under `interpret=True` in jax 0.10 and 0.11, which is what CI tests.
 """
 from __future__ import annotations
 

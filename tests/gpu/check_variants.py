@@ -30,21 +30,32 @@ def report(name, ok, detail=""):
         FAILS.append(name)
 
 
+def inputs(rng, M, K, Ns, wdt):
+    """bf16 x [M, K]; weights [K, N] (int8 with per-channel scales, or bf16 without); their float32 products."""
+    x = jnp.asarray(rng.randn(M, K), jnp.bfloat16)
+    if wdt == "int8":
+        ws = [jnp.asarray(rng.randint(-128, 128, (K, n)), jnp.int8) for n in Ns]
+        sc = [jnp.asarray(rng.rand(n) + 0.5, jnp.float32) for n in Ns]
+    else:
+        ws = [jnp.asarray(rng.randn(K, n) * 0.05, jnp.bfloat16) for n in Ns]
+        sc = [None] * len(Ns)
+    xf = np.asarray(x, np.float32)
+    ref = [xf @ (np.asarray(w, np.float32) * (1.0 if s is None else np.asarray(s))) for w, s in zip(ws, sc)]
+    return x, ws, sc, ref
+
+
+def finish():
+    print(f"{'FAIL' if FAILS else 'ALL PASS'}: {len(FAILS)} failed", flush=True)
+    sys.exit(1 if FAILS else 0)
+
+
 def check_swap(rng):
     """W as the product's left operand (SmallLinearConfig.swap_ab: 64-row tiles, Hopper's wgmma) against the
     default and a float32 product: bf16 and int8 weights, both layouts, ragged shapes, 1..64 rows."""
     for M, K, Ns, wdt in [(1, 2048, (2048, 2048, 2048), "bf16"), (1, 8192, (2048,), "int8"),
                           (5, 1000, (300, 17), "bf16"), (16, 4100, (1030,), "int8"), (40, 1024, (4096,), "bf16"),
                           (64, 2048, (2048, 2048, 2048), "int8")]:
-        x = jnp.asarray(rng.randn(M, K), jnp.bfloat16)
-        if wdt == "int8":
-            ws = [jnp.asarray(rng.randint(-128, 128, (K, n)), jnp.int8) for n in Ns]
-            sc = [jnp.asarray(rng.rand(n) + 0.5, jnp.float32) for n in Ns]
-        else:
-            ws = [jnp.asarray(rng.randn(K, n) * 0.05, jnp.bfloat16) for n in Ns]
-            sc = [None] * len(Ns)
-        xf = np.asarray(x, np.float32)
-        ref = [xf @ (np.asarray(w, np.float32) * (1.0 if s is None else np.asarray(s))) for w, s in zip(ws, sc)]
+        x, ws, sc, ref = inputs(rng, M, K, Ns, wdt)
         for t in ((False, True) if wdt == "int8" else (False,)):
             wl, tr = ([w.T for w in ws] if t else ws), [t] * len(ws)
             base = small_linear(x, wl, sc, transposed=tr)
@@ -60,8 +71,7 @@ def main():
     rng = np.random.RandomState(0)
     if sys.argv[1:] == ["--swap"]:
         check_swap(rng)
-        print(f"{'FAIL' if FAILS else 'ALL PASS'}: {len(FAILS)} failed", flush=True)
-        sys.exit(1 if FAILS else 0)
+        finish()
     for M, K, Ns, xdt in [(1, 2048, (2048, 2048, 2048), jnp.bfloat16), (5, 1000, (300, 17), jnp.bfloat16),
                           (16, 4100, (1030,), jnp.float16), (2, 8192, (2048,), jnp.bfloat16)]:
         x = jnp.asarray(rng.randn(M, K), xdt)
@@ -105,23 +115,14 @@ def main():
     # float32 product, int8 in both layouts and bf16 weights, ragged shapes, memory poisoned by earlier calls.
     for M, K, Ns, wdt in [(64, 2048, (2048, 2048, 2048), "int8"), (40, 1000, (300, 17), "int8"),
                           (64, 1024, (4096,), "bf16"), (17, 4100, (1030,), "int8")]:
-        x = jnp.asarray(rng.randn(M, K), jnp.bfloat16)
-        if wdt == "int8":
-            ws = [jnp.asarray(rng.randint(-128, 128, (K, n)), jnp.int8) for n in Ns]
-            sc = [jnp.asarray(rng.rand(n) + 0.5, jnp.float32) for n in Ns]
-        else:
-            ws = [jnp.asarray(rng.randn(K, n) * 0.05, jnp.bfloat16) for n in Ns]
-            sc = [None] * len(Ns)
-        xf = np.asarray(x, np.float32)
-        ref = [xf @ (np.asarray(w, np.float32) * (1.0 if s is None else np.asarray(s))) for w, s in zip(ws, sc)]
+        x, ws, sc, ref = inputs(rng, M, K, Ns, wdt)
         for t in ((False, True) if wdt == "int8" else (False,)):
             got = small_linear(x, [w.T for w in ws] if t else ws, sc, transposed=[t] * len(ws))
             fin = all(bool(jnp.isfinite(a).all()) for a in got)
             rref = max(float(np.max(np.abs(np.asarray(a) - r)) / np.max(np.abs(r))) for a, r in zip(got, ref))
             report(f"wide x M={M} K={K} Ns={Ns} {wdt} transposed={t} == float32", fin and rref < 1e-5,
                    f"max rel diff {rref:.3g}")
-    print(f"{'FAIL' if FAILS else 'ALL PASS'}: {len(FAILS)} failed", flush=True)
-    sys.exit(1 if FAILS else 0)
+    finish()
 
 
 if __name__ == "__main__":
