@@ -8,7 +8,9 @@ the admit call, WHILE loops inside command buffers for the generate call).
 Each variant builds its own Engine on the same device weights; each case is compiled (two warm-up
 requests) before its timed requests; rows print as they come. A variant is a preset name (PRESETS) or
 `name=mode;exe:option=value;...` (exe: admit or generate for XLA options, engine for an Engine
-attribute; mode: pieces, exact or dynamic; a list value joins its items with '+').
+attribute, set for a module global, `set:ftjax.models.gpt.NORM_KERNEL=false`, held while that variant's
+engine compiles and runs, the jit caches cleared at each switch; mode: pieces, exact or dynamic; a list
+value joins its items with '+').
 """
 from __future__ import annotations
 
@@ -52,22 +54,24 @@ def parse_variant(v: str):
     if not body:
         body = PRESETS[name]
     parts = body.split(";")
-    mode, opts, attrs = parts[0], {}, {}
+    mode, opts, attrs, sets = parts[0], {}, {}, []
     for p in parts[1:]:
         exe, _, kv = p.partition(":")
         k, _, val = kv.partition("=")
-        if exe not in ("admit", "generate", "engine") or not k:
-            raise SystemExit(f"variant {v!r}: expected exe:option=value with exe admit, generate or engine "
-                             f"(an Engine attribute), got {p!r}")
+        if exe not in ("admit", "generate", "engine", "set") or not k:
+            raise SystemExit(f"variant {v!r}: expected exe:option=value with exe admit, generate, engine "
+                             f"(an Engine attribute) or set (a module global), got {p!r}")
         val = val.replace("+", ",")   # list values: '+' between items (',' separates the variants)
         val = int(val) if val.isdigit() else {"true": True, "false": False}.get(val, val)
         if exe == "engine":
             attrs[k] = val
+        elif exe == "set":
+            sets.append(k.rpartition(".")[::2] + ({"none": None}.get(val, val),))
         else:
             opts.setdefault(exe, {})[k] = val
     if mode not in ("pieces", "exact", "dynamic"):
         raise SystemExit(f"variant {v!r}: unknown mode {mode!r}")
-    return name, mode, opts, attrs
+    return name, mode, opts, attrs, sets
 
 
 def main():
@@ -105,7 +109,9 @@ def main():
           f"{a.reps} (min in brackets)")
     out = open(a.json, "a") if a.json else None
     ref = {}   # case -> the first variant's tokens (greedy: every variant must give the same)
-    for name, mode, opts, attrs in variants:
+    from bench.step_ab import apply_sets
+    for name, mode, opts, attrs, sets in variants:
+        restore = apply_sets(sets)
         for b, t_in, t_out in cases:
             Engine.compiler_options = opts
             try:
@@ -136,7 +142,7 @@ def main():
             assert all(len(t) == t_out for t in res.tokens)
             same = ref.setdefault((b, t_in, t_out), res.tokens) == res.tokens
             row = {"model": a.model, "weights": a.weights, "case": f"b{b}-{t_in}-{t_out}", "variant": name, "mode": mode,
-                   "options": {**opts, "engine": attrs} if attrs else opts, "ms": 1e3 * statistics.median(lat), "min_ms": 1e3 * min(lat),
+                   "options": {**opts, **({"engine": attrs} if attrs else {}), **({"set": sets} if sets else {})}, "ms": 1e3 * statistics.median(lat), "min_ms": 1e3 * min(lat),
                    "first_s": first, "same_tokens": same, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
             print(f"  {row['case']:14s} {name:22s} {row['ms']:8.2f} ({row['min_ms']:.2f})  first {first:.1f} s"
                   f"{'' if same else '  TOKENS DIFFER from the first variant'}")
@@ -145,6 +151,7 @@ def main():
                 out.flush()
             del llm, res
             gc.collect()
+        apply_sets(restore)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,24 @@ def capture_ttir(fn, *args) -> str:
     return got[0]
 
 
+def _ttir_stage(path: str, out: str) -> str:
+    """The TTIR file at path after the pip Triton's own TTIR stage (make_ttir), written to out."""
+    from triton._C.libtriton import ir
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.backends.compiler import GPUTarget
+
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    backend.load_dialects(ctx)
+    mod = ir.parse_mlir_module(path, ctx)
+    mod.context = ctx
+    mod = backend.make_ttir(mod, {}, backend.parse_options({}), 90)
+    with open(out, "w") as f:
+        f.write(str(mod))
+    return out
+
+
 def compile_sm90(ttir: str, num_warps: int, num_stages: int):
     """Compile a captured Triton module with the pip `triton` for sm_90: (compiled kernel, the cuobjdump
     resource usage text, the SASS text)."""
@@ -76,6 +94,10 @@ def compile_sm90(ttir: str, num_warps: int, num_stages: int):
         src = os.path.join(d, "k.ttir")
         with open(src, "w") as f:
             f.write(ttir)
+        # triton.compile skips the passes of an IR file's own stage; XLA runs them (its Triton pipeline
+        # mirrors make_ttir: canonicalize, combine -- which folds Pallas' `acc + dot(a, b, 0)` into the dot's
+        # accumulator -- CSE, ...), so run them here first, then compile the result.
+        src = _ttir_stage(src, os.path.join(d, "k2.ttir"))
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": num_warps, "num_stages": num_stages})
         cub = os.path.join(d, "k.cubin")

@@ -51,6 +51,22 @@ def test_add_norm_matches_reference(M, D, S, kind, dt, scaled):
         assert _err(a, r) < tol * max(1.0, float(jnp.max(jnp.abs(r.astype(jnp.float32))))), f"seed {seed}"
 
 
+def test_add_norm_of_a_sub_block_output_at_prefill_rows():
+    """The prefill's use (ftjax.models.gpt.NORM_KERNEL): more rows than a decode step, and the added term a
+    sub-block's output in the stream's dtype ([1, M, D] bf16) rather than float32 partials."""
+    seed, rng = _rng()
+    M, D = 37, 80
+    x = jnp.asarray(rng.randn(M, D), jnp.bfloat16)
+    y = jnp.asarray(rng.randn(1, M, D), jnp.bfloat16)
+    g = jnp.asarray(rng.rand(D) + 0.5, jnp.bfloat16)
+    b = jnp.asarray(rng.randn(D), jnp.bfloat16)
+    got = add_norm(x, y, gamma=g, beta=b, interpret=True)
+    ref = add_norm_reference(x, y, gamma=g, beta=b)
+    # the sum is one bf16 rounding of x + y, as XLA's bf16 add
+    np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(x + y[0], np.float32))
+    assert _err(got[1], ref[1]) < 0.05, f"seed {seed}"
+
+
 @pytest.mark.parametrize("M,D,S,kind,dt,scaled", CASES)
 def test_add_stats_normalise_and_normalising_projection(M, D, S, kind, dt, scaled):
     seed, rng = _rng()

@@ -137,3 +137,25 @@ def test_wide_batches_run_the_kernel_for_int8_weights_only():
     assert got.tokens == ref.tokens, f"seed {seed}"
     np.testing.assert_allclose(np.asarray(got.output_log_probs, np.float32),
                                np.asarray(ref.output_log_probs, np.float32), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(SHAPES))
+def test_norm_kernel_in_prefill_and_plain_decode_matches_xla_norms(family, monkeypatch):
+    """With the Pallas attention, each residual add + norm of the prefill and of the plain decode path (small-M
+    kernel off) is one `add_norm` kernel (gpt.NORM_KERNEL): it is in the compiled programs, and the tokens and
+    log probs equal those of XLA's norms (NORM_KERNEL off)."""
+    seed = np.random.randint(1 << 30)
+    cfg = ModelConfig(vocab_size=300, max_positions=64, hidden=64, num_layers=2, num_heads=4, ffn_dim=96,
+                      bos_id=0, eos_id=1, **SHAPES[family])
+    params = gpt.init_params(cfg, seed=seed % 1000)
+    prompts = [list(r) for r in np.random.RandomState(seed % 997).randint(2, 300, size=(3, 7))]
+    eng = _llm(cfg, params, False).engine
+    assert len(re.findall(r"name=add_norm\b", _step_jaxpr(eng))) == 2 * cfg.num_layers + 1
+    got = _llm(cfg, params, False).generate(prompts, max_new_tokens=5, end_id=None, return_log_probs=True)
+    monkeypatch.setattr(gpt, "NORM_KERNEL", False)
+    eng = _llm(cfg, params, False).engine
+    assert "add_norm" not in _step_jaxpr(eng)
+    ref = _llm(cfg, params, False).generate(prompts, max_new_tokens=5, end_id=None, return_log_probs=True)
+    assert got.tokens == ref.tokens, f"seed {seed}"
+    np.testing.assert_allclose(np.asarray(got.output_log_probs, np.float32),
+                               np.asarray(ref.output_log_probs, np.float32), atol=2e-4, rtol=1e-4)

@@ -32,6 +32,12 @@ from ftjax.layers.norms import Norm
 
 _NEG = -1e30
 
+# With the Pallas attention (impl="pallas"), a sequential-residual block's residual add + norm runs as one Pallas
+# kernel (ftjax/pallas/add_norm.py) in the prefill and on the plain decode path, instead of XLA's three (the add
+# with both reductions, the rsqrt, the normalisation): the residual stream travels between blocks as (x, y), y
+# the last sub-block's output not yet added (bench/RESULTS.md, sixteenth session).
+NORM_KERNEL = True
+
 
 class Block(nn.Module):
     cfg: ModelConfig
@@ -61,6 +67,29 @@ class Block(nn.Module):
         h1 = self.ln1(x)
         a, k_cache, v_cache = self.attn.decode(h1, positions, k_cache, v_cache)
         return self._residual(x, h1, a), k_cache, v_cache
+
+    def _add_norm(self, norm, x, y):
+        """(x + y, norm(x + y)) through one Pallas kernel; y None: (x, norm(x)). x, y [..., d]."""
+        from ftjax.pallas._common import default_interpret
+
+        d = x.shape[-1]
+        xn, h = norm.add(x.reshape(-1, d), None if y is None else y.reshape(1, -1, d), interpret=default_interpret())
+        return xn.reshape(x.shape), h.reshape(x.shape)
+
+    def prefill_pending(self, x, y, positions, lengths):
+        """`prefill` with the residual stream as (x, y), y the previous block's output not yet added (None:
+        nothing): each add + norm is one kernel (NORM_KERNEL). Returns ((x, y), k, v)."""
+        x, h1 = self._add_norm(self.ln1, x, y)
+        a, k, v = self.attn.prefill(h1, positions, lengths)
+        x, h2 = self._add_norm(self.ln2, x, a)
+        return (x, self.mlp(h2)), k, v
+
+    def decode_pending(self, x, y, positions, k_cache, v_cache):
+        """`decode` with the residual stream as (x, y), as in `prefill_pending`."""
+        x, h1 = self._add_norm(self.ln1, x, y)
+        a, k_cache, v_cache = self.attn.decode(h1, positions, k_cache, v_cache)
+        x, h2 = self._add_norm(self.ln2, x, a)
+        return (x, self.mlp(h2)), k_cache, v_cache
 
     def decode_fused(self, pending, positions, k_cache, v_cache, interpret: bool, norm: str = "stats"):
         """The fused decode path (sequential residual): pending = (x, parts, scale, bias), the residual
@@ -135,6 +164,10 @@ class GPT(nn.Module):
             out = jnp.where(jnp.arange(c.vocab_size) < c.vocab, out, _NEG)
         return out
 
+    def _norm_kernel(self) -> bool:
+        """Whether each residual add + norm of the prefill and the plain decode path is one Pallas kernel."""
+        return NORM_KERNEL and self.impl == "pallas" and not self.cfg.parallel_residual and bool(self.layers)
+
     def _fused_mode(self, x, cache):
         """The small-M mode when this decode step can take the fused path, else None."""
         from ftjax.pallas.decode_attention import append_supported
@@ -175,9 +208,16 @@ class GPT(nn.Module):
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed(tokens, positions)
         kv = []
-        for layer in self.layers:
-            x, k, v = layer.prefill(x, positions, lengths)
-            kv.append((k, v))
+        if self._norm_kernel():
+            y = None
+            for layer in self.layers:
+                (x, y), k, v = layer.prefill_pending(x, y, positions, lengths)
+                kv.append((k, v))
+            x = x + y
+        else:
+            for layer in self.layers:
+                x, k, v = layer.prefill(x, positions, lengths)
+                kv.append((k, v))
         if not all_logits:
             x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [b, d]
         return self.logits(self.final_norm(x)), kv
@@ -214,6 +254,13 @@ class GPT(nn.Module):
             _, h = self.final_norm.add(*pending, interpret=mode["interpret"])
             return self.logits(h), new_cache
         new_cache = []
+        if self._norm_kernel():
+            y = None
+            for layer, c in zip(self.layers, cache):
+                (x, y), k, v = layer.decode_pending(x, y, positions, c["k"], c["v"])
+                new_cache.append({"k": k, "v": v})
+            _, h = self.layers[-1]._add_norm(self.final_norm, x, y)
+            return self.logits(h), new_cache
         for layer, c in zip(self.layers, cache):
             x, k, v = layer.decode(x, positions, c["k"], c["v"])
             new_cache.append({"k": k, "v": v})

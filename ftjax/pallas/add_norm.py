@@ -1,4 +1,5 @@
-"""Residual add + norm in one kernel, fed by a projection's split-K partials (the decode step, M <= 16).
+"""Residual add + norm in one kernel, fed by a projection's split-K partials (the decode step) or by a
+sub-block's output (prefill and wide decode steps: `parts` [1, M, D] in any float dtype).
 
 In a batch-1..16 decode step every sub-block ends the same way: the projection's split-K partials
 are summed, dequantised, biased and added to the residual stream, and the next norm's statistics
@@ -7,7 +8,8 @@ add, the norm's statistics, the normalisation), each ~1.3-2 us of mostly latency
 per layer. This kernel does all of it in one launch:
 
   x       [M, D]            the residual stream (float dtype)
-  parts   [S, M, D] f32     optional: split-K partials of the projection (S >= 1); None = nothing
+  parts   [S, M, D]         optional: split-K partials of the projection (S >= 1; float32), or a sub-block's
+                            output ([1, M, D], any float dtype); None = nothing
   pscale  [D]               optional: per-output-channel scale of the partials' sum (int8 weights)
   pbias   [D]               optional: the projection's bias
   gamma   [D], beta [D]     the norm's scale and (LayerNorm only) bias
@@ -19,6 +21,10 @@ exactly as `ftjax.layers.norms.Norm`. One program per row: it loads the row's pa
 over S, so every load is in flight at once), the residual and the parameters as [Dp] vectors (D padded
 to a power of two by masked loads, nothing copied), and stores both outputs. Pallas' Triton lowering;
 `interpret=True` runs the same body on CPU.
+
+Outside the fused decode path the model runs `add_norm` for every residual add + norm of a prefill and of a
+decode step on the plain path (`ftjax.models.gpt.NORM_KERNEL`): XLA compiles that pair to three kernels (the
+add with both reductions, the rsqrt, the normalisation reading the sum again).
 """
 from __future__ import annotations
 
@@ -31,7 +37,6 @@ from jax.experimental import pallas as pl
 from ftjax.pallas import _common as C
 
 KINDS = ("layernorm", "rmsnorm")
-MAX_ROWS = 16
 
 
 def _loader(start, width: int, mask):
@@ -106,7 +111,7 @@ def _kernel(x_ref, *refs, D: int, S: int, kind: str, eps: float, has_scale: bool
 def _check(x, parts, pscale, pbias, gamma, beta, kind, *, needs_gamma=True):
   assert hasattr(x, "shape") and x.ndim == 2, f"x must be [M, D], got shape {getattr(x, 'shape', None)}"
   M, D = x.shape
-  assert 1 <= M <= MAX_ROWS, f"x has M={M} rows; add_norm supports 1..{MAX_ROWS} (x.shape={x.shape})"
+  assert M >= 1 and D >= 1, f"x.shape={x.shape}: M and D must be >= 1"
   C.check_dtype("x", x)
   assert kind in KINDS, f"kind={kind!r} is not one of {KINDS}"
   if parts is not None:

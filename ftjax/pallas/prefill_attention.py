@@ -62,7 +62,8 @@ class PrefillConfig:
         f"PrefillConfig.num_stages={self.num_stages}")
 
   def resolve(self, t: int, s: int, hp: int, itemsize: int = 2,
-              has_bias: bool = False) -> tuple[int, int, int, int]:
+              has_bias: bool = False, heads: int = 0) -> tuple[int, int, int, int]:
+    """(block_q, block_k, num_warps, num_stages). heads: b * n of the call (0: unknown)."""
     # Defaults tuned on an H100 (bench/RESULTS.md): 128 x 128 tiles, 4 warps for h <= 64 and
     # 8 for h = 128, 3 pipeline stages; h = 256 keeps K/V tiles small enough for shared memory.
     bq = self.block_q or 128
@@ -72,6 +73,11 @@ class PrefillConfig:
     # Short inputs: shrink the tiles (never below 16, the smallest tensor-core tile).
     bq = min(bq, max(16, pl.next_power_of_2(t)))
     bk = min(bk, max(16, pl.next_power_of_2(s)))
+    # Few programs (a short prompt of one row: 16 heads x 4 blocks of 128 queries is 64 programs on 132 SMs):
+    # 64-query blocks on 4 warps, where block_q and num_warps are left to this.
+    if self.block_q is None and heads and bq > 64 and heads * pl.cdiv(t, bq) < SMALL_GRID_PROGRAMS:
+      bq = 64
+      nw = self.num_warps or 4
     # Defaults that would not fit the SM's shared memory (float32 inputs, a bias tile per stage)
     # shrink: first fewer pipeline stages, then narrower K/V tiles, then fewer query rows.
     while _smem_bytes(bq, bk, hp, ns, itemsize, has_bias) > SMEM_BUDGET:
@@ -88,6 +94,9 @@ class PrefillConfig:
 
 # Shared memory a Triton program of this kernel may use on Hopper (227 KB per block, less a margin).
 SMEM_BUDGET = 224 * 1024
+# Calls with fewer programs than this (heads x query blocks of 128) take 64-query blocks (PrefillConfig.resolve);
+# 0 turns that off. bench/RESULTS.md, sixteenth session.
+SMALL_GRID_PROGRAMS = 264
 
 
 def _smem_bytes(bq, bk, hp, ns, itemsize, has_bias) -> int:
@@ -189,7 +198,8 @@ def prefill_attention(q, k, v, lengths, *, scale=None, causal=True, bias=None, c
   _, s, kh, _ = k.shape
   g = n // kh
   hp = C.head_dim_padded(h)
-  bq, bk, num_warps, num_stages = config.resolve(t, s, hp, jnp.dtype(q.dtype).itemsize, bias is not None)
+  bq, bk, num_warps, num_stages = config.resolve(t, s, hp, jnp.dtype(q.dtype).itemsize, bias is not None,
+                                                 heads=b * n)
   scale = h ** -0.5 if scale is None else float(scale)
   lengths = jnp.clip(lengths.astype(jnp.int32), 1, s)
   k = k.astype(q.dtype) if k.dtype != q.dtype else k
