@@ -133,7 +133,7 @@ class Engine:
             self.cfg = cfg
         self.family = family_for(cfg, self.dtype, self.impl)
         self.model = self.family.model
-        # Decode-step projections (<= 16 rows) through the Pallas small-M kernel: on a GPU with the Pallas
+        # Decode-step projections (<= 64 rows) through the Pallas small-M kernel: on a GPU with the Pallas
         # attention, one device per shard (a tensor-parallel mesh keeps XLA's partitioned dots). Read when
         # the decode loop is traced; tests set it to run the kernel interpreted on CPU.
         small_m = (self.impl == "pallas" and jax.default_backend() == "gpu"

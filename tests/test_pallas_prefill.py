@@ -53,21 +53,25 @@ CASES = [
      PrefillConfig(block_q=16, block_k=16)),
     (1, 256, 256, 1, 1, 64, jnp.bfloat16, [200], True, None,            # 128 x 128 tiles
      PrefillConfig(block_q=128)),
-    (1, 256, 256, 2, 1, 64, jnp.bfloat16, [256], True, None, None),     # few programs: 64-query blocks
 ]
 
 
-def test_few_programs_take_64_query_blocks():
-  """The auto tiles: 128-query blocks, unless the call has fewer than SMALL_GRID_PROGRAMS programs (a short
-  prompt of one row); a block_q or num_warps that is set is kept."""
+def test_few_programs_take_64_query_blocks(monkeypatch):
+  """The auto tiles: 128-query blocks; with SMALL_GRID_PROGRAMS on (opt-in), a call of fewer programs (a short
+  prompt of one row) takes 64-query blocks on 4 warps; a block_q or num_warps that is set is kept."""
   from ftjax.pallas import prefill_attention as P
+  assert P.SMALL_GRID_PROGRAMS == 0 and PrefillConfig().resolve(512, 512, 128, heads=16) == (128, 128, 8, 3)
+  monkeypatch.setattr(P, "SMALL_GRID_PROGRAMS", 264)
   assert PrefillConfig().resolve(512, 512, 128, heads=16) == (64, 128, 4, 3)          # 64 programs at 128
   assert PrefillConfig().resolve(512, 512, 128, heads=64 * 16) == (128, 128, 8, 3)    # a batch of 64 rows
   assert PrefillConfig().resolve(512, 512, 128) == (128, 128, 8, 3)                   # heads unknown
   assert PrefillConfig(block_q=128).resolve(512, 512, 128, heads=16) == (128, 128, 8, 3)
   assert PrefillConfig(num_warps=8).resolve(512, 512, 128, heads=16) == (64, 128, 8, 3)
   assert PrefillConfig().resolve(64, 64, 128, heads=16) == (64, 64, 8, 3)              # already 64
-  assert P.SMALL_GRID_PROGRAMS > 16 * 4
+  # the kernel on those tiles (few programs, the auto config) against the reference
+  q, k, v, ln, _ = make(7, 1, 256, 256, 2, 1, 64, jnp.bfloat16, [256])
+  check(prefill_attention(q, k, v, ln, interpret=True), prefill_attention_reference(q, k, v, ln), [256],
+        TOL[jnp.bfloat16])
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))

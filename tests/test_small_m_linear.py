@@ -113,24 +113,26 @@ def test_kernel_is_in_the_decode_step_once_per_projection_group():
     assert "_small_linear" not in txt2
 
 
-def test_wide_batches_run_the_kernel_for_int8_weights_only():
-    """17..64 rows (a batch-20 decode step here): int8 projections run the kernel unfused (the fused path
-    stops at 16 rows), float ones XLA's dots; the int8 engine gives XLA's tokens and log probs."""
+@pytest.mark.parametrize("int8", [False, True])
+def test_wide_batches_take_the_fused_path(int8):
+    """17..64 rows (a batch-20 decode step here) take the fused path (kernel partials, add + statistics, the
+    attention kernel that writes the K/V), float and int8 weights alike, with XLA's tokens and log probs; over
+    64 rows the step is XLA's dots."""
     seed = np.random.randint(1 << 30)
     cfg = ModelConfig(vocab_size=300, max_positions=64, hidden=64, num_layers=2, num_heads=4, ffn_dim=96,
                       bos_id=0, eos_id=1, **SHAPES["llama"])
     params = gpt.init_params(cfg, seed=seed % 1000)
-    qparams = Q.quantize_params(params, cfg)
+    qparams = Q.quantize_params(params, cfg) if int8 else params
 
-    def engine(p, small_m):
-        llm = ftjax.LLM(cfg, p, dtype="float32", attention="pallas", max_batch_size=20, max_seq_len=32)
+    def engine(p, small_m, rows=20):
+        llm = ftjax.LLM(cfg, p, dtype="float32", attention="pallas", max_batch_size=rows, max_seq_len=32)
         llm.engine.small_m = small_m
         return llm
 
     txt = _step_jaxpr(engine(qparams, True).engine)
-    assert len(re.findall(r"name=_small_linear\b", txt)) >= 4 * cfg.num_layers
-    assert "_small_linear_parts" not in txt
-    assert "_small_linear" not in _step_jaxpr(engine(params, True).engine)
+    assert len(re.findall(r"name=_small_linear_parts\b", txt)) == 4 * cfg.num_layers
+    assert len(re.findall(r"name=add_stats\b", txt)) == 2 * cfg.num_layers   # the final norm: add_norm
+    assert "_small_linear" not in _step_jaxpr(engine(qparams, True, rows=65).engine)
     prompts = [list(r) for r in np.random.RandomState(seed % 997).randint(2, 300, size=(20, 5))]
     ref = engine(qparams, False).generate(prompts, max_new_tokens=3, end_id=None, return_log_probs=True)
     got = engine(qparams, True).generate(prompts, max_new_tokens=3, end_id=None, return_log_probs=True)
@@ -141,14 +143,16 @@ def test_wide_batches_run_the_kernel_for_int8_weights_only():
 
 @pytest.mark.parametrize("family", sorted(SHAPES))
 def test_norm_kernel_in_prefill_and_plain_decode_matches_xla_norms(family, monkeypatch):
-    """With the Pallas attention, each residual add + norm of the prefill and of the plain decode path (small-M
-    kernel off) is one `add_norm` kernel (gpt.NORM_KERNEL): it is in the compiled programs, and the tokens and
-    log probs equal those of XLA's norms (NORM_KERNEL off)."""
+    """With the Pallas attention and gpt.NORM_KERNEL on (opt-in), each residual add + norm of the prefill and of
+    the plain decode path (small-M kernel off) is one `add_norm` kernel: it is in the compiled programs, and the
+    tokens and log probs equal those of XLA's norms (the default)."""
     seed = np.random.randint(1 << 30)
     cfg = ModelConfig(vocab_size=300, max_positions=64, hidden=64, num_layers=2, num_heads=4, ffn_dim=96,
                       bos_id=0, eos_id=1, **SHAPES[family])
     params = gpt.init_params(cfg, seed=seed % 1000)
     prompts = [list(r) for r in np.random.RandomState(seed % 997).randint(2, 300, size=(3, 7))]
+    assert gpt.NORM_KERNEL is False
+    monkeypatch.setattr(gpt, "NORM_KERNEL", True)
     eng = _llm(cfg, params, False).engine
     assert len(re.findall(r"name=add_norm\b", _step_jaxpr(eng))) == 2 * cfg.num_layers + 1
     got = _llm(cfg, params, False).generate(prompts, max_new_tokens=5, end_id=None, return_log_probs=True)

@@ -46,11 +46,14 @@ class QuantizedWeightT(NamedTuple):
 # turns it on while it traces its decode step (`small_m_kernel`), on a GPU with the Pallas attention
 # and no tensor-parallel mesh (the kernel is a custom call XLA's partitioner cannot split).
 _SMALL_M = contextvars.ContextVar("ftjax_small_m_linear", default=None)
-SMALL_M_ROWS = 16   # projections of up to this many rows run the kernel; more (prefill, large batches): XLA's GEMM
+# Projections of up to this many rows run the kernel; more (prefill, larger batches): XLA's GEMM. 64 with the
+# fused path below: a 1.3B bf16 batch-64 decode step 2.70-2.73 -> 2.50-2.52 ms on an H100, 350M the same
+# (bench/RESULTS.md, sixteenth session); bf16 at 17-64 rows unfused had not gained (eighth session).
+SMALL_M_ROWS = 64
 # int8 weights run the kernel up to this many rows (a batch-64 decode step): it dequantises in its tiles, and
-# measured 0.86-0.95x XLA's step at batch 64; bf16 weights did not gain (bench/RESULTS.md, eighth session)
+# measured 0.86-0.95x XLA's step at batch 64 (bench/RESULTS.md, eighth session)
 INT8_SMALL_M_ROWS = 64
-FUSED_ROWS = 16     # the fused decode path's row limit (its add + norm kernel's)
+FUSED_ROWS = 64     # the fused decode path's row limit
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ Params (flax "params" collection):
 The K/V cache is a list (one entry per layer) of {"k", "v"} arrays [b, k, s, h] owned by the caller.
 
 Decode has two paths with the same results. The plain one runs each module as written. The fused one
-(`GPT._fused_mode`: the Pallas small-M projections on with fusion, <= 16 rows, Pallas attention, a
+(`GPT._fused_mode`: the Pallas small-M projections on with fusion, <= 64 rows, Pallas attention, a
 sequential residual, a power-of-two head_dim) keeps every projection's split-K partials unreduced and
 hands them to the next kernel: the residual stream travels between blocks as `pending` = (x, partials,
 int8 scale, bias), added by the next norm's kernel (ftjax/pallas/add_norm.py), and q/k/v go straight to
@@ -32,11 +32,12 @@ from ftjax.layers.norms import Norm
 
 _NEG = -1e30
 
-# With the Pallas attention (impl="pallas"), a sequential-residual block's residual add + norm runs as one Pallas
-# kernel (ftjax/pallas/add_norm.py) in the prefill and on the plain decode path, instead of XLA's three (the add
-# with both reductions, the rsqrt, the normalisation): the residual stream travels between blocks as (x, y), y
-# the last sub-block's output not yet added (bench/RESULTS.md, sixteenth session).
-NORM_KERNEL = True
+# Opt-in: with the Pallas attention (impl="pallas"), a sequential-residual block's residual add + norm runs as one
+# Pallas kernel (ftjax/pallas/add_norm.py) in the prefill and on the plain decode path, instead of XLA's three (the
+# add with both reductions, the rsqrt, the normalisation): the residual stream travels between blocks as (x, y), y
+# the last sub-block's output not yet added. On an H100 whole 1.3B requests measured the same with it (b1 512/32
+# 48.13 ms both ways; bench/RESULTS.md, sixteenth session), so XLA's norms stay the default.
+NORM_KERNEL = False
 
 
 class Block(nn.Module):

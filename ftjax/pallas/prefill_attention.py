@@ -94,9 +94,10 @@ class PrefillConfig:
 
 # Shared memory a Triton program of this kernel may use on Hopper (227 KB per block, less a margin).
 SMEM_BUDGET = 224 * 1024
-# Calls with fewer programs than this (heads x query blocks of 128) take 64-query blocks (PrefillConfig.resolve);
-# 0 turns that off. bench/RESULTS.md, sixteenth session.
-SMALL_GRID_PROGRAMS = 264
+# Opt-in (0: off): calls with fewer programs than this (heads x query blocks of 128) take 64-query blocks
+# (PrefillConfig.resolve). At 264, whole 1.3B requests on an H100 measured the same as without (b1 512/32 48.13
+# against 48.02 ms; bench/RESULTS.md, sixteenth session).
+SMALL_GRID_PROGRAMS = 0
 
 
 def _smem_bytes(bq, bk, hp, ns, itemsize, has_bias) -> int:
