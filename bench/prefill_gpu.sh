@@ -9,6 +9,7 @@
 #   bash bench/prefill_gpu.sh norm      # sixteenth session: bf16 requests with each residual add + norm one Pallas
 #                                       # kernel (gpt.NORM_KERNEL) and 64-query prefill attention blocks for
 #                                       # calls of few programs (SMALL_GRID_PROGRAMS), each alone and both off
+#   bash bench/prefill_gpu.sh norm64    # the norm kernel at batch-64 prefills, ABAB
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -38,6 +39,13 @@ case "${1:-profile}" in
     timeout 280 python bench/request_ab.py --model 1.3b --weights bf16 --cases 1-512-32,1-128-8,64-128-8 --reps 5 \
       --variants "new=exact,old=exact;$NN;$NG,nonorm=exact;$NN,nogrid=exact;$NG,new2=exact,old2=exact;$NN;$NG" \
       --json "$OUT/norm.jsonl" 2>&1 | grep -v Warning
+    ;;
+  norm64)
+    # the norm kernel at batch-64 prefills (8192 and 32768 tokens), ABAB (the sixteenth session measured one pair)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    OFF="exact;set:ftjax.models.gpt.NORM_KERNEL=false"
+    timeout 280 python bench/request_ab.py --model 1.3b --weights bf16 --cases 64-128-8,64-512-32 --reps 7 \
+      --variants "on=exact,off=$OFF,on2=exact,off2=$OFF" --json "$OUT/norm64.jsonl" 2>&1 | grep -v Warning
     ;;
   *) echo "unknown part $1"; exit 2 ;;
 esac

@@ -143,16 +143,25 @@ def test_wide_batches_take_the_fused_path(int8):
 
 @pytest.mark.parametrize("family", sorted(SHAPES))
 def test_norm_kernel_in_prefill_and_plain_decode_matches_xla_norms(family, monkeypatch):
-    """With the Pallas attention and gpt.NORM_KERNEL on (opt-in), each residual add + norm of the prefill and of
-    the plain decode path (small-M kernel off) is one `add_norm` kernel: it is in the compiled programs, and the
-    tokens and log probs equal those of XLA's norms (the default)."""
+    """With the Pallas attention, each residual add + norm of a prefill or plain-path decode step (small-M kernel
+    off) of at least gpt.NORM_KERNEL_MIN_ROWS tokens is one `add_norm` kernel: not in a smaller call by default;
+    with the threshold lowered it is in the compiled programs, and the tokens and log probs equal those of XLA's
+    norms (NORM_KERNEL off)."""
     seed = np.random.randint(1 << 30)
     cfg = ModelConfig(vocab_size=300, max_positions=64, hidden=64, num_layers=2, num_heads=4, ffn_dim=96,
                       bos_id=0, eos_id=1, **SHAPES[family])
     params = gpt.init_params(cfg, seed=seed % 1000)
     prompts = [list(r) for r in np.random.RandomState(seed % 997).randint(2, 300, size=(3, 7))]
-    assert gpt.NORM_KERNEL is False
-    monkeypatch.setattr(gpt, "NORM_KERNEL", True)
+    model = gpt.build(cfg, impl="pallas")
+    tokens = np.ones((3, 7), np.int32)
+
+    def prefill_jaxpr():
+        return str(jax.make_jaxpr(lambda p: model.apply({"params": p}, tokens, np.full((3,), 7, np.int32),
+                                                        method=gpt.GPT.prefill))(params))
+
+    assert gpt.NORM_KERNEL and gpt.NORM_KERNEL_MIN_ROWS > 21 and "add_norm" not in prefill_jaxpr()
+    monkeypatch.setattr(gpt, "NORM_KERNEL_MIN_ROWS", 3)
+    assert len(re.findall(r"name=add_norm\b", prefill_jaxpr())) == 2 * cfg.num_layers
     eng = _llm(cfg, params, False).engine
     assert len(re.findall(r"name=add_norm\b", _step_jaxpr(eng))) == 2 * cfg.num_layers + 1
     got = _llm(cfg, params, False).generate(prompts, max_new_tokens=5, end_id=None, return_log_probs=True)

@@ -32,12 +32,15 @@ from ftjax.layers.norms import Norm
 
 _NEG = -1e30
 
-# Opt-in: with the Pallas attention (impl="pallas"), a sequential-residual block's residual add + norm runs as one
-# Pallas kernel (ftjax/pallas/add_norm.py) in the prefill and on the plain decode path, instead of XLA's three (the
-# add with both reductions, the rsqrt, the normalisation): the residual stream travels between blocks as (x, y), y
-# the last sub-block's output not yet added. On an H100 whole 1.3B requests measured the same with it (b1 512/32
-# 48.13 ms both ways; bench/RESULTS.md, sixteenth session), so XLA's norms stay the default.
-NORM_KERNEL = False
+# With the Pallas attention (impl="pallas"), a sequential-residual block's residual add + norm runs as one Pallas
+# kernel (ftjax/pallas/add_norm.py) in a prefill (or plain-path decode step) of at least NORM_KERNEL_MIN_ROWS
+# tokens, instead of XLA's three (the add with both reductions, the rsqrt, the normalisation): the residual stream
+# travels between blocks as (x, y), y the last sub-block's output not yet added. Whole 1.3B requests on an H100
+# (bench/RESULTS.md, sixteenth session): batch 64 x 128 tokens 59.24 / 58.24 ms with it against 59.86 / 61.76
+# without; batch 1 the same at 512 tokens (48.13 both ways) and slower at 128 (14.21 / 14.35 against 13.70 /
+# 13.98), hence the threshold.
+NORM_KERNEL = True
+NORM_KERNEL_MIN_ROWS = 4096
 
 
 class Block(nn.Module):
@@ -165,9 +168,10 @@ class GPT(nn.Module):
             out = jnp.where(jnp.arange(c.vocab_size) < c.vocab, out, _NEG)
         return out
 
-    def _norm_kernel(self) -> bool:
-        """Whether each residual add + norm of the prefill and the plain decode path is one Pallas kernel."""
-        return NORM_KERNEL and self.impl == "pallas" and not self.cfg.parallel_residual and bool(self.layers)
+    def _norm_kernel(self, rows: int) -> bool:
+        """Whether each residual add + norm of this prefill / plain decode step (rows tokens) is one Pallas kernel."""
+        return (NORM_KERNEL and rows >= NORM_KERNEL_MIN_ROWS and self.impl == "pallas"
+                and not self.cfg.parallel_residual and bool(self.layers))
 
     def _fused_mode(self, x, cache):
         """The small-M mode when this decode step can take the fused path, else None."""
@@ -209,7 +213,7 @@ class GPT(nn.Module):
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed(tokens, positions)
         kv = []
-        if self._norm_kernel():
+        if self._norm_kernel(b * t):
             y = None
             for layer in self.layers:
                 (x, y), k, v = layer.prefill_pending(x, y, positions, lengths)
@@ -255,7 +259,7 @@ class GPT(nn.Module):
             _, h = self.final_norm.add(*pending, interpret=mode["interpret"])
             return self.logits(h), new_cache
         new_cache = []
-        if self._norm_kernel():
+        if self._norm_kernel(x.shape[0]):
             y = None
             for layer, c in zip(self.layers, cache):
                 (x, y), k, v = layer.decode_pending(x, y, positions, c["k"], c["v"])
