@@ -22,9 +22,10 @@ over S, so every load is in flight at once), the residual and the parameters as 
 to a power of two by masked loads, nothing copied), and stores both outputs. Pallas' Triton lowering;
 `interpret=True` runs the same body on CPU.
 
-Outside the fused decode path the model runs `add_norm` for every residual add + norm of a prefill and of a
-decode step on the plain path (`ftjax.models.gpt.NORM_KERNEL`): XLA compiles that pair to three kernels (the
-add with both reductions, the rsqrt, the normalisation reading the sum again).
+Outside the fused decode path the model runs `add_norm` for every residual add + norm of a prefill (or a
+plain-path decode step) of at least `ftjax.models.gpt.NORM_KERNEL_MIN_ROWS` tokens (`NORM_KERNEL`), where XLA
+compiles that pair to three kernels (the add with both reductions, the rsqrt, the normalisation reading the sum
+again).
 """
 from __future__ import annotations
 

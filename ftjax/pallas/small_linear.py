@@ -6,7 +6,7 @@ bandwidth. This kernel streams the weights at close to that and does the attenti
 projections (three weights sharing the input) in one launch.
 
 Shapes (letter legend: M rows, K input features, N_i output features of weight i):
-  x        [M, K]      bf16 / f16 / f32; M in 1..64 (the engine: <= 16 rows, int8 weights <= 64)
+  x        [M, K]      bf16 / f16 / f32; M in 1..64 (the engine's decode steps of <= 64 rows)
   ws[i]    [K, N_i]    bf16 / f16 / f32, or int8 (weight-only quantised); [N_i, K] where
                        `transposed[i]` (K contiguous: an int8 tile is then read along K; stored
                        [K, N] its bytes reach the product through byte-wise shared-memory loads,
