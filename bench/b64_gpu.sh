@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Sixteenth session: the batch-64 decode step with the small-M projection kernel at 17..64 rows for bf16 weights
-# (a 64-row x tile is wgmma's left operand: bench/triton_sass.py --m 64), and the fused decode path
-# (add + statistics kernel, normalising projections, the attention kernel that writes the new K/V) at 64 rows;
-# and the plain path's residual add + norm as one kernel (gpt.NORM_KERNEL, the default) against XLA's norms.
-# Results land in $OUT (or ./out).
+# Sixteenth session: the batch-64 decode step on the fused path (the small-M kernel and the fused path up to 64
+# rows, the defaults since f42d4fc) against the earlier 16-row limits (float projections of 17..64 rows on XLA's
+# GEMMs, int8 on the kernel unfused). The session's own runs (tree cd2566e, whose defaults were the 16-row limits)
+# are bench/s16_gpu.sh and bench/RESULTS.md. Results land in $OUT (or ./out).
 #   bash bench/b64_gpu.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -11,12 +10,10 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-K64="@ftjax.layers.linear.SMALL_M_ROWS:64"
-F64="@ftjax.layers.linear.FUSED_ROWS:64"
-timeout 300 python bench/step_ab.py --models 1.3b --weights bf16 --batch 64 --small-m fused --modes "" \
-  --sl default= "nonorm=@ftjax.models.gpt.NORM_KERNEL:False" "k64=$K64" "k64f=$K64;$F64" \
-  --json "$OUT/b64_13b_bf16.jsonl" 2>&1 | grep -v Warning | tail -8
-timeout 150 python bench/step_ab.py --models 1.3b --weights int8 --batch 64 --small-m fused --modes "" \
-  --sl default= "f64=$F64" "nonorm=@ftjax.models.gpt.NORM_KERNEL:False" --json "$OUT/b64_13b_int8.jsonl" 2>&1 | grep -v Warning | tail -4
-timeout 120 python bench/step_ab.py --models 350m --weights bf16 --batch 64 --small-m fused --modes "" \
-  --sl default= "k64=$K64" "k64f=$K64;$F64" --json "$OUT/b64_350m_bf16.jsonl" 2>&1 | grep -v Warning | tail -5
+R16="@ftjax.layers.linear.SMALL_M_ROWS:16;@ftjax.layers.linear.FUSED_ROWS:16"
+for m in 1.3b 350m; do
+  for w in bf16 int8; do
+    timeout 140 python bench/step_ab.py --models $m --weights $w --batch 64 --small-m fused --modes "" \
+      --sl default= "rows16=$R16" default2= --json "$OUT/b64_${m}_$w.jsonl" 2>&1 | grep "^|"
+  done
+done
