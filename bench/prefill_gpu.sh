@@ -6,10 +6,8 @@
 #                                       # conversion fused into the GEMM) against the default; bf16 requests
 #                                       # with XLA's dot merger off for the admit call (it concatenates the
 #                                       # q/k/v weights every prefill to run one GEMM)
-#   bash bench/prefill_gpu.sh norm      # sixteenth session: bf16 requests with each residual add + norm one Pallas
-#                                       # kernel (gpt.NORM_KERNEL) and 64-query prefill attention blocks for
-#                                       # calls of few programs (SMALL_GRID_PROGRAMS), each alone and both off
-#   bash bench/prefill_gpu.sh norm64    # the norm kernel at batch-64 prefills, ABAB
+#   bash bench/prefill_gpu.sh norm64    # sixteenth session: the prefill norm kernel (gpt.NORM_KERNEL, on from 4096
+#                                       # tokens) at batch-64 prefills, ABAB (the session's one pair: bench/s16_gpu.sh)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -32,16 +30,7 @@ case "${1:-profile}" in
     timeout 115 python bench/request_ab.py --model 1.3b --weights bf16 --cases 1-512-32 --reps 5 \
       --variants "exact,nomerge=$NOMERGE,exact2=exact,nomerge2=$NOMERGE" --json "$OUT/nomerge.jsonl" 2>&1 | grep -v Warning
     ;;
-  norm)
-    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    NN="set:ftjax.models.gpt.NORM_KERNEL=false"
-    NG="set:ftjax.pallas.prefill_attention.SMALL_GRID_PROGRAMS=0"
-    timeout 280 python bench/request_ab.py --model 1.3b --weights bf16 --cases 1-512-32,1-128-8,64-128-8 --reps 5 \
-      --variants "new=exact,old=exact;$NN;$NG,nonorm=exact;$NN,nogrid=exact;$NG,new2=exact,old2=exact;$NN;$NG" \
-      --json "$OUT/norm.jsonl" 2>&1 | grep -v Warning
-    ;;
   norm64)
-    # the norm kernel at batch-64 prefills (8192 and 32768 tokens), ABAB (the sixteenth session measured one pair)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     OFF="exact;set:ftjax.models.gpt.NORM_KERNEL=false"
     timeout 280 python bench/request_ab.py --model 1.3b --weights bf16 --cases 64-128-8,64-512-32 --reps 7 \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sixteenth session, one device call, as run on tree cd2566e (whose defaults were: the prefill norm kernel on at
-# every size, SMALL_GRID_PROGRAMS 264, the 16-row limits): the prefill A/B (bench/prefill_gpu.sh norm, four variants) and the batch-64
+# every size, SMALL_GRID_PROGRAMS 264, the 16-row limits): the prefill A/B (four variants) and the batch-64
 # decode-step A/B (bench/b64_gpu.sh, the 1.3B parts). Results land in $OUT (or ./out).
 set -o pipefail
 export PYTHONUNBUFFERED=1

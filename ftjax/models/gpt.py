@@ -43,6 +43,15 @@ NORM_KERNEL = True
 NORM_KERNEL_MIN_ROWS = 4096
 
 
+def _add_norm(norm, x, y):
+    """(x + y, norm(x + y)) through one Pallas kernel (`Norm.add`); y None: (x, norm(x)). x, y [..., d]."""
+    from ftjax.pallas._common import default_interpret
+
+    d = x.shape[-1]
+    xn, h = norm.add(x.reshape(-1, d), None if y is None else y.reshape(1, -1, d), interpret=default_interpret())
+    return xn.reshape(x.shape), h.reshape(x.shape)
+
+
 class Block(nn.Module):
     cfg: ModelConfig
     dtype: Any = jnp.float32
@@ -72,28 +81,19 @@ class Block(nn.Module):
         a, k_cache, v_cache = self.attn.decode(h1, positions, k_cache, v_cache)
         return self._residual(x, h1, a), k_cache, v_cache
 
-    def _add_norm(self, norm, x, y):
-        """(x + y, norm(x + y)) through one Pallas kernel; y None: (x, norm(x)). x, y [..., d]."""
-        from ftjax.pallas._common import default_interpret
-
-        d = x.shape[-1]
-        xn, h = norm.add(x.reshape(-1, d), None if y is None else y.reshape(1, -1, d), interpret=default_interpret())
-        return xn.reshape(x.shape), h.reshape(x.shape)
-
-    def prefill_pending(self, x, y, positions, lengths):
-        """`prefill` with the residual stream as (x, y), y the previous block's output not yet added (None:
-        nothing): each add + norm is one kernel (NORM_KERNEL). Returns ((x, y), k, v)."""
-        x, h1 = self._add_norm(self.ln1, x, y)
-        a, k, v = self.attn.prefill(h1, positions, lengths)
-        x, h2 = self._add_norm(self.ln2, x, a)
+    def _pending(self, x, y, attend):
+        """The block with the residual stream as (x, y), y the previous block's output not yet added (None:
+        nothing), each add + norm one kernel (NORM_KERNEL); attend(h1) -> (a, k, v). Returns ((x, y), k, v)."""
+        x, h1 = _add_norm(self.ln1, x, y)
+        a, k, v = attend(h1)
+        x, h2 = _add_norm(self.ln2, x, a)
         return (x, self.mlp(h2)), k, v
 
-    def decode_pending(self, x, y, positions, k_cache, v_cache):
-        """`decode` with the residual stream as (x, y), as in `prefill_pending`."""
-        x, h1 = self._add_norm(self.ln1, x, y)
-        a, k_cache, v_cache = self.attn.decode(h1, positions, k_cache, v_cache)
-        x, h2 = self._add_norm(self.ln2, x, a)
-        return (x, self.mlp(h2)), k_cache, v_cache
+    def prefill_pending(self, x, y, positions, lengths):  # `prefill` on the (x, y) stream
+        return self._pending(x, y, lambda h: self.attn.prefill(h, positions, lengths))
+
+    def decode_pending(self, x, y, positions, k_cache, v_cache):  # `decode` on the (x, y) stream
+        return self._pending(x, y, lambda h: self.attn.decode(h, positions, k_cache, v_cache))
 
     def decode_fused(self, pending, positions, k_cache, v_cache, interpret: bool, norm: str = "stats"):
         """The fused decode path (sequential residual): pending = (x, parts, scale, bias), the residual
@@ -264,7 +264,7 @@ class GPT(nn.Module):
             for layer, c in zip(self.layers, cache):
                 (x, y), k, v = layer.decode_pending(x, y, positions, c["k"], c["v"])
                 new_cache.append({"k": k, "v": v})
-            _, h = self.layers[-1]._add_norm(self.final_norm, x, y)
+            _, h = _add_norm(self.final_norm, x, y)
             return self.logits(h), new_cache
         for layer, c in zip(self.layers, cache):
             x, k, v = layer.decode(x, positions, c["k"], c["v"])
