@@ -6,8 +6,10 @@
 #                                       # conversion fused into the GEMM) against the default; bf16 requests
 #                                       # with XLA's dot merger off for the admit call (it concatenates the
 #                                       # q/k/v weights every prefill to run one GEMM)
-#   bash bench/prefill_gpu.sh norm64    # sixteenth session: the prefill norm kernel (gpt.NORM_KERNEL, on from 4096
-#                                       # tokens) at batch-64 prefills, ABAB (the session's one pair: bench/s16_gpu.sh)
+#   bash bench/prefill_gpu.sh norm64 [bf16|int8]  # sixteenth session: the prefill norm kernel (gpt.NORM_KERNEL, on
+#                                       # from 4096 tokens) at batch-64 prefills, ABAB (the session's one pair:
+#                                       # bench/s16_gpu.sh). int8: the seventeenth session's suspect for the int8 b64
+#                                       # prefill that got 11 ms slower than the eleventh session's (bench/RESULTS.md)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -33,8 +35,9 @@ case "${1:-profile}" in
   norm64)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     OFF="exact;set:ftjax.models.gpt.NORM_KERNEL=false"
-    timeout 280 python bench/request_ab.py --model 1.3b --weights bf16 --cases 64-128-8,64-512-32 --reps 7 \
-      --variants "on=exact,off=$OFF,on2=exact,off2=$OFF" --json "$OUT/norm64.jsonl" 2>&1 | grep -v Warning
+    W=${2:-bf16}
+    timeout 280 python bench/request_ab.py --model 1.3b --weights $W --cases 64-128-8,64-512-32 --reps 7 \
+      --variants "on=exact,off=$OFF,on2=exact,off2=$OFF" --json "$OUT/norm64_$W.jsonl" 2>&1 | grep -v Warning
     ;;
   *) echo "unknown part $1"; exit 2 ;;
 esac
