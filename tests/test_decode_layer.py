@@ -76,13 +76,13 @@ def assert_matches(out, ref, dtype, what):
 
 
 # (GQA with RMSNorm and no biases is in "llama"; gated int8 [N, K] and the prenorm phases in "40rows-...";
-# bf16, 16 rows and dims that are no multiple of the tiles in "bf16-16rows-ragged":
+# bf16, 16 rows and dims that are no multiple of the tiles in "bf16-16rows-ragged"; one row (batch 1) with MQA:
 # the layer kernel is opt-in and measured slower (bench/RESULTS.md), so its CPU time in the suite is kept
 # to the cases that each exercise something the others do not.)
 CASES = {
     "gpt2": dict(),
     "llama": dict(M=4, kvh=2, rotary=True, gated=True, norm="rmsnorm", bias=False),
-    "mqa-rotary-int8kn": dict(kvh=1, rotary=True, int8="kn"),
+    "1row-mqa-rotary-int8kn": dict(M=1, kvh=1, rotary=True, int8="kn"),
     "bf16-16rows-ragged": dict(M=16, D=80, F=96, h=32, n=2, kvh=2, dtype=jnp.bfloat16),
     "40rows-llama-int8t": dict(M=40, kvh=2, rotary=True, gated=True, norm="rmsnorm", bias=False, int8="t"),
 }
