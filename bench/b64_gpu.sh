@@ -4,11 +4,7 @@
 # GEMMs, int8 on the kernel unfused). The session's own runs (tree cd2566e, whose defaults were the 16-row limits)
 # are bench/s16_gpu.sh and bench/RESULTS.md. Results land in $OUT (or ./out).
 #   bash bench/b64_gpu.sh
-set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 R16="@ftjax.layers.linear.SMALL_M_ROWS:16;@ftjax.layers.linear.FUSED_ROWS:16"
 for m in 1.3b 350m; do

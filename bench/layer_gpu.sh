@@ -13,11 +13,7 @@
 #   bash bench/layer_gpu.sh tune2   # and: 4 warps, 32 KB tiles, deeper prefetch
 #   bash bench/layer_gpu.sh e2e     # issue 9's batch-1 table with --fuse layer (HF side by side)
 # Results land in $OUT (or ./out).
-set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/gpu_env.sh"
 L=ftjax.pallas.decode_layer.DEFAULT_CONFIG
 case "${1:-check}" in
   check)

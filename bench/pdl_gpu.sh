@@ -6,11 +6,7 @@
 #   bash bench/pdl_gpu.sh ab      # decode step A/B, 1.3B, bf16 and int8 (and the variants measured with it)
 #   bash bench/pdl_gpu.sh ab350   # PDL on (the default) against off: 350M, batch 1 and 64
 # Results land in $OUT (or ./out).
-set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/gpu_env.sh"
 ON=@ftjax.pallas._common.PDL:True
 OFF=@ftjax.pallas._common.PDL:False
 case "${1:-probe}" in

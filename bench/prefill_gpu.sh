@@ -10,11 +10,7 @@
 #                                       # from 4096 tokens) at batch-64 prefills, ABAB (the session's one pair:
 #                                       # bench/s16_gpu.sh). int8: the seventeenth session's suspect for the int8 b64
 #                                       # prefill that got 11 ms slower than the eleventh session's (bench/RESULTS.md)
-set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/gpu_env.sh"
 case "${1:-profile}" in
   profile)
     for q in bf16 int8; do

@@ -2,11 +2,7 @@
 # Sixteenth session, one device call, as run on tree cd2566e (whose defaults were: the prefill norm kernel on at
 # every size, SMALL_GRID_PROGRAMS 264, the 16-row limits): the prefill A/B (four variants) and the batch-64
 # decode-step A/B (bench/b64_gpu.sh, the 1.3B parts). Results land in $OUT (or ./out).
-set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 NN="set:ftjax.models.gpt.NORM_KERNEL=false"
 NG="set:ftjax.pallas.prefill_attention.SMALL_GRID_PROGRAMS=0"

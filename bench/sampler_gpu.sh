@@ -6,11 +6,7 @@
 #   bash bench/sampler_gpu.sh all  # one call: the loop A/B as whole requests, the step of bf16, int8 and
 #                                  # int8-embed weights, and the int8 / int8-embed accuracy against bf16
 # Results land in $OUT (or ./out).
-set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/gpu_env.sh"
 PEN=@ftjax.engine.ALWAYS_PENALIZE:True
 case "${1:-ab}" in
   ab)

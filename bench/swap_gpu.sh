@@ -6,11 +6,7 @@
 #                               # decision swap_ab=None (swapped for bf16) is the default, so the A/B is now
 #                               # default against swap_ab=False (the int8 rows then compare equal kernels)
 # Results land in $OUT (or ./out).
-set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/gpu_env.sh"
 case "${1:-ab}" in
   ab)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader

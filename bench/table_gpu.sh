@@ -3,11 +3,7 @@
 # same process). Results land in $OUT (or ./out): e2e's JSON lines and markdown table per part.
 #   bash bench/table_gpu.sh b64    # 350M and 1.3B, batch 64, 128/8 and 512/32
 #   bash bench/table_gpu.sh b1     # 350M and 1.3B, batch 1, 128/8 and 512/32; 6.7B b1 512/32
-set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 git log --oneline -1 2>/dev/null
 case "${1:-b64}" in

@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # Fifteenth session, one device call: the batch-1 e2e cases (ftjax bf16 / int8-embed beside HF), then the
 # server warm-up (bench/warmup.py, 1.3B; WARMUP=none for the baseline). Results land in $OUT (or ./out).
-set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__)"
 git log --oneline -1 2>/dev/null

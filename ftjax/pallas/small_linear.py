@@ -413,8 +413,9 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
     hi = jnp.minimum(lo + per_split, n_kblocks)
   ragged_k = K % block_k != 0
   # x has M rows: the tile reads R = tile_rows(M) (16, the smallest dot tile, or the next power of
-  # two), the rows >= M masked off (zeros, no memory traffic). The row start is a traced zero: the slice overruns the [M, K]
-  # ref on purpose (masked), which a static start could be bounds-checked against.
+  # two), the rows >= M masked off (zeros, no memory traffic). The row start is a traced zero: the
+  # slice overruns the [M, K] ref on purpose (masked), which a static start could be bounds-checked
+  # against.
   R = tile_rows(M)
   rmask = None if M == R else (jnp.arange(R) < M)[:, None]                # [R, 1]
   if norm is not None:
@@ -574,8 +575,9 @@ def _small_linear_parts(x, ws, norm_args, *, config, interpret, kind, eps, trans
 
 def small_linear(x, ws, scales=None, *, config: SmallLinearConfig | None = None,
                  interpret: bool = False, transposed=None):
-  """x [M, K] (M rows: the engine sends up to `linear.SMALL_M_ROWS`); ws list of 1..3 weights [K, N_i]; scales None or a list aligned with
-  ws of None or [N_i] -> list of [M, N_i] float32 (x @ ws[i].astype(x.dtype), times scales[i]).
+  """x [M, K] (the engine sends up to `linear.SMALL_M_ROWS` rows); ws list of 1..3 weights [K, N_i];
+  scales None or a list aligned with ws of None or [N_i] -> list of [M, N_i] float32
+  (x @ ws[i].astype(x.dtype), times scales[i]).
 
   One kernel launch for all weights; `config` None picks the tiles and split-K with
   `choose_config`; `interpret=True` runs the kernel body on CPU. `transposed`: None, or a list of
