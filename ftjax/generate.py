@@ -120,17 +120,19 @@ def main(argv=None) -> int:
     ap.add_argument("--return-log-probs", action="store_true")
     args = ap.parse_args(argv)
 
+    # The input is read (and a bad line refused) before the model loads: the tokenizer comes from the model
+    # folder, not from the loaded model, so a malformed file fails in a second rather than after the load.
+    tok = _tokenizer(args.model)
+    prompts = None if args.input is None else _read_prompts(args.input, tok)
+
     import ftjax
 
     llm = ftjax.load(args.model, dtype=args.dtype, max_batch_size=args.max_batch_size,
                      max_seq_len=args.max_seq_len, attention=args.attention)
-    tok = _tokenizer(args.model)
-    if args.input is None:
+    if prompts is None:
         rng = np.random.RandomState(0)
         prompts = [rng.randint(0, llm.cfg.vocab, size=rng.randint(4, 33)).tolist() for _ in range(16)]
         print(f"ftjax.generate: no --input; decoding {len(prompts)} random demo prompts", file=sys.stderr)
-    else:
-        prompts = _read_prompts(args.input, tok)
     decoding: dict[str, Any] = {}
     if args.end_id is not None:
         decoding["end_id"] = args.end_id
