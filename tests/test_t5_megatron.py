@@ -236,12 +236,13 @@ def test_bad_shape_names_the_key(weights, tmp_path):
 def test_tensor_parallel_and_pipeline_refusal(weights, ckpt):
     """Megatron-LM T5 under tensor_parallel=2 equals one device; pipeline stages are refused by name."""
     enc, dec = _ids(3)
-    one = _load(ckpt).logits(enc, dec)
+    ref = _load(ckpt)
+    one = ref.logits(enc, dec)
     tp = ftjax.load(ckpt, dtype="float32", attention="xla", max_seq_len=32, tensor_parallel=2)
     two = tp.logits(enc, dec)
     assert np.abs(two - one).max() / max(1.0, np.abs(one).max()) < 1e-5
     assert tp.generate(enc, max_new_tokens=5, start_id=0).tokens == \
-        _load(ckpt).generate(enc, max_new_tokens=5, start_id=0).tokens
+        ref.generate(enc, max_new_tokens=5, start_id=0).tokens
     from ftjax.config import T5Config
     from ftjax.models import t5
     from ftjax.sharding.mesh import make_mesh
