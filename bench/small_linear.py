@@ -381,6 +381,8 @@ def main():
   ap.add_argument("--models", default=",".join(MODELS))
   ap.add_argument("--ms", default="1,2,8,16")
   ap.add_argument("--dtypes", default="bf16,int8")
+  ap.add_argument("--sweep", default=None, help="the sweep's cases instead of the built-in list: "
+                  "model:op:M:dtype,... (e.g. gpt1.3b:fc1:64:int8)")
   ap.add_argument("--sweep-budget", type=float, default=240.0, help="seconds for the sweep part")
   ap.add_argument("--timing", choices=("trace", "wall"), default="trace",
                   help="trace: a call's time is its GPU kernels' busy time from a profiler trace (the host's "
@@ -398,7 +400,8 @@ def main():
   if ARGS.epilogue == "none":
     ARGS.epilogue = None
   ARGS.model_table = MODELS
-  ARGS.sweep = SWEEP
+  ARGS.sweep = [(m, op, int(M), d) for m, op, M, d in (c.split(":") for c in ARGS.sweep.split(","))] \
+      if ARGS.sweep else SWEEP
   if ARGS.smoke:
     ARGS.model_table = SMOKE_MODELS
     ARGS.sweep = SMOKE_SWEEP

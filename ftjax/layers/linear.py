@@ -234,6 +234,9 @@ LOW_PRECISION_OUT = True
 # GEMMs anyway, but a decode batch's GEMM (64 rows) converts them in its prologue, and scales there made XLA
 # materialise them every step (1.3B, 64 rows: 4.65 -> 6.07 ms a step; bench/RESULTS.md, eighth session).
 INT8_LOW_PRECISION_ROWS = 1024
+# int8 weights of a call with at least this many rows are dequantised to a 16-bit copy before a plain GEMM
+# (None: never; measured in bench/RESULTS.md before it is on by default)
+INT8_DEQUANT_ROWS = None
 
 
 def _low_precision(x, w=None, n_in: int = 1) -> bool:
@@ -265,6 +268,16 @@ def linear(x: jax.Array, w: Any, n_in: int = 1, out_dtype: Any = None) -> jax.Ar
         else:
             q, scale = w.q, w.scale
         x, q = jax.lax.optimization_barrier((x, q))
+        if INT8_DEQUANT_ROWS is not None and _rows(x, n_in) >= INT8_DEQUANT_ROWS:
+            # A large prefill: the GEMM is compute-bound, so the weights are dequantised into a 16-bit copy by
+            # a kernel of their own (one weight at a time, tied to x above; the barrier keeps the convert out
+            # of the GEMM), and the GEMM is a plain 16-bit one, on cuBLAS where the call allows it.
+            # As below: the scales folded into a 16-bit product's weights, else applied to the float32 product.
+            low = jnp.dtype(out_dtype) != jnp.float32
+            wq = (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype) if low else q.astype(x.dtype)
+            y = jax.lax.dot_general(x, jax.lax.optimization_barrier(wq), (dims, ((), ())),
+                                    preferred_element_type=out_dtype)
+            return y if low else y * w.scale.astype(jnp.float32)
         if jnp.dtype(out_dtype) != jnp.float32:
             # A 16-bit product: the scales go into the weights as they are converted (XLA converts the int8
             # values for its GEMM anyway), so nothing scales the product afterwards.

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Eighteenth session: the int8 batch-64 prefill (1.3B) — XLA's Triton GEMMs with the int8 -> bf16 conversion
+# in their tiles (default) against the weights dequantised by a kernel of their own before a plain bf16 GEMM
+# (ftjax.layers.linear.INT8_DEQUANT_ROWS), with cuBLAS allowed in the admit call or not; bf16 beside; then the
+# small-M projection kernel at 64 rows (the batch-64 decode step), int8 and bf16, with a tile sweep of the
+# int8 calls. Results land in $OUT (or ./out).
+. "$(dirname "$0")/gpu_env.sh"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+DEQ="set:ftjax.layers.linear.INT8_DEQUANT_ROWS=4096"
+CUB="admit:xla_gpu_cublas_fallback=true"
+timeout 240 python bench/request_ab.py --model 1.3b --weights int8 --cases 64-128-8,64-512-32 --reps 5 \
+  --variants "triton=exact,deqcub=exact;$DEQ;$CUB,deq=exact;$DEQ,cub=exact;$CUB,triton2=exact,deqcub2=exact;$DEQ;$CUB" \
+  --json "$OUT/int8_prefill.jsonl" 2>&1 | grep -v Warning
+timeout 70 python bench/request_ab.py --model 1.3b --weights bf16 --cases 64-128-8,64-512-32 --reps 5 \
+  --variants "exact,exact2=exact" --json "$OUT/bf16.jsonl" 2>&1 | grep -v Warning
+timeout 200 python bench/small_linear.py --parts main,sweep --models gpt1.3b --ms 64 --dtypes bf16,int8 \
+  --sweep gpt1.3b:fc1:64:int8,gpt1.3b:qkv:64:int8,gpt1.3b:fc2:64:int8,gpt1.3b:o:64:int8 --sweep-budget 120 \
+  --json "$OUT/small_linear64.json" 2>&1 | grep -v Warning | tail -30
