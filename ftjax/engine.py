@@ -20,6 +20,7 @@ import numpy as np
 
 from ftjax import sampling
 from ftjax.config import ModelConfig
+from ftjax.layers import linear
 from ftjax.layers.linear import small_m_kernel
 from ftjax.models.families import family_for
 from ftjax.pallas import ops
@@ -187,11 +188,17 @@ class Engine:
         admit_opts = dict(opts.get("admit") or {})
         from ftjax.quantize import is_quantized
 
+        self._admit_big = None
         if INT8_PREFILL_TRITON and is_quantized(self.params):
             # the prefill's GEMMs on XLA's Triton emitter, which converts int8 weights in its tiles: with cuBLAS
             # allowed, XLA writes a bf16 copy of most int8 weights every prefill (1.3 ms of a 1.3B 512-token
             # prefill on an H200) and the 1.3B int8 512/32 request measured 0.35-3.7% slower (H100, RESULTS.md)
             admit_opts.setdefault("xla_gpu_cublas_fallback", False)
+            # Prefills of at least linear.INT8_DEQUANT_ROWS rows dequantise the weights before plain GEMMs:
+            # those compile with XLA's default options (cuBLAS allowed), as float weights do.
+            big_opts = dict(opts.get("admit") or {})
+            self._admit_big = jax.jit(self._admit_fn, donate_argnums=(1,),
+                                      static_argnames=("spec", "sampled", "contiguous"), **_copts(big_opts))
         self.admit_options = admit_opts   # what the admit call is compiled with (read-only: set compiler_options)
         self._admit = jax.jit(self._admit_fn, donate_argnums=(1,),
                               static_argnames=("spec", "sampled", "contiguous"), **_copts(admit_opts))
@@ -550,8 +557,12 @@ class Engine:
         contiguous = (INSERT_IN_PLACE and (m == 1 or m * T >= INSERT_IN_PLACE_MIN_TOKENS)
                       and len(dst) == m == b and src == list(range(m))
                       and dst == list(range(dst[0], dst[0] + m)) and dst[-1] < self.B)
-        return self._admit(self.params, state, words, spec=spec, contiguous=contiguous,
-                           sampled=any(p.beam_width == 1 and not p.greedy for p in params_list))
+        admit = self._admit
+        if self._admit_big is not None and linear.INT8_DEQUANT_ROWS is not None \
+                and tokens.shape[0] * tokens.shape[1] >= linear.INT8_DEQUANT_ROWS:
+            admit = self._admit_big
+        return admit(self.params, state, words, spec=spec, contiguous=contiguous,
+                     sampled=any(p.beam_width == 1 and not p.greedy for p in params_list))
 
     def _grow_capacity(self, state: DecodeState, params_list) -> DecodeState:
         """Word-list / reset-id capacities grow (doubling) when a request needs more; the running slots'

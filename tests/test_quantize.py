@@ -72,6 +72,31 @@ def test_linear_consumes_quantized_weight():
     np.testing.assert_allclose(np.asarray(linear(x, qw, 2)), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_linear_dequantised_path(monkeypatch, transposed):
+    """Calls of at least INT8_DEQUANT_ROWS rows dequantise the weight before a plain GEMM: the same product as
+    the dequantised float32 reference (float32 out), within bf16 rounding for a 16-bit product."""
+    import ftjax.layers.linear as L
+
+    rng = np.random.RandomState(2)
+    w = rng.standard_normal((48, 40)).astype(np.float32)
+    x = rng.standard_normal((2, 9, 48)).astype(np.float32)
+    qw = Q.quantize_weight(w, 1)
+    if transposed:
+        qw = QuantizedWeightT(jnp.asarray(qw.q).T, qw.scale)
+    ref = x @ np.asarray(Q.dequantize(Q.quantize_weight(w, 1)))
+    monkeypatch.setattr(L, "INT8_DEQUANT_ROWS", 18)
+    np.testing.assert_allclose(np.asarray(linear(x, qw)), ref, rtol=1e-5, atol=1e-5)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    got = np.asarray(linear(xb, qw, out_dtype=jnp.bfloat16), np.float32)
+    np.testing.assert_allclose(got, np.asarray(xb, np.float32) @ np.asarray(Q.dequantize(Q.quantize_weight(w, 1))),
+                               rtol=3e-2, atol=3e-2)
+    hlo = jax.jit(lambda a: linear(a, qw)).lower(x).as_text()
+    assert hlo.count("optimization_barrier") == 2   # x tied to the int8 values; the dequantised copy
+    monkeypatch.setattr(L, "INT8_DEQUANT_ROWS", 19)                  # 18 rows: the fused path
+    assert jax.jit(lambda a: linear(a, qw)).lower(x).as_text().count("optimization_barrier") == 1
+
+
 def test_quantize_params_swaps_only_projections():
     p = _params(LLAMA_CFG)
     qp = Q.quantize_params(p, LLAMA_CFG)
@@ -234,6 +259,21 @@ def test_engine_keeps_int8_and_memory(pair):
     q.generate([[3, 4, 5]], max_new_tokens=2)
     assert q.engine.admit_options.get("xla_gpu_cublas_fallback") is False and q.engine._admit._cache_size() >= 1
     assert "xla_gpu_cublas_fallback" not in pair[0].engine.admit_options
+    # Prefills of INT8_DEQUANT_ROWS rows and more (weights dequantised before plain GEMMs) take the admit
+    # compiled with XLA's default options; below, the Triton one; the tokens are the same either way
+    import ftjax.layers.linear as L
+
+    prompts = [[3, 4, 5, 6, 7], [9, 8]]
+    small = q.generate(prompts, max_new_tokens=3).tokens
+    n_small, n_big = q.engine._admit._cache_size(), q.engine._admit_big._cache_size()
+    old = L.INT8_DEQUANT_ROWS
+    try:
+        L.INT8_DEQUANT_ROWS = 2
+        big = q.generate(prompts, max_new_tokens=3).tokens
+    finally:
+        L.INT8_DEQUANT_ROWS = old
+    assert q.engine._admit_big._cache_size() == n_big + 1 and q.engine._admit._cache_size() == n_small
+    assert big == small and pair[0].engine._admit_big is None
     # Device bytes: int8 <= 0.55x bf16 of the same model (embedding share here ~ a 1.3B GPT's)
     cfg = dataclasses.replace(GPT_CFG, hidden=256, num_layers=4, ffn_dim=1024)
     p = _params(cfg)
