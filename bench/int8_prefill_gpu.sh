@@ -13,6 +13,6 @@ timeout 150 python bench/request_ab.py --model 1.3b --weights int8 --cases 64-12
   --json "$OUT/int8_prefill.jsonl" 2>&1 | grep -v Warning
 timeout 60 python bench/request_ab.py --model 1.3b --weights bf16 --cases 64-128-8,64-512-32 --reps 5 \
   --variants "exact,exact2=exact" --json "$OUT/bf16.jsonl" 2>&1 | grep -v Warning
-timeout 100 python bench/small_linear.py --parts main,sweep --models gpt1.3b --ms 64 --dtypes bf16,int8 \
-  --sweep gpt1.3b:fc1:64:int8,gpt1.3b:qkv:64:int8,gpt1.3b:fc2:64:int8,gpt1.3b:o:64:int8 --sweep-budget 50 \
+timeout 100 python bench/small_linear.py --parts main,sweep --models gpt1.3b --ms 64 --dtypes bf16,int8t \
+  --sweep gpt1.3b:fc1:64:int8t,gpt1.3b:qkv:64:int8t,gpt1.3b:fc2:64:int8t,gpt1.3b:o:64:int8t --sweep-budget 50 \
   --json "$OUT/small_linear64.json" 2>&1 | grep -v Warning | tail -30

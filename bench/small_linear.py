@@ -51,13 +51,13 @@ import jax.numpy as jnp
 
 from bench.common import (calls_per_program, copy_bandwidth, device_info, kernel_time_call, n_rotations,
                           time_call)
-from ftjax.layers.linear import QuantizedWeight, linear
+from ftjax.layers.linear import QuantizedWeight, QuantizedWeightT, linear
 from ftjax.pallas import _common as C
 from ftjax.pallas.small_linear import (SmallLinearConfig, choose_config, small_linear,
                                        small_linear_reference)
 
 BF16 = jnp.bfloat16
-DTYPES = {"bf16": BF16, "int8": jnp.int8}
+DTYPES = {"bf16": BF16, "int8": jnp.int8, "int8t": jnp.int8}   # int8t: stored [N, K], as the engine's
 
 # (op, K, (N_i of the weights one launch reads))
 MODELS = {
@@ -101,15 +101,15 @@ def poison(nbytes: int):
   x.delete()
 
 
-def make_weights(key, K, Ns, dtype, copies):
-  """`copies` independent weight sets: list of (ws, scales)."""
+def make_weights(key, K, Ns, dtype, copies, trans=False):
+  """`copies` independent weight sets: list of (ws, scales); trans: int8 stored [N, K]."""
   sets = []
   for _ in range(copies):
     ws, scales = [], []
     for n in Ns:
       key, kw, ks = jax.random.split(key, 3)
       if jnp.dtype(dtype) == jnp.int8:
-        ws.append(jax.random.randint(kw, (K, n), -127, 128, jnp.int32).astype(jnp.int8))
+        ws.append(jax.random.randint(kw, (n, K) if trans else (K, n), -127, 128, jnp.int32).astype(jnp.int8))
         scales.append(jax.random.uniform(ks, (n,), jnp.float32, 0.5, 1.5) / (127.0 * math.sqrt(K)))
       else:
         ws.append((jax.random.normal(kw, (K, n), jnp.float32) / math.sqrt(K)).astype(dtype))
@@ -125,20 +125,24 @@ def with_epilogue(outs, biases):
   return [(o + b.astype(jnp.float32)).astype(BF16) for o, b in zip(outs, biases)]
 
 
-def kernel_fn(config, interpret):
+def kernel_fn(config, interpret, trans=False):
   def f(x, ws, scales, biases):
-    return with_epilogue(small_linear(x, ws, scales, config=config, interpret=interpret), biases)
+    return with_epilogue(small_linear(x, ws, scales, config=config, interpret=interpret,
+                                      transposed=[trans] * len(ws)), biases)
   return f
 
 
-def xla_fn(x, ws, scales, biases):
-  outs = [linear(x, w if s is None else QuantizedWeight(w, s)) for w, s in zip(ws, scales)]
-  return with_epilogue(outs, biases)
+def xla_fn_for(trans=False):
+  def xla_fn(x, ws, scales, biases):
+    outs = [linear(x, w if s is None else (QuantizedWeightT if trans else QuantizedWeight)(w, s))
+            for w, s in zip(ws, scales)]
+    return with_epilogue(outs, biases)
+  return xla_fn
 
 
-def max_err(out, x, ws, scales):
+def max_err(out, x, ws, scales, trans=False):
   """(max abs error, max abs error / max |ref|) of a list of outputs against the reference."""
-  ref = small_linear_reference(x, ws, scales)
+  ref = small_linear_reference(x, ws, scales, transposed=[trans] * len(ws))
   errs = [float(jnp.max(jnp.abs(o.astype(jnp.float32) - r))) for o, r in zip(out, ref)]
   mags = [float(jnp.max(jnp.abs(r))) for r in ref]
   return max(errs), max(e / max(m, 1e-30) for e, m in zip(errs, mags))
@@ -150,10 +154,11 @@ class Shape:
   def __init__(self, model, op, K, Ns, dtype_name, seed):
     self.model, self.op, self.K, self.Ns, self.dtype_name = model, op, K, tuple(Ns), dtype_name
     self.dtype = DTYPES[dtype_name]
+    self.trans = dtype_name == "int8t"
     self.w_bytes = K * sum(Ns) * jnp.dtype(self.dtype).itemsize
     self.rot = n_rotations(self.w_bytes, cap=ARGS.max_rot)
     self.calls = calls_per_program(self.w_bytes / 3.0e12, self.rot, cap=ARGS.max_calls)
-    self.sets = make_weights(jax.random.key(seed), K, Ns, self.dtype, self.rot)
+    self.sets = make_weights(jax.random.key(seed), K, Ns, self.dtype, self.rot, self.trans)
     self.biases = None
     if ARGS.epilogue == "bias_bf16":
       self.biases = [jax.random.normal(jax.random.key(seed + i), (n,), BF16)
@@ -178,13 +183,13 @@ class Shape:
 
 
 def time_kernel(shape: Shape, M, arg_sets, config, tag):
-  resolved = choose_config(M, shape.K, shape.Ns, shape.dtype, config)
+  resolved = choose_config(M, shape.K, shape.Ns, shape.dtype, config, kmajor=shape.trans)
   row = dict(kind=tag, impl="pallas", **shape.key(M), config=cfg_str(resolved))
   try:
-    t = shape.time(kernel_fn(config, ARGS.interpret), arg_sets)
+    t = shape.time(kernel_fn(config, ARGS.interpret, shape.trans), arg_sets)
     x0, ws0, sc0, _ = arg_sets[0]
-    out = small_linear(x0, ws0, sc0, config=config, interpret=ARGS.interpret)
-    err, rel = max_err(out, x0, ws0, sc0)
+    out = kernel_fn(config, ARGS.interpret, shape.trans)(x0, ws0, sc0, None)
+    err, rel = max_err(out, x0, ws0, sc0, shape.trans)
     row.update(us=round(t * 1e6, 2), GBps=round(shape.w_bytes / t / 1e9, 1),
                max_abs_err=float(f"{err:.3e}"), rel_err=float(f"{rel:.3e}"),
                ok=bool(rel < 1e-3), rot=shape.rot, calls=shape.calls)
@@ -198,7 +203,7 @@ def time_kernel(shape: Shape, M, arg_sets, config, tag):
 def time_xla(shape: Shape, M, arg_sets):
   row = dict(kind="main", impl="xla", **shape.key(M))
   try:
-    t = shape.time(xla_fn, arg_sets)
+    t = shape.time(xla_fn_for(shape.trans), arg_sets)
     row.update(us=round(t * 1e6, 2), GBps=round(shape.w_bytes / t / 1e9, 1), rot=shape.rot,
                calls=shape.calls)
   except Exception as e:  # noqa: BLE001
@@ -288,7 +293,7 @@ def sweep_one(shape: Shape, M, deadline):
   tried = {}
 
   def run(cfg):
-    res = choose_config(M, shape.K, shape.Ns, shape.dtype, cfg)
+    res = choose_config(M, shape.K, shape.Ns, shape.dtype, cfg, kmajor=shape.trans)
     key = (res.block_n, res.block_k, res.num_splits, res.num_warps, res.num_stages)
     if key not in tried:
       if time.time() > deadline:
@@ -296,7 +301,7 @@ def sweep_one(shape: Shape, M, deadline):
       tried[key] = time_kernel(shape, M, sets, cfg, "sweep")[0]
     return tried[key]
 
-  best = choose_config(M, shape.K, shape.Ns, shape.dtype)
+  best = choose_config(M, shape.K, shape.Ns, shape.dtype, kmajor=shape.trans)
   best_t = run(best)
   stages = [
       [dataclasses.replace(best, block_n=bn, block_k=None, num_splits=None)
@@ -311,7 +316,7 @@ def sweep_one(shape: Shape, M, deadline):
     for cfg in cands:
       t = run(cfg)
       if t < best_t:
-        best_t, best = t, choose_config(M, shape.K, shape.Ns, shape.dtype, cfg)
+        best_t, best = t, choose_config(M, shape.K, shape.Ns, shape.dtype, cfg, kmajor=shape.trans)
   emit(dict(kind="sweep_best", **shape.key(M), config=cfg_str(best),
             us=round(best_t * 1e6, 2), GBps=round(shape.w_bytes / best_t / 1e9, 1),
             tried=len(tried)))
