@@ -3,16 +3,18 @@
 # in their tiles (default) against the weights dequantised by a kernel of their own before a plain bf16 GEMM
 # (ftjax.layers.linear.INT8_DEQUANT_ROWS), with cuBLAS allowed in the admit call or not; bf16 beside; then the
 # small-M projection kernel at 64 rows (the batch-64 decode step), int8 and bf16, with a tile sweep of the
-# int8 calls. Results land in $OUT (or ./out).
+# int8 calls (int8t: stored [N, K], the engine's layout). Results land in $OUT (or ./out).
+#   bash bench/int8_prefill_gpu.sh [all | ab | bf16 | sl64]     # all: the three parts in turn
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 DEQ="set:ftjax.layers.linear.INT8_DEQUANT_ROWS=4096"
 CUB="admit:xla_gpu_cublas_fallback=true"
-timeout 150 python bench/request_ab.py --model 1.3b --weights int8 --cases 64-128-8,64-512-32 --reps 5 \
+PART=${1:-all}
+[ "$PART" = all ] || [ "$PART" = ab ] && timeout 150 python bench/request_ab.py --model 1.3b --weights int8 --cases 64-512-32,64-128-8 --reps ${REPS:-5} \
   --variants "triton=exact,deqcub=exact;$DEQ;$CUB,triton2=exact,deqcub2=exact;$DEQ;$CUB" \
   --json "$OUT/int8_prefill.jsonl" 2>&1 | grep -v Warning
-timeout 60 python bench/request_ab.py --model 1.3b --weights bf16 --cases 64-128-8,64-512-32 --reps 5 \
+[ "$PART" = all ] || [ "$PART" = bf16 ] && timeout 60 python bench/request_ab.py --model 1.3b --weights bf16 --cases 64-128-8,64-512-32 --reps 5 \
   --variants "exact,exact2=exact" --json "$OUT/bf16.jsonl" 2>&1 | grep -v Warning
-timeout 100 python bench/small_linear.py --parts main,sweep --models gpt1.3b --ms 64 --dtypes bf16,int8t \
+[ "$PART" = all ] || [ "$PART" = sl64 ] && timeout 100 python bench/small_linear.py --parts main,sweep --models gpt1.3b --ms 64 --dtypes bf16,int8t \
   --sweep gpt1.3b:fc1:64:int8t,gpt1.3b:qkv:64:int8t,gpt1.3b:fc2:64:int8t,gpt1.3b:o:64:int8t --sweep-budget 50 \
   --json "$OUT/small_linear64.json" 2>&1 | grep -v Warning | tail -30
