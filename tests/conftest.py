@@ -4,6 +4,25 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# jax's persistent compilation cache for the tests, in one directory that outlives the run
+# (~/.cache/ftjax/test-xla; FTJAX_TEST_XLA_CACHE=DIR elsewhere, =off for none). Within one run few programs
+# repeat, but most of the suite's time is XLA compiling on 2 cores: a run on the same machine after another
+# reads the unchanged programs back (tests/test_engine.py + test_decoding.py: 157 s cold, 43 s warm). Keys are
+# the programs and the jax version, so a change recompiles what it touches; the cache is capped at 2 GB (LRU).
+_XLA_CACHE = os.environ.get("FTJAX_TEST_XLA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ftjax",
+                                                                     "test-xla")
+if _XLA_CACHE != "off":
+    import jax  # noqa: E402
+
+    from ftjax import compile_cache  # noqa: E402
+
+    compile_cache.enable(_XLA_CACHE)
+    try:
+        import filelock  # noqa: F401,E402 -- jax's LRU eviction needs it (torch and transformers bring it)
+
+        jax.config.update("jax_compilation_cache_max_size", 2 * 2**30)
+    except ImportError:
+        pass
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
