@@ -165,6 +165,10 @@ class Shape:
                      for i, n in enumerate(Ns)]
     self.seed = seed
 
+  def config(self, M, cfg=None):
+    """The resolved config of this shape's kernel (choose_config, in the weights' layout)."""
+    return choose_config(M, self.K, self.Ns, self.dtype, cfg, kmajor=self.trans)
+
   def arg_sets(self, M):
     xs = jax.random.normal(jax.random.key(self.seed + M), (self.calls, M, self.K), BF16)
     return [(xs[j], *self.sets[j % self.rot], self.biases) for j in range(self.calls)]
@@ -183,7 +187,7 @@ class Shape:
 
 
 def time_kernel(shape: Shape, M, arg_sets, config, tag):
-  resolved = choose_config(M, shape.K, shape.Ns, shape.dtype, config, kmajor=shape.trans)
+  resolved = shape.config(M, config)
   row = dict(kind=tag, impl="pallas", **shape.key(M), config=cfg_str(resolved))
   try:
     t = shape.time(kernel_fn(config, ARGS.interpret, shape.trans), arg_sets)
@@ -293,7 +297,7 @@ def sweep_one(shape: Shape, M, deadline):
   tried = {}
 
   def run(cfg):
-    res = choose_config(M, shape.K, shape.Ns, shape.dtype, cfg, kmajor=shape.trans)
+    res = shape.config(M, cfg)
     key = (res.block_n, res.block_k, res.num_splits, res.num_warps, res.num_stages)
     if key not in tried:
       if time.time() > deadline:
@@ -301,7 +305,7 @@ def sweep_one(shape: Shape, M, deadline):
       tried[key] = time_kernel(shape, M, sets, cfg, "sweep")[0]
     return tried[key]
 
-  best = choose_config(M, shape.K, shape.Ns, shape.dtype, kmajor=shape.trans)
+  best = shape.config(M)
   best_t = run(best)
   stages = [
       [dataclasses.replace(best, block_n=bn, block_k=None, num_splits=None)
@@ -316,7 +320,7 @@ def sweep_one(shape: Shape, M, deadline):
     for cfg in cands:
       t = run(cfg)
       if t < best_t:
-        best_t, best = t, choose_config(M, shape.K, shape.Ns, shape.dtype, cfg, kmajor=shape.trans)
+        best_t, best = t, shape.config(M, cfg)
   emit(dict(kind="sweep_best", **shape.key(M), config=cfg_str(best),
             us=round(best_t * 1e6, 2), GBps=round(shape.w_bytes / best_t / 1e9, 1),
             tried=len(tried)))

@@ -188,6 +188,10 @@ class Engine:
         admit_opts = dict(opts.get("admit") or {})
         from ftjax.quantize import is_quantized
 
+        def admit_jit(options):
+            return jax.jit(self._admit_fn, donate_argnums=(1,), static_argnames=("spec", "sampled", "contiguous"),
+                           **_copts(options))
+
         self._admit_big = None
         if INT8_PREFILL_TRITON and is_quantized(self.params):
             # the prefill's GEMMs on XLA's Triton emitter, which converts int8 weights in its tiles: with cuBLAS
@@ -196,12 +200,9 @@ class Engine:
             admit_opts.setdefault("xla_gpu_cublas_fallback", False)
             # Prefills of at least linear.INT8_DEQUANT_ROWS rows dequantise the weights before plain GEMMs:
             # those compile with XLA's default options (cuBLAS allowed), as float weights do.
-            big_opts = dict(opts.get("admit") or {})
-            self._admit_big = jax.jit(self._admit_fn, donate_argnums=(1,),
-                                      static_argnames=("spec", "sampled", "contiguous"), **_copts(big_opts))
+            self._admit_big = admit_jit(opts.get("admit"))
         self.admit_options = admit_opts   # what the admit call is compiled with (read-only: set compiler_options)
-        self._admit = jax.jit(self._admit_fn, donate_argnums=(1,),
-                              static_argnames=("spec", "sampled", "contiguous"), **_copts(admit_opts))
+        self._admit = admit_jit(admit_opts)
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,),
                                  static_argnames=("rem", "chunked", "beam", "sampled", "penalized", "snap",
                                                   "chunk"),
@@ -558,8 +559,7 @@ class Engine:
                       and len(dst) == m == b and src == list(range(m))
                       and dst == list(range(dst[0], dst[0] + m)) and dst[-1] < self.B)
         admit = self._admit
-        if self._admit_big is not None and linear.INT8_DEQUANT_ROWS is not None \
-                and tokens.shape[0] * tokens.shape[1] >= linear.INT8_DEQUANT_ROWS:
+        if self._admit_big is not None and linear.int8_dequantised(tokens.size):
             admit = self._admit_big
         return admit(self.params, state, words, spec=spec, contiguous=contiguous,
                      sampled=any(p.beam_width == 1 and not p.greedy for p in params_list))

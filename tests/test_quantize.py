@@ -246,7 +246,7 @@ def test_int8_greedy_mostly_agrees(pair):
     assert np.mean(agree) >= 0.6 and max(agree) == 1.0, (ra.tokens, rb.tokens)
 
 
-def test_engine_keeps_int8_and_memory(pair):
+def test_engine_keeps_int8_and_memory(pair, monkeypatch):
     _, q = pair
     leaves = jax.tree.leaves(q.engine.params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
     qws = [x for x in leaves if isinstance(x, QuantizedWeight)]
@@ -266,12 +266,9 @@ def test_engine_keeps_int8_and_memory(pair):
     prompts = [[3, 4, 5, 6, 7], [9, 8]]
     small = q.generate(prompts, max_new_tokens=3).tokens
     n_small, n_big = q.engine._admit._cache_size(), q.engine._admit_big._cache_size()
-    old = L.INT8_DEQUANT_ROWS
-    try:
-        L.INT8_DEQUANT_ROWS = 2
-        big = q.generate(prompts, max_new_tokens=3).tokens
-    finally:
-        L.INT8_DEQUANT_ROWS = old
+    monkeypatch.setattr(L, "INT8_DEQUANT_ROWS", 2)
+    big = q.generate(prompts, max_new_tokens=3).tokens
+    monkeypatch.undo()
     assert q.engine._admit_big._cache_size() == n_big + 1 and q.engine._admit._cache_size() == n_small
     assert big == small and pair[0].engine._admit_big is None
     # Device bytes: int8 <= 0.55x bf16 of the same model (embedding share here ~ a 1.3B GPT's)

@@ -239,6 +239,11 @@ INT8_LOW_PRECISION_ROWS = 1024
 INT8_DEQUANT_ROWS = None
 
 
+def int8_dequantised(rows: int) -> bool:
+    """Whether a call of `rows` rows dequantises its int8 weights before a plain GEMM (INT8_DEQUANT_ROWS)."""
+    return INT8_DEQUANT_ROWS is not None and rows >= INT8_DEQUANT_ROWS
+
+
 def _low_precision(x, w=None, n_in: int = 1) -> bool:
     if not (LOW_PRECISION_OUT and x.dtype in (jnp.bfloat16, jnp.float16)):
         return False
@@ -268,24 +273,17 @@ def linear(x: jax.Array, w: Any, n_in: int = 1, out_dtype: Any = None) -> jax.Ar
         else:
             q, scale = w.q, w.scale
         x, q = jax.lax.optimization_barrier((x, q))
-        if INT8_DEQUANT_ROWS is not None and _rows(x, n_in) >= INT8_DEQUANT_ROWS:
+        # A 16-bit product: the scales go into the weights as they are converted (XLA converts the int8 values
+        # for its GEMM anyway), so nothing scales the product afterwards; a float32 product is scaled after.
+        low = jnp.dtype(out_dtype) != jnp.float32
+        wq = (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype) if low else q.astype(x.dtype)
+        if int8_dequantised(_rows(x, n_in)):
             # A large prefill: the GEMM is compute-bound, so the weights are dequantised into a 16-bit copy by
-            # a kernel of their own (one weight at a time, tied to x above; the barrier keeps the convert out
+            # a kernel of their own (one weight at a time, tied to x above; this barrier keeps the convert out
             # of the GEMM), and the GEMM is a plain 16-bit one, on cuBLAS where the call allows it.
-            # As below: the scales folded into a 16-bit product's weights, else applied to the float32 product.
-            low = jnp.dtype(out_dtype) != jnp.float32
-            wq = (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype) if low else q.astype(x.dtype)
-            y = jax.lax.dot_general(x, jax.lax.optimization_barrier(wq), (dims, ((), ())),
-                                    preferred_element_type=out_dtype)
-            return y if low else y * w.scale.astype(jnp.float32)
-        if jnp.dtype(out_dtype) != jnp.float32:
-            # A 16-bit product: the scales go into the weights as they are converted (XLA converts the int8
-            # values for its GEMM anyway), so nothing scales the product afterwards.
-            wq = (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
-            return jax.lax.dot_general(x, wq, (dims, ((), ())), preferred_element_type=out_dtype)
-        y = jax.lax.dot_general(x, q.astype(x.dtype), (dims, ((), ())),
-                                preferred_element_type=jnp.float32)
-        return y * w.scale.astype(jnp.float32)
+            wq = jax.lax.optimization_barrier(wq)
+        y = jax.lax.dot_general(x, wq, (dims, ((), ())), preferred_element_type=out_dtype)
+        return y if low else y * w.scale.astype(jnp.float32)
     return jax.lax.dot_general(x, w.astype(x.dtype), (dims, ((), ())), preferred_element_type=out_dtype)
 
 
