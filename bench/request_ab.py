@@ -65,8 +65,9 @@ def parse_variant(v: str):
         val = int(val) if val.isdigit() else {"true": True, "false": False}.get(val, val)
         if exe == "engine":
             attrs[k] = val
-        elif exe == "set":
-            sets.append(k.rpartition(".")[::2] + ({"none": None}.get(val, val),))
+        elif exe == "set":   # a kernel config object too: set:ftjax.pallas.small_linear.DEFAULT_CONFIG=SmallLinearConfig(...)
+            from bench.step_ab import _value
+            sets.append(k.rpartition(".")[::2] + ({"none": None}.get(val, val if not isinstance(val, str) else _value(val)),))
         else:
             opts.setdefault(exe, {})[k] = val
     if mode not in ("pieces", "exact", "dynamic"):
@@ -147,7 +148,7 @@ def main():
             print(f"  {row['case']:14s} {name:22s} {row['ms']:8.2f} ({row['min_ms']:.2f})  first {first:.1f} s"
                   f"{'' if same else '  TOKENS DIFFER from the first variant'}")
             if out:
-                out.write(json.dumps(row) + "\n")
+                out.write(json.dumps(row, default=str) + "\n")
                 out.flush()
             del llm, res
             gc.collect()

@@ -117,8 +117,12 @@ class SmallLinearConfig:
     num_warps; at 1.3B no int8 call reaches 32 MB.
   target_programs: programs to aim for: 4 waves of a 132-SM H100 (several programs are
     resident per SM, so this keeps many W tiles in flight).
-  wide_programs: programs to aim for when x has more than 16 rows (its tile more; None:
-    target_programs): 264 measured 1.3B's int8 batch-64 step 2.61 -> 2.51 ms (bench/RESULTS.md).
+  wide_programs: programs to aim for when x has more than 16 rows and the weights are 2-byte floats
+    (its tile more; None: target_programs). int8 calls keep target_programs: since the projections
+    normalise their input in the kernel (the fused decode step), each program's share of that
+    elementwise work is what twice the programs halve; 1.3B's int8 batch-64 step measured 3.73 ->
+    3.53 ms (prompt 384) and 2.71 -> 2.44 ms (prompt 128) with 528 against 264, bf16 the same
+    either way (bench/RESULTS.md, nineteenth session).
   min_blocks_per_split: auto splits keep at least this many K-blocks per program.
   max_splits: auto splits never exceed this.
   tile_bytes: auto tiles start at about this many bytes of W per loop step.
@@ -229,7 +233,7 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
   w_bytes = K * sum(Ns) * itemsize
   large = itemsize == 1 and w_bytes >= config.large_bytes
   target = config.target_programs
-  if M > ROWS and config.wide_programs:
+  if M > ROWS and config.wide_programs and itemsize != 1:
     target = config.wide_programs
   if large and config.large_programs:
     target = config.large_programs
