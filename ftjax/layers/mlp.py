@@ -22,6 +22,14 @@ def activation(name: str, x):
     raise ValueError(f"activation: unknown {name!r}")
 
 
+# Calls of at least this many rows (prefill) with a 16-bit dtype apply a non-gated activation in that dtype, on the
+# input projection's 16-bit output, instead of in float32 between two converts: the form XLA's GEMM rewriter can
+# take into a cuBLASLt epilogue (bias + GELU; the admit call compiled with xla_gpu_enable_cublaslt). None: off.
+# At 1.3B batch 64 512/32 the separate GELU pass is 24 x 454 us of the prefill (bench/RESULTS.md, nineteenth
+# session); the switch is untimed.
+ACT_LOW_ROWS = None
+
+
 class MLP(nn.Module):
     dim: int        # d
     ffn_dim: int    # f
@@ -42,7 +50,11 @@ class MLP(nn.Module):
             up, gate = fused_linears([self.wi, self.wg], x)
             h = activation(self.act, gate.astype(jnp.float32)) * up.astype(jnp.float32)
         else:
-            h = activation(self.act, self.wi(x).astype(jnp.float32))
+            y = self.wi(x)
+            rows = y.size // max(1, y.shape[-1])
+            low = (ACT_LOW_ROWS is not None and rows >= ACT_LOW_ROWS
+                   and y.dtype in (jnp.bfloat16, jnp.float16))
+            h = activation(self.act, y if low else y.astype(jnp.float32))
         return self.wo(h.astype(self.dtype))
 
     def parts(self, x):
