@@ -50,6 +50,8 @@ PRESETS["exact_unroll32"] = PRESETS["exact_unroll"] + ";engine:CHUNK=32"
 
 
 def parse_variant(v: str):
+    from bench.step_ab import _value
+
     name, _, body = v.partition("=") if "=" in v.split(";")[0] else (v, "", PRESETS[v])
     if not body:
         body = PRESETS[name]
@@ -65,9 +67,9 @@ def parse_variant(v: str):
         val = int(val) if val.isdigit() else {"true": True, "false": False}.get(val, val)
         if exe == "engine":
             attrs[k] = val
-        elif exe == "set":   # a kernel config object too: set:ftjax.pallas.small_linear.DEFAULT_CONFIG=SmallLinearConfig(...)
-            from bench.step_ab import _value
-            sets.append(k.rpartition(".")[::2] + ({"none": None}.get(val, val if not isinstance(val, str) else _value(val)),))
+        elif exe == "set":   # step_ab's values too: a float, None, a kernel config (SmallLinearConfig(...))
+            val = None if val == "none" else _value(val) if isinstance(val, str) else val
+            sets.append(k.rpartition(".")[::2] + (val,))
         else:
             opts.setdefault(exe, {})[k] = val
     if mode not in ("pieces", "exact", "dynamic"):

@@ -118,9 +118,9 @@ class SmallLinearConfig:
   target_programs: programs to aim for: 4 waves of a 132-SM H100 (several programs are
     resident per SM, so this keeps many W tiles in flight).
   wide_programs: programs to aim for when x has more than 16 rows and the weights are 2-byte floats
-    (its tile more; None: target_programs). int8 calls keep target_programs: since the projections
-    normalise their input in the kernel (the fused decode step), each program's share of that
-    elementwise work is what twice the programs halve; 1.3B's int8 batch-64 step measured 3.73 ->
+    (its tile more; None: target_programs). int8 calls keep target_programs: a projection that
+    normalises its input in the kernel (the fused decode step) does that elementwise work in every
+    program, and twice the programs halve each one's share; 1.3B's int8 batch-64 step measured 3.73 ->
     3.53 ms (prompt 384) and 2.71 -> 2.44 ms (prompt 128) with 528 against 264, bf16 the same
     either way (bench/RESULTS.md, nineteenth session).
   min_blocks_per_split: auto splits keep at least this many K-blocks per program.
