@@ -13,7 +13,7 @@
 #   bash bench/prefill_gpu.sh gelu      # nineteenth session (built, not run: no device time left): the MLP's GELU
 #                                       # in bf16 (mlp.ACT_LOW_ROWS) with cuBLASLt allowed in the admit call, so XLA
 #                                       # may take bias + GELU into the GEMM's epilogue; ABAB on 1.3B bf16 batch 64,
-#                                       # then the epilogues and tanh counts in the admit HLO (GELU_BIAS = fused)
+#                                       # then the epilogues and tanh counts in the admit HLO (BIAS_GELU = fused: XLA matches jax.nn.gelu(approximate=True) on the GEMM's own output type)
 . "$(dirname "$0")/gpu_env.sh"
 case "${1:-profile}" in
   profile)
