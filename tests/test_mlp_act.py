@@ -29,9 +29,7 @@ def test_act_low_rows(monkeypatch):
     x = x32.astype(jnp.bfloat16)
     ref = np.asarray(twin.apply(p32, x.astype(jnp.float32)))
 
-    def run(p, x):
-        return block.apply(p, x)
-
+    run = block.apply
     monkeypatch.setattr(M, "ACT_LOW_ROWS", 64)
     assert _tanh_dtypes(run, params, x) == {"bf16"}             # 128 rows: the 16-bit activation
     assert _tanh_dtypes(run, params, x[:1, :16]) == {"f32"}     # 16 rows: below the rule

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftjax.layers.linear import Linear, fused_linears, linear_parts, reduce_parts
+from ftjax.layers.linear import Linear, _rows, fused_linears, linear_parts, reduce_parts
 
 
 def activation(name: str, x):
@@ -51,8 +51,7 @@ class MLP(nn.Module):
             h = activation(self.act, gate.astype(jnp.float32)) * up.astype(jnp.float32)
         else:
             y = self.wi(x)
-            rows = y.size // max(1, y.shape[-1])
-            low = (ACT_LOW_ROWS is not None and rows >= ACT_LOW_ROWS
+            low = (ACT_LOW_ROWS is not None and _rows(y, 1) >= ACT_LOW_ROWS
                    and y.dtype in (jnp.bfloat16, jnp.float16))
             h = activation(self.act, y if low else y.astype(jnp.float32))
         return self.wo(h.astype(self.dtype))
