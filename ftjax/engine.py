@@ -494,9 +494,21 @@ class Engine:
     def check_prompt(self, ids, max_new: int, field: str = "prompts"):
         if len(ids) == 0:
             raise ValueError(f"{field}: empty prompt")
-        bad = [t for t in ids if not 0 <= int(t) < self.cfg.vocab]
-        if bad:
-            raise ValueError(f"{field}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab})")
+        V = self.cfg.vocab
+        a = ids if isinstance(ids, np.ndarray) else None
+        if a is None:
+            try:
+                a = np.asarray(ids)
+            except (TypeError, ValueError, OverflowError):
+                a = None
+        if a is not None and a.ndim == 1 and a.dtype.kind in "iu":   # one vector test, not a loop per id
+            bad = np.flatnonzero((a < 0) | (a >= V))
+            if bad.size:
+                raise ValueError(f"{field}: token id {int(a[bad[0]])} outside the vocabulary [0, {V})")
+        else:
+            bad = [t for t in ids if not 0 <= int(t) < V]
+            if bad:
+                raise ValueError(f"{field}: token id {bad[0]} outside the vocabulary [0, {V})")
         if not self.family.samples_at_prefill:  # encoder-decoder: the prompt is the encoder's input
             if len(ids) > self.S:
                 raise ValueError(f"{field}: {len(ids)} tokens exceed max_seq_len {self.S}")

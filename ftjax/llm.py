@@ -200,21 +200,37 @@ class LLM:
         return tokens, lengths, longest
 
 
-def _as_prompts(prompts) -> list[list[int]]:
+def _as_prompts(prompts) -> list:
+    """The prompts as a list of 1-D integer numpy arrays (one conversion per row: a Python loop over every
+    token id costs ~5 ms for 64 prompts of 512 tokens, in the request's latency). Rows numpy cannot take
+    as plain integers (floats, strings, ints beyond int64) go the per-id way, whose errors name the row."""
     if isinstance(prompts, np.ndarray):
-        prompts = prompts.tolist()
+        prompts = list(prompts) if prompts.ndim == 2 and prompts.dtype.kind in "iu" else prompts.tolist()
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
         raise ValueError("prompts: expected a non-empty list of token-id lists")
     out = []
     for i, p in enumerate(prompts):
-        if isinstance(p, np.ndarray):
-            p = p.tolist()
-        if not isinstance(p, (list, tuple)):
+        if not isinstance(p, (list, tuple, np.ndarray)):
             raise ValueError(f"prompts[{i}]: expected a list of token ids, got {type(p).__name__}")
         if len(p) == 0:
             raise ValueError(f"prompts[{i}]: empty prompt")
+        a = None
+        if not isinstance(p, np.ndarray) or p.ndim == 1:
+            try:
+                a = np.asarray(p)
+            except (TypeError, ValueError, OverflowError):
+                a = None
+        if a is not None and a.ndim == 1 and a.dtype.kind in "iu":
+            out.append(a)
+            continue
+        if isinstance(p, np.ndarray):
+            p = p.tolist()
         try:
-            out.append([int(t) for t in p])
+            row = [int(t) for t in p]
         except (TypeError, ValueError) as e:
             raise ValueError(f"prompts[{i}]: token ids must be integers ({e})") from None
+        frac = next((t for t, v in zip(p, row) if v != t), None)   # 2.5 or "7": not an id (2.0 is)
+        if frac is not None:
+            raise ValueError(f"prompts[{i}]: token ids must be integers, got {frac!r}")
+        out.append(row)
     return out

@@ -121,6 +121,11 @@ def test_half_precisions_close_to_float32(gpt2_dir, dtype, tol):
     (dict(prompts=[[1, 2], []], max_new_tokens=4), "prompts[1]"),
     (dict(prompts=[[1, VOCAB]], max_new_tokens=4), "prompts[0]"),
     (dict(prompts=[[1, -1]], max_new_tokens=4), "prompts[0]"),
+    (dict(prompts=[[1, 2], [3, 2.5]], max_new_tokens=4), "prompts[1]"),       # not an integer id
+    (dict(prompts=[[1, "7"]], max_new_tokens=4), "prompts[0]"),
+    (dict(prompts=[[1, 2**70]], max_new_tokens=4), "prompts[0]"),             # beyond int64: the per-id way
+    (dict(prompts=np.array([[1, 2], [VOCAB, 3]]), max_new_tokens=4), "prompts[1]"),
+    (dict(prompts=[np.array([1, 2]), np.array([-4], np.int8)], max_new_tokens=4), "prompts[1]"),
     (dict(prompts=[[1, 2]], max_new_tokens=0), "max_new_tokens"),
     (dict(prompts=[[1, 2]], max_new_tokens=-3), "max_new_tokens"),
     (dict(prompts=[], max_new_tokens=3), "prompts"),
@@ -131,6 +136,20 @@ def test_bad_input_is_refused_naming_the_field(llm, kwargs, field):
         llm.generate(kwargs.pop("prompts"), **kwargs)
     # and the engine still serves
     assert len(llm.generate([[1, 2, 3]], max_new_tokens=2).tokens[0]) >= 1
+
+
+def test_prompt_forms_give_the_same_tokens(llm):
+    """Lists, tuples, numpy rows of any integer type, a 2-D array and integral floats are the same prompts."""
+    rng = np.random.RandomState(7)
+    prompts = random_prompts(rng, 3, 4, 9)
+    ref = llm.generate(prompts, max_new_tokens=4, end_id=None).tokens
+    forms = [[tuple(p) for p in prompts], [np.asarray(p, np.int16) for p in prompts],
+             [np.asarray(p, np.uint32) for p in prompts], [[float(t) for t in p] for p in prompts]]
+    for form in forms:
+        assert llm.generate(form, max_new_tokens=4, end_id=None).tokens == ref
+    same = random_prompts(rng, 1, 6, 6) * 2
+    assert (llm.generate(np.asarray(same), max_new_tokens=3, end_id=None).tokens
+            == llm.generate(same, max_new_tokens=3, end_id=None).tokens)
 
 
 def test_bad_load_arguments(gpt2_dir):
