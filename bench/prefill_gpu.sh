@@ -10,10 +10,8 @@
 #                                       # from 4096 tokens) at batch-64 prefills, ABAB (the session's one pair:
 #                                       # bench/s16_gpu.sh). int8: the seventeenth session's suspect for the int8 b64
 #                                       # prefill that got 11 ms slower than the eleventh session's (bench/RESULTS.md)
-#   bash bench/prefill_gpu.sh gelu      # nineteenth session (built, not run: no device time left): the MLP's GELU
-#                                       # in bf16 (mlp.ACT_LOW_ROWS) with cuBLASLt allowed in the admit call, so XLA
-#                                       # may take bias + GELU into the GEMM's epilogue; ABAB on 1.3B bf16 batch 64,
-#                                       # then the epilogues and tanh counts in the admit HLO (BIAS_GELU = fused: XLA matches jax.nn.gelu(approximate=True) on the GEMM's own output type)
+#   (the nineteenth session's `gelu` part, run in the twentieth: XLA took no GELU into a cuBLASLt epilogue and the
+#   switch it tested, mlp.ACT_LOW_ROWS, was removed; bench/gelu_epilogue_probe.py is the standalone check)
 . "$(dirname "$0")/gpu_env.sh"
 case "${1:-profile}" in
   profile)
@@ -38,17 +36,6 @@ case "${1:-profile}" in
     W=${2:-bf16}
     timeout 280 python bench/request_ab.py --model 1.3b --weights $W --cases 64-128-8,64-512-32 --reps 7 \
       --variants "on=exact,off=$OFF,on2=exact,off2=$OFF" --json "$OUT/norm64_$W.jsonl" 2>&1 | grep -v Warning
-    ;;
-  gelu)
-    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    L="admit:xla_gpu_enable_cublaslt=true"; G="set:ftjax.layers.mlp.ACT_LOW_ROWS=4096"
-    XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/xd_gelu --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*admit.*" \
-      timeout 280 python bench/request_ab.py --model 1.3b --weights bf16 --cases 64-512-32,64-128-8 --reps 5 \
-      --variants "base=exact,lt=exact;$L,ltgelu=exact;$L;$G,base2=exact,ltgelu2=exact;$L;$G" \
-      --json "$OUT/gelu.jsonl" 2>&1 | grep -v Warning
-    for f in /tmp/xd_gelu/*after_optimizations.txt; do
-      echo "$(basename "$f") $(grep -o '"epilogue":"[A-Z_]*"' "$f" | sort | uniq -c | tr '\n' ' ') tanh: $(grep -c 'tanh(' "$f")"
-    done | cut -c1-300
     ;;
   *) echo "unknown part $1"; exit 2 ;;
 esac

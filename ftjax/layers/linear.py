@@ -235,8 +235,11 @@ LOW_PRECISION_OUT = True
 # materialise them every step (1.3B, 64 rows: 4.65 -> 6.07 ms a step; bench/RESULTS.md, eighth session).
 INT8_LOW_PRECISION_ROWS = 1024
 # int8 weights of a call with at least this many rows are dequantised to a 16-bit copy before a plain GEMM
-# (None: never; measured in bench/RESULTS.md before it is on by default)
-INT8_DEQUANT_ROWS = None
+# (cuBLAS, as float weights; the admit call of such prefills is compiled with cuBLAS allowed: Engine._admit_big).
+# None: never. 4096 (twentieth session, H100, bench/request_phases.py, one engine per process, ABAB): 1.3B int8
+# batch 64 512/32 284.1/283.3 -> 275.6/273.1 ms; 128/8 60.4/60.9 -> 58.9/57.9; 350M 512/32 126.6/126.6 ->
+# 123.5/123.6. Prefills below 4096 rows (batch 1) keep XLA's Triton GEMMs with the conversion in their tiles.
+INT8_DEQUANT_ROWS = 4096
 
 
 def int8_dequantised(rows: int) -> bool:

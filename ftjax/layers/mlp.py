@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftjax.layers.linear import Linear, _rows, fused_linears, linear_parts, reduce_parts
+from ftjax.layers.linear import Linear, fused_linears, linear_parts, reduce_parts
 
 
 def activation(name: str, x):
@@ -22,12 +22,10 @@ def activation(name: str, x):
     raise ValueError(f"activation: unknown {name!r}")
 
 
-# Calls of at least this many rows (prefill) with a 16-bit dtype apply a non-gated activation in that dtype, on the
-# input projection's 16-bit output, instead of in float32 between two converts: the form XLA's GEMM rewriter can
-# take into a cuBLASLt epilogue (bias + GELU; the admit call compiled with xla_gpu_enable_cublaslt). None: off.
-# At 1.3B batch 64 512/32 the separate GELU pass is 24 x 454 us of the prefill (bench/RESULTS.md, nineteenth
-# session); the switch is untimed.
-ACT_LOW_ROWS = None
+# A prefill's non-gated activation stays a float32 pass of its own after the input projection: XLA (jax 0.11.2)
+# takes no bias + GELU into a cuBLASLt epilogue, not even for jax.nn.gelu on the GEMM's bf16 output with
+# xla_gpu_enable_cublaslt (bench/gelu_epilogue_probe.py; bench/RESULTS.md, twentieth session), and the bf16 form
+# measured no faster (1.3B batch 64), so the nineteenth session's switch for it (ACT_LOW_ROWS) was removed.
 
 
 class MLP(nn.Module):
@@ -50,10 +48,7 @@ class MLP(nn.Module):
             up, gate = fused_linears([self.wi, self.wg], x)
             h = activation(self.act, gate.astype(jnp.float32)) * up.astype(jnp.float32)
         else:
-            y = self.wi(x)
-            low = (ACT_LOW_ROWS is not None and _rows(y, 1) >= ACT_LOW_ROWS
-                   and y.dtype in (jnp.bfloat16, jnp.float16))
-            h = activation(self.act, y if low else y.astype(jnp.float32))
+            h = activation(self.act, self.wi(x).astype(jnp.float32))
         return self.wo(h.astype(self.dtype))
 
     def parts(self, x):
