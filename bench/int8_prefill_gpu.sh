@@ -8,22 +8,22 @@
 # ab3: the ab part at 512/32 alone, three A/B pairs (nineteenth session). step64: the 1.3B batch-64 decode step
 # (step_ab, prompt 384) with int8 weights over small-M configs for the normalising projections, bf16 beside
 # (old264: the int8 64-row calls' program target before the nineteenth session; that session ran 'wp528', the
-# default since).
+# default since). Twentieth session: INT8_DEQUANT_ROWS = 4096 is the default now, so 'triton' sets it to none; the
+# A/B parts run a process per variant (request_ab --isolate: in one process the variants interfered).
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-DEQ="set:ftjax.layers.linear.INT8_DEQUANT_ROWS=4096"
-CUB="admit:xla_gpu_cublas_fallback=true"
+TRI="exact;set:ftjax.layers.linear.INT8_DEQUANT_ROWS=none"   # the Triton GEMMs (the default before the twentieth session)
 PART=${1:-all}
-[ "$PART" = all ] || [ "$PART" = ab ] && timeout 150 python bench/request_ab.py --model 1.3b --weights int8 --cases 64-512-32,64-128-8 --reps ${REPS:-5} \
-  --variants "triton=exact,deqcub=exact;$DEQ;$CUB,triton2=exact,deqcub2=exact;$DEQ;$CUB" \
+[ "$PART" = all ] || [ "$PART" = ab ] && timeout 330 python bench/request_ab.py --isolate --model 1.3b --weights int8 --cases 64-512-32,64-128-8 --reps ${REPS:-5} \
+  --variants "triton=$TRI,deqcub=exact,triton2=$TRI,deqcub2=exact" \
   --json "$OUT/int8_prefill.jsonl" 2>&1 | grep -v Warning
 [ "$PART" = all ] || [ "$PART" = bf16 ] && timeout 60 python bench/request_ab.py --model 1.3b --weights bf16 --cases 64-128-8,64-512-32 --reps 5 \
   --variants "exact,exact2=exact" --json "$OUT/bf16.jsonl" 2>&1 | grep -v Warning
 [ "$PART" = all ] || [ "$PART" = sl64 ] && timeout 100 python bench/small_linear.py --parts main,sweep --models gpt1.3b --ms 64 --dtypes bf16,int8t \
   --sweep gpt1.3b:fc1:64:int8t,gpt1.3b:qkv:64:int8t,gpt1.3b:fc2:64:int8t,gpt1.3b:o:64:int8t --sweep-budget 50 \
   --json "$OUT/small_linear64.json" 2>&1 | grep -v Warning | tail -30
-[ "$PART" = ab3 ] && timeout 150 python bench/request_ab.py --model 1.3b --weights int8 --cases 64-512-32 --reps ${REPS:-7} \
-  --variants "triton=exact,deqcub=exact;$DEQ;$CUB,triton2=exact,deqcub2=exact;$DEQ;$CUB,triton3=exact,deqcub3=exact;$DEQ;$CUB" \
+[ "$PART" = ab3 ] && timeout 400 python bench/request_ab.py --isolate --model 1.3b --weights int8 --cases 64-512-32 --reps ${REPS:-7} \
+  --variants "triton=$TRI,deqcub=exact,triton2=$TRI,deqcub2=exact,triton3=$TRI,deqcub3=exact" \
   --json "$OUT/int8_prefill3.jsonl" 2>&1 | grep -v Warning
 [ "$PART" = step64 ] && { timeout 330 python bench/step_ab.py --models 1.3b --weights int8 --batch 64 --prompt 384 --modes "" \
   --sl "default=" "old264=target_programs:264" "s4=num_splits:4" "w8=num_warps:8" "w8s4=num_warps:8;num_splits:4" \

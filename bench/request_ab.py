@@ -11,14 +11,21 @@ requests) before its timed requests; rows print as they come. A variant is a pre
 attribute, set for a module global, `set:ftjax.models.gpt.NORM_KERNEL=false`, held while that variant's
 engine compiles and runs, the jit caches cleared at each switch; mode: pieces, exact or dynamic; a list
 value joins its items with '+').
+
+--isolate runs each variant in a process of its own (the parent compares their tokens): variants compiled in one
+process can interfere. The int8 dequantised-prefill switch (linear.INT8_DEQUANT_ROWS) measured ~10 ms apart in
+separate processes, but in one process the variant compiled second took the first one's time, whichever it was
+(bench/RESULTS.md, twentieth session). Use it for switches that change the GEMMs XLA compiles.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -90,7 +97,11 @@ def main():
     ap.add_argument("--weights", default="bf16", choices=["bf16", "int8", "int8e"],
                     help="int8 / int8e: weight-only INT8 (quantize='int8' / 'int8-embed') of the random weights")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--isolate", action="store_true", help="each variant in a process of its own")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)   # one --isolate variant: ROW lines
     a = ap.parse_args()
+    if a.isolate and not a.child:
+        return isolated(a)
 
     import jax
     import numpy as np
@@ -108,9 +119,10 @@ def main():
                                    mode="int8-embed" if a.weights == "int8e" else "int8")
     cases = [tuple(int(x) for x in c.split("-")) for c in a.cases.split(",")]
     variants = [parse_variant(v) for v in a.variants.split(",")]
-    print(f"{a.model} ({a.weights}) on {jax.devices()[0].device_kind}, jax {jax.__version__}; ms per request, median of "
-          f"{a.reps} (min in brackets)")
-    out = open(a.json, "a") if a.json else None
+    if not a.child:
+        print(f"{a.model} ({a.weights}) on {jax.devices()[0].device_kind}, jax {jax.__version__}; ms per request, "
+              f"median of {a.reps} (min in brackets)")
+    out = open(a.json, "a") if a.json and not a.child else None
     ref = {}   # case -> the first variant's tokens (greedy: every variant must give the same)
     from bench.step_ab import apply_sets
     for name, mode, opts, attrs, sets in variants:
@@ -146,7 +158,13 @@ def main():
             same = ref.setdefault((b, t_in, t_out), res.tokens) == res.tokens
             row = {"model": a.model, "weights": a.weights, "case": f"b{b}-{t_in}-{t_out}", "variant": name, "mode": mode,
                    "options": {**opts, **({"engine": attrs} if attrs else {}), **({"set": sets} if sets else {})}, "ms": 1e3 * statistics.median(lat), "min_ms": 1e3 * min(lat),
-                   "first_s": first, "same_tokens": same, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+                   "first_s": first, "same_tokens": same, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                   "tokens_sha": hashlib.sha1(json.dumps(res.tokens).encode()).hexdigest()[:16]}
+            if a.child:
+                print("ROW " + json.dumps(row, default=str), flush=True)
+                del llm, res
+                gc.collect()
+                continue
             print(f"  {row['case']:14s} {name:22s} {row['ms']:8.2f} ({row['min_ms']:.2f})  first {first:.1f} s"
                   f"{'' if same else '  TOKENS DIFFER from the first variant'}")
             if out:
@@ -155,6 +173,42 @@ def main():
             del llm, res
             gc.collect()
         apply_sets(restore)
+
+
+def isolated(a):
+    """--isolate: one child process per variant (this script with --child and that one variant); prints and
+    writes their rows as they come, tokens compared with the first variant's by hash."""
+    header = False
+    ref = {}
+    out = open(a.json, "a") if a.json else None
+    for v in a.variants.split(","):
+        argv = [sys.executable, os.path.abspath(__file__), "--child", "--model", a.model, "--cases", a.cases,
+                "--variants", v, "--reps", str(a.reps), "--attention", a.attention, "--weights", a.weights]
+        got = 0
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+            for line in p.stdout:
+                if not line.startswith("ROW "):
+                    if "FAILED" in line:
+                        print(line.rstrip(), flush=True)
+                    continue
+                row = json.loads(line[4:])
+                got += 1
+                if not header:
+                    print(f"{a.model} ({a.weights}) on {row['device']}, jax {row['jax']}; ms per request, median of "
+                          f"{a.reps} (min in brackets); a process per variant")
+                    header = True
+                row["same_tokens"] = ref.setdefault(row["case"], row["tokens_sha"]) == row["tokens_sha"]
+                row["isolated"] = True
+                print(f"  {row['case']:14s} {row['variant']:22s} {row['ms']:8.2f} ({row['min_ms']:.2f})  first "
+                      f"{row['first_s']:.1f} s{'' if row['same_tokens'] else '  TOKENS DIFFER from the first variant'}",
+                      flush=True)
+                if out:
+                    out.write(json.dumps(row, default=str) + "\n")
+                    out.flush()
+            err = p.stderr.read()
+        if p.returncode or not got:
+            tail = "\n".join(ln for ln in err.splitlines() if "Warning" not in ln)[-2000:]
+            print(f"  variant {v.split('=')[0]}: rc {p.returncode}, {got} rows\n{tail}", flush=True)
 
 
 if __name__ == "__main__":
