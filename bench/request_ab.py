@@ -144,7 +144,7 @@ def main():
                 llm.generate(prompts, max_new_tokens=t_out, end_id=None)
             except Exception as e:  # noqa: BLE001 -- an XLA option the runtime refuses: report, go on
                 print(f"  b{b}-{t_in}-{t_out}  {name:22s} FAILED: {type(e).__name__}: {str(e)[:300]}")
-                del llm
+                llm = None
                 gc.collect()
                 continue
             first = time.perf_counter() - t0
@@ -162,7 +162,7 @@ def main():
                    "tokens_sha": hashlib.sha1(json.dumps(res.tokens).encode()).hexdigest()[:16]}
             if a.child:
                 print("ROW " + json.dumps(row, default=str), flush=True)
-                del llm, res
+                llm = res = None
                 gc.collect()
                 continue
             print(f"  {row['case']:14s} {name:22s} {row['ms']:8.2f} ({row['min_ms']:.2f})  first {first:.1f} s"
