@@ -120,8 +120,7 @@ def main():
     cases = [tuple(int(x) for x in c.split("-")) for c in a.cases.split(",")]
     variants = [parse_variant(v) for v in a.variants.split(",")]
     if not a.child:
-        print(f"{a.model} ({a.weights}) on {jax.devices()[0].device_kind}, jax {jax.__version__}; ms per request, "
-              f"median of {a.reps} (min in brackets)")
+        _header(a, jax.devices()[0].device_kind, jax.__version__)
     out = open(a.json, "a") if a.json and not a.child else None
     ref = {}   # case -> the first variant's tokens (greedy: every variant must give the same)
     from bench.step_ab import apply_sets
@@ -165,14 +164,24 @@ def main():
                 llm = res = None
                 gc.collect()
                 continue
-            print(f"  {row['case']:14s} {name:22s} {row['ms']:8.2f} ({row['min_ms']:.2f})  first {first:.1f} s"
-                  f"{'' if same else '  TOKENS DIFFER from the first variant'}")
-            if out:
-                out.write(json.dumps(row, default=str) + "\n")
-                out.flush()
+            _report(row, out)
             del llm, res
             gc.collect()
         apply_sets(restore)
+
+
+def _header(a, device, jax_version, extra=""):
+    print(f"{a.model} ({a.weights}) on {device}, jax {jax_version}; ms per request, median of {a.reps} (min in "
+          f"brackets){extra}", flush=True)
+
+
+def _report(row, out):
+    """One row: its line on stdout and, with --json, its JSON line."""
+    print(f"  {row['case']:14s} {row['variant']:22s} {row['ms']:8.2f} ({row['min_ms']:.2f})  first {row['first_s']:.1f} s"
+          f"{'' if row['same_tokens'] else '  TOKENS DIFFER from the first variant'}", flush=True)
+    if out:
+        out.write(json.dumps(row, default=str) + "\n")
+        out.flush()
 
 
 def isolated(a):
@@ -194,17 +203,11 @@ def isolated(a):
                 row = json.loads(line[4:])
                 got += 1
                 if not header:
-                    print(f"{a.model} ({a.weights}) on {row['device']}, jax {row['jax']}; ms per request, median of "
-                          f"{a.reps} (min in brackets); a process per variant")
+                    _header(a, row["device"], row["jax"], "; a process per variant")
                     header = True
                 row["same_tokens"] = ref.setdefault(row["case"], row["tokens_sha"]) == row["tokens_sha"]
                 row["isolated"] = True
-                print(f"  {row['case']:14s} {row['variant']:22s} {row['ms']:8.2f} ({row['min_ms']:.2f})  first "
-                      f"{row['first_s']:.1f} s{'' if row['same_tokens'] else '  TOKENS DIFFER from the first variant'}",
-                      flush=True)
-                if out:
-                    out.write(json.dumps(row, default=str) + "\n")
-                    out.flush()
+                _report(row, out)
             err = p.stderr.read()
         if p.returncode or not got:
             tail = "\n".join(ln for ln in err.splitlines() if "Warning" not in ln)[-2000:]

@@ -495,20 +495,14 @@ class Engine:
         if len(ids) == 0:
             raise ValueError(f"{field}: empty prompt")
         V = self.cfg.vocab
-        a = ids if isinstance(ids, np.ndarray) else None
-        if a is None:
-            try:
-                a = np.asarray(ids)
-            except (TypeError, ValueError, OverflowError):
-                a = None
-        if a is not None and a.ndim == 1 and a.dtype.kind in "iu":   # one vector test, not a loop per id
+        a = int_row(ids)
+        if a is not None:   # one vector test, not a loop per id
             bad = np.flatnonzero((a < 0) | (a >= V))
-            if bad.size:
-                raise ValueError(f"{field}: token id {int(a[bad[0]])} outside the vocabulary [0, {V})")
+            first = int(a[bad[0]]) if bad.size else None
         else:
-            bad = [t for t in ids if not 0 <= int(t) < V]
-            if bad:
-                raise ValueError(f"{field}: token id {bad[0]} outside the vocabulary [0, {V})")
+            first = next((t for t in ids if not 0 <= int(t) < V), None)
+        if first is not None:
+            raise ValueError(f"{field}: token id {first} outside the vocabulary [0, {V})")
         if not self.family.samples_at_prefill:  # encoder-decoder: the prompt is the encoder's input
             if len(ids) > self.S:
                 raise ValueError(f"{field}: {len(ids)} tokens exceed max_seq_len {self.S}")
@@ -689,6 +683,17 @@ def _copts(options) -> dict:
 
 
 _WORD_DTYPES = ("int32", "uint32", "float32", "bool")
+
+
+def int_row(ids):
+    """`ids` as a 1-D integer numpy array when numpy takes them as plain integers (one conversion, no loop
+    per id); None for anything else (floats, strings, ints beyond int64, nested rows)."""
+    if not isinstance(ids, np.ndarray):
+        try:
+            ids = np.asarray(ids)
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return ids if ids.ndim == 1 and ids.dtype.kind in "iu" else None
 
 
 def pack_words(tree):

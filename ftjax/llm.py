@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from ftjax.config import ModelConfig, default_config
-from ftjax.engine import Engine, EngineConfig, bucket
+from ftjax.engine import Engine, EngineConfig, bucket, int_row
 from ftjax.sampling import MODEL_DEFAULT, SamplingParams, params_for_batch
 
 log = logging.getLogger("ftjax")
@@ -214,13 +214,8 @@ def _as_prompts(prompts) -> list:
             raise ValueError(f"prompts[{i}]: expected a list of token ids, got {type(p).__name__}")
         if len(p) == 0:
             raise ValueError(f"prompts[{i}]: empty prompt")
-        a = None
-        if not isinstance(p, np.ndarray) or p.ndim == 1:
-            try:
-                a = np.asarray(p)
-            except (TypeError, ValueError, OverflowError):
-                a = None
-        if a is not None and a.ndim == 1 and a.dtype.kind in "iu":
+        a = int_row(p)
+        if a is not None:
             out.append(a)
             continue
         if isinstance(p, np.ndarray):

@@ -22,12 +22,6 @@ def activation(name: str, x):
     raise ValueError(f"activation: unknown {name!r}")
 
 
-# A prefill's non-gated activation stays a float32 pass of its own after the input projection: XLA (jax 0.11.2)
-# takes no bias + GELU into a cuBLASLt epilogue, not even for jax.nn.gelu on the GEMM's bf16 output with
-# xla_gpu_enable_cublaslt (bench/gelu_epilogue_probe.py; bench/RESULTS.md, twentieth session), and the bf16 form
-# measured no faster (1.3B batch 64), so the nineteenth session's switch for it (ACT_LOW_ROWS) was removed.
-
-
 class MLP(nn.Module):
     dim: int        # d
     ffn_dim: int    # f
@@ -48,6 +42,8 @@ class MLP(nn.Module):
             up, gate = fused_linears([self.wi, self.wg], x)
             h = activation(self.act, gate.astype(jnp.float32)) * up.astype(jnp.float32)
         else:
+            # float32, a pass of its own at prefill: XLA takes no bias + GELU into a cuBLASLt epilogue, and a bf16
+            # activation measured no faster (bench/gelu_epilogue_probe.py; bench/RESULTS.md, twentieth session)
             h = activation(self.act, self.wi(x).astype(jnp.float32))
         return self.wo(h.astype(self.dtype))
 
