@@ -272,3 +272,80 @@ def test_bad_arguments(case):
   with pytest.raises(AssertionError) as e:
     fn(x, w)
   assert text in str(e.value), str(e.value)
+
+
+ACT_CASES = [
+    # (M, K, S, n_src, act, scaled, biased, weight dtypes, x dtype, transposed, config)
+    (1, 256, 8, 1, "gelu_tanh", False, True, (BF16,), BF16, False, C(block_n=32, block_k=64, num_splits=4)),
+    (3, 200, 3, 1, "relu", True, True, (I8,), BF16, True, C(block_n=32, block_k=32, num_splits=3)),   # ragged K
+    (5, 96, 2, 2, "silu", False, False, (BF16, I8), BF16, False, None),                # gated, auto config
+    (2, 72, 5, 2, "gelu_tanh", True, False, (F32,), F16, False, C(block_n=16, block_k=16, num_splits=5)),
+    (40, 64, 4, 1, "gelu_tanh", False, True, (BF16,), BF16, False, None),              # 17..64 rows
+    (16, 128, 1, 2, "silu", True, True, (I8,), F32, True, C(num_splits=2)),            # one source split
+]
+
+
+@pytest.mark.parametrize("case", range(len(ACT_CASES)))
+def test_activation_prologue(case):
+  """small_linear_parts(act=...): x = act(y) (or act(y_gate) * y_up), y = sum of the producer's partials,
+  times its scale, plus its bias, each rounded to x's dtype, computed in the kernel's tiles; against the
+  float32 twin fed x built the same way in jnp (the partials summed in the kernel's order), swapped and
+  unswapped."""
+  from ftjax.layers.mlp import activation
+  M, K, S_, n_src, act, scaled, biased, wd, xd, transposed, cfg = ACT_CASES[case]
+  ks = jax.random.split(jax.random.key(100 + case), 8)
+  srcs = [jax.random.normal(ks[i], (S_, M, K), F32) for i in range(n_src)]
+  scales = [jax.random.uniform(ks[2 + i], (K,), F32, 0.5, 1.5) if scaled else None for i in range(n_src)]
+  biases = [jax.random.normal(ks[4 + i], (K,), F32) if biased else None for i in range(n_src)]
+  ys = []
+  for src, sc, bi in zip(srcs, scales, biases):
+    y = src[0]
+    for s in range(1, S_):
+      y = y + src[s]
+    y = y if sc is None else y * sc
+    y = y if bi is None else y + bi
+    ys.append(y.astype(xd).astype(F32))
+  x = (activation(act, ys[1]) * ys[0] if n_src == 2 else activation(act, ys[0])).astype(xd)
+  assert float(jnp.min(jnp.abs(x.astype(F32)))) < float(jnp.max(jnp.abs(x.astype(F32))))   # not constant
+  _, ws, wscales = make(120 + case, M, K, (48,) * len(wd), wd, xd)
+  stored = [w.T if transposed else w for w in ws]
+  for swap in ((True, False) if jnp.dtype(xd).itemsize == 2 and M <= 16 else (None,)):
+    c = dataclasses.replace(cfg or C(), swap_ab=swap)
+    parts = S.small_linear_parts(jax.ShapeDtypeStruct((M, K), xd), stored, act=(srcs, scales, biases, act),
+                                 config=c, interpret=True, transposed=[transposed] * len(ws))
+    out = [p.sum(0) if s is None else p.sum(0) * s for p, s in zip(parts, wscales)]
+    check(out, x, ws, wscales)
+
+
+def test_activation_prologue_lowers_on_cpu():
+  """The prologue's primitives (tanh, logistic, the partial loads) lower to Triton (see
+  test_cuda_lowering_on_cpu)."""
+  from jax._src.lib import version as jaxlib_version
+  if jaxlib_version > (0, 10, 2):
+    pytest.skip("this jaxlib compiles Triton at lowering time (needs a GPU)")
+  for M, K, S_, n_src, act, wd in [(1, 8192, 8, 1, "gelu_tanh", BF16), (16, 1000, 3, 2, "silu", I8),
+                                   (5, 512, 4, 1, "relu", BF16)]:
+    srcs = [jnp.zeros((S_, M, K), F32)] * n_src
+    sc = [jnp.ones((K,), F32)] * n_src
+    w = jnp.zeros((K, 2048), wd)
+    f = lambda srcs, sc, w: S.small_linear_parts(  # noqa: E731
+        jax.ShapeDtypeStruct((M, K), BF16), [w], act=(srcs, sc, sc, act))
+    low = jax.jit(f).trace(srcs, sc, w).lower(lowering_platforms=("cuda",))
+    assert low.as_text().count("__gpu$xla.gpu.triton") == 1
+
+
+@pytest.mark.parametrize("bad,text", [
+    (dict(name="gelu"), "act 'gelu' is not one of"),
+    (dict(n=3), "1 or 2 sources"),
+    (dict(shape=(2, 3, 64)), "srcs[0] must be [S, M=2, K=64]"),
+    (dict(dtype=BF16), "srcs[0].dtype=bfloat16 must be float32"),
+    (dict(bias_shape=(63,)), "scales / biases must be [K]=[64]"),
+])
+def test_activation_prologue_bad_arguments(bad, text):
+  n = bad.get("n", 1)
+  srcs = [jnp.zeros(bad.get("shape", (2, 2, 64)), bad.get("dtype", F32))] * n
+  biases = [jnp.zeros(bad.get("bias_shape", (64,)), F32)] * n
+  with pytest.raises(AssertionError) as e:
+    S.small_linear_parts(jax.ShapeDtypeStruct((2, 64), BF16), [jnp.zeros((64, 32), BF16)],
+                         act=(srcs, [None] * n, biases, bad.get("name", "gelu_tanh")), interpret=True)
+  assert text in str(e.value), str(e.value)
