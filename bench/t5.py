@@ -122,7 +122,7 @@ def bench_hf(cfg, prompts, out_len, mode, reps, device, torch_dtype, seed=0):
         sync()
         times.append(time.perf_counter() - t0)
     toks = int(out.shape[0] * (out.shape[1] - 1))  # one sequence per prompt (beam 0), minus the start id
-    del model
+    model = None   # free the weights before the next case (a name the nested run() still refers to)
     if device == "cuda":
         torch.cuda.empty_cache()
     return dict(seconds=statistics.median(times), times=times, tokens=toks, warmup_s=warm)
