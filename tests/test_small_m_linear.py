@@ -102,16 +102,10 @@ def test_kernel_is_in_the_decode_step_once_per_projection_group():
                       bos_id=0, eos_id=1, **SHAPES["llama"])
     eng = _llm(cfg, gpt.init_params(cfg), True).engine
     txt = _step_jaxpr(eng)
-    # fused (the default): per layer q/k/v (one launch), o, gate/up (one launch) as unreduced partials, and down
-    # finishing gate/up itself (the activation prologue, mlp.ACT_PROLOGUE); then the untied head, reduced
-    assert len(re.findall(r"name=_small_linear_parts\b", txt)) == 3 * cfg.num_layers
-    assert len(re.findall(r"name=_small_linear_act\b", txt)) == cfg.num_layers
-    assert len(re.findall(r"name=_small_linear\b", txt)) == 1
-    with pytest.MonkeyPatch.context() as mp:   # the prologue off: down reads an XLA fusion's activation
-        mp.setattr("ftjax.layers.mlp.ACT_PROLOGUE", False)
-        txt = _step_jaxpr(_llm(cfg, gpt.init_params(cfg), True).engine)
+    # fused (the default): per layer q/k/v (one launch), o, gate/up (one launch), down as unreduced partials;
+    # then the untied head, reduced
     assert len(re.findall(r"name=_small_linear_parts\b", txt)) == 4 * cfg.num_layers
-    assert "_small_linear_act" not in txt
+    assert len(re.findall(r"name=_small_linear\b", txt)) == 1
     eng = _llm(cfg, gpt.init_params(cfg), True, fuse=False).engine
     txt = _step_jaxpr(eng)
     assert len(re.findall(r"name=_small_linear\b", txt)) == 4 * cfg.num_layers + 1
@@ -138,7 +132,7 @@ def test_wide_batches_take_the_fused_path():
 
     for p in (params, qparams):
         txt = _step_jaxpr(engine(p, True).engine)
-        assert len(re.findall(r"name=_small_linear_(parts|act)\b", txt)) == 4 * cfg.num_layers
+        assert len(re.findall(r"name=_small_linear_parts\b", txt)) == 4 * cfg.num_layers
         assert len(re.findall(r"name=add_stats\b", txt)) == 2 * cfg.num_layers   # the final norm: add_norm
     assert "_small_linear" not in _step_jaxpr(engine(qparams, True, rows=65).engine)
     prompts = [list(r) for r in np.random.RandomState(seed % 997).randint(2, 300, size=(20, 5))]

@@ -123,15 +123,13 @@ def test_fused_decode_step_lowers(family):
         assert f'name = "{name}"' in txt, name
     # kernel call sites (the lowered module holds each distinct kernel once): per layer two residual adds
     # with row statistics (the norms are applied inside the next projection), one q/k/v, one attention with
-    # the K/V write, o, MLP in, MLP out (which finishes MLP in itself: mlp.ACT_PROLOGUE); then the final add + norm
-    # and (untied) the head
+    # the K/V write, o, MLP in, MLP out; then the final add + norm and (untied) the head
     jtxt = str(jax.make_jaxpr(step)(*args))
     L = cfg.num_layers
     assert len(re.findall(r"name=add_stats\b", jtxt)) == 2 * L
     assert len(re.findall(r"name=add_norm\b", jtxt)) == 1
     assert len(re.findall(r"name=decode_attention_append\b", jtxt)) == L
-    assert len(re.findall(r"name=_small_linear_parts\b", jtxt)) == 3 * L
-    assert len(re.findall(r"name=_small_linear_act\b", jtxt)) == L
+    assert len(re.findall(r"name=_small_linear_parts\b", jtxt)) == 4 * L
     assert len(re.findall(r"name=_small_linear\b", jtxt)) == (0 if cfg.tie_embeddings else 1)
     assert "scatter" not in jtxt        # the K/V write is the attention kernel's
 

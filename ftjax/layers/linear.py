@@ -118,28 +118,6 @@ class NormedInput(NamedTuple):
     eps: float
 
 
-class ActInput(NamedTuple):
-    """act(y) of another projection's unreduced output, not yet computed: the fused decode path hands this to
-    `linear_parts`, whose kernel sums the producer's partials and applies bias and activation to its input tiles
-    itself (`small_linear_parts(act=...)`). parts: 1 or 2 arrays [S, *lead, K] float32 (up, or up and gate of a
-    gated MLP: x = act(gate) * up); scales, biases aligned [K] or None; dtype the dtype each y and x are
-    rounded to."""
-
-    parts: tuple
-    scales: tuple
-    biases: tuple
-    act: str
-    dtype: Any
-
-    @property
-    def shape(self):
-        return tuple(self.parts[0].shape[1:])
-
-    @property
-    def ndim(self):
-        return len(self.shape)
-
-
 def fused_decode_mode(x, n_in: int = 1):
     """The small-M mode dict when projections of x run the kernel and fusion is on, else None."""
     mode = _small_m_mode(x, n_in)
@@ -165,25 +143,19 @@ def linear_parts(x: jax.Array, ws: Sequence[Any], n_in: int = 1) -> list[tuple[j
     w a pair (parts [S, *lead, *out] float32, scale [*out] or None) with linear(x, w) = sum(parts, 0) *
     scale (before any bias), all weights in one kernel launch. For consumers that sum the partials in
     their own kernel (ftjax/pallas/add_norm.py, decode_attention_append). x may be a `NormedInput`: the
-    kernel normalises it on the fly; or an `ActInput`: the kernel finishes the producer's output itself."""
-    norm = act = None
+    kernel normalises it on the fly."""
+    norm = None
     if isinstance(x, NormedInput):
         norm = (x.stats, x.gamma, x.beta, x.kind, x.eps)
         x = x.x
-    if isinstance(x, ActInput):
-        lead = x.shape[: x.ndim - n_in]
-        m = math.prod(lead)
-        act = ([p.reshape(p.shape[0], m, -1) for p in x.parts], list(x.scales), list(x.biases), x.act)
-        x = jax.ShapeDtypeStruct(x.shape, x.dtype)
     mode = _small_m_mode(x, n_in)
     assert mode is not None, "linear_parts: the small-M kernel is off for this input"
     from ftjax.pallas.small_linear import small_linear_parts
 
     lead = x.shape[: x.ndim - n_in]
     flats = [_flat(w, n_in) for w in ws]
-    x2 = jax.ShapeDtypeStruct((math.prod(lead), math.prod(x.shape[len(lead):])), x.dtype) if act else (
-        x.reshape(math.prod(lead), -1))
-    parts = small_linear_parts(x2, [f[0] for f in flats], norm=norm, act=act, interpret=mode["interpret"],
+    x2 = x.reshape(math.prod(lead), -1)
+    parts = small_linear_parts(x2, [f[0] for f in flats], norm=norm, interpret=mode["interpret"],
                                transposed=[f[3] for f in flats])
     out = []
     for p, (_, scale, shape, _) in zip(parts, flats):

@@ -7,12 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftjax.layers.linear import ActInput, Linear, fused_linears, linear_parts, reduce_parts
-
-# The fused decode path: the output projection's kernel sums the input projection's partials and applies bias
-# and activation to its input tiles itself (`ftjax.pallas.small_linear.small_linear_parts(act=...)`), where the
-# activation is one the kernel has (PROLOGUE_ACTS); False: an XLA fusion between the two projections does it.
-ACT_PROLOGUE = True
+from ftjax.layers.linear import Linear, fused_linears, linear_parts, reduce_parts
 
 
 def activation(name: str, x):
@@ -55,21 +50,14 @@ class MLP(nn.Module):
     def parts(self, x):
         """The fused decode path: x [M, d] -> (parts [S, M, d] float32, scale or None, bias or None) of the
         output projection, unreduced (the caller's residual add + norm kernel sums them); the input
-        projections' partials are reduced with bias and activation by the output projection's kernel
-        (ACT_PROLOGUE), else by one XLA fusion."""
-        from ftjax.pallas.small_linear import PROLOGUE_ACTS
-
+        projections' partials are reduced here with bias and activation (one XLA fusion). Finishing them in the
+        output projection's own tiles instead (each program summing the partials of its K range) doubled that
+        kernel, 13 -> 23 us a 1.3B layer, for the ~1 us the fusion costs (bench/RESULTS.md, twenty-first session)."""
         mods = [self.wi, self.wg] if self.gated else [self.wi]
         ps = [m.variables["params"] for m in mods]
-        po = self.wo.variables["params"]
-        if ACT_PROLOGUE and self.act in PROLOGUE_ACTS:
-            lp = linear_parts(x, [p["kernel"] for p in ps])
-            h = ActInput(tuple(part for part, _ in lp), tuple(scale for _, scale in lp),
-                         tuple(p["bias"] if self.use_bias else None for p in ps), self.act, jnp.dtype(self.dtype))
-            (part, scale), = linear_parts(h, [po["kernel"]])
-            return part, scale, (po["bias"] if self.use_bias else None)
         ys = [reduce_parts(part, scale, p["bias"] if self.use_bias else None).astype(self.dtype).astype(jnp.float32)
               for (part, scale), p in zip(linear_parts(x, [p["kernel"] for p in ps]), ps)]
         h = activation(self.act, ys[1]) * ys[0] if self.gated else activation(self.act, ys[0])
+        po = self.wo.variables["params"]
         (part, scale), = linear_parts(h.astype(self.dtype), [po["kernel"]])
         return part, scale, (po["bias"] if self.use_bias else None)

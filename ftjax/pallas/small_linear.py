@@ -386,11 +386,9 @@ def dequant_int8(wb, cdtype, how: str):
 
 def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int,
             num_splits: int, per_split: int, n_kblocks: int, precision, norm=None,
-            dequant: str = "cvt", trans=None, pdl: bool = False, swap_ab: bool = False, pre=None,
-            cdtype=None):
+            dequant: str = "cvt", trans=None, pdl: bool = False, swap_ab: bool = False):
   """x_ref [M, K]; refs = (*w_refs [K, N_i], [stats, gamma, (beta)], *out_refs [num_splits, M, N_i]),
-  all whole arrays. With `pre`, x_ref is instead the first of the producer's split-K partials [S, M, K]
-  and refs = (*w_refs, [parts of the second source], *scales, *biases, *out_refs).
+  all whole arrays.
 
   Program (j, s) computes column block j (of the weight that owns j) over K-split s and
   stores rows < M, columns < N_i of the [16, block_n] float32 result into out_i[s].
@@ -399,24 +397,14 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
   dequant: how an int8 W tile is converted (`dequant_int8`).
   trans: per weight, True where it is stored [N, K] (its tiles are read [bn, bk], product x @ tile.T).
   pdl: the grid-dependency wait (`_common.PDL`) before the first load of x or of the norm statistics.
-  pre = (n_src, S, has_scale, has_bias, act) or None: x is act(y) (n_src 1) or act(y_gate) * y_up (n_src 2,
-  x_ref holding up) of the producer's partials, y = (sum over S) * scale + bias rounded to cdtype, computed
-  tile by tile as x is read (see `small_linear_parts`).
   """
   n_w = len(Ns)
   w_refs, refs = refs[:n_w], refs[n_w:]
   if norm is not None:
     n_norm = 3 if norm[3] else 2
     norm_refs, refs = refs[:n_norm], refs[n_norm:]
-  if pre is not None:
-    n_src, S, has_scale, has_bias, act = pre
-    src_refs, refs = (x_ref,) + tuple(refs[:n_src - 1]), refs[n_src - 1:]
-    it = iter(refs[:sum(has_scale) + sum(has_bias)])
-    sc_refs = [next(it) if h else None for h in has_scale]
-    bi_refs = [next(it) if h else None for h in has_bias]
-    refs = refs[sum(has_scale) + sum(has_bias):]
   o_refs = refs
-  cdtype = x_ref.dtype if cdtype is None else jnp.dtype(cdtype)
+  cdtype = x_ref.dtype
   pid = pl.program_id(0)
   # A traced zero, not the literal 0, where a ref is indexed at 0 (see row0 below; a Python int
   # scalar index also trips the interpreter's store rule in jax 0.10).
@@ -461,27 +449,6 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
     b = None if b_ref is None else tile(b_ref)
     return scale_shift(xb.astype(jnp.float32), mean, rstd, tile(g_ref), b).astype(cdtype)
 
-  def ktile(ref, k0, kmask):                                             # [1, bk] float32 of a [K] ref
-    v = ref.at[pl.ds(k0, block_k)]
-    return (v[...] if kmask is None else C.load(v, mask=kmask, other=0)).astype(jnp.float32)[None, :]
-
-  def pre_x(row0, k0, kmask, xm):                                         # [R, bk] cdtype from the partials
-    from ftjax.layers.mlp import activation
-    ys = []
-    for i in range(n_src):
-      y = None
-      for sp in range(S):
-        v = src_refs[i].at[zero + sp, pl.ds(row0, R), pl.ds(k0, block_k)]
-        t = v[...] if xm is None else C.load(v, mask=xm, other=0)
-        y = t if y is None else y + t
-      if sc_refs[i] is not None:
-        y = y * ktile(sc_refs[i], k0, kmask)
-      if bi_refs[i] is not None:
-        y = y + ktile(bi_refs[i], k0, kmask)
-      ys.append(y.astype(cdtype).astype(jnp.float32))
-    h = activation(act, ys[1]) * ys[0] if n_src == 2 else activation(act, ys[0])
-    return h.astype(cdtype)
-
   def run(w_ref, o_ref, N: int, first: int, t: bool):
     n0 = (pid - first) * block_n
     nmask = None
@@ -497,12 +464,9 @@ def _kernel(x_ref, *refs, Ns, firsts, K: int, M: int, block_n: int, block_k: int
       k0 = kb * block_k
       kmask = ((k0 + jnp.arange(block_k)) < K) if ragged_k else None      # [bk]
       xm = _and(rmask, None if kmask is None else kmask[None, :])
-      if pre is not None:
-        xb = pre_x(row0, k0, kmask, xm)
-      else:
-        xs = x_ref.at[pl.ds(row0, R), pl.ds(k0, block_k)]
-        xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)     # [16, bk]
-        xb = normalise(xb, k0, kmask, stats)
+      xs = x_ref.at[pl.ds(row0, R), pl.ds(k0, block_k)]
+      xb = xs[...] if xm is None else C.load(xs, mask=xm, other=0)       # [16, bk]
+      xb = normalise(xb, k0, kmask, stats)
       if t:                                                               # [bn, bk], K contiguous
         ncol = None if nmask is None else ((n0 + jnp.arange(block_n)) < N)[:, None]  # [bn, 1]
         wm = _and(ncol, None if kmask is None else kmask[None, :])
@@ -556,11 +520,9 @@ def _swap_ab(how, x, ws) -> bool:
           and all(jnp.dtype(w.dtype).itemsize == 2 for w in ws))
 
 
-def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None, pre_args=(), pre=None, xdtype=None):
-  """The kernel call: list of [num_splits, M, N_i] float32 split-K partials (scales not applied). With `pre`
-  (see `_kernel`), x is the first source's partials [S, M, K] and xdtype the dtype x is rounded to."""
-  xs = x if pre is None else jax.ShapeDtypeStruct(x.shape[1:], xdtype)    # x as the product sees it
-  M, K = xs.shape
+def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None):
+  """The kernel call: list of [num_splits, M, N_i] float32 split-K partials (scales not applied)."""
+  M, K = x.shape
   trans = _transposed(ws, trans)
   Ns = tuple(int(_kn(w, t)[1]) for w, t in zip(ws, trans))
   wdtype = max((jnp.dtype(w.dtype) for w in ws), key=lambda d: d.itemsize)
@@ -573,24 +535,23 @@ def _parts(x, ws, *, config, interpret, norm_args=(), norm=None, trans=None, pre
 
   kernel = functools.partial(
       _kernel, Ns=Ns, firsts=firsts, K=K, M=M, block_n=bn, block_k=bk, num_splits=splits,
-      per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(xs.dtype), norm=norm,
+      per_split=per_split, n_kblocks=n_kblocks, precision=C.dot_precision(x.dtype), norm=norm,
       dequant=resolve_dequant(cfg.dequant, interpret), trans=trans, pdl=C.pdl_on(interpret, M),
-      swap_ab=_swap_ab(cfg.swap_ab, xs, ws), pre=pre, cdtype=None if pre is None else str(jnp.dtype(xdtype)))
+      swap_ab=_swap_ab(cfg.swap_ab, x, ws))
   # Whole-array blocks (index 0): the kernel indexes x, W and the outputs itself (pl.ds + masks),
   # so nothing is padded or copied around the call.
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda j, s: (0,) * len(shape))  # noqa: E731
   out_shapes = [(splits, M, n) for n in Ns]
-  extra = tuple(norm_args) + tuple(pre_args)
   return list(pl.pallas_call(
       kernel,
       grid=(int(sum(nbs)), splits),
-      in_specs=[whole(x.shape)] + [whole(w.shape) for w in ws] + [whole(a.shape) for a in extra],
+      in_specs=[whole(x.shape)] + [whole(w.shape) for w in ws] + [whole(a.shape) for a in norm_args],
       out_specs=[whole(sh) for sh in out_shapes],
       out_shape=[jax.ShapeDtypeStruct(sh, jnp.float32) for sh in out_shapes],
       compiler_params=C.triton_compiler_params(cfg.num_warps, cfg.num_stages),
       interpret=interpret,
       name="ftjax_small_linear",
-  )(x, *ws, *extra))
+  )(x, *ws, *norm_args))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "trans"))
@@ -616,15 +577,6 @@ def _small_linear_parts(x, ws, norm_args, *, config, interpret, kind, eps, trans
                 trans=trans)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "trans", "act", "xdtype"))
-def _small_linear_act(srcs, scales, biases, ws, *, config, interpret, act, xdtype, trans=None):
-  pre = (len(srcs), int(srcs[0].shape[0]), tuple(a is not None for a in scales),
-         tuple(a is not None for a in biases), act)
-  pre_args = tuple(srcs[1:]) + tuple(a for a in scales if a is not None) + tuple(a for a in biases if a is not None)
-  return _parts(srcs[0], ws, config=config, interpret=interpret, trans=trans, pre_args=pre_args, pre=pre,
-                xdtype=xdtype)
-
-
 def small_linear(x, ws, scales=None, *, config: SmallLinearConfig | None = None,
                  interpret: bool = False, transposed=None):
   """x [M, K] (the engine sends up to `linear.SMALL_M_ROWS` rows); ws list of 1..3 weights [K, N_i];
@@ -645,13 +597,8 @@ def small_linear(x, ws, scales=None, *, config: SmallLinearConfig | None = None,
                        interpret=bool(interpret), trans=trans if any(trans) else None)
 
 
-# Activations the kernel's input prologue computes (`small_linear_parts(act=...)`): those whose primitives
-# Pallas' Triton lowering has (tanh, logistic); exact GELU needs erf, which it does not.
-PROLOGUE_ACTS = ("gelu_tanh", "relu", "silu")
-
-
-def small_linear_parts(x, ws, *, norm=None, act=None, config: SmallLinearConfig | None = None,
-                       interpret: bool = False, transposed=None):
+def small_linear_parts(x, ws, *, norm=None, config: SmallLinearConfig | None = None, interpret: bool = False,
+                       transposed=None):
   """Like `small_linear` without the reduction: list of [S, M, N_i] float32 split-K partials whose
   sum over S is x @ ws[i].astype(x.dtype) (scales are the caller's to apply, after the sum). For a
   consumer kernel that sums them itself (`add_stats`, `decode_attention_append`): no XLA kernel runs
@@ -660,38 +607,12 @@ def small_linear_parts(x, ws, *, norm=None, act=None, config: SmallLinearConfig 
   norm = (stats [2, M, C], gamma [K], beta [K] or None, kind, eps) or None: x is first normalised, as
   `ftjax.pallas.add_norm.norm_from_stats(x, stats, gamma, beta, kind=kind, eps=eps)` would (stats from
   `add_stats`), tile by tile inside the kernel: the norm costs no kernel launch of its own.
-
-  act = (srcs, scales, biases, name) or None: x is the activation of another projection's unreduced output
-  (the MLP's input projection, whose partials this kernel sums itself: no XLA kernel runs between the two
-  projections). srcs: 1 or 2 partials [S, M, K] float32 (up, or up and gate of a gated MLP); scales, biases:
-  aligned lists of [K] or None; name one of PROLOGUE_ACTS. Each y_i = sum(srcs[i], 0) * scale + bias is
-  rounded to x.dtype (x then only gives the dtype: pass any [M, K] array or ShapeDtypeStruct), and x =
-  act(y_0), or act(y_1) * y_0 with two sources, rounded to x.dtype: what `ftjax.layers.mlp.MLP.parts`
-  computes in XLA.
   `transposed` as in `small_linear`."""
   ws, _ = _normalize(ws, None)
   trans = _transposed(ws, transposed)
+  _check(x, ws, [None] * len(ws), trans)
   assert config is None or isinstance(config, SmallLinearConfig), (
       f"config must be a SmallLinearConfig or None, got {type(config).__name__}")
-  assert norm is None or act is None, "small_linear_parts: norm and act are exclusive"
-  if act is not None:
-    srcs, scales, biases, name = act
-    srcs, scales, biases = tuple(srcs), tuple(scales), tuple(biases)
-    M, K = x.shape
-    assert name in PROLOGUE_ACTS, f"act {name!r} is not one of {PROLOGUE_ACTS} (the kernel's activations)"
-    assert len(srcs) in (1, 2) and len(scales) == len(biases) == len(srcs), (
-        f"act: 1 or 2 sources with aligned scales / biases, got {len(srcs)} / {len(scales)} / {len(biases)}")
-    for i, src in enumerate(srcs):
-      assert src.ndim == 3 and src.shape[1:] == (M, K) and src.shape[0] == srcs[0].shape[0], (
-          f"act: srcs[{i}] must be [S, M={M}, K={K}] (S as srcs[0]), got {src.shape}")
-      assert src.dtype == jnp.float32, f"act: srcs[{i}].dtype={src.dtype} must be float32"
-    for i, a in enumerate(scales + biases):
-      assert a is None or a.shape == (K,), f"act: scales / biases must be [K]=[{K}] or None, got {a.shape}"
-    _check(jax.ShapeDtypeStruct((M, K), x.dtype), ws, [None] * len(ws), trans)
-    return _small_linear_act(srcs, scales, biases, tuple(ws), config=config or DEFAULT_CONFIG,
-                             interpret=bool(interpret), act=name, xdtype=str(jnp.dtype(x.dtype)),
-                             trans=trans if any(trans) else None)
-  _check(x, ws, [None] * len(ws), trans)
   norm_args, kind, eps = (), None, None
   if norm is not None:
     stats, gamma, beta, kind, eps = norm
