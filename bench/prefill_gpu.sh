@@ -10,6 +10,8 @@
 #                                       # from 4096 tokens) at batch-64 prefills, ABAB (the session's one pair:
 #                                       # bench/s16_gpu.sh). int8: the seventeenth session's suspect for the int8 b64
 #                                       # prefill that got 11 ms slower than the eleventh session's (bench/RESULTS.md)
+#   bash bench/prefill_gpu.sh iso       # twenty-first session: norm64 (bf16, 512/32) and ab's dot-merger half again,
+#                                       # a process per variant (request_ab --isolate)
 #   (the nineteenth session's `gelu` part, run in the twentieth: XLA took no GELU into a cuBLASLt epilogue and the
 #   switch it tested, mlp.ACT_LOW_ROWS, was removed; bench/gelu_epilogue_probe.py is the standalone check)
 . "$(dirname "$0")/gpu_env.sh"
@@ -36,6 +38,18 @@ case "${1:-profile}" in
     W=${2:-bf16}
     timeout 280 python bench/request_ab.py --model 1.3b --weights $W --cases 64-128-8,64-512-32 --reps 7 \
       --variants "on=exact,off=$OFF,on2=exact,off2=$OFF" --json "$OUT/norm64_$W.jsonl" 2>&1 | grep -v Warning
+    ;;
+  iso)
+    # twenty-first session: the bf16 halves of `norm64` and `ab` again, a process per variant (request_ab --isolate):
+    # both switches change what XLA compiles around the prefill's GEMMs, and in one process such variants can
+    # take each other's time (bench/RESULTS.md, twentieth session)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    OFF="exact;set:ftjax.models.gpt.NORM_KERNEL=false"
+    timeout 200 python bench/request_ab.py --isolate --model 1.3b --weights bf16 --cases 64-512-32 --reps 5 \
+      --variants "on=exact,off=$OFF,on2=exact,off2=$OFF" --json "$OUT/norm64_iso.jsonl" 2>&1 | grep -v Warning
+    NOMERGE="exact;admit:xla_disable_hlo_passes=dot_merger"
+    timeout 150 python bench/request_ab.py --isolate --model 1.3b --weights bf16 --cases 1-512-32 --reps 5 \
+      --variants "exact,nomerge=$NOMERGE,exact2=exact,nomerge2=$NOMERGE" --json "$OUT/nomerge_iso.jsonl" 2>&1 | grep -v Warning
     ;;
   *) echo "unknown part $1"; exit 2 ;;
 esac
