@@ -12,6 +12,8 @@
 #                                       # prefill that got 11 ms slower than the eleventh session's (bench/RESULTS.md)
 #   bash bench/prefill_gpu.sh iso       # twenty-first session: norm64 (bf16, 512/32) and ab's dot-merger half again,
 #                                       # a process per variant (request_ab --isolate)
+#   bash bench/prefill_gpu.sh det       # twenty-first session: the same request's tokens across cold processes,
+#                                       # XLA's GEMM autotuning off and on
 #   (the nineteenth session's `gelu` part, run in the twentieth: XLA took no GELU into a cuBLASLt epilogue and the
 #   switch it tested, mlp.ACT_LOW_ROWS, was removed; bench/gelu_epilogue_probe.py is the standalone check)
 . "$(dirname "$0")/gpu_env.sh"
@@ -50,6 +52,14 @@ case "${1:-profile}" in
     NOMERGE="exact;admit:xla_disable_hlo_passes=dot_merger"
     timeout 150 python bench/request_ab.py --isolate --model 1.3b --weights bf16 --cases 1-512-32 --reps 5 \
       --variants "exact,nomerge=$NOMERGE,exact2=exact,nomerge2=$NOMERGE" --json "$OUT/nomerge_iso.jsonl" 2>&1 | grep -v Warning
+    ;;
+  det)
+    # twenty-first session: greedy tokens of the same request in separate cold processes (no persistent cache), with
+    # XLA's GEMM autotuning off (level 0: heuristics pick the algorithms) and on (the default); tokens by hash
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    A0="exact;admit:xla_gpu_autotune_level=0;generate:xla_gpu_autotune_level=0"
+    timeout 220 python bench/request_ab.py --isolate --model 1.3b --weights bf16 --cases 1-512-32 --reps 3 \
+      --variants "at0=$A0,at0b=$A0,exact,exact2=exact,at0c=$A0" --json "$OUT/det.jsonl" 2>&1 | grep -v Warning
     ;;
   *) echo "unknown part $1"; exit 2 ;;
 esac
