@@ -30,7 +30,7 @@ case "${1:-profile}" in
     NOFB="exact;admit:xla_gpu_cublas_fallback=false"
     timeout 115 python bench/request_ab.py --model 1.3b --weights int8 --cases 1-512-32 --reps 5 \
       --variants "exact,nofb=$NOFB,exact2=exact,nofb2=$NOFB" --json "$OUT/nofb.jsonl" 2>&1 | grep -v Warning
-    NOMERGE="exact;admit:xla_disable_hlo_passes=dot_merger"
+    NOMERGE="exact;admit:xla_disable_hlo_passes=dot-merger"
     timeout 115 python bench/request_ab.py --model 1.3b --weights bf16 --cases 1-512-32 --reps 5 \
       --variants "exact,nomerge=$NOMERGE,exact2=exact,nomerge2=$NOMERGE" --json "$OUT/nomerge.jsonl" 2>&1 | grep -v Warning
     ;;
@@ -49,7 +49,7 @@ case "${1:-profile}" in
     OFF="exact;set:ftjax.models.gpt.NORM_KERNEL=false"
     timeout 200 python bench/request_ab.py --isolate --model 1.3b --weights bf16 --cases 64-512-32 --reps 5 \
       --variants "on=exact,off=$OFF,on2=exact,off2=$OFF" --json "$OUT/norm64_iso.jsonl" 2>&1 | grep -v Warning
-    NOMERGE="exact;admit:xla_disable_hlo_passes=dot_merger"
+    NOMERGE="exact;admit:xla_disable_hlo_passes=dot-merger"
     timeout 150 python bench/request_ab.py --isolate --model 1.3b --weights bf16 --cases 1-512-32 --reps 5 \
       --variants "exact,nomerge=$NOMERGE,exact2=exact,nomerge2=$NOMERGE" --json "$OUT/nomerge_iso.jsonl" 2>&1 | grep -v Warning
     ;;
