@@ -17,6 +17,9 @@
 #   (the nineteenth session's `gelu` part, run in the twentieth: XLA took no GELU into a cuBLASLt epilogue and the
 #   switch it tested, mlp.ACT_LOW_ROWS, was removed; bench/gelu_epilogue_probe.py is the standalone check)
 . "$(dirname "$0")/gpu_env.sh"
+NOFB="exact;admit:xla_gpu_cublas_fallback=false"               # the admit's GEMMs all on XLA's Triton emitter
+NOMERGE="exact;admit:xla_disable_hlo_passes=dot-merger"        # XLA's dot merger off for the admit
+NORM_OFF="exact;set:ftjax.models.gpt.NORM_KERNEL=false"        # the prefill norm kernel off
 case "${1:-profile}" in
   profile)
     for q in bf16 int8; do
@@ -27,29 +30,24 @@ case "${1:-profile}" in
     ;;
   ab)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    NOFB="exact;admit:xla_gpu_cublas_fallback=false"
     timeout 115 python bench/request_ab.py --model 1.3b --weights int8 --cases 1-512-32 --reps 5 \
       --variants "exact,nofb=$NOFB,exact2=exact,nofb2=$NOFB" --json "$OUT/nofb.jsonl" 2>&1 | grep -v Warning
-    NOMERGE="exact;admit:xla_disable_hlo_passes=dot-merger"
     timeout 115 python bench/request_ab.py --model 1.3b --weights bf16 --cases 1-512-32 --reps 5 \
       --variants "exact,nomerge=$NOMERGE,exact2=exact,nomerge2=$NOMERGE" --json "$OUT/nomerge.jsonl" 2>&1 | grep -v Warning
     ;;
   norm64)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    OFF="exact;set:ftjax.models.gpt.NORM_KERNEL=false"
     W=${2:-bf16}
     timeout 280 python bench/request_ab.py --model 1.3b --weights $W --cases 64-128-8,64-512-32 --reps 7 \
-      --variants "on=exact,off=$OFF,on2=exact,off2=$OFF" --json "$OUT/norm64_$W.jsonl" 2>&1 | grep -v Warning
+      --variants "on=exact,off=$NORM_OFF,on2=exact,off2=$NORM_OFF" --json "$OUT/norm64_$W.jsonl" 2>&1 | grep -v Warning
     ;;
   iso)
     # twenty-first session: the bf16 halves of `norm64` and `ab` again, a process per variant (request_ab --isolate):
     # both switches change what XLA compiles around the prefill's GEMMs, and in one process such variants can
     # take each other's time (bench/RESULTS.md, twentieth session)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    OFF="exact;set:ftjax.models.gpt.NORM_KERNEL=false"
     timeout 200 python bench/request_ab.py --isolate --model 1.3b --weights bf16 --cases 64-512-32 --reps 5 \
-      --variants "on=exact,off=$OFF,on2=exact,off2=$OFF" --json "$OUT/norm64_iso.jsonl" 2>&1 | grep -v Warning
-    NOMERGE="exact;admit:xla_disable_hlo_passes=dot-merger"
+      --variants "on=exact,off=$NORM_OFF,on2=exact,off2=$NORM_OFF" --json "$OUT/norm64_iso.jsonl" 2>&1 | grep -v Warning
     timeout 150 python bench/request_ab.py --isolate --model 1.3b --weights bf16 --cases 1-512-32 --reps 5 \
       --variants "exact,nomerge=$NOMERGE,exact2=exact,nomerge2=$NOMERGE" --json "$OUT/nomerge_iso.jsonl" 2>&1 | grep -v Warning
     ;;

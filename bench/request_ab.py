@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -99,6 +98,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--isolate", action="store_true", help="each variant in a process of its own")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)   # one --isolate variant: ROW lines
+    ap.add_argument("--name", default=None, help=argparse.SUPPRESS)         # its name (step_ab.run_child passes it)
     a = ap.parse_args()
     if a.isolate and not a.child:
         return isolated(a)
@@ -185,33 +185,26 @@ def _report(row, out):
 
 
 def isolated(a):
-    """--isolate: one child process per variant (this script with --child and that one variant); prints and
-    writes their rows as they come, tokens compared with the first variant's by hash."""
-    header = False
-    ref = {}
+    """--isolate: one child process per variant (this script with --child and that one variant, through
+    step_ab.run_child); prints and writes their rows as they come, tokens compared with the first variant's by
+    hash."""
+    from bench.step_ab import run_child
+
+    header, ref = [], {}
     out = open(a.json, "a") if a.json else None
+
+    def on_row(row):
+        if not header:
+            _header(a, row["device"], row["jax"], "; a process per variant")
+            header.append(True)
+        row["same_tokens"] = ref.setdefault(row["case"], row["tokens_sha"]) == row["tokens_sha"]
+        row["isolated"] = True
+        _report(row, out)
+
     for v in a.variants.split(","):
-        argv = [sys.executable, os.path.abspath(__file__), "--child", "--model", a.model, "--cases", a.cases,
-                "--variants", v, "--reps", str(a.reps), "--attention", a.attention, "--weights", a.weights]
-        got = 0
-        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
-            for line in p.stdout:
-                if not line.startswith("ROW "):
-                    if "FAILED" in line:
-                        print(line.rstrip(), flush=True)
-                    continue
-                row = json.loads(line[4:])
-                got += 1
-                if not header:
-                    _header(a, row["device"], row["jax"], "; a process per variant")
-                    header = True
-                row["same_tokens"] = ref.setdefault(row["case"], row["tokens_sha"]) == row["tokens_sha"]
-                row["isolated"] = True
-                _report(row, out)
-            err = p.stderr.read()
-        if p.returncode or not got:
-            tail = "\n".join(ln for ln in err.splitlines() if "Warning" not in ln)[-2000:]
-            print(f"  variant {v.split('=')[0]}: rc {p.returncode}, {got} rows\n{tail}", flush=True)
+        run_child(os.path.abspath(__file__), v.split("=")[0], "", [
+            "--model", a.model, "--cases", a.cases, "--variants", v, "--reps", str(a.reps),
+            "--attention", a.attention, "--weights", a.weights], on_row=on_row)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -158,22 +159,27 @@ def apply_sets(sets):
     return old
 
 
-def run_child(script: str, name: str, flags: str, argv) -> list[dict]:
+def run_child(script: str, name: str, flags: str, argv, on_row=None) -> list[dict]:
     """Run `script --child --name NAME *argv` with XLA_FLAGS += flags (XLA reads them when jax starts, so a
-    variant is a process); its 'ROW {json}' lines, printed as they come (a run cut by a timeout keeps what
-    it has), and its stderr tail when it fails."""
+    variant is a process); its 'ROW {json}' lines, each handed to on_row as it comes (default: printed; a run cut
+    by a timeout keeps what it has), its 'FAILED' lines echoed, and its stderr tail when it fails. stderr goes
+    to a file, not a pipe: a child that logs more than a pipe holds would otherwise block."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
     got = []
-    with subprocess.Popen([sys.executable, script, "--child", "--name", name, *argv], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
-        for line in p.stdout:
-            if line.startswith("ROW "):
-                got.append(json.loads(line[4:]))
-                print(json.dumps(got[-1]), flush=True)
-        err = p.stderr.read()
-    if p.returncode or not got:
-        print(f"variant {name}: rc {p.returncode}\n{err[-3000:]}", flush=True)
+    with tempfile.TemporaryFile("w+") as errf:
+        with subprocess.Popen([sys.executable, script, "--child", "--name", name, *argv], env=env,
+                              stdout=subprocess.PIPE, stderr=errf, text=True) as p:
+            for line in p.stdout:
+                if line.startswith("ROW "):
+                    got.append(json.loads(line[4:]))
+                    (on_row or (lambda r: print(json.dumps(r), flush=True)))(got[-1])
+                elif "FAILED" in line:
+                    print(line.rstrip(), flush=True)
+        if p.returncode or not got:
+            errf.seek(0)
+            err = "\n".join(ln for ln in errf.read().splitlines() if "Warning" not in ln)
+            print(f"variant {name}: rc {p.returncode}, {len(got)} rows\n{err[-3000:]}", flush=True)
     return got
 
 
