@@ -97,6 +97,8 @@ def main():
                     help="int8 / int8e: weight-only INT8 (quantize='int8' / 'int8-embed') of the random weights")
     ap.add_argument("--json", default=None)
     ap.add_argument("--isolate", action="store_true", help="each variant in a process of its own")
+    ap.add_argument("--compile-cache", default=None, help="jax's persistent compilation cache in this directory "
+                    "(ftjax.compile_cache.enable; with --isolate every child uses it: the first compiles, the rest load)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)   # one --isolate variant: ROW lines
     ap.add_argument("--name", default=None, help=argparse.SUPPRESS)         # its name (step_ab.run_child passes it)
     a = ap.parse_args()
@@ -106,6 +108,9 @@ def main():
     import jax
     import numpy as np
 
+    if a.compile_cache:
+        from ftjax import compile_cache
+        compile_cache.enable(a.compile_cache)
     from bench.e2e import random_params
     from ftjax.config import ModelConfig
     from ftjax.engine import Engine
@@ -204,7 +209,8 @@ def isolated(a):
     for v in a.variants.split(","):
         run_child(os.path.abspath(__file__), v.split("=")[0], "", [
             "--model", a.model, "--cases", a.cases, "--variants", v, "--reps", str(a.reps),
-            "--attention", a.attention, "--weights", a.weights], on_row=on_row)
+            "--attention", a.attention, "--weights", a.weights,
+            *(["--compile-cache", a.compile_cache] if a.compile_cache else [])], on_row=on_row)
 
 
 if __name__ == "__main__":
