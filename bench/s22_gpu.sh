@@ -5,6 +5,7 @@
 # process per variant; where a 350M batch-1 decode step's time goes (kernel sequence with durations and gaps).
 #   bash bench/s22_gpu.sh cache   # the same request in four cold processes that share one persistent compilation
 #                                 # cache (the first compiles and autotunes, the others load its executables)
+#   bash bench/s22_gpu.sh b64prof # a 350M batch-64 step's kernel sequence, prompts of 128 and 512 tokens
 . "$(dirname "$0")/gpu_env.sh"
 case "${1:-first}" in
   first)
@@ -20,6 +21,13 @@ timeout 110 python bench/profile_decode.py --model 350m --steps 32 --sequence "$
     CC=$(mktemp -d /tmp/ftjax_cc.XXXX)   # not under $OUT: the cache's files would be copied back
     timeout 200 python bench/request_ab.py --isolate --compile-cache "$CC" --model 1.3b --weights bf16 --cases 1-512-32 \
       --reps 2 --variants "c1=exact,c2=exact,c3=exact,c4=exact" --json "$OUT/det_cache.jsonl" 2>&1 | grep -v Warning
+    ;;
+  b64prof)
+    # where a 350M batch-64 step's time goes (128- and 512-token prompts): kernel sequences for bench/step_shares.py
+    for t in 128 512; do
+      timeout 120 python bench/profile_decode.py --model 350m --batch 64 --prompt $t --steps 16 \
+        --sequence "$OUT/seq350_b64_$t.txt" 2>&1 | grep -v Warning | tail -4
+    done
     ;;
   *) echo "unknown part $1"; exit 2 ;;
 esac
