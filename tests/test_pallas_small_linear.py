@@ -71,6 +71,7 @@ CASES = [
     (16, 256, (64,), (I8,), F32, None),                                          # auto, f32 x, int8
     (40, 96, (48, 16), (BF16, I8), BF16, C(block_n=16, block_k=32, num_splits=2)),  # 17..64 rows: a 64-row tile
     (64, 64, (32,), (BF16,), BF16, None),                                        # M = MAX_ROWS, no row mask
+    (48, 256, (512, 192), (BF16,) * 2, BF16, None),   # auto, few programs at 48 rows: 64 x 64 tiles, ragged N
 ]
 
 
@@ -202,6 +203,28 @@ def test_choose_config_wide_x():
   assert wide.target_programs == 528
   assert wide.num_stages * (wide.block_n * wide.block_k + S.tile_rows(64) * wide.block_k * 4) <= S.SMEM_BUDGET
   assert [S.tile_rows(m) for m in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+
+
+def test_choose_config_wide_x_few_programs():
+  """A wide 2-byte call whose 16 KB tiles leave fewer than wide_min_programs programs (its splits capped by
+  the float32 partials: GPT-350M's projections at 64 rows) takes 64 x 64 tiles and gets more programs for the
+  same partial bytes; 16-row, int8 and fixed-tile calls, and wide_min_programs=None, keep the old choice."""
+  def programs(c, Ns):
+    return sum(-(-n // c.block_n) for n in Ns) * c.num_splits
+
+  for K, Ns in [(1024, (1024,) * 3), (1024, (1024,)), (1024, (4096,)), (4096, (1024,)), (2048, (2048,))]:
+    old = choose_config(64, K, Ns, BF16, C(wide_min_programs=None))
+    new = choose_config(64, K, Ns, BF16)
+    assert programs(old, Ns) < S.DEFAULT_CONFIG.wide_min_programs, (K, Ns, old)
+    assert (new.block_n, new.block_k) == (64, 64), (K, Ns, new)
+    assert programs(new, Ns) > programs(old, Ns), (K, Ns, old, new)
+    assert new.num_splits * 64 * sum(Ns) * 4 <= max(new.max_partial_fraction * K * sum(Ns) * 2, S.L2_PARTIAL_BYTES)
+    for M, dtype, cfg, kmajor in [(16, BF16, C(), False), (64, I8, C(), True), (64, BF16, C(block_n=128), False)]:
+      assert (choose_config(M, K, Ns, dtype, cfg, kmajor=kmajor)
+              == choose_config(M, K, Ns, dtype, dataclasses.replace(cfg, wide_min_programs=None), kmajor=kmajor))
+  # enough programs already (1.3B's q/k/v at 64 rows): unchanged
+  big = choose_config(64, 2048, (2048,) * 3, BF16)
+  assert big == choose_config(64, 2048, (2048,) * 3, BF16, C(wide_min_programs=None))
 
 
 def test_choose_config_large_int8_calls():

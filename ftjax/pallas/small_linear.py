@@ -123,6 +123,14 @@ class SmallLinearConfig:
     program, and twice the programs halve each one's share; 1.3B's int8 batch-64 step measured 3.73 ->
     3.53 ms (prompt 384) and 2.71 -> 2.44 ms (prompt 128) with 528 against 264, bf16 the same
     either way (bench/RESULTS.md, nineteenth session).
+  wide_min_programs, wide_min_tile: a call with more than 16 rows and 2-byte weights whose auto tiles
+    would give fewer programs than wide_min_programs (under one wave of an H100's 132 SMs) takes
+    wide_min_tile x wide_min_tile tiles (block_n x block_k; 8 KB) when that gives more programs (None:
+    off). Such calls have their splits capped by the float32 partials (splits * M * N * 4 bytes): at 64
+    rows and N of 1024-4096 the 16 KB tiles left 48-64 programs. GPT-350M's batch-64 decode step
+    measured 1.39-1.43 -> 1.31-1.34 ms with 64 x 64 tiles on all four projections, and slower (1.73 ms)
+    with the partial cap raised instead (bench/RESULTS.md, twenty-second session). At 1.3B only the o
+    projection at 64 rows falls under the rule (not measured there).
   min_blocks_per_split: auto splits keep at least this many K-blocks per program.
   max_splits: auto splits never exceed this.
   tile_bytes: auto tiles start at about this many bytes of W per loop step.
@@ -150,6 +158,8 @@ class SmallLinearConfig:
   large_bytes: int = 32 << 20
   target_programs: int = 528
   wide_programs: int | None = 264
+  wide_min_programs: int | None = 128
+  wide_min_tile: int = 64
   min_blocks_per_split: int = 2
   max_splits: int = 32
   tile_bytes: int = 16384
@@ -176,6 +186,10 @@ class SmallLinearConfig:
         f"SmallLinearConfig.large_programs={self.large_programs} must be >= 1 or None")
     assert self.wide_programs is None or self.wide_programs >= 1, (
         f"SmallLinearConfig.wide_programs={self.wide_programs} must be >= 1 or None")
+    assert self.wide_min_programs is None or self.wide_min_programs >= 1, (
+        f"SmallLinearConfig.wide_min_programs={self.wide_min_programs} must be >= 1 or None")
+    assert _pow2(self.wide_min_tile), (
+        f"SmallLinearConfig.wide_min_tile={self.wide_min_tile} must be a power of two >= 16")
     assert self.target_programs >= 1, (
         f"SmallLinearConfig.target_programs={self.target_programs} must be >= 1")
     assert self.min_blocks_per_split >= 1, (
@@ -246,26 +260,38 @@ def choose_config(M: int, K: int, Ns, dtype, config: SmallLinearConfig | None = 
     else:
       break
 
-  nb = n_blocks(bn)
-  nkb = pl.cdiv(K, bk)
-  if config.num_splits is not None:
-    splits = min(config.num_splits, nkb)
-  else:
-    want = pl.cdiv(target, nb)
-    cap = max(1, nkb // config.min_blocks_per_split)
-    partial_row_bytes = M * sum(Ns) * 4
-    cap_partial = max(1, int(max(config.max_partial_fraction * w_bytes, L2_PARTIAL_BYTES)
-                             // partial_row_bytes))
-    splits = max(1, min(want, cap, config.max_splits, cap_partial))
-  # No empty split: the last split gets what is left.
-  splits = pl.cdiv(nkb, pl.cdiv(nkb, splits))
+  def split_k(bn_, bk_):
+    nb = n_blocks(bn_)
+    nkb = pl.cdiv(K, bk_)
+    if config.num_splits is not None:
+      splits_ = min(config.num_splits, nkb)
+    else:
+      want = pl.cdiv(target, nb)
+      cap = max(1, nkb // config.min_blocks_per_split)
+      partial_row_bytes = M * sum(Ns) * 4
+      cap_partial = max(1, int(max(config.max_partial_fraction * w_bytes, L2_PARTIAL_BYTES)
+                               // partial_row_bytes))
+      splits_ = max(1, min(want, cap, config.max_splits, cap_partial))
+    # No empty split: the last split gets what is left.
+    return pl.cdiv(nkb, pl.cdiv(nkb, splits_))
+
+  splits = split_k(bn, bk)
+  # Wide 2-byte calls whose float32 partials cap the splits (M rows of partials per split) can end with too
+  # few programs to stream the weights: smaller tiles give more column blocks for the same partial bytes.
+  if (M > ROWS and itemsize == 2 and config.wide_min_programs and config.block_n is None
+      and config.block_k is None and n_blocks(bn) * splits < config.wide_min_programs):
+    bn2 = min(bn, max(16, min(max_bn, config.wide_min_tile)))
+    bk2 = min(bk, max(16, min(max_bk, config.wide_min_tile)))
+    splits2 = split_k(bn2, bk2)
+    if n_blocks(bn2) * splits2 > n_blocks(bn) * splits:
+      bn, bk, splits = bn2, bk2, splits2
 
   stage_bytes = bk * bn * itemsize + tile_rows(M) * bk * 4
   stages = max(1, min(config.num_stages, SMEM_BUDGET // stage_bytes))
   warps = (config.large_warps or config.num_warps) if large else config.num_warps
   return dataclasses.replace(config, block_n=bn, block_k=bk, num_splits=splits, num_stages=stages,
                              num_warps=warps, target_programs=target, large_warps=None, large_programs=None,
-                             wide_programs=None)
+                             wide_programs=None, wide_min_programs=None)
 
 
 def _transposed(ws, transposed):
