@@ -13,7 +13,6 @@ peak is recorded first; the script says whether the request went above it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -32,7 +31,7 @@ def main():
     import numpy as np
 
     import ftjax
-    from bench.common import device_info
+    from bench.common import device_info, emit_row
     from bench.e2e import MODELS, SMOKE_MODELS, nbytes, random_params
     from bench.step_ab import apply_set_args
     from ftjax.config import ModelConfig
@@ -68,10 +67,7 @@ def main():
     if None not in (used0, peak0, peak1):
         row["request_set_the_peak"] = peak1 > peak0
         row["request_above_in_use_gib"] = gib(peak1 - used0) if peak1 > peak0 else f"<= {gib(peak0 - used0)}"
-    print(json.dumps(row), flush=True)
-    if a.json:
-        with open(a.json, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    emit_row(row, a.json)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,14 @@ import jax.numpy as jnp
 L2_BYTES = 50 * 2**20   # H100: 50 MB of L2
 
 
+def emit_row(row: dict, path: str | None = None, indent: int | None = None) -> None:
+    """A benchmark's result row: printed as JSON (flushed) and, with `path`, appended to that file as one line."""
+    print(json.dumps(row, indent=indent), flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def n_rotations(bytes_per_set: int, cap: int = 32) -> int:
   """Input sets needed so the sets together are >= 3x the L2 (at least 1, at most cap)."""
   return max(1, min(cap, math.ceil(3 * L2_BYTES / max(1, bytes_per_set))))

@@ -19,7 +19,6 @@ On the device `tritonclient` may be missing: install its wheel (and python-rapid
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import statistics
@@ -333,10 +332,8 @@ def report(a, llm, jax, ftjax, sc, r, off_s, off_tokens, frontends=1, early_rele
         "offline_tokens_per_s": round(off_tokens / off_s, 1),
     }
     out["serve_over_offline"] = round(out["serve_tokens_per_s"] / out["offline_tokens_per_s"], 3)
-    print(json.dumps(out, indent=2))
-    if a.json:
-        with open(a.json, "a") as f:
-            f.write(json.dumps(out) + "\n")
+    from bench.common import emit_row
+    emit_row(out, a.json, indent=2)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 --sequence F` writes (~2 steps from the middle of the loop: duration and gap to the previous kernel's end, µs,
 then the name) and prints each kernel's median duration and share over the layers.
 
-    python bench/step_shares.py F [--layers 24] [--anchor decode_attention]
+    python bench/step_shares.py F [--anchor decode_attention] [--weights-us 9.0]
 
 A kernel's share is the time from the previous kernel's end to its own end (its duration plus its gap; the gap is
 negative when the kernel was launched early and waited inside, as with PDL): shares add up to the span, so they

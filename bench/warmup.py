@@ -12,7 +12,6 @@ first of each kind includes its compiles; the second greedy one is the steady st
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ def main():
     import numpy as np
 
     import ftjax
-    from bench.common import device_info
+    from bench.common import device_info, emit_row
     from bench.e2e import MODELS, SMOKE_MODELS, random_params
     from ftjax.config import ModelConfig
     from ftjax.sampling import SamplingParams
@@ -69,10 +68,7 @@ def main():
             rows[name + " ms"] = round(1e3 * (time.perf_counter() - t), 1)
     finally:
         sched.stop()
-    print(json.dumps(rows), flush=True)
-    if a.json:
-        with open(a.json, "a") as f:
-            f.write(json.dumps(rows) + "\n")
+    emit_row(rows, a.json)
 
 
 if __name__ == "__main__":
