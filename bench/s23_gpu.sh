@@ -6,26 +6,36 @@
 #   bash bench/s23_gpu.sh tiles64 # smaller tiles still at 350M batch 64 (more programs: 32 x 64, 64 x 32, 32 x 32)
 #   bash bench/s23_gpu.sh attn64  # the append attention's config at batch 64 (1,024 programs of 2-9 key blocks each:
 #                                 # 62% of copy bandwidth at 136 keys), 350M, prompts 128 and 512
+#   bash bench/s23_gpu.sh all     # b64, then attn64 at prompt 128, tiles64, attn64 at 512, each cut to what is
+#                                 # left of a 570 s call (DEADLINE)
 #   bash bench/table_gpu.sh b64   # then the batch-64 rows of the table again
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 OLD="old=wide_min_programs:None"
 A="@ftjax.pallas.decode_attention.APPEND_CONFIG"
+DEADLINE=${DEADLINE:-100000}
+lim() { local l=$((DEADLINE - SECONDS)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }   # min(arg, time left)
+if [ "${1:-}" = all ]; then
+  export DEADLINE=$((SECONDS + 570)) PROMPTS=128
+  for p in b64 attn64 tiles64; do [ $((DEADLINE - SECONDS)) -gt 60 ] && DEADLINE=$((DEADLINE - SECONDS)) bash "$0" $p; done
+  [ $((DEADLINE - SECONDS)) -gt 100 ] && DEADLINE=$((DEADLINE - SECONDS)) PROMPTS=512 bash "$0" attn64
+  exit 0
+fi
 case "${1:-b64}" in
   b64)
     for m in 350m 1.3b; do
-      timeout 140 python bench/step_ab.py --models $m --weights bf16 --batch 64 --small-m fused --modes "" \
+      timeout $(lim 140) python bench/step_ab.py --models $m --weights bf16 --batch 64 --small-m fused --modes "" \
         --sl default= "$OLD" default2= "${OLD/old=/old2=}" --json "$OUT/tiles64_$m.jsonl" 2>&1 | grep -v Warning | tail -5
     done
     ;;
   tiles64)
-    timeout 200 python bench/step_ab.py --models 350m --weights bf16 --batch 64 --small-m fused --modes "" \
+    timeout $(lim 200) python bench/step_ab.py --models 350m --weights bf16 --batch 64 --small-m fused --modes "" \
       --sl default= "bn32k64=block_n:32;block_k:64" "bn64k32=block_n:64;block_k:32" "bn32k32=block_n:32;block_k:32" \
       default2= --json "$OUT/tiles64_small.jsonl" 2>&1 | grep -v Warning | tail -6
     ;;
   attn64)
-    for t in 128 512; do
-      timeout 200 python bench/step_ab.py --models 350m --weights bf16 --batch 64 --prompt $t --small-m fused --modes "" \
+    for t in ${PROMPTS:-128 512}; do
+      timeout $(lim 200) python bench/step_ab.py --models 350m --weights bf16 --batch 64 --prompt $t --small-m fused --modes "" \
         --sl default= "bk128=$A:DecodeConfig(block_k=128,min_blocks_per_split=1)" \
         "st3=$A:DecodeConfig(block_k=64,min_blocks_per_split=1,num_stages=3)" \
         "w2=$A:DecodeConfig(block_k=64,min_blocks_per_split=1,num_warps=2)" \
