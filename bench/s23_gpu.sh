@@ -6,6 +6,7 @@
 #   bash bench/s23_gpu.sh tiles64 # smaller tiles still at 350M batch 64 (more programs: 32 x 64, 64 x 32, 32 x 32)
 #   bash bench/s23_gpu.sh attn64  # the append attention's config at batch 64 (1,024 programs of 2-9 key blocks each:
 #                                 # 62% of copy bandwidth at 136 keys), 350M, prompts 128 and 512
+#   bash bench/s23_gpu.sh admit   # the 1.3B bf16 admit without cuBLAS, or with its GEMMs outside the CUDA graph
 #   bash bench/s23_gpu.sh all     # b64, then attn64 at prompt 128, tiles64, attn64 at 512, each cut to what is
 #                                 # left of a 570 s call (DEADLINE)
 #   bash bench/table_gpu.sh b64   # then the batch-64 rows of the table again
@@ -43,6 +44,14 @@ case "${1:-b64}" in
         "sp2=$A:DecodeConfig(block_k=64,num_splits=2)" default2= \
         --json "$OUT/attn64_$t.jsonl" 2>&1 | grep -v Warning | tail -7
     done
+    ;;
+  admit)
+    # is the admit's ~2.4 ms graph launch (5 us a node, against 1.7 for the decode step's graph) the cuBLAS GEMMs'
+    # traced child graphs? The bf16 admit with every GEMM on XLA's Triton emitter (no cuBLAS), and with the GEMMs
+    # launched outside the graph, against the default, each in its own process
+    timeout $(lim 300) python bench/request_ab.py --model 1.3b --cases 1-128-8,1-512-32 --reps 7 --isolate \
+      --variants "exact,nofb=exact;admit:xla_gpu_cublas_fallback=false,blas_out=exact;admit:xla_gpu_enable_command_buffer=FUSION+CUSTOM_CALL+CUDNN+DYNAMIC_SLICE_FUSION,exact2=exact" \
+      --json "$OUT/admit_cb.jsonl" 2>&1 | grep -v Warning | tail -14
     ;;
   *) echo "unknown part $1"; exit 2 ;;
 esac
