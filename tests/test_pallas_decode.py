@@ -125,6 +125,8 @@ def test_bad_shapes_name_the_sizes():
     decode_attention(q[:, :4], kc, vc, ln[:1], interpret=True)
   with pytest.raises(AssertionError, match="block_k=24"):
     DecodeConfig(block_k=24)
+  with pytest.raises(AssertionError, match="small_head_warps=3"):
+    DecodeConfig(small_head_warps=3)
 
 
 def test_num_splits_heuristic():

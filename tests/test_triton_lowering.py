@@ -52,6 +52,23 @@ def test_decode_attention_append_lowers(b, n, kh, h, S):
     assert txt.count(TRITON) == 1
 
 
+@pytest.mark.parametrize("h", [32, 64, 128])
+def test_decode_attention_append_warps_follow_head_dim(h):
+    """The append kernel runs 2 warps where head_dim <= 64 (DecodeConfig.small_head_warps), else num_warps;
+    an explicit config without small_head_warps keeps num_warps."""
+    from ftjax.pallas.decode_attention import APPEND_CONFIG, DecodeConfig
+    b, n, kh, S, s = 2, 8, 8, 1, 256
+    args = (sds((S, b, n, h), jnp.float32), sds((S, b, kh, h), jnp.float32), sds((S, b, kh, h), jnp.float32),
+            sds((b, kh, s, h)), sds((b, kh, s, h)), sds((b,), jnp.int32))
+    warps = lambda txt: [int(w) for w in re.findall(r"num_warps = (\d+)", txt)]  # noqa: E731
+    want = APPEND_CONFIG.small_head_warps if h <= 64 else APPEND_CONFIG.num_warps
+    assert want == (2 if h <= 64 else 4)
+    assert warps(lower_cuda(lambda q, k, v, kc, vc, p: decode_attention_append(q, k, v, kc, vc, p), *args)) == [want]
+    plain = DecodeConfig(block_k=64, min_blocks_per_split=1, num_warps=8)
+    assert warps(lower_cuda(lambda q, k, v, kc, vc, p: decode_attention_append(q, k, v, kc, vc, p, config=plain),
+                            *args)) == [8]
+
+
 @pytest.mark.parametrize("M,D,S", [(1, 2048, 16), (3, 1600, 0)])
 def test_add_stats_and_normalising_projection_lower(M, D, S):
     from ftjax.pallas.add_norm import add_stats, normalise

@@ -52,6 +52,9 @@ class DecodeConfig:
   num_splits: split-K factor; None picks one so that b * k * splits fills the GPU
     (`target_programs`) while each split keeps at least `min_blocks_per_split` blocks.
   num_warps, num_stages: Triton launch / software-pipelining depth.
+  small_head_warps: the append kernel's warps where head_dim <= 64 (None: num_warps). Measured on an H100
+    (bench/RESULTS.md, twenty-third session): 2 warps took GPT 350M's decode step (head_dim 64) 0.73 ->
+    0.69 ms at batch 1 and 1.32 -> 1.26 ms at batch 64, and made 1.3B's (head_dim 128) 2.5-4% slower.
   block_k / num_stages None: the defaults tuned on an H100 (bench/RESULTS.md), per path:
     MHA vector path block_k=128, num_stages=2; GQA/MQA dot path block_k=64, num_stages=4.
   """
@@ -63,6 +66,7 @@ class DecodeConfig:
   min_blocks_per_split: int = 2
   max_splits: int = 64
   mha_dot: bool = False               # g == 1: use the padded 16-row tensor-core path too
+  small_head_warps: int | None = None
 
   def __post_init__(self):
     assert self.block_k is None or (self.block_k >= 16 and self.block_k & (self.block_k - 1) == 0), (
@@ -70,8 +74,13 @@ class DecodeConfig:
     assert self.num_splits is None or self.num_splits >= 1, (
         f"DecodeConfig.num_splits={self.num_splits} must be >= 1 or None")
     assert self.num_warps in (1, 2, 4, 8, 16), f"DecodeConfig.num_warps={self.num_warps}"
+    assert self.small_head_warps in (None, 1, 2, 4, 8, 16), f"DecodeConfig.small_head_warps={self.small_head_warps}"
     assert self.num_stages is None or self.num_stages >= 1, (
         f"DecodeConfig.num_stages={self.num_stages}")
+
+  def warps(self, head_dim: int) -> int:
+    """Warps of the append kernel for this head_dim."""
+    return self.small_head_warps if self.small_head_warps and head_dim <= 64 else self.num_warps
 
   def resolve(self, use_dot: bool, hp: int) -> tuple[int, int]:
     """(block_k, num_stages) for the path taken and the padded head_dim."""
@@ -436,7 +445,8 @@ def _kernel_append(pos_ref, *refs, S, g, hp, has_mult, has_bias, qk_scale, block
 # The append kernel's default: it runs in the batch-1..16 decode step, where b * k programs are few (16
 # at GPT 1.3B, batch 1) and each would otherwise walk its whole past alone: 64-key blocks, one per split
 # if need be, so that a long context spreads over ~target_programs programs.
-APPEND_CONFIG = DecodeConfig(block_k=64, min_blocks_per_split=1)
+# 2 warps where head_dim <= 64 (DecodeConfig.small_head_warps).
+APPEND_CONFIG = DecodeConfig(block_k=64, min_blocks_per_split=1, small_head_warps=2)
 
 
 def append_supported(head_dim: int, capacity: int) -> bool:
@@ -521,7 +531,7 @@ def decode_attention_append(q, k, v, k_cache, v_cache, positions, mults=None, bi
       out_specs=o_specs + [kv_spec, kv_spec],
       out_shape=o_shape + [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype)] * 2,
       input_output_aliases={1 + n_src: len(o_shape), 2 + n_src: len(o_shape) + 1},
-      compiler_params=C.triton_compiler_params(config.num_warps, num_stages),
+      compiler_params=C.triton_compiler_params(config.warps(h), num_stages),
       interpret=interpret,
       name="ftjax_decode_attention_append",
   )(positions, *srcs, k_cache, v_cache)
