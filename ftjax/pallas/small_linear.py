@@ -129,8 +129,9 @@ class SmallLinearConfig:
     off). Such calls have their splits capped by the float32 partials (splits * M * N * 4 bytes): at 64
     rows and N of 1024-4096 the 16 KB tiles left 48-64 programs. GPT-350M's batch-64 decode step
     measured 1.39-1.43 -> 1.31-1.34 ms with 64 x 64 tiles on all four projections, and slower (1.73 ms)
-    with the partial cap raised instead (bench/RESULTS.md, twenty-second session). At 1.3B only the o
-    projection at 64 rows falls under the rule (not measured there).
+    with the partial cap raised instead (bench/RESULTS.md, twenty-second session); beside the old tiles in
+    one run, 1.43 -> 1.32 ms (twenty-third). At 1.3B only the o projection at 64 rows falls under the
+    rule: its batch-64 step measured the same either way.
   min_blocks_per_split: auto splits keep at least this many K-blocks per program.
   max_splits: auto splits never exceed this.
   tile_bytes: auto tiles start at about this many bytes of W per loop step.

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Ready for the next session (written in the twenty-third, not yet run). Results land in $OUT (or ./out).
+#   bash bench/s24_gpu.sh attn13  # the append attention at head_dim 128 (GPT 1.3B), batch 64 and 1: 8 warps, block_k 32,
+#                                 # 2 and 3 stages against the default (4 warps, block_k 64, 4 stages); 2 warps measured
+#                                 # slower there in the twenty-third session
+#   bash bench/s24_gpu.sh sl64    # the 64-row projections' launch: 8 and 2 warps, 2 and 4 stages (350M and 1.3B batch 64)
+#   bash bench/table_gpu.sh b64   # the batch-64 rows of the table (the 64 x 64 tiles and the 2-warp attention at
+#                                 # head_dim 64 are in no table yet)
+. "$(dirname "$0")/gpu_env.sh"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+A="@ftjax.pallas.decode_attention.APPEND_CONFIG"
+D="block_k=64,min_blocks_per_split=1,small_head_warps=2"
+DEADLINE=${DEADLINE:-570}
+lim() { local l=$((DEADLINE - SECONDS)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }   # min(arg, time left)
+case "${1:-attn13}" in
+  attn13)
+    for b in 64 1; do
+      timeout $(lim 260) python bench/step_ab.py --models 1.3b --weights bf16 --batch $b --small-m fused --modes "" \
+        --sl default= "w8=$A:DecodeConfig($D,num_warps=8)" "bk32=$A:DecodeConfig(${D/block_k=64/block_k=32})" \
+        "st2=$A:DecodeConfig($D,num_stages=2)" "st3=$A:DecodeConfig($D,num_stages=3)" default2= \
+        --json "$OUT/attn13_b$b.jsonl" 2>&1 | grep "^| \|Error"
+    done
+    ;;
+  sl64)
+    for m in 350m 1.3b; do
+      timeout $(lim 260) python bench/step_ab.py --models $m --weights bf16 --batch 64 --small-m fused --modes "" \
+        --sl default= "w8=num_warps:8" "w2=num_warps:2" "st2=num_stages:2" "st4=num_stages:4" default2= \
+        --json "$OUT/sl64_$m.jsonl" 2>&1 | grep "^| \|Error"
+    done
+    ;;
+  *) echo "unknown part $1"; exit 2 ;;
+esac
