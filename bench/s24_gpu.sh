@@ -5,7 +5,8 @@
 #                                 # slower there in the twenty-third session
 #   bash bench/s24_gpu.sh sl64    # the 64-row projections' launch: 8 and 2 warps, 2 and 4 stages (350M and 1.3B batch 64)
 #   bash bench/table_gpu.sh b64   # the batch-64 rows of the table (the 64 x 64 tiles and the 2-warp attention at
-#                                 # head_dim 64 are in no table yet)
+#                                 # head_dim 64 are in no table yet); or `table_gpu.sh 350m` (the four 350M rows, the
+#                                 # ones these changes touch, in about half a call) beside one of the parts below
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 A="@ftjax.pallas.decode_attention.APPEND_CONFIG"
