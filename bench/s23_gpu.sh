@@ -14,8 +14,6 @@
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 OLD="old=wide_min_programs:None"
 A="@ftjax.pallas.decode_attention.APPEND_CONFIG"
-DEADLINE=${DEADLINE:-100000}
-lim() { local l=$((DEADLINE - SECONDS)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }   # min(arg, time left)
 if [ "${1:-}" = all ]; then
   export DEADLINE=$((SECONDS + 570)) PROMPTS=128
   for p in b64 attn64 tiles64; do [ $((DEADLINE - SECONDS)) -gt 60 ] && DEADLINE=$((DEADLINE - SECONDS)) bash "$0" $p; done

@@ -12,7 +12,6 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 A="@ftjax.pallas.decode_attention.APPEND_CONFIG"
 D="block_k=64,min_blocks_per_split=1,small_head_warps=2"
 DEADLINE=${DEADLINE:-570}
-lim() { local l=$((DEADLINE - SECONDS)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }   # min(arg, time left)
 case "${1:-attn13}" in
   attn13)
     for b in 64 1; do
