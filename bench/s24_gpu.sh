@@ -14,7 +14,7 @@ D="block_k=64,min_blocks_per_split=1,small_head_warps=2"
 DEADLINE=${DEADLINE:-570}
 case "${1:-attn13}" in
   attn13)
-    for b in 64 1; do
+    for b in ${BATCHES:-64 1}; do
       timeout $(lim 260) python bench/step_ab.py --models 1.3b --weights bf16 --batch $b --small-m fused --modes "" \
         --sl default= "w8=$A:DecodeConfig($D,num_warps=8)" "bk32=$A:DecodeConfig(${D/block_k=64/block_k=32})" \
         "st2=$A:DecodeConfig($D,num_stages=2)" "st3=$A:DecodeConfig($D,num_stages=3)" default2= \
@@ -22,7 +22,7 @@ case "${1:-attn13}" in
     done
     ;;
   sl64)
-    for m in 350m 1.3b; do
+    for m in ${MODELS:-350m 1.3b}; do
       timeout $(lim 260) python bench/step_ab.py --models $m --weights bf16 --batch 64 --small-m fused --modes "" \
         --sl default= "w8=num_warps:8" "w2=num_warps:2" "st2=num_stages:2" "st4=num_stages:4" default2= \
         --json "$OUT/sl64_$m.jsonl" 2>&1 | grep "^| \|Error"
