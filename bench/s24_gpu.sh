@@ -7,6 +7,8 @@
 #   bash bench/table_gpu.sh b64   # the batch-64 rows of the table (the 64 x 64 tiles and the 2-warp attention at
 #                                 # head_dim 64 are in no table yet); or `table_gpu.sh 350m` (the four 350M rows, the
 #                                 # ones these changes touch, in about half a call) beside one of the parts below
+#   bash bench/s24_gpu.sh packed  # the prefill's packed q/k/v (attention.PACKED_QKV, on) against the three projections
+#                                 # as written, whole batch-64 requests, a process per variant: 350M, then 1.3B
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 A="@ftjax.pallas.decode_attention.APPEND_CONFIG"
@@ -26,6 +28,13 @@ case "${1:-attn13}" in
       timeout $(lim 260) python bench/step_ab.py --models $m --weights bf16 --batch 64 --small-m fused --modes "" \
         --sl default= "w8=num_warps:8" "w2=num_warps:2" "st2=num_stages:2" "st4=num_stages:4" default2= \
         --json "$OUT/sl64_$m.jsonl" 2>&1 | grep "^| \|Error"
+    done
+    ;;
+  packed)
+    P_OFF="exact;set:ftjax.layers.attention.PACKED_QKV=false"
+    for m in ${MODELS:-350m 1.3b}; do
+      timeout $(lim 250) python bench/request_ab.py --isolate --model $m --weights bf16 --cases ${CASES:-64-128-8,64-512-32} \
+        --reps 5 --variants "on=exact,off=$P_OFF,on2=exact,off2=$P_OFF" --json "$OUT/packed_$m.jsonl" 2>&1 | grep -v Warning
     done
     ;;
   *) echo "unknown part $1"; exit 2 ;;

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ftjax.pallas import ops
-from ftjax.pallas.prefill_attention import (PrefillConfig, prefill_attention,
+from ftjax.pallas.prefill_attention import (PrefillConfig, prefill_attention, prefill_attention_packed,
                                             prefill_attention_reference)
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
@@ -130,3 +130,36 @@ def test_bad_shapes_name_the_sizes():
     prefill_attention(q, k, v, ln, bias=jnp.zeros((3, 4, 16, 16)), interpret=True)
   with pytest.raises(AssertionError, match="block_q=48"):
     PrefillConfig(block_q=48)
+
+
+PACKED = [
+    # (b, t, n, kh, h, dtype, lengths, config)                     covers
+    (2, 40, 4, 2, 80, jnp.float16, [40, 17],                       # GQA, h=80 masks, t padded (block_q > block_k)
+     PrefillConfig(block_q=32, block_k=16)),
+    (2, 24, 4, 1, 64, jnp.bfloat16, [1, 24],                       # MQA, length 1, block_k > block_q
+     PrefillConfig(block_q=16, block_k=32)),
+    (1, 64, 2, 2, 32, jnp.float32, [50], None),                    # the auto tiles
+]
+
+
+@pytest.mark.parametrize("case", range(len(PACKED)))
+def test_packed_kernel_matches_reference(case):
+  """q, K and V read in place from one [b, t, n + 2k, h] array (a fused projection's output) give the
+  reference's attention of the three heads groups split out; K/V past each row's length are NaN."""
+  b, t, n, kh, h, dtype, lengths, config = PACKED[case]
+  q, k, v, ln, _ = make(40 + case, b, t, t, n, kh, h, dtype, lengths)
+  qkv = jnp.concatenate([q, k, v], axis=2)
+  out = prefill_attention_packed(qkv, ln, num_heads=n, kv_heads=kh, config=config, interpret=True)
+  assert out.shape == (b, t, n, h) and out.dtype == dtype
+  check(out, prefill_attention_reference(q, k, v, ln), lengths, TOL[dtype])
+  q, k, v, ln, _ = make(40 + case, b, t, t, n, kh, h, dtype, lengths, past=3.0)   # XLA's path: finite K/V
+  via_ops = ops.attention_prefill_packed(jnp.concatenate([q, k, v], axis=2), n, kh, ln, impl="xla")
+  check(via_ops, prefill_attention_reference(q, k, v, ln), lengths, TOL[dtype])
+
+
+def test_packed_bad_heads_name_the_sizes():
+  qkv = jnp.zeros((2, 16, 7, 16), jnp.float32)
+  with pytest.raises(AssertionError, match="7 heads.*= 8"):
+    prefill_attention_packed(qkv, jnp.array([4, 4]), num_heads=4, kv_heads=2, interpret=True)
+  with pytest.raises(AssertionError, match="n=3.*k=2"):
+    prefill_attention_packed(qkv, jnp.array([4, 4]), num_heads=3, kv_heads=2, interpret=True)

@@ -52,6 +52,18 @@ def test_decode_attention_append_lowers(b, n, kh, h, S):
     assert txt.count(TRITON) == 1
 
 
+@pytest.mark.parametrize("b,t,n,kh,h", [(64, 128, 16, 16, 64), (1, 500, 32, 8, 128), (2, 40, 4, 1, 80)])
+def test_packed_prefill_attention_lowers(b, t, n, kh, h):
+    """The prefill kernel on a packed [b, t, n + 2k, h] projection (q, K and V picked by head offsets in the
+    BlockSpecs; the same operand three times): one Triton call, no split of the array before it."""
+    from ftjax.pallas.prefill_attention import prefill_attention_packed
+    txt = lower_cuda(lambda x, ln: prefill_attention_packed(x, ln, num_heads=n, kv_heads=kh),
+                     sds((b, t, n + 2 * kh, h)), sds((b,), jnp.int32))
+    assert txt.count(TRITON) == 1
+    if t % 128 == 0:    # no padding, so nothing slices the output either
+        assert "stablehlo.slice" not in txt
+
+
 @pytest.mark.parametrize("h", [32, 64, 128])
 def test_decode_attention_append_warps_follow_head_dim(h):
     """The append kernel runs 2 warps where head_dim <= 64 (DecodeConfig.small_head_warps), else num_warps;

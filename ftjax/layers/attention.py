@@ -12,9 +12,29 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
-from ftjax.layers.linear import Linear, fused_linears, linear_parts, reduce_parts
+from ftjax.layers.linear import (Linear, QuantizedWeight, QuantizedWeightT, _low_precision, _small_m_mode,
+                                 fused_linears, linear, linear_parts, reduce_parts)
 from ftjax.layers.position import apply_rotary
 from ftjax.pallas import ops
+from ftjax.sharding.mesh import current_attention_mesh
+
+# A prefill with the Pallas attention and no rotary embedding projects q, k and v as one GEMM whose output
+# ([b, t, n + 2k, h], bias added in the GEMM's epilogue) the attention kernel reads in place
+# (`ops.attention_prefill_packed`); the K/V for the cache are slices of it. Without it XLA merged the three
+# GEMMs by itself but split the product with three bias-add fusions that each copied a third of it. False: the
+# three projections as written.
+PACKED_QKV = True
+
+
+def _concat_weights(ws):
+    """q, k, v kernels ([d, heads, h] arrays, or int8 QuantizedWeight / QuantizedWeightT) -> one [d, sum, h]."""
+    if isinstance(ws[0], QuantizedWeight):
+        return QuantizedWeight(jnp.concatenate([w.q for w in ws], axis=1),
+                               jnp.concatenate([w.scale for w in ws], axis=0))
+    if isinstance(ws[0], QuantizedWeightT):
+        return QuantizedWeightT(jnp.concatenate([w.qt for w in ws], axis=0),
+                                jnp.concatenate([w.scale for w in ws], axis=0))
+    return jnp.concatenate(ws, axis=1)
 
 
 class Attention(nn.Module):
@@ -37,8 +57,34 @@ class Attention(nn.Module):
             k = apply_rotary(k, positions, self.cfg)
         return q, k, v
 
+    def _packed_qkv(self, x):
+        """The prefill's q, k, v as one array [b, t, n + 2k, h] (PACKED_QKV), or None where that path does not
+        apply (XLA attention, rotary, a tensor-parallel mesh, init, the small-M kernel, mixed weight kinds)."""
+        c = self.cfg
+        mods = (self.q, self.k, self.v)
+        if (not PACKED_QKV or self.impl != "pallas" or c.position == "rotary" or x.ndim != 3
+                or self.is_initializing() or current_attention_mesh() is not None):
+            return None
+        ps = [m.variables["params"] for m in mods]
+        ws = [p["kernel"] for p in ps]
+        if len({type(w) for w in ws}) != 1 or _small_m_mode(x, 1, ws) is not None:
+            return None
+        w = _concat_weights(ws)
+        # the rule of `Linear`: a 16-bit product (and bias add) where the activations are 16-bit
+        low = _low_precision(x, w, 1) and jnp.dtype(self.dtype) == x.dtype
+        acc = x.dtype if low else jnp.float32
+        y = linear(x, w, 1, out_dtype=acc)
+        if c.attn_bias:
+            y = y + jnp.concatenate([p["bias"] for p in ps], axis=0).astype(acc)
+        return y.astype(self.dtype)
+
     def prefill(self, x, positions, lengths):
         """x [b, t, d]; positions [b, t]; lengths [b] -> (out [b, t, d], k [b, t, k, h], v [b, t, k, h])."""
+        qkv = self._packed_qkv(x)
+        if qkv is not None:
+            n, kh = self.cfg.num_heads, self.cfg.kv_heads
+            out = ops.attention_prefill_packed(qkv, n, kh, lengths, impl=self.impl)
+            return self.o(out), qkv[:, :, n:n + kh], qkv[:, :, n + kh:]
         q, k, v = self._qkv(x, positions)
         out = ops.attention_prefill(q, k, v, lengths, impl=self.impl, causal=True)  # [b, t, n, h]
         return self.o(out), k, v

@@ -197,12 +197,9 @@ def prefill_attention(q, k, v, lengths, *, scale=None, causal=True, bias=None, c
   config = config or PrefillConfig()
   b, t, n, h = q.shape
   _, s, kh, _ = k.shape
-  g = n // kh
   hp = C.head_dim_padded(h)
   bq, bk, num_warps, num_stages = config.resolve(t, s, hp, jnp.dtype(q.dtype).itemsize, bias is not None,
                                                  heads=b * n)
-  scale = h ** -0.5 if scale is None else float(scale)
-  lengths = jnp.clip(lengths.astype(jnp.int32), 1, s)
   k = k.astype(q.dtype) if k.dtype != q.dtype else k
   v = v.astype(q.dtype) if v.dtype != q.dtype else v
 
@@ -216,16 +213,66 @@ def prefill_attention(q, k, v, lengths, *, scale=None, causal=True, bias=None, c
     bias = bias.astype(jnp.float32)
     if tp != t or sp != s:
       bias = jnp.pad(bias, ((0, 0), (0, 0), (0, tp - t), (0, sp - s)))
+  out = _launch(q, k, v, lengths, bias, heads=(n, kh), offsets=(0, 0, 0), s=s, head_dim=h,
+                tiles=(bq, bk, num_warps, num_stages), scale=scale, causal=causal, interpret=interpret)
+  return out[:, :t] if tp != t else out
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "kv_heads", "scale", "config", "interpret"))
+def prefill_attention_packed(qkv, lengths, *, num_heads: int, kv_heads: int, scale=None, config=None,
+                             interpret=False):
+  """Causal self-attention with q, k and v in one array, as one projection writes them:
+  qkv [b, t, n + 2k, h] (heads 0..n-1 are q, then k kv heads of K, then k of V); lengths [b] -> [b, t, n, h].
+
+  The same kernel as `prefill_attention`; its BlockSpecs pick q, K and V out of the packed array by head
+  index, so nothing splits it first (in a GPT prefill the split and the bias add were three XLA fusions
+  that each copied a third of the projection's output; bench/RESULTS.md, twenty-fourth session)."""
+  n, kh = num_heads, kv_heads
+  assert qkv.ndim == 4, f"qkv must be [b, t, n + 2k, h], got shape {qkv.shape}"
+  b, t, heads, h = qkv.shape
+  assert heads == n + 2 * kh, f"qkv has {heads} heads, not num_heads + 2 * kv_heads = {n + 2 * kh}"
+  assert kh >= 1 and n % kh == 0, f"heads n={n} must be a multiple of kv heads k={kh}"
+  assert lengths.shape == (b,), f"lengths must be [b]=[{b}], got {lengths.shape}"
+  C.check_dtype("qkv", qkv)
+  config = config or PrefillConfig()
+  hp = C.head_dim_padded(h)
+  bq, bk, num_warps, num_stages = config.resolve(t, t, hp, jnp.dtype(qkv.dtype).itemsize, False, heads=b * n)
+  # q blocks and the K/V span come from the same array, so both pad to one length (bq, bk powers of two)
+  L = pl.cdiv(t, max(bq, bk)) * max(bq, bk)
+  if L != t:
+    qkv = jnp.pad(qkv, ((0, 0), (0, L - t), (0, 0), (0, 0)))
+  out = _launch(qkv, qkv, qkv, lengths, None, heads=(n, kh), offsets=(0, n, n + kh), s=t, head_dim=h,
+                tiles=(bq, bk, num_warps, num_stages), scale=scale, causal=True, interpret=interpret)
+  return out[:, :t] if L != t else out
+
+
+def _launch(q, k, v, lengths, bias, *, heads, offsets, s, head_dim, tiles, scale, causal, interpret):
+  """The pallas_call. q [b, tp, *, h] with its n query heads from head offsets[0]; k, v [b, sp, *, h] with
+  their kv heads from offsets[1] / offsets[2] (the same array may be passed for all three); tp, sp
+  multiples of the q / K tiles; s the unpadded key length (lengths clip to it) -> [b, tp, n, h]."""
+  n, kh = heads
+  g = n // kh
+  oq, ok, ov = offsets
+  b, tp = q.shape[:2]
+  sp = k.shape[1]
+  h = head_dim
+  hp = C.head_dim_padded(h)
+  bq, bk, num_warps, num_stages = tiles
+  scale = h ** -0.5 if scale is None else float(scale)
+  lengths = jnp.clip(lengths.astype(jnp.int32), 1, s)
   nq = tp // bq
 
   def qmap(i, j, p):   # (head, row, q block) -> q / out block index
+    return (j, nq - 1 - p if causal else p, oq + i, 0)
+
+  def omap(i, j, p):
     return (j, nq - 1 - p if causal else p, i, 0)
 
   in_specs = [
       pl.BlockSpec((None,), lambda i, j, p: (j,)),
       pl.BlockSpec((None, bq, None, hp), qmap),
-      pl.BlockSpec((None, sp, None, hp), lambda i, j, p: (j, 0, i // g, 0)),
-      pl.BlockSpec((None, sp, None, hp), lambda i, j, p: (j, 0, i // g, 0)),
+      pl.BlockSpec((None, sp, None, hp), lambda i, j, p: (j, 0, ok + i // g, 0)),
+      pl.BlockSpec((None, sp, None, hp), lambda i, j, p: (j, 0, ov + i // g, 0)),
   ]
   args = [lengths, q, k, v]
   if bias is not None:
@@ -238,17 +285,16 @@ def prefill_attention(q, k, v, lengths, *, scale=None, causal=True, bias=None, c
   kernel = functools.partial(
       _kernel, has_bias=bias is not None, causal=causal, num_q_blocks=nq, block_q=bq,
       block_k=bk, qk_scale=scale * C.LOG2E, head_dim=h, precision=C.dot_precision(q.dtype))
-  out = pl.pallas_call(
+  return pl.pallas_call(
       kernel,
       grid=(n, b, nq),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, bq, None, hp), qmap),
+      out_specs=pl.BlockSpec((None, bq, None, hp), omap),
       out_shape=jax.ShapeDtypeStruct((b, tp, n, h), q.dtype),
       compiler_params=C.triton_compiler_params(num_warps, num_stages),
       interpret=interpret,
       name="ftjax_prefill_attention",
   )(*args)
-  return out[:, :t] if tp != t else out
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal"))
