@@ -7,8 +7,9 @@
 #   bash bench/table_gpu.sh b64   # the batch-64 rows of the table (the 64 x 64 tiles and the 2-warp attention at
 #                                 # head_dim 64 are in no table yet); or `table_gpu.sh 350m` (the four 350M rows, the
 #                                 # ones these changes touch, in about half a call) beside one of the parts below
-#   bash bench/s24_gpu.sh packed  # the prefill's packed q/k/v (attention.PACKED_QKV, on) against the three projections
-#                                 # as written, whole batch-64 requests, a process per variant: 350M, then 1.3B
+#   bash bench/s24_gpu.sh packed  # the prefill's packed q/k/v (attention.PACKED_QKV, off by default) against the three
+#                                 # projections as written, whole batch-64 requests, a process per variant: 350M, then
+#                                 # 1.3B (MODELS=..., CASES=... to narrow it; ~2 minutes a model)
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 A="@ftjax.pallas.decode_attention.APPEND_CONFIG"
@@ -31,10 +32,10 @@ case "${1:-attn13}" in
     done
     ;;
   packed)
-    P_OFF="exact;set:ftjax.layers.attention.PACKED_QKV=false"
+    P_ON="exact;set:ftjax.layers.attention.PACKED_QKV=true"
     for m in ${MODELS:-350m 1.3b}; do
       timeout $(lim 250) python bench/request_ab.py --isolate --model $m --weights bf16 --cases ${CASES:-64-128-8,64-512-32} \
-        --reps 5 --variants "on=exact,off=$P_OFF,on2=exact,off2=$P_OFF" --json "$OUT/packed_$m.jsonl" 2>&1 | grep -v Warning
+        --reps 5 --variants "off=exact,on=$P_ON,off2=exact,on2=$P_ON" --json "$OUT/packed_$m.jsonl" 2>&1 | grep -v Warning
     done
     ;;
   *) echo "unknown part $1"; exit 2 ;;

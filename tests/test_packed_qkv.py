@@ -1,7 +1,7 @@
-"""The prefill's packed q/k/v (ftjax/layers/attention.py, PACKED_QKV): with the Pallas attention (interpreted
-on CPU) and no rotary embedding, q, k and v are one projection whose output the attention kernel reads in place.
-Held to the three projections as written (PACKED_QKV off): the same prefill logits and K/V, for float32 and
-int8 weights in both layouts, multi-head and grouped-query; and GPT-2's greedy tokens to Hugging Face's."""
+"""The prefill's packed q/k/v (ftjax/layers/attention.py, PACKED_QKV, switched on here): with the Pallas attention
+(interpreted on CPU) and no rotary embedding, q, k and v are one projection whose output the attention kernel reads
+in place. Held to the three projections as written (PACKED_QKV off): the same prefill logits and K/V, for float32
+and int8 weights in both layouts, multi-head and grouped-query; and GPT-2's greedy tokens to Hugging Face's."""
 from __future__ import annotations
 
 import jax
@@ -39,6 +39,7 @@ def test_packed_prefill_matches_split_projections(monkeypatch, weights, kv_heads
         return real(qkv, n, kh, *a, **k)
 
     monkeypatch.setattr(ops, "attention_prefill_packed", counted)
+    monkeypatch.setattr(A, "PACKED_QKV", True)
     run = jax.jit(lambda p: model.apply({"params": p}, tokens, lengths, method=gpt.GPT.prefill))
     logits, kv = run(params)
     assert calls == [(3, 9, 4 + 2 * kv_heads, 16)] * cfg.num_layers, calls
@@ -53,8 +54,9 @@ def test_packed_prefill_matches_split_projections(monkeypatch, weights, kv_heads
         np.testing.assert_allclose(np.asarray(v), np.asarray(rv), rtol=1e-4, atol=1e-5)
 
 
-def test_gpt2_pallas_greedy_matches_hf(gpt2_dir):
+def test_gpt2_pallas_greedy_matches_hf(gpt2_dir, monkeypatch):
     """End to end through the engine (prefill on the packed path, decode on the Pallas kernels): HF's tokens."""
+    monkeypatch.setattr(A, "PACKED_QKV", True)
     path, model = gpt2_dir
     cfg, params = load_gpt2(path)
     llm = ftjax.LLM(cfg, params, dtype="float32", attention="pallas", max_batch_size=3, max_seq_len=40)

@@ -18,12 +18,14 @@ from ftjax.layers.position import apply_rotary
 from ftjax.pallas import ops
 from ftjax.sharding.mesh import current_attention_mesh
 
-# A prefill with the Pallas attention and no rotary embedding projects q, k and v as one GEMM whose output
+# A prefill with the Pallas attention and no rotary embedding may project q, k and v as one GEMM whose output
 # ([b, t, n + 2k, h], bias added in the GEMM's epilogue) the attention kernel reads in place
-# (`ops.attention_prefill_packed`); the K/V for the cache are slices of it. Without it XLA merged the three
-# GEMMs by itself but split the product with three bias-add fusions that each copied a third of it. False: the
-# three projections as written.
-PACKED_QKV = True
+# (`ops.attention_prefill_packed`); the K/V for the cache are slices of it. Without it XLA merges the three
+# GEMMs by itself but splits the product with three bias-add fusions that each copy a third of it (GPT-350M
+# batch 64 x 128 tokens on an H100: 14 us each a layer, ~1 ms of the 14.4 ms prefill; bench/RESULTS.md,
+# twenty-fourth session). Off until it is timed on the GPU (`bash bench/s24_gpu.sh packed`); on CPU it is tested
+# against the three projections as written.
+PACKED_QKV = False
 
 
 def _concat_weights(ws):
