@@ -357,6 +357,8 @@ def cache_demo(args, case):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", case_id(case), "--compile-cache", d]
         if args.smoke:
             cmd.append("--smoke")
+        if args.set:
+            cmd += ["--set", *args.set]
         t0 = now()
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout or None)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("CHILD ")]
@@ -435,8 +437,14 @@ def main(argv=None):
     ap.add_argument("--no-hlo-memory", action="store_true", help="skip the compiled decode-loop memory analysis")
     ap.add_argument("--smoke", action="store_true", help="CPU-sized models and cases")
     ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--set", nargs="*", default=[], help="module globals for the ftjax runs, each "
+                    "'module.attr:value' (bench/step_ab.py's syntax), e.g. ftjax.layers.attention.PACKED_QKV:True")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.set:
+        from bench.step_ab import apply_set_args
+
+        apply_set_args(args.set)
 
     models, all_cases = (SMOKE_MODELS, SMOKE_CASES) if args.smoke else (MODELS, CASES)
     if args.child:
