@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
-# Ready for the next session (written in the twenty-third, not yet run). Results land in $OUT (or ./out).
-#   bash bench/s24_gpu.sh attn13  # the append attention at head_dim 128 (GPT 1.3B), batch 64 and 1: 8 warps, block_k 32,
-#                                 # 2 and 3 stages against the default (4 warps, block_k 64, 4 stages); 2 warps measured
-#                                 # slower there in the twenty-third session
-#   bash bench/s24_gpu.sh sl64    # the 64-row projections' launch: 8 and 2 warps, 2 and 4 stages (350M and 1.3B batch 64)
-#   bash bench/table_gpu.sh b64   # the batch-64 rows of the table (the 64 x 64 tiles and the 2-warp attention at
-#                                 # head_dim 64 are in no table yet); or `table_gpu.sh 350m` (the four 350M rows, the
-#                                 # ones these changes touch, in about half a call) beside one of the parts below
+# Twenty-fourth session's device parts. Results land in $OUT (or ./out). attn13 and sl64 ran in that session
+# (bench/RESULTS.md: nothing kept); `packed` is ready for the next one (the device time ran out before it).
+#   bash bench/s24_gpu.sh attn13  # the append attention at head_dim 128 (GPT 1.3B), batch 64 and 1 (BATCHES=...): 8 warps,
+#                                 # block_k 32, 2 and 3 stages against the default (4 warps, block_k 64)
+#   bash bench/s24_gpu.sh sl64    # the 64-row projections' launch: 8 and 2 warps, 2 and 4 stages (350M and 1.3B batch
+#                                 # 64; MODELS=...)
 #   bash bench/s24_gpu.sh packed  # the prefill's packed q/k/v (attention.PACKED_QKV, off by default) against the three
-#                                 # projections as written, whole batch-64 requests, a process per variant: 350M, then
-#                                 # 1.3B (MODELS=..., CASES=... to narrow it; ~2 minutes a model)
+#                                 # projections as written, whole requests, a process per variant: 350M, then
+#                                 # 1.3B, batch 64 and 1 (MODELS=..., CASES=... to narrow it; ~2-3 minutes a model)
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 A="@ftjax.pallas.decode_attention.APPEND_CONFIG"
@@ -34,7 +32,7 @@ case "${1:-attn13}" in
   packed)
     P_ON="exact;set:ftjax.layers.attention.PACKED_QKV=true"
     for m in ${MODELS:-350m 1.3b}; do
-      timeout $(lim 250) python bench/request_ab.py --isolate --model $m --weights bf16 --cases ${CASES:-64-128-8,64-512-32} \
+      timeout $(lim 250) python bench/request_ab.py --isolate --model $m --weights bf16 --cases ${CASES:-64-128-8,64-512-32,1-128-8,1-512-32} \
         --reps 5 --variants "off=exact,on=$P_ON,off2=exact,on2=$P_ON" --json "$OUT/packed_$m.jsonl" 2>&1 | grep -v Warning
     done
     ;;
