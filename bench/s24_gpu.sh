@@ -6,8 +6,11 @@
 #   bash bench/s24_gpu.sh sl64    # the 64-row projections' launch: 8 and 2 warps, 2 and 4 stages (350M and 1.3B batch
 #                                 # 64; MODELS=...)
 #   bash bench/s24_gpu.sh packed  # the prefill's packed q/k/v (attention.PACKED_QKV, off by default) against the three
-#                                 # projections as written, whole requests, a process per variant: 350M, then
-#                                 # 1.3B, batch 64 and 1 (MODELS=..., CASES=... to narrow it; ~2-3 minutes a model)
+#                                 # projections as written, whole batch-64 requests, a process per variant: 350M, then
+#                                 # 1.3B (MODELS=..., CASES=... to narrow it; ~2 minutes a model)
+#   bash bench/s24_gpu.sh admit1  # batch-1 requests (1.3B, then 350M), where the admit's ~450-node CUDA graph takes ~3 ms
+#                                 # of host launch: packed q/k/v (3 fewer nodes a layer), and with it the add + norm
+#                                 # kernel at every prefill size (gpt.NORM_KERNEL_MIN_ROWS=1: 4 fewer), against neither
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 A="@ftjax.pallas.decode_attention.APPEND_CONFIG"
@@ -32,8 +35,17 @@ case "${1:-attn13}" in
   packed)
     P_ON="exact;set:ftjax.layers.attention.PACKED_QKV=true"
     for m in ${MODELS:-350m 1.3b}; do
-      timeout $(lim 250) python bench/request_ab.py --isolate --model $m --weights bf16 --cases ${CASES:-64-128-8,64-512-32,1-128-8,1-512-32} \
+      timeout $(lim 250) python bench/request_ab.py --isolate --model $m --weights bf16 --cases ${CASES:-64-128-8,64-512-32} \
         --reps 5 --variants "off=exact,on=$P_ON,off2=exact,on2=$P_ON" --json "$OUT/packed_$m.jsonl" 2>&1 | grep -v Warning
+    done
+    ;;
+  admit1)
+    P_ON="exact;set:ftjax.layers.attention.PACKED_QKV=true"
+    P_NORM="$P_ON;set:ftjax.models.gpt.NORM_KERNEL_MIN_ROWS=1"
+    for m in ${MODELS:-1.3b 350m}; do
+      timeout $(lim 280) python bench/request_ab.py --isolate --model $m --weights bf16 --cases ${CASES:-1-128-8,1-512-32} \
+        --reps 7 --variants "off=exact,on=$P_ON,norm=$P_NORM,off2=exact,on2=$P_ON,norm2=$P_NORM" \
+        --json "$OUT/admit1_$m.jsonl" 2>&1 | grep -v Warning
     done
     ;;
   *) echo "unknown part $1"; exit 2 ;;
