@@ -9,8 +9,9 @@
 #                                 # projections as written, whole batch-64 requests, a process per variant: 350M, then
 #                                 # 1.3B (MODELS=..., CASES=... to narrow it; ~2 minutes a model)
 #   bash bench/s24_gpu.sh admit1  # batch-1 requests (1.3B, then 350M), where the admit's ~450-node CUDA graph takes ~3 ms
-#                                 # of host launch: packed q/k/v (3 fewer nodes a layer), and with it the add + norm
-#                                 # kernel at every prefill size (gpt.NORM_KERNEL_MIN_ROWS=1: 4 fewer), against neither
+#                                 # of host launch: packed q/k/v (3 fewer nodes a layer), and "all": with it the add +
+#                                 # norm kernel at every prefill size (gpt.NORM_KERNEL_MIN_ROWS=1: 4 fewer a layer) and
+#                                 # the state fields written by selects (engine.INSERT_SELECT: ~40 scatters fewer)
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 A="@ftjax.pallas.decode_attention.APPEND_CONFIG"
@@ -41,10 +42,10 @@ case "${1:-attn13}" in
     ;;
   admit1)
     P_ON="exact;set:ftjax.layers.attention.PACKED_QKV=true"
-    P_NORM="$P_ON;set:ftjax.models.gpt.NORM_KERNEL_MIN_ROWS=1"
+    P_ALL="$P_ON;set:ftjax.models.gpt.NORM_KERNEL_MIN_ROWS=1;set:ftjax.engine.INSERT_SELECT=true"
     for m in ${MODELS:-1.3b 350m}; do
       timeout $(lim 280) python bench/request_ab.py --isolate --model $m --weights bf16 --cases ${CASES:-1-128-8,1-512-32} \
-        --reps 7 --variants "off=exact,on=$P_ON,norm=$P_NORM,off2=exact,on2=$P_ON,norm2=$P_NORM" \
+        --reps 7 --variants "off=exact,on=$P_ON,all=$P_ALL,off2=exact,on2=$P_ON,all2=$P_ALL" \
         --json "$OUT/admit1_$m.jsonl" 2>&1 | grep -v Warning
     done
     ;;

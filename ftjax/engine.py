@@ -69,6 +69,31 @@ INSERT_IN_PLACE = True
 # The in-place update is a second compiled variant of the admit; below this size the scatter costs well
 # under a millisecond, so a serving process's small multi-request admits keep one variant per shape.
 INSERT_IN_PLACE_MIN_TOKENS = 4096
+# The admit writes each per-slot state field (seq, lengths, ~17 sampling parameters, the beam group's fields) as
+# a select over all B slots (`where(slot taken, request row, old)`, the rows gathered through one inverse map)
+# instead of one scatter per field: elementwise selects of one shape fuse into few kernels, where the scatters
+# were ~45 kernels of the admit's ~400 (GPT-350M, batch 64, optimised HLO: bench/RESULTS.md, twenty-fourth
+# session), and the admit's CUDA graph launch costs host time per node. Off until timed on a GPU (`bash
+# bench/s24_gpu.sh admit1`); the results are the same either way (tests/test_engine.py).
+INSERT_SELECT = False
+
+
+def slot_writer(B: int, src, slots):
+    """put(a, v) writing request rows into slot rows: a [B, ...] (the state), v [b, ...] (per request); slot
+    `slots[i]` takes request row `src[i]`, a slot >= B drops the pair. With INSERT_SELECT a select over all B
+    slots through one inverse map, else a scatter per call."""
+    if not INSERT_SELECT:
+        return lambda a, v: a.at[slots].set(v[src], mode="drop")
+    m = slots.shape[0]
+    inv = jnp.full((B,), -1, jnp.int32).at[slots].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
+    taken = inv >= 0
+    rows = jnp.asarray(src)[jnp.maximum(inv, 0)]
+
+    def put(a, v):
+        new = v[rows].astype(a.dtype)
+        return jnp.where(taken.reshape((B,) + (1,) * (a.ndim - 1)), new, a)
+
+    return put
 
 
 # The decode step compiles the processors (penalties, min_length, bad and stop words: [B, V] scatters and
@@ -352,7 +377,7 @@ class Engine:
         lprow = jnp.zeros((b, self.S), jnp.float32).at[jnp.arange(b), first_at].set(prefix.first_logprob, mode="drop")
         seq_len = jnp.where(beam_req, lengths, lengths + 1)
         ended = ~beam_req & ((prefix.first == sp.end_id) | (max_new <= 1) | sampling.stop_hit(row, seq_len, sp, lengths))
-        put = lambda a, v: a.at[slots].set(v[src], mode="drop")  # noqa: E731
+        put = slot_writer(self.B, src, slots)
         st = DecodeState(
             cache=cache, seq=put(state.seq, row), logprobs=put(state.logprobs, lprow),
             prompt_len=put(state.prompt_len, lengths), seq_len=put(state.seq_len, seq_len),
@@ -364,10 +389,11 @@ class Engine:
         if state.beam is not None:
             heads = jnp.where(beam_req, gslots[:, 0], self.B)          # [b]
             fresh = sampling.beam_init(b, self.max_beam_width, self.S, jnp.maximum(sp.beam_width, 1))
+            put_head = slot_writer(self.B, jnp.arange(b), heads)
             st = st._replace(
-                beam=jax.tree.map(lambda a, f: a.at[heads].set(f, mode="drop"), state.beam, fresh),
-                group_slots=state.group_slots.at[heads].set(gslots, mode="drop"),
-                group_active=state.group_active.at[heads].set(True, mode="drop"))
+                beam=jax.tree.map(put_head, state.beam, fresh),
+                group_slots=put_head(state.group_slots, gslots),
+                group_active=put_head(state.group_active, jnp.ones((b,), bool)))
         return self._constrain(st)
 
     def _beam_update(self, st: DecodeState, logits, nxt):

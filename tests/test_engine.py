@@ -1,4 +1,5 @@
 """Engine mechanics: the decode state is donated and updated in place; one compiled loop; bad input."""
+import re
 import warnings
 
 import jax
@@ -394,6 +395,44 @@ def test_in_place_insert_matches_the_scatter(llm, monkeypatch):
     want = dst.copy()
     want[2:4, :, :6] = upd
     np.testing.assert_array_equal(np.asarray(a), want)
+
+
+def test_select_insert_matches_the_scatter(gpt2_dir, monkeypatch):
+    """engine.INSERT_SELECT writes the admitted rows' state fields as selects over all slots instead of a scatter
+    per field: the whole decode state must be the scatter's, into a state whose other slots are taken (kept as
+    they were), for a single request, rows into scattered slots out of order with padding rows (3 requests
+    bucket to 4), and a beam request over two slots beside a sampled one; then decoding on from there too."""
+    import ftjax
+    import ftjax.engine as E
+
+    # an engine of its own: the rows admitted here stay live, which would leave the shared one's slot sets flagged
+    llm = ftjax.LLM(*load_gpt2(gpt2_dir[0]), dtype="float32", attention="xla", max_batch_size=4, max_seq_len=48)
+    eng = llm.engine
+    seed = np.random.randint(1 << 30)
+    rng = np.random.RandomState(seed)
+    cases = [([2], llm.sampling_params(1)),
+             ([3, 0, 1], llm.sampling_params(3, top_k=5, temperature=0.8, repetition_penalty=1.3)),
+             ([[1, 3], 0], llm.sampling_params(2, params=[ftjax.SamplingParams(beam_width=2),
+                                                           ftjax.SamplingParams(top_p=0.9, random_seed=7)]))]
+    base = random_prompts(rng, 4, 2, 12)
+    for slots, sp in cases:
+        prompts = random_prompts(rng, len(slots), 2, 20)
+        out = {}
+        for flag in (False, True):
+            monkeypatch.setattr(E, "INSERT_SELECT", flag)
+            jax.clear_caches()   # the flag is read when the admit is traced
+            st = eng.prefill_insert(eng.init_state(), base, [0, 1, 2, 3], [9] * 4,
+                                    llm.sampling_params(4, min_length=2, top_k=3))
+            st = eng.prefill_insert(st, prompts, slots, [6] * len(slots), sp)
+            first = jax.tree.map(np.asarray, st)
+            st, _ = eng.generate_steps(st, 3)
+            out[flag] = (first, jax.tree.map(np.asarray, st))
+        for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False])):
+            np.testing.assert_array_equal(a, b, err_msg=f"slots {slots}, seed {seed}")
+    # with the flag on (still set from the loop) the one scatter is the int32 inverse map, not the state field
+    jaxpr = str(jax.make_jaxpr(lambda s, v: E.slot_writer(4, np.arange(2), np.array([3, 9]))(s, v))(
+        np.zeros((4, 5), np.float32), np.ones((2, 5), np.float32)))
+    assert re.findall(r":(\S+) = scatter\[", jaxpr) == ["i32[4]"], jaxpr
 
 
 def test_generate_leaves_no_slot_flagged(llm):
