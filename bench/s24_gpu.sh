@@ -6,8 +6,10 @@
 #   bash bench/s24_gpu.sh sl64    # the 64-row projections' launch: 8 and 2 warps, 2 and 4 stages (350M and 1.3B batch
 #                                 # 64; MODELS=...)
 #   bash bench/s24_gpu.sh packed  # the prefill's packed q/k/v (attention.PACKED_QKV, off by default) against the three
-#                                 # projections as written, whole batch-64 requests, a process per variant: 350M, then
-#                                 # 1.3B (MODELS=..., CASES=... to narrow it; ~2 minutes a model)
+#                                 # projections as written (XLA's dot merger joins them, concatenating the weights, and
+#                                 # three bias adds split the product) and against the dot merger off for the admit
+#                                 # (three GEMMs, bias in each epilogue, nothing to split), whole batch-64 requests, a
+#                                 # process per variant: 350M, then 1.3B (MODELS=..., CASES=...; ~3-4 minutes a model)
 #   bash bench/s24_gpu.sh admit1  # batch-1 requests (1.3B, then 350M), where the admit's ~450-node CUDA graph takes ~3 ms
 #                                 # of host launch: packed q/k/v (3 fewer nodes a layer), and "all": with it the add +
 #                                 # norm kernel at every prefill size (gpt.NORM_KERNEL_MIN_ROWS=1: 4 fewer a layer) and
@@ -35,9 +37,11 @@ case "${1:-attn13}" in
     ;;
   packed)
     P_ON="exact;set:ftjax.layers.attention.PACKED_QKV=true"
+    NOMERGE="exact;admit:xla_disable_hlo_passes=dot-merger"
     for m in ${MODELS:-350m 1.3b}; do
-      timeout $(lim 250) python bench/request_ab.py --isolate --model $m --weights bf16 --cases ${CASES:-64-128-8,64-512-32} \
-        --reps 5 --variants "off=exact,on=$P_ON,off2=exact,on2=$P_ON" --json "$OUT/packed_$m.jsonl" 2>&1 | grep -v Warning
+      timeout $(lim 280) python bench/request_ab.py --isolate --model $m --weights bf16 --cases ${CASES:-64-128-8,64-512-32} \
+        --reps 5 --variants "off=exact,on=$P_ON,nomerge=$NOMERGE,off2=exact,on2=$P_ON,nomerge2=$NOMERGE" \
+        --json "$OUT/packed_$m.jsonl" 2>&1 | grep -v Warning
     done
     ;;
   admit1)
