@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
-from ftjax.layers.linear import (Linear, QuantizedWeight, QuantizedWeightT, _low_precision, _small_m_mode,
-                                 fused_linears, linear, linear_parts, reduce_parts)
+from ftjax.layers.linear import (Linear, QuantizedWeight, QuantizedWeightT, _small_m_mode, fused_linears, linear,
+                                 linear_parts, product_dtype, reduce_parts)
 from ftjax.layers.position import apply_rotary
 from ftjax.pallas import ops
 from ftjax.sharding.mesh import current_attention_mesh
@@ -72,9 +72,7 @@ class Attention(nn.Module):
         if len({type(w) for w in ws}) != 1 or _small_m_mode(x, 1, ws) is not None:
             return None
         w = _concat_weights(ws)
-        # the rule of `Linear`: a 16-bit product (and bias add) where the activations are 16-bit
-        low = _low_precision(x, w, 1) and jnp.dtype(self.dtype) == x.dtype
-        acc = x.dtype if low else jnp.float32
+        acc = product_dtype(x, w, 1, self.dtype)   # the rule of `Linear`
         y = linear(x, w, 1, out_dtype=acc)
         if c.attn_bias:
             y = y + jnp.concatenate([p["bias"] for p in ps], axis=0).astype(acc)

@@ -255,6 +255,13 @@ def _low_precision(x, w=None, n_in: int = 1) -> bool:
     return True
 
 
+def product_dtype(x, w, n_in: int, dtype) -> Any:
+    """The dtype a projection's product (and its bias add) is computed in, for a module of `dtype`: x's 16-bit
+    dtype where `_low_precision` allows it, the module keeps that dtype and XLA runs the GEMM; else float32."""
+    low = (_low_precision(x, w, n_in) and jnp.dtype(dtype) == x.dtype and _small_m_mode(x, n_in, (w,)) is None)
+    return x.dtype if low else jnp.float32
+
+
 def linear(x: jax.Array, w: Any, n_in: int = 1, out_dtype: Any = None) -> jax.Array:
     """x [..., *in]; w [*in, *out] (array, QuantizedWeight or QuantizedWeightT) -> [..., *out], float32
     accumulation; the result in float32, or in `out_dtype` (the XLA path only: the small-M kernel's output
@@ -319,9 +326,7 @@ class Linear(nn.Module):
                 "kernel", nn.with_logical_partitioning(_init(fan_in), tuple(self.in_axes) + tuple(self.out_axes)),
                 tuple(self.in_shape) + tuple(self.out_shape), self.dtype)
         n_in = len(self.in_shape)
-        low = (self.low_out and _low_precision(x, kernel, n_in) and jnp.dtype(self.dtype) == x.dtype
-               and _small_m_mode(x, n_in, (kernel,)) is None)
-        acc = x.dtype if low else jnp.float32   # the product's dtype, and the bias add's
+        acc = product_dtype(x, kernel, n_in, self.dtype) if self.low_out else jnp.float32
         y = linear(x, kernel, n_in, out_dtype=acc)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.normal(0.02), tuple(self.out_axes)),

@@ -51,13 +51,10 @@ def supported(K: int, N: int, config: GemmConfig | None = None) -> bool:
 
 
 def _act(name: str, y):
-  if name == "gelu_tanh":
-    return jax.nn.gelu(y, approximate=True)
-  if name == "gelu":
-    return jax.nn.gelu(y, approximate=False)
-  if name == "relu":
-    return jnp.maximum(y, 0.0)
-  return y
+  """The model's activation (`ftjax.layers.mlp.activation`); "none": y itself."""
+  from ftjax.layers.mlp import activation
+
+  return y if name == "none" else activation(name, y)
 
 
 def _tile(i, num_m: int, num_n: int, group_m: int):
