@@ -73,6 +73,13 @@ def test_linear_act_lowers(M, K, N, bias):
     assert txt.count(TRITON) == 1
 
 
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "none"])
+def test_linear_act_lowers_every_activation(act):
+    from ftjax.pallas.gemm_act import linear_act
+    txt = lower_cuda(lambda x, w: linear_act(x, w, activation=act), sds((256, 128)), sds((128, 256)))
+    assert txt.count(TRITON) == 1
+
+
 @pytest.mark.parametrize("h", [32, 64, 128])
 def test_decode_attention_append_warps_follow_head_dim(h):
     """The append kernel runs 2 warps where head_dim <= 64 (DecodeConfig.small_head_warps), else num_warps;

@@ -50,10 +50,23 @@ def supported(K: int, N: int, config: GemmConfig | None = None) -> bool:
   return K % c.block_k == 0 and N % c.block_n == 0
 
 
+def _erf(z):
+  """erf of float32 z to within 1.5e-7 (Abramowitz & Stegun 7.1.26), from exp alone: Pallas' Triton lowering
+  has neither erf nor erfc (jax.nn.gelu's exact form)."""
+  a = jnp.abs(z)
+  t = 1.0 / (1.0 + 0.3275911 * a)
+  poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+  r = 1.0 - poly * jnp.exp(-a * a)
+  return jnp.where(z < 0, -r, r)
+
+
 def _act(name: str, y):
-  """The model's activation (`ftjax.layers.mlp.activation`); "none": y itself."""
+  """The model's activation (`ftjax.layers.mlp.activation`) of float32 y; "none": y itself; the exact GELU
+  through `_erf`."""
   from ftjax.layers.mlp import activation
 
+  if name == "gelu":
+    return 0.5 * y * (1.0 + _erf(y * 0.7071067811865476))
   return y if name == "none" else activation(name, y)
 
 
@@ -127,8 +140,11 @@ def linear_act(x, w, bias=None, *, activation: str = "gelu_tanh", config: GemmCo
 
 
 def linear_act_reference(x, w, bias=None, *, activation: str = "gelu_tanh"):
-  """Float32 twin: act(x @ w + bias) from float32 inputs, in x.dtype."""
+  """Float32 twin: act(x @ w + bias) from float32 inputs, in x.dtype, with jax's own activations (the exact
+  GELU's erf included, not the kernel's `_erf`)."""
+  from ftjax.layers.mlp import activation as act
+
   y = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
   if bias is not None:
     y = y + bias.astype(jnp.float32)
-  return _act(activation, y).astype(x.dtype)
+  return (y if activation == "none" else act(activation, y)).astype(x.dtype)
