@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.layers.linear import Linear, _small_m_mode, fused_linears, linear_parts, reduce_parts
+from ftjax.pallas import gemm_act
+from ftjax.pallas._common import default_interpret
+from ftjax.sharding.mesh import current_attention_mesh
 
 # A prefill of at least GELU_GEMM_MIN_ROWS tokens with the Pallas kernels (impl="pallas") runs the input projection
 # of an ungated MLP as a Pallas GEMM that applies its bias and activation before its one store
@@ -62,9 +65,6 @@ class MLP(nn.Module):
     def _act_gemm(self, x):
         """act(x Wi + b) through ftjax/pallas/gemm_act.py where GELU_GEMM applies (a long prefill with the Pallas
         kernels, float weights in x's 16-bit dtype, shapes that fit its tiles, no tensor-parallel mesh), else None."""
-        from ftjax.pallas import gemm_act
-        from ftjax.sharding.mesh import current_attention_mesh
-
         if (not GELU_GEMM or self.impl != "pallas" or self.act not in gemm_act.ACTIVATIONS
                 or self.is_initializing() or x.dtype not in (jnp.bfloat16, jnp.float16)
                 or jnp.dtype(self.dtype) != x.dtype or current_attention_mesh() is not None):
@@ -75,8 +75,6 @@ class MLP(nn.Module):
         if (not isinstance(w, jax.Array) or w.dtype != x.dtype or rows < GELU_GEMM_MIN_ROWS
                 or _small_m_mode(x, 1, (w,)) is not None or not gemm_act.supported(*w.shape)):
             return None
-        from ftjax.pallas._common import default_interpret
-
         y = gemm_act.linear_act(x.reshape(rows, -1), w, p["bias"] if self.use_bias else None, activation=self.act,
                                 interpret=default_interpret())
         return y.reshape(x.shape[:-1] + (w.shape[1],))
