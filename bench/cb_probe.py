@@ -28,7 +28,7 @@ def main():
     # XLA's log goes to fd 2: point fd 2 at a file before XLA loads, read it back after each request
     log = tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False)
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
-    os.environ["TF_CPP_VMODULE"] = "command_buffer_thunk=3"
+    os.environ["TF_CPP_VMODULE"] = "command_buffer_thunk=3,command_executor=1"
     saved = os.dup(2)
     os.dup2(log.fileno(), 2)
 
@@ -63,6 +63,7 @@ def main():
     upd = re.compile(r"Update command buffer.*?num_commands=(\d+); updated_allocs=(\d+)")
     took = re.compile(r"Updated command buffer in (\d+) .s; num_commands=(\d+)")
     exe = re.compile(r"Execute command buffer on device")
+    cmds = re.compile(r"Updated (\d+) commands in (\d+) .s \(skipped (\d+)")
     for c in a.cases.split(","):
         b, t_in, t_out = (int(x) for x in c.split("-"))
         llm = LLM(cfg, params, dtype="bfloat16", max_batch_size=b, max_seq_len=t_in + t_out, max_beam_width=1)
@@ -79,7 +80,9 @@ def main():
             tk = took.findall(text)
             out(f"  request {r}{' (warm-up)' if r < 2 else ''}: {ms:7.2f} ms; graph launches {len(exe.findall(text))}; "
                 f"updates {len(ups)}: " + ", ".join(f"{n} cmds/{al} allocs {us} us" for (n, al), (us, _) in
-                                                    zip(ups, tk)))
+                                                    zip(ups, tk))
+                + "; commands updated/skipped: " + ", ".join(f"{int(n) - int(k)}/{k} in {us} us" for n, us, k in
+                                                             cmds.findall(text)))
         llm = None
     os.dup2(saved, 2)
 
