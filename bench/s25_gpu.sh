@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Twenty-fifth session's device parts: the three switches the twenty-fourth built (off by default) timed in one call.
 # Results land in $OUT (or ./out).
-#   bash bench/s25_gpu.sh first   # whether the admit re-records its CUDA graph each call (bench/cb_probe.py); and with XLA's
+#   bash bench/s25_gpu.sh first   # whether the admit re-records its CUDA graph each call (bench/cb_probe.py), with the
+#                                 # admit's words staged (engine.STAGE_WORDS) and with XLA's
 #                                 # command-buffer update modes; the GEMM+GELU kernel against cuBLAS + the GELU pass
 #                                 # (bench/gemm_act.py); packed q/k/v on 350M batch-64 requests (a process per
 #                                 # variant, each twice)
@@ -16,6 +17,8 @@ G_ON="exact;set:ftjax.layers.mlp.GELU_GEMM=true"
 case "${1:-first}" in
   first)
     timeout $(lim 100) python bench/cb_probe.py --model 1.3b --cases 1-128-8 --reps 3 2>&1 | grep -v Warning
+    timeout $(lim 75) python bench/cb_probe.py --model 1.3b --cases 1-128-8 --reps 3 \
+      --set ftjax.engine.STAGE_WORDS=True 2>&1 | grep -v Warning | tail -6
     # XLA's command-buffer update modes (names differ across XLA versions; an unknown one stops at flag parsing)
     for mode in SKIP_TEMP VMM_PERSISTENT_TEMP; do
       XLA_FLAGS="--xla_gpu_command_buffer_update_mode=$mode" timeout $(lim 75) python bench/cb_probe.py --model 1.3b \
