@@ -30,6 +30,7 @@ def main():
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     os.environ["TF_CPP_VMODULE"] = "command_buffer_thunk=3,command_executor=1"
     saved = os.dup(2)
+    os.write(saved, f"XLA's log (an abort, e.g. an XLA flag it refuses, leaves its message there): {log.name}\n".encode())
     os.dup2(log.fileno(), 2)
 
     import jax

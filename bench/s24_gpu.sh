@@ -14,9 +14,8 @@
 #                                 # of host launch: packed q/k/v (3 fewer nodes a layer), and "all": with it the add +
 #                                 # norm kernel at every prefill size (gpt.NORM_KERNEL_MIN_ROWS=1: 4 fewer a layer) and
 #                                 # the state fields written by selects (engine.INSERT_SELECT: ~40 scatters fewer)
-#   bash bench/s24_gpu.sh gelu    # the prefill's MLP-in as a Pallas GEMM with bias + GELU in its epilogue
-#                                 # (mlp.GELU_GEMM, off by default): the kernel against cuBLAS + the GELU pass over six
-#                                 # tile configs (bench/gemm_act.py), then whole batch-64 requests, a process per variant
+#   (gelu: the prefill's MLP-in as a Pallas GEMM with bias + GELU in its epilogue, removed in the twenty-fifth
+#   session after its kernel measured 6-8% slower than cuBLAS + the GELU pass)
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 A="@ftjax.pallas.decode_attention.APPEND_CONFIG"
@@ -57,13 +56,7 @@ case "${1:-attn13}" in
     done
     ;;
   gelu)
-    timeout $(lim 200) python bench/gemm_act.py --shapes ${SHAPES:-350m-b64-128,1.3b-b64-512,1.3b-b1-512} \
-      --json "$OUT/gemm_act.json" 2>&1 | grep -v Warning | grep "^|\|^#\|rror"
-    G_ON="exact;set:ftjax.layers.mlp.GELU_GEMM=true"
-    for m in ${MODELS:-350m 1.3b}; do
-      timeout $(lim 200) python bench/request_ab.py --isolate --model $m --weights bf16 --cases ${CASES:-64-128-8,64-512-32} \
-        --reps 5 --variants "off=exact,on=$G_ON,off2=exact,on2=$G_ON" --json "$OUT/gelu_$m.jsonl" 2>&1 | grep -v Warning
-    done
+    echo "removed: the GEMM + GELU kernel (mlp.GELU_GEMM) measured slower than cuBLAS + the GELU pass (bench/RESULTS.md, twenty-fifth session)"
     ;;
   *) echo "unknown part $1"; exit 2 ;;
 esac

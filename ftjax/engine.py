@@ -76,12 +76,6 @@ INSERT_IN_PLACE_MIN_TOKENS = 4096
 # session), and the admit's CUDA graph launch costs host time per node. Off until timed on a GPU (`bash
 # bench/s24_gpu.sh admit1`); the results are the same either way (tests/test_engine.py).
 INSERT_SELECT = False
-# The admit's host inputs (`pack_words`' vector) land first in a device buffer the engine keeps per length, by a
-# tiny call of their own that donates it, so the admit reads them at the same device address every call. A fresh
-# address makes XLA re-record the admit's CUDA-graph nodes that read it (CommandBufferThunk updates the commands
-# whose buffer allocations moved), after which the next launch of the graph may cost more. Off until timed on a GPU
-# (`bash bench/s25_gpu.sh first`: bench/cb_probe.py prints the updates per request).
-STAGE_WORDS = False
 
 
 def slot_writer(B: int, src, slots):
@@ -239,8 +233,6 @@ class Engine:
                                                   "chunk"),
                                  **_copts(opts.get("generate")))
         self._logits = jax.jit(self._logits_fn)
-        self._staged: dict = {}   # STAGE_WORDS: words length -> the device buffer the admit reads them from
-        self._stage = jax.jit(lambda buf, w: buf.at[:].set(w), donate_argnums=(0,))   # (`w` alone: buf pruned)
         self._retire = jax.jit(self._retire_sharded, donate_argnums=(0,))
 
     # ------------------------------------------------------------------------------ int8 layout
@@ -601,12 +593,6 @@ class Engine:
         admit = self._admit
         if self._admit_big is not None and linear.int8_dequantised(tokens.size):
             admit = self._admit_big
-        if STAGE_WORDS and self.layout is None:   # one device (a mesh's admit takes the host vector as before)
-            buf = self._staged.get(words.shape[0])
-            if buf is None:
-                dev = next(iter(jax.tree.leaves(self.params)[0].devices()))
-                buf = jax.device_put(np.zeros_like(words), dev)
-            words = self._staged[words.shape[0]] = self._stage(buf, words)   # donated: same address as buf
         return admit(self.params, state, words, spec=spec, contiguous=contiguous,
                      sampled=any(p.beam_width == 1 and not p.greedy for p in params_list))
 

@@ -435,37 +435,6 @@ def test_select_insert_matches_the_scatter(gpt2_dir, monkeypatch):
     assert re.findall(r":(\S+) = scatter\[", jaxpr) == ["i32[4]"], jaxpr
 
 
-def test_staged_words_match_and_keep_their_buffer(gpt2_dir, monkeypatch):
-    """engine.STAGE_WORDS copies the admit's host vector into a device buffer the engine keeps (donated to the copy,
-    so the admit reads it at one address): admits of fresh prompts, of two vector lengths, give the state and the
-    tokens of the host vector's path, and a length's buffer keeps its device address from one admit to the next."""
-    import ftjax
-    import ftjax.engine as E
-
-    llm = ftjax.LLM(*load_gpt2(gpt2_dir[0]), dtype="float32", attention="xla", max_batch_size=4, max_seq_len=48)
-    eng = llm.engine
-    seed = np.random.randint(1 << 30)
-    rng = np.random.RandomState(seed)
-    reqs = [(random_prompts(rng, n, 2, 20), slots) for n, slots in ((1, [2]), (2, [0, 3]), (1, [1]), (2, [3, 1]))]
-    out, addr = {}, []
-    for flag in (False, True):
-        monkeypatch.setattr(E, "STAGE_WORDS", flag)
-        st = eng.init_state()
-        states = []
-        for prompts, slots in reqs:
-            st = eng.prefill_insert(st, prompts, slots, [5] * len(slots), llm.sampling_params(len(slots)))
-            states.append(jax.tree.map(np.asarray, st))
-            if flag:
-                addr.append({n: b.unsafe_buffer_pointer() for n, b in eng._staged.items()})
-        st, _ = eng.generate_steps(st, 3)
-        out[flag] = (states, jax.tree.map(np.asarray, st))
-    for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False])):
-        np.testing.assert_array_equal(a, b, err_msg=f"seed {seed}")
-    assert len(addr[-1]) >= 2, addr   # more than one vector length (prompt buckets), a buffer each
-    for n, p in addr[-1].items():     # each length's buffer is where it was when first made
-        assert p == next(a[n] for a in addr if n in a), (n, addr)
-
-
 def test_generate_leaves_no_slot_flagged(llm):
     """After `LLM.generate` of sampled, penalised and beam requests every row has ended, so the engine's
     host-side slot sets (which pick the compiled variant of later steps) are empty: a greedy call after them

@@ -64,22 +64,6 @@ def test_packed_prefill_attention_lowers(b, t, n, kh, h):
         assert "stablehlo.slice" not in txt
 
 
-@pytest.mark.parametrize("M,K,N,bias", [(8192, 1024, 4096, True), (500, 2048, 8192, False)])
-def test_linear_act_lowers(M, K, N, bias):
-    """The prefill GEMM with bias + GELU in its epilogue, at GPT-350M / 1.3B MLP-in shapes (the default tiles:
-    128 x 256 x 64, 8 warps, 3 stages), one Triton call."""
-    from ftjax.pallas.gemm_act import linear_act
-    txt = lower_cuda(lambda x, w, b: linear_act(x, w, b), sds((M, K)), sds((K, N)), sds((N,)) if bias else None)
-    assert txt.count(TRITON) == 1
-
-
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "none"])
-def test_linear_act_lowers_every_activation(act):
-    from ftjax.pallas.gemm_act import linear_act
-    txt = lower_cuda(lambda x, w: linear_act(x, w, activation=act), sds((256, 128)), sds((128, 256)))
-    assert txt.count(TRITON) == 1
-
-
 @pytest.mark.parametrize("h", [32, 64, 128])
 def test_decode_attention_append_warps_follow_head_dim(h):
     """The append kernel runs 2 warps where head_dim <= 64 (DecodeConfig.small_head_warps), else num_warps;

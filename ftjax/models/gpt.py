@@ -63,7 +63,7 @@ class Block(nn.Module):
         self.attn = Attention(c, self.dtype, self.impl)
         if not c.shared_layernorm:  # GPT-J: one norm feeds attention and MLP; no ln2 params
             self.ln2 = Norm(c.hidden, c.norm, c.norm_eps, self.dtype)
-        self.mlp = MLP(c.hidden, c.ffn_dim, c.activation, c.gated_ffn, c.mlp_bias, self.dtype, self.impl)
+        self.mlp = MLP(c.hidden, c.ffn_dim, c.activation, c.gated_ffn, c.mlp_bias, self.dtype)
 
     def _residual(self, x, h1, attn_out):  # x, h1 = ln1(x), attn_out [..., d]
         if self.cfg.parallel_residual:
