@@ -73,7 +73,8 @@ INSERT_IN_PLACE_MIN_TOKENS = 4096
 # a select over all B slots (`where(slot taken, request row, old)`, the rows gathered through one inverse map)
 # instead of one scatter per field: elementwise selects of one shape fuse into few kernels, where the scatters
 # were ~45 kernels of the admit's ~400 (GPT-350M, batch 64, optimised HLO: bench/RESULTS.md, twenty-fourth
-# session), and the admit's CUDA graph launch costs host time per node. Off until timed on a GPU (`bash
+# session), and the admit's CUDA graph launch costs host time per node. Off: with packed q/k/v and the norm
+# kernel at every size, a short 1.3B batch-1 A/B was within its noise (twenty-fifth session; the longer one is `bash
 # bench/s24_gpu.sh admit1`); the results are the same either way (tests/test_engine.py).
 INSERT_SELECT = False
 
