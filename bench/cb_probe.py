@@ -4,7 +4,7 @@ a cost per command on the host, paid before the launch. This runs whole requests
 updates on (TF_CPP_VMODULE=command_buffer_thunk=3, read back from this process's stderr) and prints, per request,
 how many updates ran, how many commands and changed allocations they had, and the host time they took.
 
-    PYTHONUNBUFFERED=1 python bench/cb_probe.py --model 1.3b --cases 1-128-8 [--reps 4] [--set module.ATTR=value]
+    PYTHONUNBUFFERED=1 python bench/cb_probe.py --model 1.3b --cases 1-128-8 [--reps 4] [--set module.ATTR:value ...]
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def main():
     ap.add_argument("--model", default="1.3b")
     ap.add_argument("--cases", default="1-128-8")
     ap.add_argument("--reps", type=int, default=4)
-    ap.add_argument("--set", action="append", default=[], help="module.ATTR=value held for the run (step_ab's values)")
+    ap.add_argument("--set", nargs="*", default=[], help="module globals for the run, each 'module.attr:value' "
+                    "(bench/step_ab.py's syntax, as bench/e2e.py --set)")
     a = ap.parse_args()
     # XLA's log goes to fd 2: point fd 2 at a file before XLA loads, read it back after each request
     log = tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False)
@@ -37,18 +38,14 @@ def main():
     import numpy as np
 
     from bench.e2e import MODELS, SMOKE_MODELS, random_params
-    from bench.step_ab import _value, apply_sets
+    from bench.step_ab import apply_set_args
     from ftjax.config import ModelConfig
     from ftjax.llm import LLM
 
     def out(*x):
         os.write(saved, (" ".join(str(v) for v in x) + "\n").encode())
 
-    sets = []
-    for s in a.set:
-        k, _, v = s.partition("=")
-        sets.append(k.rpartition(".")[::2] + (_value(v),))
-    apply_sets(sets)
+    apply_set_args(a.set)
     cfg = ModelConfig(**{**MODELS, **SMOKE_MODELS}[a.model])
     params = jax.tree.map(lambda x: jax.device_put(np.asarray(x)), random_params(cfg))
     pos = 0
@@ -63,7 +60,6 @@ def main():
 
     upd = re.compile(r"Update command buffer.*?num_commands=(\d+); updated_allocs=(\d+)")
     took = re.compile(r"Updated command buffer in (\d+) .s; num_commands=(\d+)")
-    exe = re.compile(r"Execute command buffer on device")
     cmds = re.compile(r"Updated (\d+) commands in (\d+) .s \(skipped (\d+)")
     for c in a.cases.split(","):
         b, t_in, t_out = (int(x) for x in c.split("-"))
@@ -79,7 +75,7 @@ def main():
             text = read_new()
             ups = upd.findall(text)
             tk = took.findall(text)
-            out(f"  request {r}{' (warm-up)' if r < 2 else ''}: {ms:7.2f} ms; graph launches {len(exe.findall(text))}; "
+            out(f"  request {r}{' (warm-up)' if r < 2 else ''}: {ms:7.2f} ms; "
                 f"updates {len(ups)}: " + ", ".join(f"{n} cmds/{al} allocs {us} us" for (n, al), (us, _) in
                                                     zip(ups, tk))
                 + "; commands updated/skipped: " + ", ".join(f"{int(n) - int(k)}/{k} in {us} us" for n, us, k in
