@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Twenty-sixth session's device parts. Results land in $OUT (or ./out).
+#   bash bench/s26_gpu.sh launch   # does any XLA command-buffer mode make the admit's graph launch cheaper? A batch-1
+#                                  # request's phases (bench/request_phases.py: host time until the admit call returns,
+#                                  # i.e. its CUDA graph's launch) in a process per XLA_FLAGS setting: default, the
+#                                  # command buffers' commands strictly serialized (a straight-line graph, which the CUDA
+#                                  # driver can launch in constant time), concurrent, and PDL off
+#   bash bench/s26_gpu.sh nodes    # 1.3B batch-1 requests with the admit's node-count switches (s25's "next", shorter)
+. "$(dirname "$0")/gpu_env.sh"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+DEADLINE=${DEADLINE:-570}
+P_ON="exact;set:ftjax.layers.attention.PACKED_QKV=true"
+P_ALL="$P_ON;set:ftjax.models.gpt.NORM_KERNEL_MIN_ROWS=1;set:ftjax.engine.INSERT_SELECT=true"
+for part in "${@:-launch}"; do
+case "$part" in
+  launch)
+    for flags in "" "--xla_gpu_command_buffer_scheduling_mode=SERIALIZE" "--xla_gpu_enable_pdl=false" \
+                 "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT"; do
+      echo "== XLA_FLAGS='$flags'"
+      [ "$(lim 60)" -lt 50 ] && { echo "skipped: deadline"; continue; }
+      mkdir -p /tmp/rp; XLA_FLAGS="$flags" python -c "import jax; print(jax.devices())" 2>&1 | tail -1
+      XLA_FLAGS="$flags" timeout $(lim 100) python bench/request_phases.py --cases ${CASES:-350m-1-128-8,1.3b-1-128-8} \
+        --reps 7 --out /tmp/rp 2>&1 | grep -v Warning | grep '^{' | python -c "
+import json, sys
+for l in sys.stdin:
+    r = json.loads(l); r.pop('admit_top', None); print(json.dumps(r))"
+    done
+    ;;
+  nodes)
+    S="set:ftjax.models.gpt.NORM_KERNEL_MIN_ROWS=1"; I="set:ftjax.engine.INSERT_SELECT=true"
+    timeout $(lim 330) python bench/request_ab.py --isolate --model ${MODELS:-1.3b} --weights bf16 \
+      --cases ${NCASES:-1-128-8,1-512-32} --reps 7 \
+      --variants "off=exact,all=$P_ALL,select=exact;$I,off2=exact,all2=$P_ALL" \
+      --json "$OUT/admit_nodes.jsonl" 2>&1 | grep -v Warning
+    ;;
+  *) echo "unknown part $part"; exit 2 ;;
+esac
+done
