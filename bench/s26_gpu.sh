@@ -14,16 +14,24 @@ P_ALL="$P_ON;set:ftjax.models.gpt.NORM_KERNEL_MIN_ROWS=1;set:ftjax.engine.INSERT
 for part in "${@:-launch}"; do
 case "$part" in
   launch)
+    n=0
     for flags in "" "--xla_gpu_command_buffer_scheduling_mode=SERIALIZE" "--xla_gpu_enable_pdl=false" \
                  "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT"; do
+      n=$((n + 1)); tr=""
+      # the first two settings also trace one request with the host (XLA's cuGraphLaunch and command-buffer events)
+      [ $n -le 2 ] && tr="--save-trace /tmp/ht$n"
       echo "== XLA_FLAGS='$flags'"
       [ "$(lim 60)" -lt 50 ] && { echo "skipped: deadline"; continue; }
       mkdir -p /tmp/rp; XLA_FLAGS="$flags" python -c "import jax; print(jax.devices())" 2>&1 | tail -1
       XLA_FLAGS="$flags" timeout $(lim 100) python bench/request_phases.py --cases ${CASES:-350m-1-128-8,1.3b-1-128-8} \
-        --reps 7 --out /tmp/rp 2>&1 | grep -v Warning | grep '^{' | python -c "
+        --reps 7 --out /tmp/rp $tr 2>&1 | grep -v Warning | grep '^{' | python -c "
 import json, sys
 for l in sys.stdin:
     r = json.loads(l); r.pop('admit_top', None); print(json.dumps(r))"
+      for f in /tmp/ht$n/1.3b*.json.gz; do
+        [ -f "$f" ] && timeout 30 python bench/host_trace.py "$f" --min-us 150 --depth 4 2>&1 \
+          | grep -i 'graph\|command\|prefill_insert\|generate_steps\|busy\|gpu' | head -30
+      done
     done
     ;;
   nodes)
