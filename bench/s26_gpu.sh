@@ -6,6 +6,9 @@
 #                                  # command buffers' commands strictly serialized (a straight-line graph, which the CUDA
 #                                  # driver can launch in constant time), concurrent, and PDL off
 #   bash bench/s26_gpu.sh nodes    # 1.3B batch-1 requests with the admit's node-count switches (s25's "next", shorter)
+#   bash bench/s26_gpu.sh pack     # the packed q/k/v params (engine.PACK_QKV, on) against q, k, v apart: the admit's
+#                                  # GPU time and kernel count (request_phases, a process each), then whole requests
+#                                  # in one process (request_ab: its tokens must agree), 1.3B batch 1 and 350M batch 64
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 DEADLINE=${DEADLINE:-570}
@@ -40,6 +43,23 @@ for l in sys.stdin:
       --cases ${NCASES:-1-128-8,1-512-32} --reps 7 \
       --variants "off=exact,all=$P_ALL,select=exact;$I,off2=exact,all2=$P_ALL" \
       --json "$OUT/admit_nodes.jsonl" 2>&1 | grep -v Warning
+    ;;
+  pack)
+    mkdir -p /tmp/rp
+    for set in "" "ftjax.engine.PACK_QKV:False" "" "ftjax.engine.PACK_QKV:False"; do
+      echo "== packed q/k/v ${set:+off ($set)}${set:-on}"
+      [ "$(lim 60)" -lt 50 ] && { echo "skipped: deadline"; continue; }
+      timeout $(lim 110) python bench/request_phases.py --cases ${PCASES:-1.3b-1-128-8,1.3b-1-512-32} --reps 7 \
+        --out /tmp/rp ${set:+--set $set} 2>&1 | grep -v Warning | grep '^{' | python -c "
+import json, sys
+for l in sys.stdin:
+    r = json.loads(l); r['admit_top'] = r.get('admit_top', [])[:5]; print(json.dumps(r))"
+    done
+    OFF="exact;set:ftjax.engine.PACK_QKV=false"
+    timeout $(lim 200) python bench/request_ab.py --model 1.3b --weights bf16 --cases 1-128-8,1-512-32 --reps 7 \
+      --variants "packed=exact,apart=$OFF,packed2=exact,apart2=$OFF" --json "$OUT/pack_1.3b.jsonl" 2>&1 | grep -v Warning
+    timeout $(lim 200) python bench/request_ab.py --model 350m --weights bf16 --cases 64-128-8 --reps 5 \
+      --variants "packed=exact,apart=$OFF,packed2=exact,apart2=$OFF" --json "$OUT/pack_350m.jsonl" 2>&1 | grep -v Warning
     ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac

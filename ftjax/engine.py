@@ -20,13 +20,16 @@ import numpy as np
 
 from ftjax import sampling
 from ftjax.config import ModelConfig
-from ftjax.layers import linear
+from ftjax.layers import attention, linear
 from ftjax.layers.linear import small_m_kernel
 from ftjax.models.families import family_for
 from ftjax.pallas import ops
 from ftjax.pallas._common import default_interpret
 
 AUTO = "auto"   # max_batch_size: size the slots from the device memory left after the weights
+# An engine on one device per shard stores each attention block's q, k and v as one packed projection
+# (ftjax/layers/attention.py `pack_qkv`); False keeps them apart (read when an engine is built).
+PACK_QKV = True
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -172,6 +175,13 @@ class Engine:
         self._int8_layout = "auto"
         self._small_m = small_m
         params = self._int8_relayout(params)
+        # One device per shard: each attention block's q/k/v stored as one packed projection (layers/attention.py
+        # `pack_qkv`: the prefill's merged GEMM reads it as it is instead of concatenating the three weights every
+        # call). Not for the layer kernel (fuse_decode "layer"), which takes them apart: setting it unpacks them.
+        self._qkv_packed = (PACK_QKV and self.layout is None and getattr(cfg, "arch", "gpt") != "t5"
+                            and decode_fuse_from_env() != "layer")
+        if self._qkv_packed:
+            params = attention.pack_qkv(params)
         if self.layout is not None:
             self.family = self.layout.wrap_family(self.family)   # pipeline stages when P > 1
             self.params = self.layout.place_params(cfg, params, self.dtype)
@@ -195,7 +205,7 @@ class Engine:
         # the residual add + norm kernel and to the attention kernel, which writes the new K/V itself); "layer":
         # each decoder block as one persistent kernel (ftjax/pallas/decode_layer.py). FTJAX_DECODE_FUSE sets it
         # for a process (a server, a benchmark): stats (the default), layer, norm, stats2, or off.
-        self.fuse_decode = decode_fuse_from_env()
+        self._fuse_decode = decode_fuse_from_env()
         self._beam_heads: set[int] = set()   # host: slots heading a beam group that may still run
         self._sampled_slots: set[int] = set()   # host: slots holding a request that samples (not greedy)
         # host: slots holding a request with penalties, min_length, bad or stop words (SamplingParams.penalized)
@@ -245,6 +255,17 @@ class Engine:
     def small_m(self, on: bool):
         self._small_m = bool(on)
         self.params = self._int8_relayout(self.params)
+
+    @property
+    def fuse_decode(self):
+        return self._fuse_decode
+
+    @fuse_decode.setter
+    def fuse_decode(self, how):
+        if how == "layer" and self._qkv_packed:   # the layer kernel reads q, k and v as three weights
+            self.params = attention.unpack_qkv(self.params, self.cfg.num_heads, self.cfg.kv_heads)
+            self._qkv_packed = False
+        self._fuse_decode = how
 
     @property
     def int8_layout(self) -> str:

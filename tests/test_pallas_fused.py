@@ -127,6 +127,45 @@ def test_decode_attention_append_matches_reference(S, b, n, kh, s, h, dt, splits
     assert not np.isnan(np.asarray(kc[0, :, : pos[0] + 1], np.float32)).all()   # the caller's cache is intact
 
 
+@pytest.mark.parametrize("S,b,kh,s,h,dt,splits,extras", [
+    (3, 2, 4, 48, 16, "float32", 2, True),       # partials, scales + biases
+    (1, 1, 2, 64, 32, "bfloat16", None, False),  # finished values, nothing else
+])
+def test_decode_attention_append_packed_source(S, b, kh, s, h, dt, splits, extras):
+    """One packed q/k/v projection [S, b, 3k, h] (the engine's packed weights) read at head offsets: the same
+    outputs as the three sources sliced from it, and as the float32 reference."""
+    seed, rng = _rng()
+    qkv = jnp.asarray(rng.randn(S, b, 3 * kh, h), jnp.float32)
+    pos = jnp.asarray(rng.randint(0, s, size=b), jnp.int32)
+    kc = jnp.asarray(rng.randn(b, kh, s, h), dt)
+    vc = jnp.asarray(rng.randn(b, kh, s, h), dt)
+    mult = bias = None
+    if extras:
+        mult = jnp.asarray(rng.rand(3 * kh, h) + .5, jnp.float32)
+        bias = jnp.asarray(rng.randn(3 * kh, h), dt)
+    thirds = lambda t: None if t is None else (t[:kh], t[kh:2 * kh], t[2 * kh:])  # noqa: E731
+    cfg = DecodeConfig(block_k=16, num_splits=splits, min_blocks_per_split=1)
+    got = decode_attention_append(qkv, None, None, kc, vc, pos, mult, bias, interpret=True, config=cfg)
+    split = decode_attention_append(qkv[:, :, :kh], qkv[:, :, kh:2 * kh], qkv[:, :, 2 * kh:], kc, vc, pos,
+                                    thirds(mult), thirds(bias), interpret=True, config=cfg)
+    ref = decode_attention_append_reference(qkv, None, None, kc, vc, pos, mult, bias)
+    tol = 2e-5 if dt == "float32" else 0.02
+    for c in range(3):
+        assert got[c].shape == split[c].shape and got[c].dtype == split[c].dtype
+        np.testing.assert_array_equal(np.asarray(got[c], np.float32), np.asarray(split[c], np.float32),
+                                      err_msg=f"output {c}, seed {seed}")
+    assert _err(got[0], ref[0]) < tol * 4, f"seed {seed}"
+    for r in range(b):
+        p = int(pos[r])
+        for c in (1, 2):
+            assert _err(got[c][r, :, : p + 1], ref[c][r, :, : p + 1]) <= tol, f"seed {seed}"
+    with pytest.raises(AssertionError, match=r"packed q/k/v partials must be \[S, b, 3 \* k, h\]"):
+        decode_attention_append(qkv[:, :, 1:], None, None, kc, vc, pos, interpret=True)
+    with pytest.raises(AssertionError, match="biases: a packed source takes one"):
+        decode_attention_append(qkv, None, None, kc, vc, pos, None, (bias,) * 3 if extras else qkv,
+                                interpret=True)
+
+
 def test_append_rejects_unsupported_shapes():
     q = jnp.zeros((1, 1, 2, 24), jnp.float32)
     kc = jnp.zeros((1, 2, 32, 24), jnp.float32)

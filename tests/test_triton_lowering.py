@@ -52,6 +52,15 @@ def test_decode_attention_append_lowers(b, n, kh, h, S):
     assert txt.count(TRITON) == 1
 
 
+def test_decode_attention_append_packed_lowers():
+    """A packed q/k/v source (the same operand three times, read at head offsets): one Triton call."""
+    b, kh, h, S, s = 1, 16, 128, 8, 512
+    txt = lower_cuda(lambda x, kc, vc, p, m, bi: decode_attention_append(x, None, None, kc, vc, p, m, bi),
+                     sds((S, b, 3 * kh, h), jnp.float32), sds((b, kh, s, h)), sds((b, kh, s, h)),
+                     sds((b,), jnp.int32), sds((3 * kh, h), jnp.float32), sds((3 * kh, h)))
+    assert txt.count(TRITON) == 1
+
+
 @pytest.mark.parametrize("b,t,n,kh,h", [(64, 128, 16, 16, 64), (1, 500, 32, 8, 128), (2, 40, 4, 1, 80)])
 def test_packed_prefill_attention_lowers(b, t, n, kh, h):
     """The prefill kernel on a packed [b, t, n + 2k, h] projection (q, K and V picked by head offsets in the

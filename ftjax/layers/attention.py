@@ -10,6 +10,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from ftjax.config import ModelConfig
 from ftjax.layers.linear import (Linear, QuantizedWeight, QuantizedWeightT, _small_m_mode, fused_linears, linear,
@@ -29,15 +30,79 @@ from ftjax.sharding.mesh import current_attention_mesh
 PACKED_QKV = False
 
 
+def _cat(arrays, axis):
+    """Concatenate on the host when every array is a host (numpy) array, else with jnp (on the device)."""
+    if all(isinstance(a, np.ndarray) for a in arrays):
+        return np.concatenate(arrays, axis=axis)
+    return jnp.concatenate([jnp.asarray(a) for a in arrays], axis=axis)
+
+
 def _concat_weights(ws):
     """q, k, v kernels ([d, heads, h] arrays, or int8 QuantizedWeight / QuantizedWeightT) -> one [d, sum, h]."""
     if isinstance(ws[0], QuantizedWeight):
-        return QuantizedWeight(jnp.concatenate([w.q for w in ws], axis=1),
-                               jnp.concatenate([w.scale for w in ws], axis=0))
+        return QuantizedWeight(_cat([w.q for w in ws], 1), _cat([w.scale for w in ws], 0))
     if isinstance(ws[0], QuantizedWeightT):
-        return QuantizedWeightT(jnp.concatenate([w.qt for w in ws], axis=0),
-                                jnp.concatenate([w.scale for w in ws], axis=0))
-    return jnp.concatenate(ws, axis=1)
+        return QuantizedWeightT(_cat([w.qt for w in ws], 0), _cat([w.scale for w in ws], 0))
+    return _cat(ws, 1)
+
+
+# The engine stores each attention block's q, k and v kernels (and biases) as ONE packed projection
+# {"qkv": {"kernel" [d, n + 2k, h], "bias" [n + 2k, h]}} (`pack_qkv`, one device per shard): the prefill's GEMM
+# then reads it as it is, where XLA's dot merger otherwise concatenated the three weights into a new buffer at
+# every call (12.6 us a layer of a GPT 1.3B prefill on an H200: ~0.3 ms of each admit, bench/RESULTS.md fifteenth
+# session), and the decode step's small-M kernel and the attention kernel read it at head offsets (the same
+# launch as the three weights had). Params laid out either way run the same math; init makes q, k, v apart.
+PACKED_KEY = "qkv"
+
+
+def pack_qkv(params):
+    """params (host or device arrays, float or int8) with every attention block's q, k, v projections replaced by
+    one packed projection (PACKED_KEY): kernels concatenated on their head axis in that order, biases likewise.
+    Blocks without all three (or already packed) are left as they are; arrays on the host stay on the host."""
+    def walk(node):
+        if not isinstance(node, dict):
+            return node
+        if all(isinstance(node.get(n), dict) and "kernel" in node[n] for n in ("q", "k", "v")):
+            mods = [node[n] for n in ("q", "k", "v")]
+            packed = {"kernel": _concat_weights([m["kernel"] for m in mods])}
+            if all("bias" in m for m in mods):
+                packed["bias"] = _cat([m["bias"] for m in mods], 0)
+            out = {k: v for k, v in node.items() if k not in ("q", "k", "v")}
+            out[PACKED_KEY] = packed
+            return out
+        return {k: walk(v) for k, v in node.items()}
+    return walk(params)
+
+
+def unpack_qkv(params, num_heads: int, kv_heads: int):
+    """The inverse of `pack_qkv`: every packed projection split back into q [d, n, h], k and v [d, k, h]."""
+    cuts = (num_heads, num_heads + kv_heads)
+
+    def split(a, axis):
+        if isinstance(a, np.ndarray):
+            return np.split(a, cuts, axis=axis)
+        return jnp.split(a, cuts, axis=axis)
+
+    def split_w(w):
+        if isinstance(w, QuantizedWeight):
+            return [QuantizedWeight(q, s) for q, s in zip(split(w.q, 1), split(w.scale, 0))]
+        if isinstance(w, QuantizedWeightT):
+            return [QuantizedWeightT(q, s) for q, s in zip(split(w.qt, 0), split(w.scale, 0))]
+        return split(w, 1)
+
+    def walk(node):
+        if not isinstance(node, dict):
+            return node
+        if isinstance(node.get(PACKED_KEY), dict) and "kernel" in node[PACKED_KEY]:
+            p = node[PACKED_KEY]
+            out = {k: v for k, v in node.items() if k != PACKED_KEY}
+            ws = split_w(p["kernel"])
+            bs = split(p["bias"], 0) if "bias" in p else [None] * 3
+            for name, w, b in zip(("q", "k", "v"), ws, bs):
+                out[name] = {"kernel": w} if b is None else {"kernel": w, "bias": b}
+            return out
+        return {k: walk(v) for k, v in node.items()}
+    return walk(params)
 
 
 class Attention(nn.Module):
@@ -53,8 +118,28 @@ class Attention(nn.Module):
         self.v = Linear((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), c.attn_bias, self.dtype)
         self.o = Linear((n, h), (d,), ("heads", "head_dim"), ("embed",), c.attn_bias, self.dtype)
 
+    def _packed_params(self):
+        """(kernel [d, n + 2k, h], bias [n + 2k, h] or None) of a packed q/k/v projection (`pack_qkv`), or None."""
+        if self.is_initializing():
+            return None
+        p = self.variables.get("params", {}).get(PACKED_KEY)
+        return None if p is None else (p["kernel"], p.get("bias"))
+
+    def _split_heads(self, y):
+        n, kh = self.cfg.num_heads, self.cfg.kv_heads
+        return y[..., :n, :], y[..., n:n + kh, :], y[..., n + kh:, :]
+
     def _qkv(self, x, positions):
-        q, k, v = fused_linears([self.q, self.k, self.v], x)  # [..., n, h], [..., k, h], [..., k, h]
+        packed = self._packed_params()
+        if packed is not None:   # as `Linear` would compute it, on the packed weight
+            w, b = packed
+            acc = product_dtype(x, w, 1, self.dtype)
+            y = linear(x, w, 1, out_dtype=acc)
+            if b is not None:
+                y = y + b.astype(acc)
+            q, k, v = self._split_heads(y.astype(self.dtype))
+        else:
+            q, k, v = fused_linears([self.q, self.k, self.v], x)  # [..., n, h], [..., k, h], [..., k, h]
         if self.cfg.position == "rotary":
             q = apply_rotary(q, positions, self.cfg)
             k = apply_rotary(k, positions, self.cfg)
@@ -64,19 +149,25 @@ class Attention(nn.Module):
         """The prefill's q, k, v as one array [b, t, n + 2k, h] (PACKED_QKV), or None where that path does not
         apply (XLA attention, rotary, a tensor-parallel mesh, init, the small-M kernel, mixed weight kinds)."""
         c = self.cfg
-        mods = (self.q, self.k, self.v)
         if (not PACKED_QKV or self.impl != "pallas" or c.position == "rotary" or x.ndim != 3
                 or self.is_initializing() or current_attention_mesh() is not None):
             return None
-        ps = [m.variables["params"] for m in mods]
-        ws = [p["kernel"] for p in ps]
-        if len({type(w) for w in ws}) != 1 or _small_m_mode(x, 1, ws) is not None:
+        packed = self._packed_params()
+        if packed is not None:
+            w, bias = packed
+        else:
+            ps = [m.variables["params"] for m in (self.q, self.k, self.v)]
+            ws = [p["kernel"] for p in ps]
+            if len({type(w) for w in ws}) != 1:
+                return None
+            w = _concat_weights(ws)
+            bias = _cat([p["bias"] for p in ps], 0) if c.attn_bias else None
+        if _small_m_mode(x, 1, [w]) is not None:
             return None
-        w = _concat_weights(ws)
         acc = product_dtype(x, w, 1, self.dtype)   # the rule of `Linear`
         y = linear(x, w, 1, out_dtype=acc)
-        if c.attn_bias:
-            y = y + jnp.concatenate([p["bias"] for p in ps], axis=0).astype(acc)
+        if bias is not None:
+            y = y + bias.astype(acc)
         return y.astype(self.dtype)
 
     def prefill(self, x, positions, lengths):
@@ -112,6 +203,23 @@ class Attention(nn.Module):
         from ftjax.pallas.decode_attention import decode_attention_append
 
         c = self.cfg
+        packed = self._packed_params()
+        if packed is not None:
+            w, bias = packed
+            (part, scale), = linear_parts(x, [w])
+            if c.position == "rotary":
+                q, k, v = self._split_heads(reduce_parts(part, scale, bias).astype(self.dtype))
+                srcs, mults, bias = (apply_rotary(q, positions, c)[None], apply_rotary(k, positions, c)[None],
+                                     v[None]), None, None
+            elif c.kv_heads == c.num_heads:   # the attention kernel reads q, k and v at head offsets
+                srcs, mults = (part, None, None), scale
+            else:   # grouped query heads: q's heads are regrouped per kv head, so the three go apart
+                srcs = self._split_heads(part)
+                mults = None if scale is None else self._split_heads(scale)
+                bias = None if bias is None else self._split_heads(bias)
+            out, k_cache, v_cache = decode_attention_append(*srcs, k_cache, v_cache, positions, mults, bias,
+                                                            interpret=interpret)
+            return self._o_parts(out), k_cache, v_cache
         mods = [self.q, self.k, self.v]
         ps = [m.variables["params"] for m in mods]
         parts = linear_parts(x, [p["kernel"] for p in ps])
@@ -131,6 +239,10 @@ class Attention(nn.Module):
                               for m, sc in zip(mods, scales))
         out, k_cache, v_cache = decode_attention_append(*srcs, k_cache, v_cache, positions, mults, biases,
                                                         interpret=interpret)
+        return self._o_parts(out), k_cache, v_cache
+
+    def _o_parts(self, out):
+        """The output projection of the attention's out [b, n, h], left as split-K partials: (parts, scale, bias)."""
         po = self.o.variables["params"]
         (part, scale), = linear_parts(out.astype(self.dtype), [po["kernel"]], 2)
-        return (part, scale, po["bias"] if c.attn_bias else None), k_cache, v_cache
+        return part, scale, po["bias"] if self.cfg.attn_bias else None

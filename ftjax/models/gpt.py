@@ -197,6 +197,8 @@ class GPT(nn.Module):
         mode = layer_decode_mode(x)
         if mode is None or self.impl != "pallas" or c.parallel_residual or not cache:
             return None
+        if self.layers[0].attn._packed_params() is not None:   # the layer kernel takes q, k, v apart
+            return None
         rotary_ok = c.position != "rotary" or (c.rot_dim == c.dim_per_head and not c.rotary_interleaved)
         ok = (rotary_ok and not c.shared_layernorm and c.activation in DL.ACTIVATIONS
               and cache[0]["k"].dtype == x.dtype and cache[0]["k"].shape[0] == x.shape[0]

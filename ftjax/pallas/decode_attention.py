@@ -342,19 +342,20 @@ def decode_attention_reference(q, k_cache, v_cache, lengths, *, scale=None):
 # are stored whole); other shapes use `decode_attention` after an XLA scatter.
 
 
-def _append_prologue(i, j, refs, *, S, g, hp, has_mult, has_bias, dtype):
-  """(q [hp] or [gp, hp], k_new [hp], v_new [hp]) float32 for row i, kv head j, rounded to dtype."""
+def _append_prologue(i, j, refs, *, S, g, hp, has_mult, has_bias, dtype, offsets=(0, 0, 0)):
+  """(q [hp] or [gp, hp], k_new [hp], v_new [hp]) float32 for row i, kv head j, rounded to dtype.
+  offsets: where q, k and v start on their refs' head axis (a packed q/k/v source: (0, n, n + k))."""
   q_ref, k_ref, v_ref = refs[:3]
   extra = list(refs[3:])
   mults = [extra.pop(0) for _ in range(3)] if has_mult else [None] * 3
   biases = [extra.pop(0) for _ in range(3)] if has_bias else [None] * 3
   zero = i * 0
 
-  def gather(ref, mref, bref, rows):
+  def gather(ref, mref, bref, rows, off):
     # ref [S, b, kh, rows?, h]: the row's partials of kv head j (g query heads for q)
     def at(r, *lead):
       if rows is None:
-        return r.at[(*lead, j, pl.ds(zero, hp))]
+        return r.at[(*lead, j + off, pl.ds(zero, hp))]
       return r.at[(*lead, j, pl.ds(zero, rows), pl.ds(zero, hp))]
 
     mask = None if rows is None or rows == g else (jnp.arange(rows) < g)[:, None]
@@ -370,14 +371,14 @@ def _append_prologue(i, j, refs, *, S, g, hp, has_mult, has_bias, dtype):
     return acc.astype(dtype).astype(jnp.float32)
 
   gp = None if g == 1 else max(16, pl.next_power_of_2(g))
-  q = gather(q_ref, mults[0], biases[0], gp)
-  k_new = gather(k_ref, mults[1], biases[1], None)
-  v_new = gather(v_ref, mults[2], biases[2], None)
+  q = gather(q_ref, mults[0], biases[0], gp, offsets[0])
+  k_new = gather(k_ref, mults[1], biases[1], None, offsets[1])
+  v_new = gather(v_ref, mults[2], biases[2], None, offsets[2])
   return q, k_new, v_new
 
 
 def _kernel_append(pos_ref, *refs, S, g, hp, has_mult, has_bias, qk_scale, block_k, num_splits,
-                   precision, s_cap, pdl: bool = False):
+                   precision, s_cap, pdl: bool = False, offsets=(0, 0, 0)):
   dep = C.grid_dependency(pdl)
   n_in = 3 + 3 * has_mult + 3 * has_bias
   src, (kc_ref, vc_ref), outs = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
@@ -385,7 +386,7 @@ def _kernel_append(pos_ref, *refs, S, g, hp, has_mult, has_bias, qk_scale, block
   i, j = pl.program_id(0) + dep, pl.program_id(1) + dep
   dtype = kc_ref.dtype
   q, k_new, v_new = _append_prologue(i, j, src, S=S, g=g, hp=hp, has_mult=has_mult, has_bias=has_bias,
-                                     dtype=dtype)
+                                     dtype=dtype, offsets=offsets)
   pos = jnp.minimum(pos_ref[()], s_cap - 1)
   length = pos + 1
   lo, hi = _split_range(length, block_k, num_splits)
@@ -487,16 +488,38 @@ def decode_attention_append(q, k, v, k_cache, v_cache, positions, mults=None, bi
 
   q [S, b, n, h], k / v [S, b, k, h]: split-K partials of the q/k/v projections (float32; S = 1 for
   finished values); mults (q [n, h], k [k, h], v [k, h]) or None: per-channel scales of the partials'
-  sums (int8 weights); biases likewise or None; k_cache / v_cache [b, k, s, h] (aliased to the
+  sums (int8 weights); biases likewise or None. Packed (k = v = None): q is one projection's partials
+  [S, b, n + 2k, h] with q, k and v in that order on the head axis (n = k: no grouped query heads), and mults /
+  biases are single arrays [n + 2k, h] or None. k_cache / v_cache [b, k, s, h] (aliased to the
   outputs: updated in place where the caller's buffers are dead, as in the engine's donated step; the
   function itself donates nothing, so an eager caller keeps its arrays); positions
   [b] int32, where each row's new token goes (< s; keys [0, positions] are attended).
   -> (out [b, n, h] in the cache dtype, k_cache, v_cache) with the new K/V at `positions`.
   """
-  _check_append(q, k, v, k_cache, v_cache, positions, mults, biases)
+  offsets = (0, 0, 0)
+  if k is None and v is None:    # one packed q/k/v source, read three times at head offsets
+    _, kh, _, _ = k_cache.shape
+    assert q.ndim == 4 and q.shape[2] == 3 * kh, (
+        f"packed q/k/v partials must be [S, b, 3 * k, h] with k = {kh} kv heads (no grouped query heads), "
+        f"got {q.shape}")
+    for name, t in (("mults", mults), ("biases", biases)):
+      assert t is None or getattr(t, "shape", None) == (3 * kh, q.shape[3]), (
+          f"{name}: a packed source takes one [3 * k, h] = {(3 * kh, q.shape[3])} array, got "
+          f"{getattr(t, 'shape', type(t).__name__)}")
+    part = jax.ShapeDtypeStruct((q.shape[0], q.shape[1], kh, q.shape[3]), q.dtype)
+    _check_append(part, part, part, k_cache, v_cache, positions, None, None)
+    offsets = (0, kh, 2 * kh)
+    mults = None if mults is None else (mults,) * 3
+    biases = None if biases is None else (biases,) * 3
+    q = k = v = q
+  else:
+    _check_append(q, k, v, k_cache, v_cache, positions, mults, biases)
   config = config or APPEND_CONFIG
   S, b, n, h = q.shape
   _, kh, s, _ = k_cache.shape
+  packed = offsets != (0, 0, 0)
+  if packed:
+    n = kh
   g = n // kh
   scale = h ** -0.5 if scale is None else float(scale)
   use_dot = g > 1
@@ -504,8 +527,9 @@ def decode_attention_append(q, k, v, k_cache, v_cache, positions, mults=None, bi
   bk = _block_k_for(s, block_k)
   num_splits = choose_num_splits(config, b, kh, s, bk)
   positions = positions.astype(jnp.int32)
-  qx = q.reshape(S, b, kh, h) if g == 1 else q.reshape(S, b, kh, g, h)
-  flat = lambda t: None if t is None else (t.reshape(kh, h) if g == 1 else t.reshape(kh, g, h))  # noqa: E731
+  qx = q if packed else (q.reshape(S, b, kh, h) if g == 1 else q.reshape(S, b, kh, g, h))
+  flat = lambda t: None if t is None else (  # noqa: E731
+      t if packed else (t.reshape(kh, h) if g == 1 else t.reshape(kh, g, h)))
   extra = []
   if mults is not None:
     extra += [flat(mults[0]), mults[1], mults[2]]
@@ -523,7 +547,7 @@ def decode_attention_append(q, k, v, k_cache, v_cache, positions, mults=None, bi
   kernel = functools.partial(
       _kernel_append, S=S, g=g, hp=h, has_mult=mults is not None, has_bias=biases is not None,
       qk_scale=scale * C.LOG2E, block_k=bk, num_splits=num_splits,
-      precision=C.dot_precision(k_cache.dtype), s_cap=s, pdl=C.pdl_on(interpret, b))
+      precision=C.dot_precision(k_cache.dtype), s_cap=s, pdl=C.pdl_on(interpret, b), offsets=offsets)
   outs = pl.pallas_call(
       kernel,
       grid=(b, kh, num_splits),
@@ -545,6 +569,11 @@ def decode_attention_append(q, k, v, k_cache, v_cache, positions, mults=None, bi
 def decode_attention_append_reference(q, k, v, k_cache, v_cache, positions, mults=None, biases=None, *,
                                       scale=None):
   """Plain-jnp twin of `decode_attention_append`: finish q/k/v, scatter, `decode_attention_reference`."""
+  if k is None and v is None:   # packed: q [S, b, 3k, h]; mults / biases [3k, h]
+    kh = k_cache.shape[1]
+    q, k, v = q[:, :, :kh], q[:, :, kh:2 * kh], q[:, :, 2 * kh:]
+    mults = None if mults is None else (mults[:kh], mults[kh:2 * kh], mults[2 * kh:])
+    biases = None if biases is None else (biases[:kh], biases[kh:2 * kh], biases[2 * kh:])
   def finish(t, i):
     y = jnp.sum(t.astype(jnp.float32), axis=0)
     if mults is not None:
