@@ -9,6 +9,9 @@
 #   bash bench/s26_gpu.sh pack     # the packed q/k/v params (engine.PACK_QKV, on) against q, k, v apart: the admit's
 #                                  # GPU time and kernel count (request_phases, a process each), then whole requests
 #                                  # in one process (request_ab: its tokens must agree), 1.3B batch 1 and 350M batch 64
+#   bash bench/s26_gpu.sh b64glue  # 350M batch-64 requests, a process per variant: the prefill's GEMMs on XLA's Triton
+#                                  # emitter (which may take the bias + GELU into the GEMM, where cuBLAS never does), and
+#                                  # attention.PACKED_QKV again now that the packed weight needs no concatenation
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 DEADLINE=${DEADLINE:-570}
@@ -60,6 +63,11 @@ for l in sys.stdin:
       --variants "packed=exact,apart=$OFF,packed2=exact,apart2=$OFF" --json "$OUT/pack_1.3b.jsonl" 2>&1 | grep -v Warning
     timeout $(lim 200) python bench/request_ab.py --model 350m --weights bf16 --cases 64-128-8 --reps 5 \
       --variants "packed=exact,apart=$OFF,packed2=exact,apart2=$OFF" --json "$OUT/pack_350m.jsonl" 2>&1 | grep -v Warning
+    ;;
+  b64glue)
+    timeout $(lim 330) python bench/request_ab.py --isolate --model 350m --weights bf16 --cases 64-128-8,64-512-32 \
+      --reps 5 --variants "off=exact,triton=exact;admit:xla_gpu_cublas_fallback=false,pq=$P_ON,off2=exact" \
+      --json "$OUT/b64glue_350m.jsonl" 2>&1 | grep -v Warning
     ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
