@@ -88,6 +88,11 @@ def test_pack_unpack_round_trip(int8):
                       back, params)
     assert all(jax.tree.leaves(ok))
     assert A.pack_qkv(packed) is not None and set(A.pack_qkv(packed)["layers_1"]["attn"]) == {"qkv", "o"}
+    if int8:   # a block whose q, k, v are of different kinds stays apart
+        mixed = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, (Q.QuantizedWeight, Q.QuantizedWeightT)))
+        mixed["layers_0"]["attn"]["k"] = {**mixed["layers_0"]["attn"]["k"], "kernel": np.zeros((64, 1, 16), np.float32)}
+        out = A.pack_qkv(mixed)
+        assert set(out["layers_0"]["attn"]) == {"q", "k", "v", "o"} and set(out["layers_1"]["attn"]) == {"qkv", "o"}
 
 
 def test_layer_kernel_unpacks(monkeypatch):

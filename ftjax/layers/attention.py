@@ -58,11 +58,13 @@ PACKED_KEY = "qkv"
 def pack_qkv(params):
     """params (host or device arrays, float or int8) with every attention block's q, k, v projections replaced by
     one packed projection (PACKED_KEY): kernels concatenated on their head axis in that order, biases likewise.
-    Blocks without all three (or already packed) are left as they are; arrays on the host stay on the host."""
+    Blocks without all three, with kernels of different kinds (float and int8), or already packed are left as
+    they are; arrays on the host stay on the host."""
     def walk(node):
         if not isinstance(node, dict):
             return node
-        if all(isinstance(node.get(n), dict) and "kernel" in node[n] for n in ("q", "k", "v")):
+        if (all(isinstance(node.get(n), dict) and "kernel" in node[n] for n in ("q", "k", "v"))
+                and len({type(node[n]["kernel"]) for n in ("q", "k", "v")}) == 1):
             mods = [node[n] for n in ("q", "k", "v")]
             packed = {"kernel": _concat_weights([m["kernel"] for m in mods])}
             if all("bias" in m for m in mods):
