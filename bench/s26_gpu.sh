@@ -49,7 +49,7 @@ for l in sys.stdin:
     ;;
   pack)
     mkdir -p /tmp/rp
-    for set in "" "ftjax.engine.PACK_QKV:False" "" "ftjax.engine.PACK_QKV:False"; do
+    for set in "" "ftjax.engine.PACK_QKV:False"; do   # GPU busy time and kernel count: one process each
       echo "== packed q/k/v ${set:+off ($set)}${set:-on}"
       [ "$(lim 60)" -lt 50 ] && { echo "skipped: deadline"; continue; }
       timeout $(lim 110) python bench/request_phases.py --cases ${PCASES:-1.3b-1-128-8,1.3b-1-512-32} --reps 7 \
