@@ -4,7 +4,8 @@
 #                                  # request's phases (bench/request_phases.py: host time until the admit call returns,
 #                                  # i.e. its CUDA graph's launch) in a process per XLA_FLAGS setting: default, the
 #                                  # command buffers' commands strictly serialized (a straight-line graph, which the CUDA
-#                                  # driver can launch in constant time), concurrent, and PDL off
+#                                  # driver can launch in constant time), concurrent, PDL off, and cuBLAS outside the graphs
+#                                  # (about 5 minutes: run `pack` as a second call)
 #   bash bench/s26_gpu.sh nodes    # 1.3B batch-1 requests with the admit's node-count switches (s25's "next", shorter)
 #   bash bench/s26_gpu.sh pack     # the packed q/k/v params (engine.PACK_QKV, on) against q, k, v apart: the admit's
 #                                  # GPU time and kernel count (request_phases, a process each), then whole requests
@@ -21,8 +22,11 @@ for part in "${@:-launch}"; do
 case "$part" in
   launch)
     n=0
+    # the last: cuBLAS GEMMs outside the graphs (XLA traces each into a child graph; the admit's launch costs ~5 us
+    # a node against the decode step's ~1.7, and only the admit holds cuBLAS GEMMs)
     for flags in "" "--xla_gpu_command_buffer_scheduling_mode=SERIALIZE" "--xla_gpu_enable_pdl=false" \
-                 "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT"; do
+                 "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT" \
+                 "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION"; do
       n=$((n + 1)); tr=""
       # the first two settings also trace one request with the host (XLA's cuGraphLaunch and command-buffer events)
       [ $n -le 2 ] && tr="--save-trace /tmp/ht$n"
