@@ -7,8 +7,7 @@
 #                                 # engine.STAGE_WORDS and timed bench/gemm_act.py's kernel: both removed after
 #                                 # (bench/RESULTS.md, twenty-fifth session)
 #   bash bench/s25_gpu.sh admit1  # 1.3B batch-1 requests: packed + norm kernel everywhere + select insert ("all")
-#   bash bench/s25_gpu.sh next    # for the next session: the probe at 350M, then the batch-1 admit's node-count
-#                                 # switches (packed q/k/v, norm kernel at every size, select insert) alone and together
+#   (its `next` part, never run, became bench/s26_gpu.sh's `launch` and `nodes`)
 #   bash bench/s25_gpu.sh second  # MODELS/CASES/VARIANTS of request_ab (a follow-up on the first's winners)
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -33,16 +32,6 @@ case "${1:-first}" in
     timeout $(lim 230) python bench/request_ab.py --isolate --model 1.3b --weights bf16 --cases 1-128-8,1-512-32 \
       --reps 7 --variants "off=exact,all=$P_ALL,off2=exact,all2=$P_ALL" \
       --json "$OUT/admit1_1.3b.jsonl" 2>&1 | grep -v Warning
-    ;;
-  next)
-    # the probe on the shapes this session left out (the seventh session traced 3.1 ms of graph updates in a 350M
-    # 128-token admit of that engine), then the batch-1 admit's node-count switches, each alone and together
-    timeout $(lim 110) python bench/cb_probe.py --model 350m --cases 1-128-8,1-512-32 --reps 3 2>&1 | grep -v Warning
-    S="set:ftjax.models.gpt.NORM_KERNEL_MIN_ROWS=1"; I="set:ftjax.engine.INSERT_SELECT=true"
-    timeout $(lim 420) python bench/request_ab.py --isolate --model ${MODELS:-1.3b} --weights bf16 \
-      --cases ${CASES:-1-128-8,1-512-32} --reps 9 \
-      --variants "off=exact,all=$P_ALL,packed=$P_ON,norm=exact;$S,select=exact;$I,off2=exact,all2=$P_ALL" \
-      --json "$OUT/admit_nodes.jsonl" 2>&1 | grep -v Warning
     ;;
   second)
     for m in ${MODELS:-350m}; do

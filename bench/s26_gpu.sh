@@ -18,6 +18,11 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 DEADLINE=${DEADLINE:-570}
 P_ON="exact;set:ftjax.layers.attention.PACKED_QKV=true"
 P_ALL="$P_ON;set:ftjax.models.gpt.NORM_KERNEL_MIN_ROWS=1;set:ftjax.engine.INSERT_SELECT=true"
+# request_phases' JSON rows, each with its first ${1:-0} costliest admit kernels
+rows() { python -c "
+import json, sys
+for l in sys.stdin:
+    r = json.loads(l); r['admit_top'] = r.get('admit_top', [])[:${1:-0}]; print(json.dumps(r))"; }
 for part in "${@:-launch}"; do
 case "$part" in
   launch)
@@ -34,10 +39,7 @@ case "$part" in
       [ "$(lim 60)" -lt 50 ] && { echo "skipped: deadline"; continue; }
       mkdir -p /tmp/rp; XLA_FLAGS="$flags" python -c "import jax; print(jax.devices())" 2>&1 | tail -1
       XLA_FLAGS="$flags" timeout $(lim 100) python bench/request_phases.py --cases ${CASES:-350m-1-128-8,1.3b-1-128-8} \
-        --reps 7 --out /tmp/rp $tr 2>&1 | grep -v Warning | grep '^{' | python -c "
-import json, sys
-for l in sys.stdin:
-    r = json.loads(l); r.pop('admit_top', None); print(json.dumps(r))"
+        --reps 7 --out /tmp/rp $tr 2>&1 | grep -v Warning | grep '^{' | rows
       for f in /tmp/ht$n/1.3b*.json.gz; do
         [ -f "$f" ] && timeout 30 python bench/host_trace.py "$f" --min-us 150 --depth 4 2>&1 \
           | grep -i 'graph\|command\|prefill_insert\|generate_steps\|busy\|gpu' | head -30
@@ -57,10 +59,7 @@ for l in sys.stdin:
       echo "== packed q/k/v ${set:+off ($set)}${set:-on}"
       [ "$(lim 60)" -lt 50 ] && { echo "skipped: deadline"; continue; }
       timeout $(lim 110) python bench/request_phases.py --cases ${PCASES:-1.3b-1-128-8,1.3b-1-512-32} --reps 7 \
-        --out /tmp/rp ${set:+--set $set} 2>&1 | grep -v Warning | grep '^{' | python -c "
-import json, sys
-for l in sys.stdin:
-    r = json.loads(l); r['admit_top'] = r.get('admit_top', [])[:5]; print(json.dumps(r))"
+        --out /tmp/rp ${set:+--set $set} 2>&1 | grep -v Warning | grep '^{' | rows 5
     done
     OFF="exact;set:ftjax.engine.PACK_QKV=false"
     timeout $(lim 200) python bench/request_ab.py --model 1.3b --weights bf16 --cases 1-128-8,1-512-32 --reps 7 \

@@ -131,15 +131,18 @@ class Attention(nn.Module):
         n, kh = self.cfg.num_heads, self.cfg.kv_heads
         return y[..., :n, :], y[..., n:n + kh, :], y[..., n + kh:, :]
 
+    def _project(self, x, w, bias):
+        """x @ w (+ bias) in self.dtype, as `Linear` computes it (the product's and bias add's dtype by its rule)."""
+        acc = product_dtype(x, w, 1, self.dtype)
+        y = linear(x, w, 1, out_dtype=acc)
+        if bias is not None:
+            y = y + bias.astype(acc)
+        return y.astype(self.dtype)
+
     def _qkv(self, x, positions):
         packed = self._packed_params()
-        if packed is not None:   # as `Linear` would compute it, on the packed weight
-            w, b = packed
-            acc = product_dtype(x, w, 1, self.dtype)
-            y = linear(x, w, 1, out_dtype=acc)
-            if b is not None:
-                y = y + b.astype(acc)
-            q, k, v = self._split_heads(y.astype(self.dtype))
+        if packed is not None:
+            q, k, v = self._split_heads(self._project(x, *packed))
         else:
             q, k, v = fused_linears([self.q, self.k, self.v], x)  # [..., n, h], [..., k, h], [..., k, h]
         if self.cfg.position == "rotary":
@@ -166,11 +169,7 @@ class Attention(nn.Module):
             bias = _cat([p["bias"] for p in ps], 0) if c.attn_bias else None
         if _small_m_mode(x, 1, [w]) is not None:
             return None
-        acc = product_dtype(x, w, 1, self.dtype)   # the rule of `Linear`
-        y = linear(x, w, 1, out_dtype=acc)
-        if bias is not None:
-            y = y + bias.astype(acc)
-        return y.astype(self.dtype)
+        return self._project(x, w, bias)
 
     def prefill(self, x, positions, lengths):
         """x [b, t, d]; positions [b, t]; lengths [b] -> (out [b, t, d], k [b, t, k, h], v [b, t, k, h])."""
@@ -178,7 +177,7 @@ class Attention(nn.Module):
         if qkv is not None:
             n, kh = self.cfg.num_heads, self.cfg.kv_heads
             out = ops.attention_prefill_packed(qkv, n, kh, lengths, impl=self.impl)
-            return self.o(out), qkv[:, :, n:n + kh], qkv[:, :, n + kh:]
+            return (self.o(out), *self._split_heads(qkv)[1:])
         q, k, v = self._qkv(x, positions)
         out = ops.attention_prefill(q, k, v, lengths, impl=self.impl, causal=True)  # [b, t, n, h]
         return self.o(out), k, v
