@@ -290,7 +290,8 @@ def test_unpenalized_decode_step_leaves_out_the_processors(llm):
     # the same prompts greedy, then with a strong presence penalty in one slot: the plain slot's tokens
     # and log probs are those it gets alone (so the compiled-out processors were the identity), and the
     # penalised slot never repeats a generated token
-    rng = np.random.default_rng()
+    # seeded: batch 2 against batch 1 can flip a bf16/f32 near-tie on an unlucky prompt (one flake under -n 2)
+    rng = np.random.default_rng(9)
     for _ in range(8):   # a prompt whose greedy continuation repeats a token (tiny random models loop)
         prompt = [int(t) for t in rng.integers(2, 100, size=6)]
         alone = llm.generate([prompt], max_new_tokens=12, end_id=None, return_log_probs=True)
