@@ -1,4 +1,4 @@
-"""The prefill's packed q/k/v (ftjax/layers/attention.py, PACKED_QKV, switched on here): with the Pallas attention
+"""The prefill's packed q/k/v (ftjax/layers/attention.py, PACKED_QKV, on by default; set both ways here): with the Pallas attention
 (interpreted on CPU) and no rotary embedding, q, k and v are one projection whose output the attention kernel reads
 in place. Held to the three projections as written (PACKED_QKV off): the same prefill logits and K/V, for float32
 and int8 weights in both layouts, multi-head and grouped-query; and GPT-2's greedy tokens to Hugging Face's."""

@@ -24,10 +24,13 @@ from ftjax.sharding.mesh import current_attention_mesh
 # (`ops.attention_prefill_packed`); the K/V for the cache are slices of it. Without it XLA merges the three
 # GEMMs by itself but splits the product with three bias-add fusions that each copy a third of it (GPT-350M
 # batch 64 x 128 tokens on an H100: 14 us each a layer, ~1 ms of the 14.4 ms prefill; bench/RESULTS.md,
-# twenty-fourth session). Off: whole 350M batch-64 requests were no faster with it on an H200 (128/8 within the
-# spread, 512/32 2-3% slower; twenty-fifth session, `bash bench/s24_gpu.sh packed`); on CPU it is tested against the
-# three projections as written.
-PACKED_QKV = False
+# twenty-fourth session). On since the twenty-seventh session: with the engine's packed q/k/v params
+# (engine.PACK_QKV) the GEMM reads one stored weight, where before XLA concatenated the three every prefill; two
+# process-per-variant A/Bs on an H100 gave 350M batch-64 requests -1 to -4% (128/8 and 512/32, beyond the spread of
+# the off rows) and 1.3B batch 1 within its spread (bench/RESULTS.md). Off: whole 350M batch-64 requests were no
+# faster on an H200 while the weights were concatenated per call (twenty-fifth session). On CPU it is tested against
+# the three projections as written.
+PACKED_QKV = True
 
 
 def _cat(arrays, axis):
