@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Twenty-seventh session's device parts (for the next session). Results land in $OUT (or ./out).
+#   bash bench/s27_gpu.sh table      # the e2e rows whose defaults changed (packed q/k/v params, PACKED_QKV on):
+#                                    # 1.3B batch 1 and 350M batch 64, ftjax bf16 / int8 beside HF eager and static
+#   bash bench/s27_gpu.sh launchdiff # why the 1.3B admit's graph takes 1.2 ms longer to launch than the 350M one's
+#                                    # with the same 406 kernels: one traced request each, the host's XLA runtime
+#                                    # events (Execute, command-buffer update, cuGraphLaunch) at depth 8
+. "$(dirname "$0")/gpu_env.sh"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+DEADLINE=${DEADLINE:-570}
+for part in "${@:-table}"; do
+case "$part" in
+  table)
+    # e2e's --budget ends the run cleanly (its rows so far printed); the timeout is the backstop
+    timeout $(( DEADLINE - SECONDS - 10 )) python bench/e2e.py --budget $(( DEADLINE - SECONDS - 40 )) --out "$OUT" \
+      --cases ${CASES:-1.3b-b1-128-8,1.3b-b1-512-32,350m-b64-128-8,350m-b64-512-32} 2>&1 | grep -v Warning
+    ;;
+  launchdiff)
+    mkdir -p /tmp/rp /tmp/htd
+    timeout $(lim 150) python bench/request_phases.py --cases 350m-1-128-8,1.3b-1-128-8 --reps 7 --out /tmp/rp \
+      --save-trace /tmp/htd 2>&1 | grep -v Warning | grep '^{'
+    for f in /tmp/htd/*.json.gz; do
+      echo "== $f"
+      timeout 60 python bench/host_trace.py "$f" --min-us 40 --depth 8 2>&1 \
+        | grep -i 'execute\|graph\|command\|update\|launch\|prefill_insert\|busy' | head -40
+    done
+    ;;
+  *) echo "unknown part $part"; exit 2 ;;
+esac
+done
