@@ -3,8 +3,9 @@
 #   bash bench/s27_gpu.sh table      # the e2e rows whose defaults changed (packed q/k/v params, PACKED_QKV on):
 #                                    # 1.3B batch 1 and 350M batch 64, ftjax bf16 / int8 beside HF eager and static
 #   bash bench/s27_gpu.sh launchdiff # why the 1.3B admit's graph takes 1.2 ms longer to launch than the 350M one's
-#                                    # with the same 406 kernels: one traced request each, the host's XLA runtime
-#                                    # events (Execute, command-buffer update, cuGraphLaunch) at depth 8
+#                                    # with the same 406 kernels: each admit's command buffers and the ops between
+#                                    # them (bench/admit_hlo.py), then one traced request each, the host's XLA
+#                                    # runtime events (Execute, command-buffer update, cuGraphLaunch) at depth 8
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 DEADLINE=${DEADLINE:-570}
@@ -17,6 +18,9 @@ case "$part" in
     ;;
   launchdiff)
     mkdir -p /tmp/rp /tmp/htd
+    # how each admit is cut into command buffers (one graph launch each) and what runs between them
+    timeout $(lim 120) python bench/admit_hlo.py --cases 350m-1-128-8,1.3b-1-128-8 --dump "$OUT/admit_hlo" 2>&1 \
+      | grep -v Warning | grep '^{'
     timeout $(lim 150) python bench/request_phases.py --cases 350m-1-128-8,1.3b-1-128-8 --reps 7 --out /tmp/rp \
       --save-trace /tmp/htd 2>&1 | grep -v Warning | grep '^{'
     for f in /tmp/htd/*.json.gz; do
