@@ -6,6 +6,9 @@
 #                                    # with the same 406 kernels: each admit's command buffers and the ops between
 #                                    # them (bench/admit_hlo.py), then one traced request each, the host's XLA
 #                                    # runtime events (Execute, command-buffer update, cuGraphLaunch) at depth 8
+#   bash bench/s27_gpu.sh kvwrite    # the prefill writing the K/V into the cache itself (engine.PREFILL_WRITES_KV, off):
+#                                    # the admit's kernels and GPU time (a process each), then whole requests a
+#                                    # process per variant, 1.3B batch 1 and 350M batch 64 (about 6 minutes)
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 DEADLINE=${DEADLINE:-570}
@@ -28,6 +31,22 @@ case "$part" in
       timeout 60 python bench/host_trace.py "$f" --min-us 40 --depth 8 2>&1 \
         | grep -i 'execute\|graph\|command\|update\|launch\|prefill_insert\|busy' | head -40
     done
+    ;;
+  kvwrite)
+    mkdir -p /tmp/rp
+    for set in "" "ftjax.engine.PREFILL_WRITES_KV:True"; do
+      echo "== PREFILL_WRITES_KV ${set:+on}${set:-off}"
+      timeout $(lim 100) python bench/request_phases.py --cases 1.3b-1-128-8,350m-64-128-8 --reps 5 --out /tmp/rp \
+        ${set:+--set $set} 2>&1 | grep -v Warning | grep '^{' | python -c "
+import json, sys
+for l in sys.stdin:
+    r = json.loads(l); r['admit_top'] = r.get('admit_top', [])[:4]; print(json.dumps(r))"
+    done
+    KV="exact;set:ftjax.engine.PREFILL_WRITES_KV=true"
+    timeout $(lim 150) python bench/request_ab.py --isolate --model 1.3b --weights bf16 --cases 1-128-8,1-512-32 \
+      --reps 7 --variants "off=exact,kv=$KV,off2=exact,kv2=$KV" --json "$OUT/kvwrite_1.3b.jsonl" 2>&1 | grep -v Warning
+    timeout $(lim 150) python bench/request_ab.py --isolate --model 350m --weights bf16 --cases 64-128-8,64-512-32 \
+      --reps 5 --variants "off=exact,kv=$KV,off2=exact,kv2=$KV" --json "$OUT/kvwrite_350m.jsonl" 2>&1 | grep -v Warning
     ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac

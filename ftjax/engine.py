@@ -72,6 +72,12 @@ INSERT_IN_PLACE = True
 # The in-place update is a second compiled variant of the admit; below this size the scatter costs well
 # under a millisecond, so a serving process's small multi-request admits keep one variant per shape.
 INSERT_IN_PLACE_MIN_TOKENS = 4096
+# ... and there, in a family that can (GPT: `writes_prefix_at_prefill`) on one device per shard, each layer's
+# prefill writes its K/V into the cache as it goes: on the packed q/k/v path the prefill attention kernel does it
+# itself (the caches aliased to its outputs), which removes the admit's two insert kernels a layer (48 of a 1.3B
+# batch-1 admit's 406; at 350M batch 64 each layer's ~22 us insert re-read the K/V the kernel had just read).
+# Off until timed on a GPU (twenty-seventh session); the results are the same either way (tests).
+PREFILL_WRITES_KV = False
 # The admit writes each per-slot state field (seq, lengths, ~17 sampling parameters, the beam group's fields) as
 # a select over all B slots (`where(slot taken, request row, old)`, the rows gathered through one inverse map)
 # instead of one scatter per field: elementwise selects of one shape fuse into few kernels, where the scatters
@@ -238,6 +244,8 @@ class Engine:
             # those compile with XLA's default options (cuBLAS allowed), as float weights do.
             self._admit_big = admit_jit(opts.get("admit"))
         self.admit_options = admit_opts   # what the admit call is compiled with (read-only: set compiler_options)
+        self._prefill_writes_kv = bool(PREFILL_WRITES_KV and self.layout is None
+                                       and getattr(self.family, "writes_prefix_at_prefill", False))
         self._admit = admit_jit(admit_opts)
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,),
                                  static_argnames=("rem", "chunked", "beam", "sampled", "penalized", "snap",
@@ -359,9 +367,11 @@ class Engine:
     def _logits_fn(self, params, *args):  # GPT: (tokens [b, t], lengths) -> [b, t, v]
         return self.family.full_logits(params, *args)
 
-    def _prefill_fn(self, params, tokens, lengths, sp, sampled=True):
-        """tokens [b, T]; lengths [b]; sp SlotParams [b] -> Prefix (GPT samples the first id here)."""
-        logits, kv = self.family.prefill(params, tokens, lengths)  # [b, v] (or None), family prefix
+    def _prefill_fn(self, params, tokens, lengths, sp, sampled=True, cache=None, start=None):
+        """tokens [b, T]; lengths [b]; sp SlotParams [b] -> Prefix (GPT samples the first id here). With cache
+        and start (PREFILL_WRITES_KV) the prefix's kv is the cache with the prompts' K/V written in."""
+        at = {} if cache is None else {"cache": cache, "start": start}
+        logits, kv = self.family.prefill(params, tokens, lengths, **at)  # [b, v] (or None), family prefix
         zeros = jnp.zeros_like(lengths)
         if logits is None:
             return Prefix(kv=kv, first=zeros, first_logprob=jnp.zeros(lengths.shape, jnp.float32))
@@ -373,7 +383,12 @@ class Engine:
         """_prefill_fn then _insert_fn. `words`/`spec`: pack_words of (tokens, lengths, sp, dec_tokens,
         dec_lengths, max_new, src, slots, gslots) (dec_*: what the decoder's rows start from)."""
         tokens, lengths, sp, dec_tokens, dec_lengths, max_new, src, slots, gslots = unpack_words(words, spec)
-        prefix = self._prefill_fn(params, tokens, lengths, sp, sampled=sampled)
+        if contiguous and self._prefill_writes_kv:   # the layers write the K/V into the cache themselves
+            prefix = self._prefill_fn(params, tokens, lengths, sp, sampled=sampled, cache=state.cache,
+                                      start=slots[0])
+            state, prefix = state._replace(cache=prefix.kv), prefix._replace(kv=None)
+        else:
+            prefix = self._prefill_fn(params, tokens, lengths, sp, sampled=sampled)
         return self._insert_fn(state, prefix, dec_tokens, dec_lengths, max_new, sp, src, slots, gslots,
                                contiguous=contiguous)
 
@@ -388,8 +403,8 @@ class Engine:
         # Rows whose last id stays pending (fed by the first generate step): beam requests, and every
         # request of a family that does not sample at prefill (T5: the decoder start id).
         beam_req = (sp.beam_width > 1) | (not self.family.samples_at_prefill)   # [b]
-        cache = self.family.write_prefix(state.cache, prefix.kv, src, slots,
-                                         slots[0] if contiguous else None)
+        cache = state.cache if prefix.kv is None else self.family.write_prefix(   # None: written at prefill
+            state.cache, prefix.kv, src, slots, slots[0] if contiguous else None)
         b = tokens.shape[0]
         # Sampled requests: the first id comes from prefill. Beam requests: the last prompt id stays
         # pending, so the first beam step (in generate) sees the prompt's logits in every beam.

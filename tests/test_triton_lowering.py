@@ -73,6 +73,19 @@ def test_packed_prefill_attention_lowers(b, t, n, kh, h):
         assert "stablehlo.slice" not in txt
 
 
+@pytest.mark.parametrize("b,t,n,kh,h,S", [(64, 128, 16, 16, 64, 136), (1, 512, 16, 16, 128, 544), (2, 64, 8, 2, 128, 64)])
+def test_packed_prefill_attention_writing_the_cache_lowers(b, t, n, kh, h, S):
+    """With the caches given, the kernel writes the prompt's K/V into them itself: one Triton call, the caches
+    aliased to its outputs (no dynamic_update_slice, no copy of them)."""
+    from ftjax.pallas.prefill_attention import prefill_attention_packed
+    txt = lower_cuda(lambda x, ln, kc, vc, st: prefill_attention_packed(x, ln, num_heads=n, kv_heads=kh,
+                                                                         cache=(kc, vc), start=st),
+                     sds((b, t, n + 2 * kh, h)), sds((b,), jnp.int32), sds((b + 3, kh, S, h)), sds((b + 3, kh, S, h)),
+                     sds((), jnp.int32))
+    assert txt.count(TRITON) == 1
+    assert "dynamic_update_slice" not in txt
+
+
 @pytest.mark.parametrize("h", [32, 64, 128])
 def test_decode_attention_append_warps_follow_head_dim(h):
     """The append kernel runs 2 warps where head_dim <= 64 (DecodeConfig.small_head_warps), else num_warps;

@@ -174,15 +174,23 @@ class Attention(nn.Module):
             return None
         return self._project(x, w, bias)
 
-    def prefill(self, x, positions, lengths):
-        """x [b, t, d]; positions [b, t]; lengths [b] -> (out [b, t, d], k [b, t, k, h], v [b, t, k, h])."""
+    def prefill(self, x, positions, lengths, cache=None, start=None):
+        """x [b, t, d]; positions [b, t]; lengths [b] -> (out [b, t, d], k [b, t, k, h], v [b, t, k, h]).
+        cache = (k_cache, v_cache) [B, k, S, h] and start: the K/V go into cache rows start .. start + b - 1
+        instead (on the packed path the attention kernel writes them) -> (out, k_cache, v_cache)."""
         qkv = self._packed_qkv(x)
         if qkv is not None:
             n, kh = self.cfg.num_heads, self.cfg.kv_heads
+            if cache is not None:
+                out, kc, vc = ops.attention_prefill_packed(qkv, n, kh, lengths, impl=self.impl, cache=cache,
+                                                           start=start)
+                return self.o(out), kc, vc
             out = ops.attention_prefill_packed(qkv, n, kh, lengths, impl=self.impl)
             return (self.o(out), *self._split_heads(qkv)[1:])
         q, k, v = self._qkv(x, positions)
         out = ops.attention_prefill(q, k, v, lengths, impl=self.impl, causal=True)  # [b, t, n, h]
+        if cache is not None:
+            return (self.o(out), *ops.write_kv_into(cache, k, v, start))
         return self.o(out), k, v
 
     def decode(self, x, positions, k_cache, v_cache):

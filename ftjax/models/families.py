@@ -42,9 +42,18 @@ class GPTFamily:
         kv = (B, c.kv_heads, S, c.dim_per_head)
         return [{"k": jnp.zeros(kv, self.dtype), "v": jnp.zeros(kv, self.dtype)} for _ in range(c.num_layers)]
 
-    def prefill(self, params, tokens, lengths):
-        """tokens [b, T]; lengths [b] -> (logits [b, v] at the last prompt id, prefix: per layer (k, v) [b, T, k, h])."""
-        return self.model.apply({"params": params}, tokens, lengths, method=gpt.GPT.prefill)
+    # the prefill can write the prompt's K/V into the cache itself (`prefill(..., cache=, start=)`)
+    writes_prefix_at_prefill = True
+
+    def prefill(self, params, tokens, lengths, cache=None, start=None):
+        """tokens [b, T]; lengths [b] -> (logits [b, v] at the last prompt id, prefix: per layer (k, v) [b, T, k, h]).
+        With cache (the family's cache) and start (cache rows start .. start + b - 1 take the prompts): the
+        layers write their K/V into it as they go, and the second result is the written cache."""
+        if cache is None:
+            return self.model.apply({"params": params}, tokens, lengths, method=gpt.GPT.prefill)
+        logits, kv = self.model.apply({"params": params}, tokens, lengths, False,
+                                      [(c["k"], c["v"]) for c in cache], start, method=gpt.GPT.prefill)
+        return logits, [{"k": k, "v": v} for k, v in kv]
 
     def write_prefix(self, cache, prefix, src, slots, start=None):
         """Copy prefix rows `src` [m] into cache rows `slots` [m] (slot >= B: dropped); `start`: see

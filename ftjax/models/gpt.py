@@ -71,9 +71,9 @@ class Block(nn.Module):
         x = x + attn_out
         return x + self.mlp(self.ln2(x))
 
-    def prefill(self, x, positions, lengths):  # x [b, t, d] -> (x, k [b, t, k, h], v)
+    def prefill(self, x, positions, lengths, cache=None, start=None):  # x [b, t, d] -> (x, k [b, t, k, h], v)
         h1 = self.ln1(x)
-        a, k, v = self.attn.prefill(h1, positions, lengths)
+        a, k, v = self.attn.prefill(h1, positions, lengths, cache, start)   # (cache: the written caches)
         return self._residual(x, h1, a), k, v
 
     def decode(self, x, positions, k_cache, v_cache):  # x [b, d]; caches [b, k, s, h]
@@ -89,8 +89,8 @@ class Block(nn.Module):
         x, h2 = _add_norm(self.ln2, x, a)
         return (x, self.mlp(h2)), k, v
 
-    def prefill_pending(self, x, y, positions, lengths):  # `prefill` on the (x, y) stream
-        return self._pending(x, y, lambda h: self.attn.prefill(h, positions, lengths))
+    def prefill_pending(self, x, y, positions, lengths, cache=None, start=None):  # `prefill` on the (x, y) stream
+        return self._pending(x, y, lambda h: self.attn.prefill(h, positions, lengths, cache, start))
 
     def decode_pending(self, x, y, positions, k_cache, v_cache):  # `decode` on the (x, y) stream
         return self._pending(x, y, lambda h: self.attn.decode(h, positions, k_cache, v_cache))
@@ -205,25 +205,28 @@ class GPT(nn.Module):
               and append_supported(c.dim_per_head, cache[0]["k"].shape[2]) and DL.grid_known(mode["interpret"]))
         return mode if ok else None
 
-    def prefill(self, tokens, lengths, all_logits: bool = False):
+    def prefill(self, tokens, lengths, all_logits: bool = False, cache=None, start=None):
         """tokens [b, t] (right padded); lengths [b] >= 1.
 
         Returns (logits, kv): logits [b, v] at each row's last prompt token (or [b, t, v] when
-        all_logits), kv a list per layer of (k, v) [b, t, k, h].
+        all_logits), kv a list per layer of (k, v) [b, t, k, h]. With cache (a list per layer of
+        (k_cache, v_cache) [B, k, S, h]) and start, each layer writes its K/V into cache rows start ..
+        start + b - 1 as it goes, and kv is the list of written caches.
         """
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed(tokens, positions)
         kv = []
+        caches = [None] * len(self.layers) if cache is None else cache
         if self._norm_kernel(b * t):
             y = None
-            for layer in self.layers:
-                (x, y), k, v = layer.prefill_pending(x, y, positions, lengths)
+            for layer, c in zip(self.layers, caches):
+                (x, y), k, v = layer.prefill_pending(x, y, positions, lengths, c, start)
                 kv.append((k, v))
             x = x + y
         else:
-            for layer in self.layers:
-                x, k, v = layer.prefill(x, positions, lengths)
+            for layer, c in zip(self.layers, caches):
+                x, k, v = layer.prefill(x, positions, lengths, c, start)
                 kv.append((k, v))
         if not all_logits:
             x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [b, d]

@@ -49,7 +49,7 @@ from ftjax.pallas import _common as C
 from ftjax.sharding import rules as R
 from ftjax.sharding.mesh import current_attention_mesh
 from ftjax.pallas.decode_attention import decode_attention
-from ftjax.pallas.prefill_attention import prefill_attention, prefill_attention_packed
+from ftjax.pallas.prefill_attention import prefill_attention, prefill_attention_packed, write_kv_into
 
 IMPLS = ("xla", "pallas")
 
@@ -231,15 +231,19 @@ def attention_prefill(q, k, v, lengths, *, impl: str, causal=True, bias=None, sc
                     kv_args=(1, 2), q_heads_dim=2)
 
 
-def attention_prefill_packed(qkv, num_heads: int, kv_heads: int, lengths, *, impl: str, scale=None):
+def attention_prefill_packed(qkv, num_heads: int, kv_heads: int, lengths, *, impl: str, scale=None,
+                             cache=None, start=None):
   """Causal self-attention of a packed projection: qkv [b, t, n + 2k, h] (q heads, then K's kv heads, then
   V's); lengths [b] -> [b, t, n, h]. The Pallas kernel reads the three out of the packed array in place
   (`prefill_attention_packed`); the XLA impl, and a tensor-parallel mesh (whose head split the packing does
-  not follow), split it and take `attention_prefill`."""
+  not follow), split it and take `attention_prefill`.
+  cache = (k_cache, v_cache) [B, k, S, h], start: the prompt's K/V also go into cache rows start .. start + b - 1
+  (the Pallas kernel writes them itself where it can) -> (out, k_cache, v_cache)."""
   _check_impl(impl)
   n, kh = num_heads, kv_heads
   if impl == "xla" or current_attention_mesh() is not None:
     q, k, v = qkv[:, :, :n], qkv[:, :, n:n + kh], qkv[:, :, n + kh:]
-    return attention_prefill(q, k, v, lengths, impl=impl, causal=True, scale=scale)
+    out = attention_prefill(q, k, v, lengths, impl=impl, causal=True, scale=scale)
+    return out if cache is None else (out, *write_kv_into(cache, k, v, start))
   return prefill_attention_packed(qkv, lengths, num_heads=n, kv_heads=kh, scale=scale,
-                                  interpret=C.default_interpret())
+                                  interpret=C.default_interpret(), cache=cache, start=start)

@@ -108,16 +108,34 @@ def _smem_bytes(bq, bk, hp, ns, itemsize, has_bias) -> int:
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, *rest, has_bias: bool, causal: bool, num_q_blocks: int,
-            block_q: int, block_k: int, qk_scale: float, head_dim: int, precision):
-  """q_ref [bq, hp]; k_ref, v_ref [s, hp]; (bias_ref [bq, s]); o_ref [bq, hp]."""
+            block_q: int, block_k: int, qk_scale: float, head_dim: int, precision, kv_group: int = 0):
+  """q_ref [bq, hp]; k_ref, v_ref [s, hp]; (bias_ref [bq, s]); o_ref [bq, hp].
+  kv_group > 0 (the K/V written into a cache): after the bias, start_ref [] and the two caches (inputs, aliased
+  to the outputs); after o_ref, ko_ref and vo_ref [B, k, S, h] (whole). The first q head of each kv group
+  (kv_group q heads a kv head) writes its q block's K and V rows into cache row start + batch row."""
   bias_ref = rest[0] if has_bias else None
-  o_ref = rest[-1]
+  if kv_group:
+    start_ref = rest[int(has_bias)]
+    o_ref, ko_ref, vo_ref = rest[-3:]
+  else:
+    o_ref = rest[-1]
   hp = q_ref.shape[-1]
   qi = pl.program_id(2)
   if causal:
     qi = num_q_blocks - 1 - qi
   q_start = qi * block_q
   length = len_ref[()]
+
+  if kv_group:
+    head = pl.program_id(0)   # program ids outside the branch (the interpreter cannot find them inside)
+    row, kvh = start_ref[()] + pl.program_id(1), head // kv_group
+
+    @pl.when(head % kv_group == 0)
+    def _write_kv():
+      for src, dst in ((k_ref, ko_ref), (v_ref, vo_ref)):
+        blk = src[pl.ds(q_start, block_q), :]
+        C.store(dst.at[pl.ds(row, 1), pl.ds(kvh, 1), pl.ds(q_start, block_q), :],
+                blk[None, None].astype(dst.dtype))
 
   dmask = None if hp == head_dim else (jnp.arange(hp) < head_dim)[None, :]
   q = C.load(q_ref, mask=dmask, other=0.0) if dmask is not None else q_ref[...]
@@ -220,13 +238,19 @@ def prefill_attention(q, k, v, lengths, *, scale=None, causal=True, bias=None, c
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "kv_heads", "scale", "config", "interpret"))
 def prefill_attention_packed(qkv, lengths, *, num_heads: int, kv_heads: int, scale=None, config=None,
-                             interpret=False):
+                             interpret=False, cache=None, start=None):
   """Causal self-attention with q, k and v in one array, as one projection writes them:
   qkv [b, t, n + 2k, h] (heads 0..n-1 are q, then k kv heads of K, then k of V); lengths [b] -> [b, t, n, h].
 
   The same kernel as `prefill_attention`; its BlockSpecs pick q, K and V out of the packed array by head
   index, so nothing splits it first (in a GPT prefill the split and the bias add were three XLA fusions
-  that each copied a third of the projection's output; bench/RESULTS.md, twenty-fourth session)."""
+  that each copied a third of the projection's output; bench/RESULTS.md, twenty-fourth session).
+
+  cache = (k_cache, v_cache) [B, k, S, h] and start (int): also writes the prompt's K and V into cache rows
+  start .. start + b - 1, positions 0 .. t - 1 (and up to the padded length: past each row's length the
+  positions hold what decoding overwrites), and returns (out, k_cache, v_cache). The kernel writes them
+  itself (the caches aliased to its outputs) where the padded length fits the cache and head_dim is a power
+  of two; otherwise one dynamic_update_slice per cache does (`write_kv_into`)."""
   n, kh = num_heads, kv_heads
   assert qkv.ndim == 4, f"qkv must be [b, t, n + 2k, h], got shape {qkv.shape}"
   b, t, heads, h = qkv.shape
@@ -239,17 +263,42 @@ def prefill_attention_packed(qkv, lengths, *, num_heads: int, kv_heads: int, sca
   bq, bk, num_warps, num_stages = config.resolve(t, t, hp, jnp.dtype(qkv.dtype).itemsize, False, heads=b * n)
   # q blocks and the K/V span come from the same array, so both pad to one length (bq, bk powers of two)
   L = pl.cdiv(t, max(bq, bk)) * max(bq, bk)
+  in_kernel = cache is not None and kernel_writes_kv(cache[0], qkv.dtype, h, L)
+  packed = qkv
   if L != t:
     qkv = jnp.pad(qkv, ((0, 0), (0, L - t), (0, 0), (0, 0)))
   out = _launch(qkv, qkv, qkv, lengths, None, heads=(n, kh), offsets=(0, n, n + kh), s=t, head_dim=h,
-                tiles=(bq, bk, num_warps, num_stages), scale=scale, causal=True, interpret=interpret)
-  return out[:, :t] if L != t else out
+                tiles=(bq, bk, num_warps, num_stages), scale=scale, causal=True, interpret=interpret,
+                cache=cache if in_kernel else None, start=start)
+  if cache is not None:
+    out, kc, vc = out if in_kernel else (out, *write_kv_into(cache, packed[:, :, n:n + kh], packed[:, :, n + kh:],
+                                                              start))
+  out = out[:, :t] if L != t else out
+  return out if cache is None else (out, kc, vc)
 
 
-def _launch(q, k, v, lengths, bias, *, heads, offsets, s, head_dim, tiles, scale, causal, interpret):
+def kernel_writes_kv(k_cache, dtype, head_dim: int, padded_len: int) -> bool:
+  """Whether `prefill_attention_packed` writes the K/V into this cache in its kernel: the padded prompt fits
+  the cache's positions, the head size needs no padding (the cache rows are stored whole) and the dtypes agree."""
+  return (padded_len <= k_cache.shape[2] and head_dim == C.head_dim_padded(head_dim)
+          and k_cache.shape[3] == head_dim and jnp.dtype(k_cache.dtype) == jnp.dtype(dtype))
+
+
+def write_kv_into(cache, k, v, start):
+  """k, v [b, t, k, h] into cache rows start .. start + b - 1 ([B, k, S, h] each), positions 0 .. t - 1: one
+  in-place dynamic_update_slice per cache."""
+  at = (jnp.asarray(start, jnp.int32), 0, 0, 0)
+  return tuple(jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), at)
+               for c, x in zip(cache, (k, v)))
+
+
+def _launch(q, k, v, lengths, bias, *, heads, offsets, s, head_dim, tiles, scale, causal, interpret,
+            cache=None, start=None):
   """The pallas_call. q [b, tp, *, h] with its n query heads from head offsets[0]; k, v [b, sp, *, h] with
   their kv heads from offsets[1] / offsets[2] (the same array may be passed for all three); tp, sp
-  multiples of the q / K tiles; s the unpadded key length (lengths clip to it) -> [b, tp, n, h]."""
+  multiples of the q / K tiles; s the unpadded key length (lengths clip to it) -> [b, tp, n, h].
+  cache (k_cache, v_cache [B, k, S, h], tp <= S) and start: the kernel also writes K / V rows 0 .. tp - 1 into
+  cache rows start + batch row -> (out, k_cache, v_cache)."""
   n, kh = heads
   g = n // kh
   oq, ok, ov = offsets
@@ -282,15 +331,27 @@ def _launch(q, k, v, lengths, bias, *, heads, offsets, s, head_dim, tiles, scale
         lambda i, j, p: (j if per_row else 0, i, nq - 1 - p if causal else p, 0)))
     args.append(bias)
 
+  out_specs = pl.BlockSpec((None, bq, None, hp), omap)
+  out_shape = jax.ShapeDtypeStruct((b, tp, n, h), q.dtype)
+  aliases = {}
+  if cache is not None:
+    whole = pl.BlockSpec(tuple(cache[0].shape), lambda i, j, p: (0, 0, 0, 0))
+    in_specs += [pl.BlockSpec((None,), lambda i, j, p: (0,)), whole, whole]
+    aliases = {len(args) + 1: 1, len(args) + 2: 2}
+    args += [jnp.reshape(jnp.asarray(start, jnp.int32), (1,)), *cache]
+    out_specs, out_shape = [out_specs, whole, whole], [out_shape] + [
+        jax.ShapeDtypeStruct(c.shape, c.dtype) for c in cache]
   kernel = functools.partial(
       _kernel, has_bias=bias is not None, causal=causal, num_q_blocks=nq, block_q=bq,
-      block_k=bk, qk_scale=scale * C.LOG2E, head_dim=h, precision=C.dot_precision(q.dtype))
+      block_k=bk, qk_scale=scale * C.LOG2E, head_dim=h, precision=C.dot_precision(q.dtype),
+      kv_group=g if cache is not None else 0)
   return pl.pallas_call(
       kernel,
       grid=(n, b, nq),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, bq, None, hp), omap),
-      out_shape=jax.ShapeDtypeStruct((b, tp, n, h), q.dtype),
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=C.triton_compiler_params(num_warps, num_stages),
       interpret=interpret,
       name="ftjax_prefill_attention",
