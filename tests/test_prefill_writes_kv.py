@@ -91,3 +91,16 @@ def test_kernel_writes_the_prompt_rows(b, t, n, kh, h, B, S):
         np.testing.assert_array_equal(new[:, :, :t], want[:, :, :t])
         rows = [r for r in range(B) if not start <= r < start + b]
         np.testing.assert_array_equal(new[rows], want[rows])
+
+
+def test_kernel_leaves_what_it_cannot_write_to_the_update():
+    """The kernel writes only where the padded prompt fits the cache, head_dim needs no padding, the dtypes agree
+    and the cache's offsets fit int32; otherwise `write_kv_into` does (the same rows)."""
+    import jax
+
+    cache = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+    assert PA.kernel_writes_kv(cache(64, 16, 160, 64), jnp.bfloat16, 64, 128)
+    assert not PA.kernel_writes_kv(cache(64, 16, 160, 64), jnp.bfloat16, 64, 192)        # overruns the positions
+    assert not PA.kernel_writes_kv(cache(4, 8, 64, 80), jnp.bfloat16, 80, 64)            # padded head_dim
+    assert not PA.kernel_writes_kv(cache(4, 8, 64, 64, dt=jnp.float32), jnp.bfloat16, 64, 64)
+    assert not PA.kernel_writes_kv(cache(256, 32, 2048, 128), jnp.bfloat16, 128, 512)   # 2^31 elements

@@ -279,9 +279,11 @@ def prefill_attention_packed(qkv, lengths, *, num_heads: int, kv_heads: int, sca
 
 def kernel_writes_kv(k_cache, dtype, head_dim: int, padded_len: int) -> bool:
   """Whether `prefill_attention_packed` writes the K/V into this cache in its kernel: the padded prompt fits
-  the cache's positions, the head size needs no padding (the cache rows are stored whole) and the dtypes agree."""
+  the cache's positions, the head size needs no padding (the cache rows are stored whole), the dtypes agree, and
+  the cache's element offsets fit int32 (the kernel indexes the whole cache from its row)."""
   return (padded_len <= k_cache.shape[2] and head_dim == C.head_dim_padded(head_dim)
-          and k_cache.shape[3] == head_dim and jnp.dtype(k_cache.dtype) == jnp.dtype(dtype))
+          and k_cache.shape[3] == head_dim and jnp.dtype(k_cache.dtype) == jnp.dtype(dtype)
+          and k_cache.size < 2 ** 31)
 
 
 def write_kv_into(cache, k, v, start):
