@@ -100,7 +100,7 @@ def main():
         calls, other = entry_ops(text)
         print(json.dumps({"case": case, "device": jax.devices()[0].device_kind, "command_buffer_calls": calls,
                           "entry_ops_outside": dict(other.most_common()),
-                          "fusions_total": len(re.findall(r"^\s*%\S+ = \S+ fusion\(", text, re.M))}), flush=True)
+                          "fusions_total": sum(_op(line) == "fusion" for line in text.splitlines())}), flush=True)
         llm = eng = real = None
 
 

@@ -18,11 +18,6 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 DEADLINE=${DEADLINE:-570}
 P_ON="exact;set:ftjax.layers.attention.PACKED_QKV=true"
 P_ALL="$P_ON;set:ftjax.models.gpt.NORM_KERNEL_MIN_ROWS=1;set:ftjax.engine.INSERT_SELECT=true"
-# request_phases' JSON rows, each with its first ${1:-0} costliest admit kernels
-rows() { python -c "
-import json, sys
-for l in sys.stdin:
-    r = json.loads(l); r['admit_top'] = r.get('admit_top', [])[:${1:-0}]; print(json.dumps(r))"; }
 for part in "${@:-launch}"; do
 case "$part" in
   launch)

@@ -37,10 +37,7 @@ case "$part" in
     for set in "" "ftjax.engine.PREFILL_WRITES_KV:True"; do
       echo "== PREFILL_WRITES_KV ${set:+on}${set:-off}"
       timeout $(lim 100) python bench/request_phases.py --cases 1.3b-1-128-8,350m-64-128-8 --reps 5 --out /tmp/rp \
-        ${set:+--set $set} 2>&1 | grep -v Warning | grep '^{' | python -c "
-import json, sys
-for l in sys.stdin:
-    r = json.loads(l); r['admit_top'] = r.get('admit_top', [])[:4]; print(json.dumps(r))"
+        ${set:+--set $set} 2>&1 | grep -v Warning | grep '^{' | rows 4
     done
     KV="exact;set:ftjax.engine.PREFILL_WRITES_KV=true"
     timeout $(lim 150) python bench/request_ab.py --isolate --model 1.3b --weights bf16 --cases 1-128-8,1-512-32 \

@@ -49,7 +49,7 @@ from ftjax.pallas import _common as C
 from ftjax.sharding import rules as R
 from ftjax.sharding.mesh import current_attention_mesh
 from ftjax.pallas.decode_attention import decode_attention
-from ftjax.pallas.prefill_attention import prefill_attention, prefill_attention_packed, write_kv_into
+from ftjax.pallas.prefill_attention import packed_kernel_writes_kv, prefill_attention, prefill_attention_packed
 
 IMPLS = ("xla", "pallas")
 
@@ -238,12 +238,24 @@ def attention_prefill_packed(qkv, num_heads: int, kv_heads: int, lengths, *, imp
   (`prefill_attention_packed`); the XLA impl, and a tensor-parallel mesh (whose head split the packing does
   not follow), split it and take `attention_prefill`.
   cache = (k_cache, v_cache) [B, k, S, h], start: the prompt's K/V also go into cache rows start .. start + b - 1
-  (the Pallas kernel writes them itself where it can) -> (out, k_cache, v_cache)."""
+  (the Pallas kernel writes them itself where `kernel_writes_kv` holds, else `write_kv_into`)
+  -> (out, k_cache, v_cache)."""
   _check_impl(impl)
   n, kh = num_heads, kv_heads
-  if impl == "xla" or current_attention_mesh() is not None:
+  xla = impl == "xla" or current_attention_mesh() is not None
+  if cache is not None and (xla or not packed_kernel_writes_kv(qkv, n, cache[0])):
+    out = attention_prefill_packed(qkv, n, kh, lengths, impl=impl, scale=scale)
+    return (out, *write_kv_into(cache, qkv[:, :, n:n + kh], qkv[:, :, n + kh:], start))
+  if xla:
     q, k, v = qkv[:, :, :n], qkv[:, :, n:n + kh], qkv[:, :, n + kh:]
-    out = attention_prefill(q, k, v, lengths, impl=impl, causal=True, scale=scale)
-    return out if cache is None else (out, *write_kv_into(cache, k, v, start))
+    return attention_prefill(q, k, v, lengths, impl=impl, causal=True, scale=scale)
   return prefill_attention_packed(qkv, lengths, num_heads=n, kv_heads=kh, scale=scale,
                                   interpret=C.default_interpret(), cache=cache, start=start)
+
+
+def write_kv_into(cache, k, v, start):
+  """k, v [b, t, k, h] into cache rows start .. start + b - 1 ([B, k, S, h] each), positions 0 .. t - 1: one
+  in-place dynamic_update_slice per cache (the contiguous case of models/families.py `write_rows`)."""
+  at = (jnp.asarray(start, jnp.int32), 0, 0, 0)
+  return tuple(jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), at)
+               for c, x in zip(cache, (k, v)))

@@ -246,11 +246,10 @@ def prefill_attention_packed(qkv, lengths, *, num_heads: int, kv_heads: int, sca
   index, so nothing splits it first (in a GPT prefill the split and the bias add were three XLA fusions
   that each copied a third of the projection's output; bench/RESULTS.md, twenty-fourth session).
 
-  cache = (k_cache, v_cache) [B, k, S, h] and start (int): also writes the prompt's K and V into cache rows
-  start .. start + b - 1, positions 0 .. t - 1 (and up to the padded length: past each row's length the
-  positions hold what decoding overwrites), and returns (out, k_cache, v_cache). The kernel writes them
-  itself (the caches aliased to its outputs) where the padded length fits the cache and head_dim is a power
-  of two; otherwise one dynamic_update_slice per cache does (`write_kv_into`)."""
+  cache = (k_cache, v_cache) [B, k, S, h] and start (int), where `kernel_writes_kv` holds: the kernel also
+  writes the prompt's K and V into cache rows start .. start + b - 1, positions 0 .. t - 1 (and up to the padded
+  length: past each row's length the positions hold what decoding overwrites), the caches aliased to its
+  outputs, and returns (out, k_cache, v_cache). `ops.attention_prefill_packed` writes them otherwise."""
   n, kh = num_heads, kv_heads
   assert qkv.ndim == 4, f"qkv must be [b, t, n + 2k, h], got shape {qkv.shape}"
   b, t, heads, h = qkv.shape
@@ -258,23 +257,33 @@ def prefill_attention_packed(qkv, lengths, *, num_heads: int, kv_heads: int, sca
   assert kh >= 1 and n % kh == 0, f"heads n={n} must be a multiple of kv heads k={kh}"
   assert lengths.shape == (b,), f"lengths must be [b]=[{b}], got {lengths.shape}"
   C.check_dtype("qkv", qkv)
-  config = config or PrefillConfig()
-  hp = C.head_dim_padded(h)
-  bq, bk, num_warps, num_stages = config.resolve(t, t, hp, jnp.dtype(qkv.dtype).itemsize, False, heads=b * n)
-  # q blocks and the K/V span come from the same array, so both pad to one length (bq, bk powers of two)
-  L = pl.cdiv(t, max(bq, bk)) * max(bq, bk)
-  in_kernel = cache is not None and kernel_writes_kv(cache[0], qkv.dtype, h, L)
-  packed = qkv
+  tiles, L = _packed_tiles(qkv, n, config)
+  if cache is not None:
+    assert kernel_writes_kv(cache[0], qkv.dtype, h, L), (
+        f"the kernel cannot write this cache: k_cache {cache[0].shape} {cache[0].dtype} for a {qkv.dtype} prompt "
+        f"padded to {L} positions (see kernel_writes_kv)")
   if L != t:
     qkv = jnp.pad(qkv, ((0, 0), (0, L - t), (0, 0), (0, 0)))
   out = _launch(qkv, qkv, qkv, lengths, None, heads=(n, kh), offsets=(0, n, n + kh), s=t, head_dim=h,
-                tiles=(bq, bk, num_warps, num_stages), scale=scale, causal=True, interpret=interpret,
-                cache=cache if in_kernel else None, start=start)
-  if cache is not None:
-    out, kc, vc = out if in_kernel else (out, *write_kv_into(cache, packed[:, :, n:n + kh], packed[:, :, n + kh:],
-                                                              start))
-  out = out[:, :t] if L != t else out
-  return out if cache is None else (out, kc, vc)
+                tiles=tiles, scale=scale, causal=True, interpret=interpret, cache=cache, start=start)
+  if cache is None:
+    return out[:, :t] if L != t else out
+  out, kc, vc = out
+  return (out[:, :t] if L != t else out), kc, vc
+
+
+def _packed_tiles(qkv, num_heads: int, config=None):
+  """(tiles (bq, bk, warps, stages), padded length) of `prefill_attention_packed` for qkv [b, t, n + 2k, h]."""
+  b, t, _, h = qkv.shape
+  bq, bk, num_warps, num_stages = (config or PrefillConfig()).resolve(
+      t, t, C.head_dim_padded(h), jnp.dtype(qkv.dtype).itemsize, False, heads=b * num_heads)
+  # q blocks and the K/V span come from the same array, so both pad to one length (bq, bk powers of two)
+  return (bq, bk, num_warps, num_stages), pl.cdiv(t, max(bq, bk)) * max(bq, bk)
+
+
+def packed_kernel_writes_kv(qkv, num_heads: int, k_cache, config=None) -> bool:
+  """`kernel_writes_kv` for this packed prompt (its padded length by the kernel's tiles)."""
+  return kernel_writes_kv(k_cache, qkv.dtype, qkv.shape[3], _packed_tiles(qkv, num_heads, config)[1])
 
 
 def kernel_writes_kv(k_cache, dtype, head_dim: int, padded_len: int) -> bool:
@@ -284,14 +293,6 @@ def kernel_writes_kv(k_cache, dtype, head_dim: int, padded_len: int) -> bool:
   return (padded_len <= k_cache.shape[2] and head_dim == C.head_dim_padded(head_dim)
           and k_cache.shape[3] == head_dim and jnp.dtype(k_cache.dtype) == jnp.dtype(dtype)
           and k_cache.size < 2 ** 31)
-
-
-def write_kv_into(cache, k, v, start):
-  """k, v [b, t, k, h] into cache rows start .. start + b - 1 ([B, k, S, h] each), positions 0 .. t - 1: one
-  in-place dynamic_update_slice per cache."""
-  at = (jnp.asarray(start, jnp.int32), 0, 0, 0)
-  return tuple(jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), at)
-               for c, x in zip(cache, (k, v)))
 
 
 def _launch(q, k, v, lengths, bias, *, heads, offsets, s, head_dim, tiles, scale, causal, interpret,
