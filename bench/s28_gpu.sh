@@ -2,7 +2,8 @@
 # Twenty-eighth session's device parts. Results land in $OUT (or ./out).
 #   bash bench/s28_gpu.sh stream   # bench/stream_bound.py: a read-only kernel chain with the projections' byte sizes
 #                                  # (four kernels a layer, one a layer, one over 8 layers) at 1.3B and 350M, bf16 and
-#                                  # int8: what any kernel-per-projection step can reach (about 3 minutes)
+#                                  # int8: what any kernel-per-projection step can reach; then the 1.3B step's kernel shares, bf16 and int8
+#                                  # (about 5 minutes)
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 DEADLINE=${DEADLINE:-570}
@@ -11,6 +12,12 @@ case "$part" in
   stream)
     timeout $(lim 240) python bench/stream_bound.py --models ${MODELS:-1.3b,350m} --dtypes bf16,int8 --pdl ${PDLS:-on} \
       --json "$OUT/stream.jsonl" 2>&1 | grep -v Warning
+    # the same run's 1.3B decode steps, kernel by kernel (bench/step_shares.py), bf16 and int8, to set beside it
+    for q in bf16 int8; do
+      timeout $(lim 90) python bench/profile_decode.py --model 1.3b --steps 32 \
+        $( [ $q = int8 ] && echo --quantize int8 ) --sequence "$OUT/seq13_$q.txt" 2>&1 | grep -v Warning | tail -3
+      python bench/step_shares.py "$OUT/seq13_$q.txt" 2>&1 | tail -30
+    done
     ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
