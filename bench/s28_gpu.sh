@@ -4,6 +4,7 @@
 #                                  # (four kernels a layer, one a layer, one over 8 layers) at 1.3B and 350M, bf16 and
 #                                  # int8: what any kernel-per-projection step can reach; then the 1.3B step's kernel shares, bf16 and int8
 #                                  # (about 5 minutes)
+#   bash bench/s28_gpu.sh table    # e2e rows beside HF in the time left to DEADLINE (CASES=...)
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 DEADLINE=${DEADLINE:-570}
@@ -18,6 +19,11 @@ case "$part" in
         $( [ $q = int8 ] && echo --quantize int8 ) --sequence "$OUT/seq13_$q.txt" 2>&1 | grep -v Warning | tail -3
       python bench/step_shares.py "$OUT/seq13_$q.txt" 2>&1 | tail -30
     done
+    ;;
+  table)
+    # e2e rows beside HF eager / static in the time left (its --budget ends the run cleanly, rows so far printed)
+    timeout $(( DEADLINE - SECONDS - 10 )) python bench/e2e.py --budget $(( DEADLINE - SECONDS - 40 )) --out "$OUT" \
+      --cases ${CASES:-1.3b-b1-512-32,1.3b-b1-128-8,350m-b64-128-8,350m-b64-512-32} 2>&1 | grep -v Warning
     ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
