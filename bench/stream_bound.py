@@ -8,7 +8,8 @@ streams each layer's weights through four projection kernels (q/k/v in one launc
 the twelfth session's profile (bench/RESULTS.md) found them 1.13-1.59x their bytes over copy bandwidth each.
 This measures what *any* kernel does with the same bytes: a Pallas read kernel that only streams a buffer
 (each program walks its run of [rows, 128] tiles, keeping an elementwise max in the buffer's own dtype, so
-nothing but the loads costs) and writes one value a program, in three arrangements of the same bytes a layer:
+nothing but the loads costs) and writes one value a program, in three arrangements of the same bytes a layer (int8 buffers: the chain also
+with each tile converted to bf16 as the projection kernel converts it, --dequant):
 
   chain   four kernels a layer, the projections' byte sizes in their order; each waits for the previous one
           (it reads the previous kernel's output after its grid-dependency wait, as the model's kernels do,
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ftjax.pallas import _common as C
+from ftjax.pallas.small_linear import dequant_int8, resolve_dequant
 
 COLS = 128                                                 # tile columns (elements)
 # (layers, [q/k/v, o, MLP in, MLP out] weight elements)
@@ -51,7 +53,7 @@ MODELS = {
 DTYPES = {"bf16": jnp.bfloat16, "int8": jnp.int8}
 
 
-def _read_kernel(dep_ref, w_ref, o_ref, *, bm: int, per_prog: int, ntiles: int, pdl: bool):
+def _read_kernel(dep_ref, w_ref, o_ref, *, bm: int, per_prog: int, ntiles: int, pdl: bool, dequant: str | None):
   """dep_ref [P0, 16] f32 (the previous kernel's output: read after the wait), w_ref [rows, COLS],
   o_ref [P, 16] f32 (this program's row: the max of its tiles plus the dependency's value)."""
   pid = pl.program_id(0)
@@ -60,15 +62,21 @@ def _read_kernel(dep_ref, w_ref, o_ref, *, bm: int, per_prog: int, ntiles: int, 
   lo = pid * per_prog
   hi = jnp.minimum(lo + per_prog, ntiles)
 
-  def body(t, acc):
-    return jnp.maximum(acc, w_ref[pl.ds(t * bm, bm), :])
+  adt = jnp.bfloat16 if dequant else w_ref.dtype
 
-  acc = jax.lax.fori_loop(lo, hi, body, jnp.full((bm, COLS), jnp.iinfo(jnp.int8).min if w_ref.dtype == jnp.int8
-                                                 else -jnp.inf, w_ref.dtype))
+  def body(t, acc):
+    w = w_ref[pl.ds(t * bm, bm), :]
+    if dequant:                                  # int8 -> bf16 as the projection kernel converts its tiles
+      w = dequant_int8(w, jnp.bfloat16, dequant)
+    return jnp.maximum(acc, w)
+
+  acc = jax.lax.fori_loop(lo, hi, body, jnp.full((bm, COLS), jnp.iinfo(jnp.int8).min if adt == jnp.int8
+                                                 else -jnp.inf, adt))
   o_ref[pl.ds(pid, 1), :] = jnp.full((1, 16), jnp.max(acc).astype(jnp.float32) + d, jnp.float32)
 
 
-def read(dep, w, *, tile_bytes: int, programs: int, warps: int, stages: int, pdl: bool, interpret: bool):
+def read(dep, w, *, tile_bytes: int, programs: int, warps: int, stages: int, pdl: bool, interpret: bool,
+         dequant: str | None = None):
   """One read kernel over w [rows, COLS]; dep [P0, 16] f32 -> [P, 16] f32."""
   rows = w.shape[0]
   bm = max(16, min(rows, tile_bytes // (COLS * w.dtype.itemsize)))
@@ -78,7 +86,8 @@ def read(dep, w, *, tile_bytes: int, programs: int, warps: int, stages: int, pdl
   P = -(-ntiles // per_prog)
   whole = lambda shape: pl.BlockSpec(tuple(shape), lambda i: (0,) * len(shape))  # noqa: E731
   return pl.pallas_call(
-      functools.partial(_read_kernel, bm=bm, per_prog=per_prog, ntiles=ntiles, pdl=pdl),
+      functools.partial(_read_kernel, bm=bm, per_prog=per_prog, ntiles=ntiles, pdl=pdl,
+                        dequant=None if dequant is None else resolve_dequant(dequant, interpret)),
       grid=(P,),
       in_specs=[whole(dep.shape), whole(w.shape)],
       out_specs=whole((P, 16)),
@@ -144,6 +153,8 @@ def main():
   ap.add_argument("--sweep", default="16384:528:4,16384:264:4,32768:264:4,32768:264:8,8192:528:4",
                   help="tile_bytes:programs:warps configs tried for each arrangement (best kept)")
   ap.add_argument("--stages", type=int, default=3)
+  ap.add_argument("--dequant", default="cvt,asm", help="int8 rows: the chain again with its tiles converted to bf16 "
+                  "each of these ways (small_linear's dequant_int8), as the projection kernel does; '' for none")
   ap.add_argument("--json", default=None)
   ap.add_argument("--smoke", action="store_true")
   args = ap.parse_args()
@@ -166,7 +177,6 @@ def main():
   print(json.dumps(env), flush=True)
   rows = [env]
   key = jax.random.key(0)
-  tiny = [[jnp.zeros((16, COLS), jnp.bfloat16)]]
   for model in models:
     layers, sizes = MODELS[model]
     for dname in args.dtypes.split(","):
@@ -174,18 +184,23 @@ def main():
       layer_bytes = sum(sizes) * jnp.dtype(dtype).itemsize
       for pdl in pdls:
         res = {}
-        for arr in ("whole", "layer", "chain"):
+        arrs = [("whole", None), ("layer", None), ("chain", None)]
+        if dtype == jnp.int8:
+          arrs += [("chain", d) for d in args.dequant.split(",") if d]
+        for arr, deq in arrs:
           bufs = buffers(model, dtype, arr, key)
           n_layers = 8 if arr == "whole" else layers
           best = None
           for tb, progs, warps in sweep:
-            kw = dict(tile_bytes=tb, programs=progs, warps=warps, stages=args.stages, pdl=pdl, interpret=interpret)
+            kw = dict(tile_bytes=tb, programs=progs, warps=warps, stages=args.stages, pdl=pdl, interpret=interpret,
+                      dequant=deq)
             t = wall(program(bufs, passes, **kw), bufs, reps)
+            tiny = [[jnp.zeros((16, COLS), dtype)]]
             t0 = wall(program(tiny, 1, **kw), tiny, reps)
             per_layer = (t - t0) / (passes * n_layers)
             if best is None or per_layer < best[0]:
               best = (per_layer, f"{tb}:{progs}:{warps}")
-          res[arr] = best
+          res[arr if deq is None else f"{arr}_{deq}"] = best
           del bufs
         floor_us = layer_bytes / bw * 1e6
         row = {"part": "stream", "model": model, "dtype": dname, "pdl": pdl, "layer_MB": round(layer_bytes / 1e6, 2),
