@@ -11,11 +11,11 @@ DEADLINE=${DEADLINE:-570}
 for part in "${@:-stream}"; do
 case "$part" in
   stream)
-    timeout $(lim 240) python bench/stream_bound.py --models ${MODELS:-1.3b,350m} --dtypes bf16,int8 --pdl ${PDLS:-on} \
+    timeout $(lim 200) python bench/stream_bound.py --models ${MODELS:-1.3b,350m} --dtypes bf16,int8 --pdl ${PDLS:-on} \
       --json "$OUT/stream.jsonl" 2>&1 | grep -v Warning
     # the same run's 1.3B decode steps, kernel by kernel (bench/step_shares.py), bf16 and int8, to set beside it
     for q in bf16 int8; do
-      timeout $(lim 90) python bench/profile_decode.py --model 1.3b --steps 32 \
+      timeout $(lim 75) python bench/profile_decode.py --model 1.3b --steps 32 \
         $( [ $q = int8 ] && echo --quantize int8 ) --sequence "$OUT/seq13_$q.txt" 2>&1 | grep -v Warning | tail -3
       python bench/step_shares.py "$OUT/seq13_$q.txt" 2>&1 | tail -30
     done

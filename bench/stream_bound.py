@@ -150,7 +150,7 @@ def main():
   ap.add_argument("--pdl", default="on", choices=("on", "off", "both"))
   ap.add_argument("--passes", type=int, default=3)
   ap.add_argument("--reps", type=int, default=15)
-  ap.add_argument("--sweep", default="16384:528:4,16384:264:4,32768:264:4,32768:264:8,8192:528:4",
+  ap.add_argument("--sweep", default="16384:528:4,32768:264:4,32768:264:8",
                   help="tile_bytes:programs:warps configs tried for each arrangement (best kept)")
   ap.add_argument("--stages", type=int, default=3)
   ap.add_argument("--dequant", default="cvt,asm", help="int8 rows: the chain again with its tiles converted to bf16 "
