@@ -5,13 +5,17 @@
 #                                  # int8: what any kernel-per-projection step can reach; then the 1.3B step's kernel shares, bf16 and int8
 #                                  # (about 5 minutes)
 #   bash bench/s28_gpu.sh table    # e2e rows beside HF in the time left to DEADLINE (CASES=...)
+#   bash bench/s28_gpu.sh kvcheck  # tests/gpu/check_kvwrite.py: PREFILL_WRITES_KV on against off, compiled (~2 min)
+#   bash bench/s28_gpu.sh kvwrite  # 1.3B batch-1 requests with PREFILL_WRITES_KV off / on, a process per variant (~3 min)
+# Run so far (twenty-eighth session): stream (bf16, int8) and table. Next: kvcheck, kvwrite, then
+# DTYPES=int8b MODELS=1.3b stream (the int8 byte sizes as a plain stream).
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 DEADLINE=${DEADLINE:-570}
 for part in "${@:-stream}"; do
 case "$part" in
   stream)
-    timeout $(lim 200) python bench/stream_bound.py --models ${MODELS:-1.3b,350m} --dtypes bf16,int8 --pdl ${PDLS:-on} \
+    timeout $(lim 200) python bench/stream_bound.py --models ${MODELS:-1.3b,350m} --dtypes ${DTYPES:-bf16,int8,int8b} --pdl ${PDLS:-on} \
       --json "$OUT/stream.jsonl" 2>&1 | grep -v Warning
     # the same run's 1.3B decode steps, kernel by kernel (bench/step_shares.py), bf16 and int8, to set beside it
     for q in bf16 int8; do
@@ -19,6 +23,18 @@ case "$part" in
         $( [ $q = int8 ] && echo --quantize int8 ) --sequence "$OUT/seq13_$q.txt" 2>&1 | grep -v Warning | tail -3
       python bench/step_shares.py "$OUT/seq13_$q.txt" 2>&1 | tail -30
     done
+    ;;
+  kvcheck)
+    # the prefill writing the K/V (engine.PREFILL_WRITES_KV) against the insert through the compiled kernels:
+    # cache rows bitwise, tokens, log probs (head_dim 64 and 128); must pass before the switch goes on
+    timeout $(lim 200) python tests/gpu/check_kvwrite.py 2>&1 | grep -v Warning | tail -24
+    ;;
+  kvwrite)
+    # whole requests a process per variant, 1.3B batch 1 (the admit's GPU time was 3% lower with it on,
+    # twenty-eighth session; requests within the spread in two process pairs)
+    KV="exact;set:ftjax.engine.PREFILL_WRITES_KV=true"
+    timeout $(lim 200) python bench/request_ab.py --isolate --model 1.3b --weights bf16 --cases 1-128-8,1-512-32 \
+      --reps 7 --variants "off=exact,kv=$KV,off2=exact,kv2=$KV" --json "$OUT/kvwrite_1.3b.jsonl" 2>&1 | grep -v Warning
     ;;
   table)
     # e2e rows beside HF eager / static in the time left (its --budget ends the run cleanly, rows so far printed)

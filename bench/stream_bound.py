@@ -6,10 +6,11 @@
 Issue 9 asks for a batch-1 decode step within 1.3x of its weight bytes over copy bandwidth. ftjax's step
 streams each layer's weights through four projection kernels (q/k/v in one launch, o, MLP in, MLP out), and
 the twelfth session's profile (bench/RESULTS.md) found them 1.13-1.59x their bytes over copy bandwidth each.
-This measures what *any* kernel does with the same bytes: a Pallas read kernel that only streams a buffer
-(each program walks its run of [rows, 128] tiles, keeping an elementwise max in the buffer's own dtype, so
-nothing but the loads costs) and writes one value a program, in three arrangements of the same bytes a layer (int8 buffers: the chain also
-with each tile converted to bf16 as the projection kernel converts it, --dequant):
+This sets a yardstick beside them: a Pallas read kernel that only streams a buffer (each program walks its run
+of [rows, 128] tiles, keeping an elementwise max in the buffer's own dtype) and writes one value a program, in
+three arrangements of the same bytes a layer (int8 buffers: the chain also with each tile converted to bf16 as
+the projection kernel converts it, --dequant; "int8b": the int8 byte sizes read as bf16, the stream without any
+byte-wise work):
 
   chain   four kernels a layer, the projections' byte sizes in their order; each waits for the previous one
           (it reads the previous kernel's output after its grid-dependency wait, as the model's kernels do,
@@ -21,7 +22,11 @@ Each program runs `passes` x the model's layers of its arrangement back to back 
 together exceed the 50 MB L2 many times over), timed as wall clock per program, median of --reps, less an
 empty program's time; per layer = that / (passes x layers). A short sweep over tile bytes, programs and warps
 picks each arrangement's best config (--sweep). "boundary" = (chain - layer) / 3: what each extra kernel
-boundary in a layer costs at best.
+boundary in a layer cost the read kernel.
+
+It is a yardstick, not a lower bound: on an H100 (bench/RESULTS.md, twenty-eighth session) the model's own
+projections streamed a 1.3B layer faster than this chain of four read kernels (41.2 against 46.4 us) and about as
+fast as one read kernel over the whole layer (40.0); the int8 max alone is slower than converting to bf16 first.
 """
 from __future__ import annotations
 
@@ -50,7 +55,9 @@ MODELS = {
     "6.7b": (32, [4096 * 12288, 4096 * 4096, 4096 * 16384, 16384 * 4096]),
     "smoke": (2, [64 * 192, 64 * 64, 64 * 256, 256 * 64]),
 }
-DTYPES = {"bf16": jnp.bfloat16, "int8": jnp.int8}
+# "int8b": the int8 weights' byte sizes read as bf16 (half the elements): the memory stream alone, without the
+# int8 tile's byte-wise work (an int8 max is not free: the plain int8 chain measured slower than the converted one)
+DTYPES = {"bf16": jnp.bfloat16, "int8": jnp.int8, "int8b": jnp.bfloat16}
 
 
 def _read_kernel(dep_ref, w_ref, o_ref, *, bm: int, per_prog: int, ntiles: int, pdl: bool, dequant: str | None):
@@ -98,10 +105,12 @@ def read(dep, w, *, tile_bytes: int, programs: int, warps: int, stages: int, pdl
   )(dep, w)
 
 
-def buffers(model: str, dtype, arrangement: str, key):
+def buffers(model: str, dtype, arrangement: str, key, halve: bool = False):
   """The arrangement's buffers, one list per layer: chain [qkv, o, fc1, fc2]; layer [all four in one]; whole
-  [8 layers in one] (one entry)."""
+  [8 layers in one] (one entry). halve: half the elements (int8 byte sizes in bf16)."""
   layers, sizes = MODELS[model]
+  if halve:
+    sizes = [n // 2 for n in sizes]
   if arrangement == "chain":
     shapes = [[n // COLS for n in sizes] for _ in range(layers)]
   elif arrangement == "layer":
@@ -146,7 +155,7 @@ def wall(f, args, reps: int) -> float:
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--models", default="1.3b,350m")
-  ap.add_argument("--dtypes", default="bf16,int8")
+  ap.add_argument("--dtypes", default="bf16,int8,int8b")
   ap.add_argument("--pdl", default="on", choices=("on", "off", "both"))
   ap.add_argument("--passes", type=int, default=3)
   ap.add_argument("--reps", type=int, default=15)
@@ -181,14 +190,15 @@ def main():
     layers, sizes = MODELS[model]
     for dname in args.dtypes.split(","):
       dtype = DTYPES[dname]
-      layer_bytes = sum(sizes) * jnp.dtype(dtype).itemsize
+      halve = dname == "int8b"
+      layer_bytes = sum(sizes) * (1 if halve else jnp.dtype(dtype).itemsize)
       for pdl in pdls:
         res = {}
         arrs = [("whole", None), ("layer", None), ("chain", None)]
         if dtype == jnp.int8:
           arrs += [("chain", d) for d in args.dequant.split(",") if d]
         for arr, deq in arrs:
-          bufs = buffers(model, dtype, arr, key)
+          bufs = buffers(model, dtype, arr, key, halve)
           n_layers = 8 if arr == "whole" else layers
           best = None
           for tb, progs, warps in sweep:
