@@ -5,6 +5,10 @@ thunk between them), from the optimised HLO of the admit a request really compil
 
     python bench/admit_hlo.py --cases 350m-1-128-8,1.3b-1-128-8 [--dump DIR]
     python bench/admit_hlo.py --cases tiny-gpt-2-16-4      # CPU smoke (no command buffers there)
+
+On the H100 with jax 0.11.2 (twenty-eighth session) the optimised HLO held no command-buffer calls at all: that
+XLA forms its command buffers later, from the thunk sequence, so the count is 0 there and what this shows is the
+entry's op mix (1.3B: 310 fusions, 72 cuBLASLt GEMMs, 24 Triton kernels; 350M: 382 fusions, 24 Triton kernels).
 """
 from __future__ import annotations
 
