@@ -7,8 +7,9 @@
 #   bash bench/s28_gpu.sh table    # e2e rows beside HF in the time left to DEADLINE (CASES=...)
 #   bash bench/s28_gpu.sh kvcheck  # tests/gpu/check_kvwrite.py: PREFILL_WRITES_KV on against off, compiled (~2 min)
 #   bash bench/s28_gpu.sh kvwrite  # 1.3B batch-1 requests with PREFILL_WRITES_KV off / on, a process per variant (~3 min)
-# Run so far (twenty-eighth session): stream (bf16, int8) and table. Next: kvcheck, kvwrite, then
-# DTYPES=int8b MODELS=1.3b stream (the int8 byte sizes as a plain stream).
+# Run so far (twenty-eighth session): stream (bf16, int8; before --proj and int8b existed) and table. Next:
+# kvcheck, kvwrite, then MODELS=1.3b stream (int8b: the int8 byte sizes as a plain stream; proj_*: the model's own
+# projection kernel over the same bytes as one call a layer and one over 8 layers).
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 DEADLINE=${DEADLINE:-570}

@@ -18,6 +18,12 @@ byte-wise work):
   layer   one kernel a layer over one buffer of the layer's bytes (what a single kernel per layer could do)
   whole   one kernel over 8 layers' bytes (the streaming rate without kernel boundaries)
 
+With --proj 1 (default) the model's own projection kernel (`small_linear_parts`, M = 1, its auto config and PDL
+rule; int8 stored [N, K] as the engine stores it) runs over the same bytes in the same three arrangements:
+proj_chain = the four projections of each layer (q/k/v in one call), proj_layer = one call a layer with one
+[d, 4d + 2f] weight, proj_whole = one call with a [d, 8 (4d + 2f)] weight: whether fewer, longer projection
+kernels would stream faster.
+
 Each program runs `passes` x the model's layers of its arrangement back to back (the layers' buffers
 together exceed the 50 MB L2 many times over), timed as wall clock per program, median of --reps, less an
 empty program's time; per layer = that / (passes x layers). A short sweep over tile bytes, programs and warps
@@ -57,6 +63,8 @@ MODELS = {
 }
 # "int8b": the int8 weights' byte sizes read as bf16 (half the elements): the memory stream alone, without the
 # int8 tile's byte-wise work (an int8 max is not free: the plain int8 chain measured slower than the converted one)
+# (hidden d, MLP width f) of the same models: the projections' shapes for the proj_* arrangements
+DIMS = {"350m": (1024, 4096), "1.3b": (2048, 8192), "6.7b": (4096, 16384), "smoke": (64, 256)}
 DTYPES = {"bf16": jnp.bfloat16, "int8": jnp.int8, "int8b": jnp.bfloat16}
 
 
@@ -130,7 +138,7 @@ def buffers(model: str, dtype, arrangement: str, key, halve: bool = False):
   return out
 
 
-def program(bufs, passes: int, **kw):
+def program(bufs, passes: int, **kw):   # noqa: D103 - the read kernel's chain
   def run(bufs):
     dep = jnp.zeros((1, 16), jnp.float32)
     for _ in range(passes):
@@ -138,6 +146,51 @@ def program(bufs, passes: int, **kw):
         for w in layer:
           dep = read(dep, w, **kw)
     return dep
+  return jax.jit(run)
+
+
+def proj_weights(model: str, dtype, arrangement: str, key):
+  """The model's own projection kernel's weights, one list of calls per layer, each call a tuple of weights sharing
+  K: chain [(q, k, v), (o,), (MLP in,), (MLP out,)]; layer [(one [d, 4d + 2f] weight,)]; whole [(one [d, 8 (4d +
+  2f)],)] (one entry). bf16 stored [K, N]; int8 stored [N, K] (as the engine stores them)."""
+  layers, _ = MODELS[model]
+  d, f = DIMS[model]
+  if arrangement == "chain":
+    calls = [[(d, (d, d, d)), (d, (d,)), (d, (f,)), (f, (d,))] for _ in range(layers)]
+  elif arrangement == "layer":
+    calls = [[(d, (4 * d + 2 * f,))] for _ in range(layers)]
+  else:
+    calls = [[(d, (8 * (4 * d + 2 * f),))]]
+  out = []
+  for i, layer in enumerate(calls):
+    lw = []
+    for j, (K, Ns) in enumerate(layer):
+      ws = []
+      for m, N in enumerate(Ns):
+        k = jax.random.fold_in(key, 10000 * i + 100 * j + m)
+        if dtype == jnp.int8:
+          ws.append(jax.random.randint(k, (N, K), -127, 127, jnp.int8))
+        else:
+          ws.append(jax.random.normal(k, (K, N), dtype) * 0.02)
+      lw.append(tuple(ws))
+    out.append(lw)
+  return out
+
+
+def proj_program(passes: int, trans: bool, interpret: bool):
+  """Every call of the weight lists through `small_linear_parts` (M = 1, the model's auto config and PDL), in
+  order, `passes` times; x [1, K] bf16 per K."""
+  from ftjax.pallas.small_linear import small_linear_parts
+
+  def run(wsets, xs):
+    outs = []
+    for _ in range(passes):
+      for layer in wsets:
+        for ws in layer:
+          K = ws[0].shape[1] if trans else ws[0].shape[0]
+          outs += small_linear_parts(xs[str(K)], list(ws), interpret=interpret,
+                                     transposed=[trans] * len(ws) if trans else None)
+    return outs
   return jax.jit(run)
 
 
@@ -164,6 +217,8 @@ def main():
   ap.add_argument("--stages", type=int, default=3)
   ap.add_argument("--dequant", default="cvt,asm", help="int8 rows: the chain again with its tiles converted to bf16 "
                   "each of these ways (small_linear's dequant_int8), as the projection kernel does; '' for none")
+  ap.add_argument("--proj", type=int, default=1, help="1: also the model's projection kernel (small_linear_parts, "
+                  "M = 1, auto config) over the same bytes as whole / layer / chain (bf16 and int8; in the first --pdl value's row, the kernel with its own PDL rule)")
   ap.add_argument("--json", default=None)
   ap.add_argument("--smoke", action="store_true")
   args = ap.parse_args()
@@ -220,6 +275,22 @@ def main():
           row[f"{arr}_x"] = round(t * 1e6 / floor_us, 3)
           row[f"{arr}_cfg"] = cfg
         row["boundary_us"] = round((res["chain"][0] - res["layer"][0]) / 3 * 1e6, 2)
+        if args.proj and dname in ("bf16", "int8") and pdl == pdls[0]:   # the kernel keeps its own PDL rule
+          trans = dtype == jnp.int8
+          d, f = DIMS[model]
+          xs = {str(K): jax.random.normal(jax.random.fold_in(key, K), (1, K), jnp.bfloat16) for K in (d, f)}
+          tiny_w = [[(jnp.zeros((16, 16), dtype),)]]
+          tiny_x = {"16": jnp.zeros((1, 16), jnp.bfloat16)}
+          f0 = proj_program(1, trans, interpret)
+          t0 = wall(lambda a: f0(*a), (tiny_w, tiny_x), reps)
+          for arr in ("whole", "layer", "chain"):
+            wsets = proj_weights(model, dtype, arr, key)
+            f_ = proj_program(passes, trans, interpret)
+            t = wall(lambda a: f_(*a), (wsets, xs), reps)
+            per_layer = (t - t0) / (passes * (8 if arr == "whole" else layers))
+            row[f"proj_{arr}_us"] = round(per_layer * 1e6, 2)
+            row[f"proj_{arr}_x"] = round(per_layer * 1e6 / floor_us, 3)
+            del wsets
         print(json.dumps(row), flush=True)
         rows.append(row)
         if args.json:
