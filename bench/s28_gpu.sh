@@ -7,8 +7,9 @@
 #   bash bench/s28_gpu.sh table    # e2e rows beside HF in the time left to DEADLINE (CASES=...)
 #   bash bench/s28_gpu.sh kvcheck  # tests/gpu/check_kvwrite.py: PREFILL_WRITES_KV on against off, compiled (~2 min)
 #   bash bench/s28_gpu.sh kvwrite  # 1.3B batch-1 requests with PREFILL_WRITES_KV off / on, a process per variant (~3 min)
+#   bash bench/s28_gpu.sh pieces   # the admit in 1 / 2 / 4 calls (engine.ADMIT_PIECES): admit phases, then requests
 # Run so far (twenty-eighth session): stream (bf16, int8; before --proj and int8b existed) and table. Next:
-# kvcheck, kvwrite, then MODELS=1.3b stream (int8b: the int8 byte sizes as a plain stream; proj_*: the model's own
+# pieces, kvcheck, kvwrite, then MODELS=1.3b stream (int8b: the int8 byte sizes as a plain stream; proj_*: the model's own
 # projection kernel over the same bytes as one call a layer and one over 8 layers).
 . "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -36,6 +37,20 @@ case "$part" in
     KV="exact;set:ftjax.engine.PREFILL_WRITES_KV=true"
     timeout $(lim 200) python bench/request_ab.py --isolate --model 1.3b --weights bf16 --cases 1-128-8,1-512-32 \
       --reps 7 --variants "off=exact,kv=$KV,off2=exact,kv2=$KV" --json "$OUT/kvwrite_1.3b.jsonl" 2>&1 | grep -v Warning
+    ;;
+  pieces)
+    # the admit cut into calls along the layers (engine.ADMIT_PIECES, off = 1): the admit's dispatch, wall and GPU
+    # time a process per setting, then whole requests a process per variant (about 7 minutes)
+    mkdir -p /tmp/rp
+    for n in 1 2 4 1 2 4; do
+      echo "== ADMIT_PIECES $n"
+      timeout $(lim 60) python bench/request_phases.py --cases 1.3b-1-128-8,350m-64-128-8 --reps 5 --out /tmp/rp \
+        --set ftjax.engine.ADMIT_PIECES:$n 2>&1 | grep -v Warning | grep '^{' | rows 0
+    done
+    P2="exact;set:ftjax.engine.ADMIT_PIECES=2"; P4="exact;set:ftjax.engine.ADMIT_PIECES=4"
+    timeout $(lim 200) python bench/request_ab.py --isolate --model 1.3b --weights bf16 --cases 1-128-8,1-512-32 \
+      --reps 7 --variants "one=exact,p2=$P2,p4=$P4,one2=exact,p2b=$P2,p4b=$P4" --json "$OUT/pieces_1.3b.jsonl" 2>&1 \
+      | grep -v Warning
     ;;
   table)
     # e2e rows beside HF eager / static in the time left (its --budget ends the run cleanly, rows so far printed)

@@ -86,6 +86,14 @@ PREFILL_WRITES_KV = False
 # kernel at every size, a short 1.3B batch-1 A/B was within its noise (twenty-fifth session; the longer one is `bash
 # bench/s24_gpu.sh admit1`); the results are the same either way (tests/test_engine.py).
 INSERT_SELECT = False
+# The admit cut into this many calls along the layers (1: one call): the first embeds the prompts and runs its
+# layers, each next one goes on from the residual stream the one before returned, and the last runs the rest,
+# samples the first ids and inserts the requests. XLA launches a call's CUDA graph whole before its first kernel
+# runs (the admit's ~400 kernels: ~1.5-3 ms of host time at GPT 1.3B batch 1 in which the GPU waits, bench/
+# RESULTS.md); in pieces the GPU runs the first piece's layers while the host launches the next. Decoder-only
+# families (`prefill_part`) on one device per shard, admits without the int8 dequantising variant. Off until timed
+# on a GPU (twenty-eighth session); the results are the same either way (tests/test_admit_pieces.py).
+ADMIT_PIECES = 1
 
 
 def slot_writer(B: int, src, slots):
@@ -247,6 +255,16 @@ class Engine:
         self._prefill_writes_kv = bool(PREFILL_WRITES_KV and self.layout is None
                                        and getattr(self.family, "writes_prefix_at_prefill", False))
         self._admit = admit_jit(admit_opts)
+        self._pieces = None
+        L = int(getattr(self.cfg, "num_layers", 0) or 0)
+        if int(ADMIT_PIECES) > 1 and self.layout is None and hasattr(self.family, "prefill_part") and L >= 2:
+            P = min(int(ADMIT_PIECES), L)
+            bounds = [L * k // P for k in range(P + 1)]
+            self._pieces = tuple(zip(bounds[:-1], bounds[1:]))
+            self._admit_part = jax.jit(self._admit_part_fn, donate_argnums=(3,), static_argnames=("spec", "lo", "hi"),
+                                       **_copts(admit_opts))
+            self._admit_last = jax.jit(self._admit_last_fn, donate_argnums=(1,),
+                                       static_argnames=("spec", "sampled", "contiguous", "lo"), **_copts(admit_opts))
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,),
                                  static_argnames=("rem", "chunked", "beam", "sampled", "penalized", "snap",
                                                   "chunk"),
@@ -372,12 +390,40 @@ class Engine:
         and start (PREFILL_WRITES_KV) the prefix's kv is the cache with the prompts' K/V written in."""
         at = {} if cache is None else {"cache": cache, "start": start}
         logits, kv = self.family.prefill(params, tokens, lengths, **at)  # [b, v] (or None), family prefix
+        return self._prefix(logits, kv, tokens, lengths, sp, sampled)
+
+    def _prefix(self, logits, kv, tokens, lengths, sp, sampled):
         zeros = jnp.zeros_like(lengths)
         if logits is None:
             return Prefix(kv=kv, first=zeros, first_logprob=jnp.zeros(lengths.shape, jnp.float32))
         tok, lp = select(logits, sp, seq=tokens, prompt_len=lengths, seq_len=lengths, gen_count=zeros,
                          top_p=sp.top_p, sampled=sampled)
         return Prefix(kv=kv, first=tok, first_logprob=lp)
+
+    def _admit_part_fn(self, params, words, carry, cache, *, spec, lo: int, hi: int):
+        """A piece of the admit before its last (ADMIT_PIECES): layers [lo, hi) of the prefill -> (carry, kv);
+        cache: those layers' caches when the layers write the K/V themselves (donated), else None."""
+        u = unpack_words(words, spec)
+        tokens, lengths, slots = u[0], u[1], u[7]
+        return self.family.prefill_part(params, tokens, lengths, carry, lo, hi, False, cache=cache,
+                                        start=None if cache is None else slots[0])
+
+    def _admit_last_fn(self, params, state: DecodeState, words, carry, kv_before, *, spec, sampled: bool,
+                       contiguous: bool, lo: int):
+        """The admit's last piece: layers [lo, L) from `carry`, the first ids, then `_insert_fn`. kv_before: the
+        earlier pieces' K/V (None where they wrote them into state's caches)."""
+        tokens, lengths, sp, dec_tokens, dec_lengths, max_new, src, slots, gslots = unpack_words(words, spec)
+        writes = contiguous and self._prefill_writes_kv
+        logits, kv = self.family.prefill_part(params, tokens, lengths, carry, lo, len(state.cache), True,
+                                              cache=state.cache[lo:] if writes else None,
+                                              start=slots[0] if writes else None)
+        if writes:
+            state = state._replace(cache=list(state.cache[:lo]) + list(kv))
+            prefix = self._prefix(logits, None, tokens, lengths, sp, sampled)
+        else:
+            prefix = self._prefix(logits, list(kv_before) + list(kv), tokens, lengths, sp, sampled)
+        return self._insert_fn(state, prefix, dec_tokens, dec_lengths, max_new, sp, src, slots, gslots,
+                               contiguous=contiguous)
 
     def _admit_fn(self, params, state: DecodeState, words, *, spec, sampled: bool, contiguous: bool = False):
         """_prefill_fn then _insert_fn. `words`/`spec`: pack_words of (tokens, lengths, sp, dec_tokens,
@@ -630,8 +676,27 @@ class Engine:
         admit = self._admit
         if self._admit_big is not None and linear.int8_dequantised(tokens.size):
             admit = self._admit_big
-        return admit(self.params, state, words, spec=spec, contiguous=contiguous,
-                     sampled=any(p.beam_width == 1 and not p.greedy for p in params_list))
+        sampled = any(p.beam_width == 1 and not p.greedy for p in params_list)
+        if self._pieces is not None and admit is self._admit:
+            return self._admit_in_pieces(state, words, spec, contiguous, sampled)
+        return admit(self.params, state, words, spec=spec, contiguous=contiguous, sampled=sampled)
+
+    def _admit_in_pieces(self, state: DecodeState, words, spec, contiguous: bool, sampled: bool) -> DecodeState:
+        """The admit as len(self._pieces) calls (ADMIT_PIECES), dispatched back to back (nothing waits on the
+        device in between)."""
+        words = jnp.asarray(words)   # one host-to-device copy for all the pieces
+        writes = contiguous and self._prefill_writes_kv
+        carry, kv_before = None, []
+        for lo, hi in self._pieces[:-1]:
+            carry, kv = self._admit_part(self.params, words, carry, state.cache[lo:hi] if writes else None,
+                                         spec=spec, lo=lo, hi=hi)
+            kv_before += kv
+        lo = self._pieces[-1][0]
+        if writes:   # the earlier layers' caches were donated to the pieces that wrote them
+            state = state._replace(cache=kv_before + list(state.cache[lo:]))
+            kv_before = None
+        return self._admit_last(self.params, state, words, carry, kv_before, spec=spec, sampled=sampled,
+                                contiguous=contiguous, lo=lo)
 
     def _grow_capacity(self, state: DecodeState, params_list) -> DecodeState:
         """Word-list / reset-id capacities grow (doubling) when a request needs more; the running slots'

@@ -55,6 +55,15 @@ class GPTFamily:
                                       [(c["k"], c["v"]) for c in cache], start, method=gpt.GPT.prefill)
         return logits, [{"k": k, "v": v} for k, v in kv]
 
+    def prefill_part(self, params, tokens, lengths, carry, lo: int, hi: int, last: bool, cache=None, start=None):
+        """Layers [lo, hi) of `prefill` (see `gpt.GPT.prefill_part`): -> (carry or, with last, logits [b, v], kv),
+        kv per layer lo .. hi - 1: (k, v) [b, T, k, h] as `prefill`'s, or with cache (those layers' caches) the
+        written caches {"k", "v"}."""
+        at = None if cache is None else [(c["k"], c["v"]) for c in cache]
+        out, kv = self.model.apply({"params": params}, tokens, lengths, carry, lo, hi, last, False, at, start,
+                                   method=gpt.GPT.prefill_part)
+        return out, (kv if cache is None else [{"k": k, "v": v} for k, v in kv])
+
     def write_prefix(self, cache, prefix, src, slots, start=None):
         """Copy prefix rows `src` [m] into cache rows `slots` [m] (slot >= B: dropped); `start`: see
         `write_rows`."""

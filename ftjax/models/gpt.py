@@ -213,21 +213,36 @@ class GPT(nn.Module):
         (k_cache, v_cache) [B, k, S, h]) and start, each layer writes its K/V into cache rows start ..
         start + b - 1 as it goes, and kv is the list of written caches.
         """
+        return self.prefill_part(tokens, lengths, None, 0, len(self.layers), True, all_logits, cache, start)
+
+    def prefill_part(self, tokens, lengths, carry, lo: int, hi: int, last: bool, all_logits: bool = False,
+                     cache=None, start=None):
+        """Layers [lo, hi) of `prefill` (the admit cut into several calls: `engine.ADMIT_PIECES`). carry: None
+        (lo = 0: the embedding first) or what the part before returned, the residual stream (x, y) (y the
+        previous block's output not yet added where each add + norm is one kernel, else None). cache: the
+        caches of layers lo .. hi - 1 (or None). Returns (carry, kv) or, with last (hi = the layer count),
+        (logits, kv) as `prefill`; kv holds layers lo .. hi - 1."""
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = self.embed(tokens, positions)
+        if carry is None:
+            x, y = self.embed(tokens, positions), None
+        else:
+            x, y = carry
         kv = []
-        caches = [None] * len(self.layers) if cache is None else cache
+        caches = [None] * (hi - lo) if cache is None else cache
+        assert len(caches) == hi - lo, (len(caches), lo, hi)
         if self._norm_kernel(b * t):
-            y = None
-            for layer, c in zip(self.layers, caches):
+            for layer, c in zip(self.layers[lo:hi], caches):
                 (x, y), k, v = layer.prefill_pending(x, y, positions, lengths, c, start)
                 kv.append((k, v))
-            x = x + y
         else:
-            for layer, c in zip(self.layers, caches):
+            for layer, c in zip(self.layers[lo:hi], caches):
                 x, k, v = layer.prefill(x, positions, lengths, c, start)
                 kv.append((k, v))
+        if not last:
+            return (x, y), kv
+        if y is not None:
+            x = x + y
         if not all_logits:
             x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [b, d]
         return self.logits(self.final_norm(x)), kv
