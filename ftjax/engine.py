@@ -257,7 +257,8 @@ class Engine:
         self._admit = admit_jit(admit_opts)
         self._pieces = None
         L = int(getattr(self.cfg, "num_layers", 0) or 0)
-        if int(ADMIT_PIECES) > 1 and self.layout is None and hasattr(self.family, "prefill_part") and L >= 2:
+        if (int(ADMIT_PIECES) > 1 and self.layout is None and hasattr(self.family, "prefill_part") and L >= 2
+                and hasattr(self.params, "items")):
             P = min(int(ADMIT_PIECES), L)
             bounds = [L * k // P for k in range(P + 1)]
             self._pieces = tuple(zip(bounds[:-1], bounds[1:]))
@@ -686,17 +687,18 @@ class Engine:
         device in between)."""
         words = jnp.asarray(words)   # one host-to-device copy for all the pieces
         writes = contiguous and self._prefill_writes_kv
+        sub = self.family.part_params
         carry, kv_before = None, []
         for lo, hi in self._pieces[:-1]:
-            carry, kv = self._admit_part(self.params, words, carry, state.cache[lo:hi] if writes else None,
-                                         spec=spec, lo=lo, hi=hi)
+            carry, kv = self._admit_part(sub(self.params, lo, hi, False), words, carry,
+                                         state.cache[lo:hi] if writes else None, spec=spec, lo=lo, hi=hi)
             kv_before += kv
-        lo = self._pieces[-1][0]
+        lo, hi = self._pieces[-1]
         if writes:   # the earlier layers' caches were donated to the pieces that wrote them
             state = state._replace(cache=kv_before + list(state.cache[lo:]))
             kv_before = None
-        return self._admit_last(self.params, state, words, carry, kv_before, spec=spec, sampled=sampled,
-                                contiguous=contiguous, lo=lo)
+        return self._admit_last(sub(self.params, lo, hi, True), state, words, carry, kv_before, spec=spec,
+                                sampled=sampled, contiguous=contiguous, lo=lo)
 
     def _grow_capacity(self, state: DecodeState, params_list) -> DecodeState:
         """Word-list / reset-id capacities grow (doubling) when a request needs more; the running slots'

@@ -64,6 +64,16 @@ class GPTFamily:
                                    method=gpt.GPT.prefill_part)
         return out, (kv if cache is None else [{"k": k, "v": v} for k, v in kv])
 
+    @staticmethod
+    def part_params(params, lo: int, hi: int, last: bool):
+        """The params `prefill_part(lo, hi, last)` reads (a piece's call then flattens only those): the embedding
+        for the first piece, layers lo .. hi - 1, and for the last the final norm and output head too."""
+        def keep(k):
+            if k.startswith("layers_"):
+                return lo <= int(k[len("layers_"):]) < hi
+            return last or (lo == 0 and k == "embed")
+        return {k: v for k, v in params.items() if keep(k)}
+
     def write_prefix(self, cache, prefix, src, slots, start=None):
         """Copy prefix rows `src` [m] into cache rows `slots` [m] (slot >= B: dropped); `start`: see
         `write_rows`."""
