@@ -76,7 +76,9 @@ INSERT_IN_PLACE_MIN_TOKENS = 4096
 # prefill writes its K/V into the cache as it goes: on the packed q/k/v path the prefill attention kernel does it
 # itself (the caches aliased to its outputs), which removes the admit's two insert kernels a layer (48 of a 1.3B
 # batch-1 admit's 406; at 350M batch 64 each layer's ~22 us insert re-read the K/V the kernel had just read).
-# Off until timed on a GPU (twenty-seventh session); the results are the same either way (tests).
+# Off: on an H100 the admit's GPU time was 3.3% shorter at 1.3B batch 1 and 1.6% at 350M batch 64, requests within
+# their noise (twenty-eighth session); it goes on once tests/gpu/check_kvwrite.py passes on a GPU (CI interprets the
+# kernel's cache writes); the results are the same either way (tests).
 PREFILL_WRITES_KV = False
 # The admit writes each per-slot state field (seq, lengths, ~17 sampling parameters, the beam group's fields) as
 # a select over all B slots (`where(slot taken, request row, old)`, the rows gathered through one inverse map)
