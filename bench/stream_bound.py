@@ -138,7 +138,8 @@ def buffers(model: str, dtype, arrangement: str, key, halve: bool = False):
   return out
 
 
-def program(bufs, passes: int, **kw):   # noqa: D103 - the read kernel's chain
+def program(bufs, passes: int, **kw):
+  """The read kernel over every buffer in order, `passes` times, each call waiting on the one before."""
   def run(bufs):
     dep = jnp.zeros((1, 16), jnp.float32)
     for _ in range(passes):
@@ -239,7 +240,6 @@ def main():
   bw = max(copy_bandwidth(2**20 if args.smoke else 2 * 2**30).values())
   env = {"part": "env", "device": device_info(), "copy_GBps": round(bw / 1e9, 1)}
   print(json.dumps(env), flush=True)
-  rows = [env]
   key = jax.random.key(0)
   for model in models:
     layers, sizes = MODELS[model]
@@ -292,7 +292,6 @@ def main():
             row[f"proj_{arr}_x"] = round(per_layer * 1e6 / floor_us, 3)
             del wsets
         print(json.dumps(row), flush=True)
-        rows.append(row)
         if args.json:
           with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")

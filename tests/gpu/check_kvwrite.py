@@ -45,6 +45,7 @@ def run(hidden: int, heads: int, lengths, seed: int, smoke: bool = False):
     real = PA.kernel_writes_kv
     PA.kernel_writes_kv = lambda *a: decided.append(real(*a)) or decided[-1]
     out = {}
+    saved = E.PREFILL_WRITES_KV, E.INSERT_IN_PLACE_MIN_TOKENS
     E.INSERT_IN_PLACE_MIN_TOKENS = 0     # every admit below is contiguous (the path the switch changes)
     try:
         for on in (False, True):
@@ -62,7 +63,7 @@ def run(hidden: int, heads: int, lengths, seed: int, smoke: bool = False):
             out[on] = cache, res.tokens, np.asarray(res.output_log_probs)
     finally:
         PA.kernel_writes_kv = real
-        E.PREFILL_WRITES_KV = False
+        E.PREFILL_WRITES_KV, E.INSERT_IN_PLACE_MIN_TOKENS = saved
     name = f"hidden {hidden} heads {heads} lengths {lengths}"
     report(f"{name}: the kernel wrote the K/V", bool(decided) and all(decided), f"decisions {decided}")
     (c0, t0, lp0), (c1, t1, lp1) = out[False], out[True]
