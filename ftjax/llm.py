@@ -95,70 +95,131 @@ class LLM:
         return self.engine.S
 
     # ------------------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 16, *, params=None,
-                 **decoding) -> GenerationResult:
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 16, *, params=None,
+                 progress=None, **decoding) -> GenerationResult:
+        """Decodes `prompts` (CONTRACTS.md). max_new_tokens: one int, or one per prompt. When the prompts' rows
+        (beam_width each) fit the slots they run as one batch; otherwise continuously: a prompt takes the
+        slots of one that finished, so short and early-ending rows do not hold a batch back. Tokens are the
+        same either way (each request samples from its own seed). progress(prompts done, generated tokens),
+        when given, is called as prompts finish."""
         prompts = _as_prompts(prompts)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
-        max_new = int(max_new_tokens)
+        max_new = _max_new_list(max_new_tokens, len(prompts))
         for i, p in enumerate(prompts):
-            self.engine.check_prompt(p, max_new, field=f"prompts[{i}]")
+            self.engine.check_prompt(p, max_new[i], field=f"prompts[{i}]")
         plist = self.sampling_params(len(prompts), params, **decoding)
         want_lp = any(p.return_log_probs for p in plist)
         any_beam = any(p.beam_width > 1 for p in plist)
+        if self._state is None:
+            self._state = self.engine.init_state()
+        if sum(p.beam_width for p in plist) <= self.engine.slots:
+            got = self._run_batch(prompts, max_new, plist)
+        else:
+            got = self._run_continuous(prompts, max_new, plist, progress)
         out = GenerationResult(tokens=[], sequence_lengths=[], cum_log_probs=[], output_log_probs=[],
                                beams=[] if any_beam else None)
-        # Chunks whose rows (beam_width each) fit the slots; results are joined in order.
-        i = 0
-        while i < len(prompts):
-            chunk, slots, used = [], [], 0
-            while i < len(prompts) and used + plist[i].beam_width <= self.engine.slots:
-                w = plist[i].beam_width
-                chunk.append(i)
-                slots.append(used if w == 1 else list(range(used, used + w)))
-                used += w
-                i += 1
-            if self._state is None:
-                self._state = self.engine.init_state()
-            st = self.engine.prefill_insert(self._state, [prompts[j] for j in chunk], slots,
-                                            [max_new] * len(chunk), [plist[j] for j in chunk])
-            # Sampled GPT rows have their first id from prefill: max_new - 1 decode steps finish them.
-            first_at_prefill = self.engine.family.samples_at_prefill and all(plist[j].beam_width == 1 for j in chunk)
-            st, _ = self.engine.generate_steps(st, max_new - 1 if first_at_prefill else max_new)
-            self._state = st
-            self._collect(st, chunk, slots, plist, out)
-            # every row of the chunk has ended: the next chunk's steps need not run its sampling or processors
-            self.engine.release_slots([x for sl in slots for x in ([sl] if np.ndim(sl) == 0 else sl)])
+        for toks, lp, beams in got:
+            out.tokens.append(toks)
+            out.sequence_lengths.append(len(toks))
+            out.output_log_probs.append(lp)
+            out.cum_log_probs.append(float(sum(lp)))
+            if any_beam:
+                out.beams.append(beams)
+        if progress is not None and sum(p.beam_width for p in plist) <= self.engine.slots:
+            progress(len(prompts), sum(out.sequence_lengths))
         if not want_lp:
             out.cum_log_probs = out.output_log_probs = None
         return out
 
-    def _collect(self, st, chunk, slots, plist, out: GenerationResult):
-        # one jax.device_get: every copy is started before the first is waited on (each np.asarray of a
-        # device array on its own is a round trip of ~0.5 ms on a GPU)
+    def _steps_for(self, p: SamplingParams, max_new: int) -> int:
+        """Decode steps a request needs after its admit: a sampled GPT row has its first id from prefill."""
+        return max_new - 1 if self.engine.family.samples_at_prefill and p.beam_width == 1 else max_new
+
+    def _run_batch(self, prompts, max_new, plist) -> list:
+        """Every request at once: one admit, one generate call of as many steps as the longest needs."""
+        slots, used = [], 0
+        for p in plist:
+            w = p.beam_width
+            slots.append(used if w == 1 else list(range(used, used + w)))
+            used += w
+        idx = list(range(len(prompts)))
+        st = self.engine.prefill_insert(self._state, prompts, slots, max_new, plist)
+        st, _ = self.engine.generate_steps(st, max(self._steps_for(p, m) for p, m in zip(plist, max_new)))
+        self._state = st
+        got = self._collect(st, idx, slots, plist)
+        # every row has ended: the next calls' steps need not run its sampling or processors
+        self.engine.release_slots([x for sl in slots for x in _slot_list(sl)])
+        return [got[i] for i in idx]
+
+    def _run_continuous(self, prompts, max_new, plist, progress) -> list:
+        """More rows than slots: admit into free slots, run up to CHUNK steps, read which rows are done (one
+        small read per call), collect the finished requests and free their slots; until all are done."""
+        eng = self.engine
+        n = len(prompts)
+        got: list = [None] * n
+        free = list(range(eng.slots))
+        live: dict[int, list] = {}    # request -> its slots
+        left: dict[int, int] = {}     # request -> decode steps it may still need
+        nxt, done_n, done_tok = 0, 0, 0
+        while nxt < n or live:
+            adm, adm_slots = [], []
+            while nxt < n and plist[nxt].beam_width <= len(free):
+                w = plist[nxt].beam_width
+                sl, free = free[:w], free[w:]
+                adm.append(nxt)
+                adm_slots.append(sl[0] if w == 1 else sl)
+                live[nxt], left[nxt] = sl, self._steps_for(plist[nxt], max_new[nxt])
+                nxt += 1
+            if adm:
+                self._state = eng.prefill_insert(self._state, [prompts[i] for i in adm], adm_slots,
+                                                 [max_new[i] for i in adm], [plist[i] for i in adm])
+            k = min(eng.CHUNK, max(left.values()))
+            if k > 0:
+                self._state, _ = eng.generate_steps(self._state, k)
+            for i in live:
+                left[i] = max(0, left[i] - k)
+            done = np.asarray(jax.device_get(self._state.done))
+            fin = [i for i, sl in live.items() if done[sl[0]]]   # a beam group's head says for the group
+            if not fin:
+                if k == 0 and not adm:   # cannot happen: a row is done once it has run its steps
+                    raise RuntimeError(f"requests {sorted(live)}: not done after max_new_tokens steps")
+                continue
+            shown = {i: (live[i][0] if plist[i].beam_width == 1 else live[i]) for i in fin}
+            got_now = self._collect(self._state, fin, [shown[i] for i in fin], plist)
+            for i in fin:
+                got[i] = got_now[i]
+                free.extend(live.pop(i))
+                del left[i]
+                done_n += 1
+                done_tok += len(got[i][0])
+            eng.release_slots([x for i in fin for x in _slot_list(shown[i])])
+            free.sort()
+            if progress is not None:
+                progress(done_n, done_tok)
+        return got
+
+    def _collect(self, st, idx, slots, plist) -> dict:
+        """Requests idx (in slots) -> {i: (tokens, log probs, beams)}. One jax.device_get: every copy is
+        started before the first is waited on (each np.asarray of a device array on its own is a round trip
+        of ~0.5 ms on a GPU)."""
         beam = None
-        if st.beam is not None and any(plist[j].beam_width > 1 for j in chunk):
+        if st.beam is not None and any(plist[j].beam_width > 1 for j in idx):
             beam = {k: getattr(st.beam, k) for k in ("fin_tokens", "fin_logprobs", "fin_len", "fin_mask")}
         host, beam = jax.device_get(({k: getattr(st, k) for k in ("seq", "seq_len", "prompt_len", "logprobs")},
                                      beam))
-        for j, sl in zip(chunk, slots):
+        out = {}
+        for j, sl in zip(idx, slots):
             if plist[j].beam_width > 1:
                 g = sl[0]
                 hyps = [(beam["fin_tokens"][g, b, :n].tolist(), beam["fin_logprobs"][g, b, :n].astype(float).tolist())
                         for b in range(plist[j].beam_width)
                         if beam["fin_mask"][g, b] and (n := int(beam["fin_len"][g, b])) > 0]
                 toks, lp = hyps[0] if hyps else ([], [])
-                out.beams.append([h[0] for h in hyps])
+                out[j] = (toks, lp, [h[0] for h in hyps])
             else:
                 s0, e0 = host["prompt_len"][sl], host["seq_len"][sl]
                 toks = host["seq"][sl, s0:e0].tolist()
-                lp = host["logprobs"][sl, s0:e0].astype(float).tolist()
-                if out.beams is not None:
-                    out.beams.append([toks])
-            out.tokens.append(toks)
-            out.sequence_lengths.append(len(toks))
-            out.output_log_probs.append(lp)
-            out.cum_log_probs.append(float(sum(lp)))
+                out[j] = (toks, host["logprobs"][sl, s0:e0].astype(float).tolist(), [toks])
+        return out
 
     def sampling_params(self, n: int, params=None, **decoding) -> list[SamplingParams]:
         """CONTRACTS.md's keyword expansion, with the model's defaults resolved (end_id -> eos) and
@@ -198,6 +259,26 @@ class LLM:
             tokens[i, : len(p)] = p
             lengths[i] = len(p)
         return tokens, lengths, longest
+
+
+def _slot_list(sl) -> list:
+    return [sl] if np.ndim(sl) == 0 else list(sl)
+
+
+def _max_new_list(max_new_tokens, n: int) -> list[int]:
+    """max_new_tokens (an int, or one per prompt) -> n positive ints; ValueError names the keyword."""
+    one = lambda v: (not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v > 0)  # noqa: E731
+    if isinstance(max_new_tokens, (list, tuple, np.ndarray)):
+        vals = list(max_new_tokens)
+        if len(vals) != n:
+            raise ValueError(f"max_new_tokens: {len(vals)} values for {n} prompts")
+        bad = next((v for v in vals if not one(v)), None)
+        if bad is not None:
+            raise ValueError(f"max_new_tokens: must be positive integers, got {bad!r}")
+        return [int(v) for v in vals]
+    if not one(max_new_tokens):
+        raise ValueError(f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}")
+    return [int(max_new_tokens)] * n
 
 
 def _as_prompts(prompts) -> list:

@@ -79,3 +79,46 @@ def test_cli_text_prompts_with_tokenizer_json(gpt2_dir, tmp_path):
     a, b = [json.loads(line) for line in open(out)]
     assert a["input_ids"] == [5, 17, 42] and a["output_ids"] == b["output_ids"]
     assert a["text"].split() == [f"w{t}" for t in a["output_ids"]]
+
+
+def test_cli_decoding_flags_and_per_line_settings(gpt2_dir, tmp_path):
+    """Flags set every line's decoding; a line's own keys override them; continuous decoding over 3 slots gives
+    each line what the library gives it alone."""
+    path, _ = gpt2_dir
+    prompts = random_prompts(np.random.RandomState(4), 6, 2, 10)
+    own = [{}, {"top_k": 0, "max_new_tokens": 2}, {"random_seed": 9}, {"beam_width": 2},
+           {"stop_words": [[prompts[4][0]]], "max_new_tokens": 7}, {"temperature": 0.5, "return_log_probs": True}]
+    inp = tmp_path / "in.jsonl"
+    with open(inp, "w") as f:
+        for p, o in zip(prompts, own):
+            f.write(json.dumps({"input_ids": p, **o}) + "\n\n")   # blank lines are skipped
+    out = tmp_path / "out.jsonl"
+    r = _run("--model", path, "--input", str(inp), "--output", str(out), "--dtype", "float32",
+             "--max-batch-size", "3", "--max-new-tokens", "5", "--attention", "xla", "--max-seq-len", "64",
+             "--top-k", "4", "--random-seed", "3", "--repetition-penalty", "1.2", "--end-id", "none")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in open(out)]
+    cfg, params = load_gpt2(path)
+    lib = ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_batch_size=3, max_seq_len=64)
+    for p, o, rec in zip(prompts, own, recs):
+        kw = {"top_k": 4, "random_seed": 3, "repetition_penalty": 1.2, "end_id": None,
+              **{k: v for k, v in o.items() if k != "max_new_tokens"}}
+        want = lib.generate([p], max_new_tokens=o.get("max_new_tokens", 5), **kw)
+        assert rec["output_ids"] == want.tokens[0], (o, rec)
+        assert ("beams" in rec) == ("beam_width" in o) and ("output_log_probs" in rec) == ("return_log_probs" in o)
+    assert len(recs[1]["output_ids"]) == 2 and len(recs[0]["output_ids"]) == 5
+
+
+def test_cli_refuses_bad_settings_naming_the_line(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('[1, 2]\n\n{"input_ids": [3], "top_k": -1}\n')
+    r = _run("--input", str(inp), "--max-new-tokens", "2", "--max-seq-len", "64")
+    assert r.returncode != 0 and "in.jsonl:3" in r.stderr and "top_k" in r.stderr
+    inp.write_text('{"input_ids": [3], "topk": 2}\n')
+    r = _run("--input", str(inp), "--max-new-tokens", "2", "--max-seq-len", "64")
+    assert r.returncode != 0 and "in.jsonl:1" in r.stderr and "'topk'" in r.stderr
+    inp.write_text('[1]\n{"input_ids": [3], "max_new_tokens": 0}\n')
+    r = _run("--input", str(inp), "--max-new-tokens", "2", "--max-seq-len", "64")
+    assert r.returncode != 0 and "in.jsonl:2" in r.stderr and "max_new_tokens" in r.stderr
+    r = _run("--input", str(inp), "--temperature", "-1")
+    assert r.returncode == 2 and "temperature" in r.stderr
