@@ -469,7 +469,8 @@ class Engine:
             prompt_len=put(state.prompt_len, lengths), seq_len=put(state.seq_len, seq_len),
             gen_count=put(state.gen_count, jnp.where(beam_req, 0, 1)), max_new=put(state.max_new, max_new),
             done=put(state.done, ended), active=put(state.active, jnp.ones_like(ended)),
-            top_p=put(state.top_p, sampling.next_top_p(sp.top_p, prefix.first, sp)),
+            # the nucleus decays after each generated id: not after a pending one (beam rows, T5's start id)
+            top_p=put(state.top_p, jnp.where(beam_req, sp.top_p, sampling.next_top_p(sp.top_p, prefix.first, sp))),
             sp=jax.tree.map(put, state.sp, sp), beam=state.beam, group_slots=state.group_slots,
             group_active=state.group_active)
         if state.beam is not None:
@@ -491,9 +492,14 @@ class Engine:
         g_live = st.group_active & ~st.beam.done
         blp = sampling.beam_log_probs(logits, st.sp, st.seq, st.prompt_len, st.seq_len, st.gen_count)  # [B, V]
         glp = blp[jnp.clip(gs, 0, B - 1)]                              # [G, W, V]
+        def stops(c_parent, c_tok):   # [G, 2W]: the candidate beams that end with a stop word
+            rows = jnp.clip(jnp.take_along_axis(gs, c_parent, 1), 0, B - 1)
+            return sampling.stop_hit_candidates(st.seq, st.seq_len, rows, c_tok, st.sp.stop_words)   # group g: slot g's
+
         beam, parent, btok = sampling.beam_step(
             st.beam, glp, end_id=st.sp.end_id, len_penalty=st.sp.len_penalty,
-            diversity_rate=st.sp.diversity_rate, beam_width=st.sp.beam_width, max_new_tokens=st.max_new)
+            diversity_rate=st.sp.diversity_rate, beam_width=st.sp.beam_width, max_new_tokens=st.max_new,
+            stops=stops)
         tgt = jnp.where(g_live[:, None] & (gs < B), gs, B).reshape(-1)
         frm = jnp.take_along_axis(gs, parent, 1).reshape(-1)
         src = jnp.arange(B).at[tgt].set(frm, mode="drop")              # row permutation
@@ -620,6 +626,8 @@ class Engine:
                 raise ValueError(f"{field}: {len(ids)} tokens exceed max_seq_len {self.S}")
             if 1 + max_new > self.S:
                 raise ValueError(f"max_new_tokens: {max_new} (+ the decoder start id) exceeds max_seq_len {self.S}")
+        elif len(ids) > self.S:
+            raise ValueError(f"{field}: {len(ids)} tokens exceed max_seq_len {self.S}")
         elif len(ids) + max_new > self.S:
             raise ValueError(f"max_new_tokens: prompt of {len(ids)} tokens + max_new_tokens {max_new} exceeds "
                              f"max_seq_len {self.S}")

@@ -111,10 +111,16 @@ class LLM:
         any_beam = any(p.beam_width > 1 for p in plist)
         if self._state is None:
             self._state = self.engine.init_state()
-        if sum(p.beam_width for p in plist) <= self.engine.slots:
-            got = self._run_batch(prompts, max_new, plist)
-        else:
-            got = self._run_continuous(prompts, max_new, plist, progress)
+        try:
+            if sum(p.beam_width for p in plist) <= self.engine.slots:
+                got = self._run_batch(prompts, max_new, plist)
+            else:
+                got = self._run_continuous(prompts, max_new, plist, progress)
+        except BaseException:
+            # an error or Ctrl-C after a call took the (donated) state: the next call starts from a fresh one
+            self._state = None
+            self.engine.release_slots(range(self.engine.slots))
+            raise
         out = GenerationResult(tokens=[], sequence_lengths=[], cum_log_probs=[], output_log_probs=[],
                                beams=[] if any_beam else None)
         for toks, lp, beams in got:

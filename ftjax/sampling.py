@@ -17,7 +17,7 @@ Device side (pure jnp, fixed shapes, jit/while_loop friendly)
     tok, logprob = sample(x, sp, gen_count, top_p_cur)                    # greedy / top-k / top-p draw
     top_p_cur = next_top_p(top_p_cur, tok, sp)                            # factual nucleus
     stopped = stop_hit(seq, seq_len, sp, prompt_len)                       # after appending tok
-Beam search: `beam_log_probs` (HF: processors applied to log-softmax, no temperature),
+Beam search: `beam_log_probs` (log-softmax of logits / temperature as FT, then HF's processors on it),
 `beam_init` / `beam_reset` / `beam_step` over a `BeamState` of G groups x W beams, which also keeps
 the finished hypotheses (tokens, per-token log probs, scores), best first.
 
@@ -480,9 +480,11 @@ def process_logits(logits, sp: SlotParams, seq, prompt_len, seq_len, gen_count, 
 
 
 def beam_log_probs(logits, sp: SlotParams, seq, prompt_len, seq_len, gen_count):
-    """Beam search's per-row scores, as HF: log_softmax(logits), then the processors (penalties, bad
-    words, min_length) on the log probs, not renormalised, no temperature. [B, V] f32."""
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    """Beam search's per-row scores: log_softmax(logits / temperature) (FT's beam search divides the logits by
+    the temperature before its softmax; temperature 0 is taken as 1), then, as HF, the processors (penalties,
+    bad words, min_length) on the log probs, not renormalised. [B, V] f32."""
+    t = jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
     return _penalise(lp, sp, seq, prompt_len, seq_len, gen_count)
 
 
@@ -616,6 +618,17 @@ def stop_hit(seq, seq_len, sp: SlotParams, prompt_len=None):
     return hit
 
 
+def stop_hit_candidates(seq, seq_len, rows, tokens, stop_words):
+    """[G, C] bool: row rows[g, c]'s sequence seq[:seq_len] followed by tokens[g, c] ends with one of
+    stop_words [G, n, L] (right-aligned, -1 pad): the stop words of beam search's candidates."""
+    L = stop_words.shape[-1]
+    G, C = rows.shape
+    prev = _tail(seq, seq_len, L - 1)[rows.reshape(-1)].reshape(G, C, L - 1)      # [G, C, L - 1]
+    tail = jnp.concatenate([prev, tokens[:, :, None]], axis=-1)                   # [G, C, L]
+    match = jnp.all((stop_words[:, None] == -1) | (stop_words[:, None] == tail[:, :, None, :]), axis=-1)
+    return jnp.any(match & (stop_words[:, None, :, -1] >= 0), axis=-1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Device side: beam search (HF transformers 5.x `_beam_search`, early_stopping=False)
 # ----------------------------------------------------------------------------------------------
@@ -667,11 +680,14 @@ def _gather(a, idx):
 
 
 def beam_step(state: BeamState, logprobs, *, end_id, len_penalty, diversity_rate, beam_width,
-              max_new_tokens):
+              max_new_tokens, stops=None):
     """One beam-search step for G groups.
 
     logprobs [G, W, V] f32: `beam_log_probs` of each running beam (rows g*W + j). end_id [G] (-1 none),
     len_penalty / diversity_rate [G] f32, beam_width [G] int32 (<= W), max_new_tokens [G] int32.
+    stops (optional): (parent [G, C] int32, token [G, C] int32) -> [G, C] bool, whether candidate beam
+    `parent` + `token` ends with a stop word; such a candidate finishes like one that hits end_id (its
+    last token kept).
     Returns (state, parent [G, W] int32, tokens [G, W] int32): the engine reorders its per-row state
     (K/V cache, seq) so that new beam j continues old beam parent[g, j], then feeds tokens[g, j].
     Groups already done are left unchanged (parent = identity).
@@ -692,6 +708,8 @@ def beam_step(state: BeamState, logprobs, *, end_id, len_penalty, diversity_rate
     rank = jnp.arange(2 * W)[None, :]
     valid = rank < 2 * bw[:, None]
     hits = (c_tok == end_id[:, None]) | ((step + 1) >= max_new_tokens)[:, None]
+    if stops is not None:
+        hits |= stops(c_parent, c_tok)
     # candidate sequences (generated part)
     t_pos = jnp.arange(T)[None, None, :]
     c_seq = jnp.where(t_pos == step[:, None, None], c_tok[:, :, None], _gather(state.tokens, c_parent))

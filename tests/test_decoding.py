@@ -182,3 +182,79 @@ def test_bad_decoding_values_are_refused(pair, kw, field):
     llm, _ = pair
     with pytest.raises(ValueError, match=field):
         llm.generate([[1, 2, 3]], max_new_tokens=3, **kw)
+
+
+def _hf_beams(model, p, w, max_new, eos, **kw):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([p]), num_beams=w, num_return_sequences=w, max_new_tokens=max_new,
+                             do_sample=False, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True, **kw)
+    ends = eos if isinstance(eos, list) else [eos]
+    hyps = []
+    for s in out.sequences:
+        t = s[len(p):].tolist()
+        cut = next((j + 1 for j, x in enumerate(t) if x in ends), len(t))
+        hyps.append(t[:cut])
+    return hyps
+
+
+def test_beam_search_ends_at_stop_words_as_hf_at_extra_eos(pair):
+    """A single-token stop word finishes a beam hypothesis (the word kept), as HF's beam search does with that
+    token as a second eos id; a beam request without it is not cut."""
+    llm, model = pair
+    prompts = random_prompts(np.random.RandomState(41), 3, 2, 9)
+    checked = 0
+    for p in prompts:
+        free = _hf_beams(model, p, 3, 7, EOS)
+        stop = next((t for t in free[0][1:4] if t != EOS), None)   # a token the best beam would produce
+        if stop is None:
+            continue
+        ref = _hf_beams(model, p, 3, 7, [EOS, stop])
+        res = llm.generate([p], max_new_tokens=7, end_id=EOS, beam_width=3, stop_words=[[stop]])
+        assert res.beams[0] == ref, (p, stop)
+        assert llm.generate([p], max_new_tokens=7, end_id=EOS, beam_width=3).beams[0] == free
+        checked += 1
+    assert checked >= 2
+
+
+def test_beam_search_applies_temperature(pair):
+    """FT divides the logits by the temperature before beam search's softmax: HF with a processor that turns
+    its log-softmax scores into log_softmax(logits / T) is the reference."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Tempered(LogitsProcessor):
+        def __init__(self, t):
+            self.t = t
+
+        def __call__(self, input_ids, scores):
+            return torch.log_softmax(scores / self.t, dim=-1)
+
+    llm, model = pair
+    prompts = random_prompts(np.random.RandomState(43), 2, 3, 8)
+    for p in prompts:
+        for t in (0.3, 3.0):
+            ref = _hf_beams(model, p, 2, 6, EOS, logits_processor=LogitsProcessorList([Tempered(t)]))
+            res = llm.generate([p], max_new_tokens=6, end_id=EOS, beam_width=2, temperature=t,
+                               return_log_probs=True)
+            assert res.beams[0] == ref, (p, t)
+            # the reported log probs are the tempered distribution's
+            logits = model(torch.tensor([p + res.tokens[0][:1]])).logits[0].detach().float()
+            want = torch.log_softmax(logits[len(p) - 1] / t, -1)[res.tokens[0][0]].item()
+            assert abs(res.output_log_probs[0][0] - want) < 2e-4
+
+
+def test_interrupted_generate_leaves_a_usable_llm(pair, monkeypatch):
+    """An exception (e.g. Ctrl-C) after a call took the donated state: the next generate starts afresh."""
+    llm, _ = pair
+    p = random_prompts(np.random.RandomState(44), 1, 3, 6)
+    want = llm.generate(p, max_new_tokens=4).tokens
+    real = llm.engine.generate_steps
+
+    def boom(state, n, **kw):
+        real(state, n, **kw)   # the state is donated, then the call is interrupted
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.engine, "generate_steps", boom)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(p, max_new_tokens=4)
+    monkeypatch.setattr(llm.engine, "generate_steps", real)
+    assert llm.generate(p, max_new_tokens=4).tokens == want

@@ -122,3 +122,20 @@ def test_t5_convert_round_trip_and_bad_input(t5, tmp_path):
         llm.generate([[2, 3]], max_new_tokens=40)
     with pytest.raises(ValueError, match=r"prompts\[0\]"):
         llm.generate([[2, V]], max_new_tokens=3)
+
+
+def test_t5_nucleus_decays_only_after_the_first_generated_id(tmp_path):
+    """FT's factual nucleus: the first id samples with the request's top_p; T5's pending start id is not a
+    generated id (before the fix every T5 row began with a decayed p)."""
+    make_hf_t5(str(tmp_path))
+    llm = ftjax.load(str(tmp_path), dtype="float32", max_batch_size=4, max_seq_len=32, attention="xla")
+    rng = np.random.RandomState(8)
+    prompts = [rng.randint(1, llm.cfg.vocab, size=6).tolist() for _ in range(4)]
+    seeds = [11, 12, 13, 14]
+    plain = llm.generate(prompts, max_new_tokens=2, top_p=0.95, random_seed=seeds, end_id=None)
+    decay = llm.generate(prompts, max_new_tokens=2, top_p=0.95, top_p_decay=0.01, top_p_min=0.01,
+                         random_seed=seeds, end_id=None)
+    greedy = llm.generate(prompts, max_new_tokens=1, end_id=None)
+    assert [t[0] for t in decay.tokens] == [t[0] for t in plain.tokens]
+    # and top_p 0.95 samples: with 4 seeds at least one first id is not the greedy one (else this checks nothing)
+    assert [t[0] for t in plain.tokens] != [t[0] for t in greedy.tokens]
