@@ -164,6 +164,8 @@ class Engine:
                                              not isinstance(ecfg.max_batch_size, (int, np.integer)) or
                                              ecfg.max_batch_size < 1):
             raise ValueError(f"max_batch_size: must be an integer >= 1 or 'auto', got {ecfg.max_batch_size!r}")
+        if isinstance(ecfg.max_seq_len, bool) or not isinstance(ecfg.max_seq_len, (int, np.integer)):
+            raise ValueError(f"max_seq_len: must be an integer, got {ecfg.max_seq_len!r}")
         if not 2 <= ecfg.max_seq_len <= cfg.max_positions:
             raise ValueError(f"max_seq_len: {ecfg.max_seq_len} not in [2, {cfg.max_positions}] "
                              f"(the model's maximum positions)")

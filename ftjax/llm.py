@@ -82,7 +82,7 @@ class LLM:
                  attention="auto", max_beam_width=None, mesh=None):
         self.cfg = cfg
         mbw = _beam_cap(4, max_batch_size) if max_beam_width is None else max_beam_width
-        self.engine = Engine(cfg, params, EngineConfig(max_batch_size, max_seq_len or cfg.max_positions,
+        self.engine = Engine(cfg, params, EngineConfig(max_batch_size, cfg.max_positions if max_seq_len is None else max_seq_len,
                                                        dtype, attention, mbw), mesh=mesh)
         self._state = None
 

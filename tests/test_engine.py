@@ -155,8 +155,9 @@ def test_prompt_forms_give_the_same_tokens(llm):
 
 def test_bad_load_arguments(gpt2_dir):
     cfg, params = load_gpt2(gpt2_dir[0])
-    with pytest.raises(ValueError, match="max_seq_len"):
-        ftjax.LLM(cfg, params, dtype="float32", max_seq_len=10_000)
+    for bad in (10_000, 0, 32.0, "32", True):   # 0 is not "the model's maximum" (None is)
+        with pytest.raises(ValueError, match="max_seq_len"):
+            ftjax.LLM(cfg, params, dtype="float32", max_seq_len=bad)
     with pytest.raises(ValueError, match="dtype"):
         ftjax.LLM(cfg, params, dtype="int4")
     with pytest.raises(ValueError, match="attention"):
