@@ -251,10 +251,10 @@ class LLM:
             if dec.shape[0] != enc.shape[0]:
                 raise ValueError(f"decoder_ids: {dec.shape[0]} rows for {enc.shape[0]} encoder rows")
             out = np.asarray(self.engine.logits(enc, enc_len, dec, dec_len))
-        return out[:, :longest, : self.cfg.vocab_size].astype(np.float32)
+        return out[:, :longest, : self.cfg.vocab].astype(np.float32)   # without a padded vocabulary's rows
 
     def _pad(self, ids, field):
-        prompts = _as_prompts(ids)
+        prompts = _as_prompts(ids, field)
         for i, p in enumerate(prompts):
             self.engine.check_prompt(p, 0, field=f"{field}[{i}]")
         n, longest = len(prompts), max(len(p) for p in prompts)
@@ -287,20 +287,20 @@ def _max_new_list(max_new_tokens, n: int) -> list[int]:
     return [int(max_new_tokens)] * n
 
 
-def _as_prompts(prompts) -> list:
+def _as_prompts(prompts, field: str = "prompts") -> list:
     """The prompts as a list of 1-D integer numpy arrays (one conversion per row: a Python loop over every
     token id costs ~5 ms for 64 prompts of 512 tokens, in the request's latency). Rows numpy cannot take
     as plain integers (floats, strings, ints beyond int64) go the per-id way, whose errors name the row."""
     if isinstance(prompts, np.ndarray):
         prompts = list(prompts) if prompts.ndim == 2 and prompts.dtype.kind in "iu" else prompts.tolist()
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
-        raise ValueError("prompts: expected a non-empty list of token-id lists")
+        raise ValueError(f"{field}: expected a non-empty list of token-id lists")
     out = []
     for i, p in enumerate(prompts):
         if not isinstance(p, (list, tuple, np.ndarray)):
-            raise ValueError(f"prompts[{i}]: expected a list of token ids, got {type(p).__name__}")
+            raise ValueError(f"{field}[{i}]: expected a list of token ids, got {type(p).__name__}")
         if len(p) == 0:
-            raise ValueError(f"prompts[{i}]: empty prompt")
+            raise ValueError(f"{field}[{i}]: empty prompt")
         a = int_row(p)
         if a is not None:
             out.append(a)
@@ -310,9 +310,9 @@ def _as_prompts(prompts) -> list:
         try:
             row = [int(t) for t in p]
         except (TypeError, ValueError) as e:
-            raise ValueError(f"prompts[{i}]: token ids must be integers ({e})") from None
+            raise ValueError(f"{field}[{i}]: token ids must be integers ({e})") from None
         frac = next((t for t, v in zip(p, row) if v != t), None)   # 2.5 or "7": not an id (2.0 is)
         if frac is not None:
-            raise ValueError(f"prompts[{i}]: token ids must be integers, got {frac!r}")
+            raise ValueError(f"{field}[{i}]: token ids must be integers, got {frac!r}")
         out.append(row)
     return out

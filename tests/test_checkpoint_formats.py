@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import ftjax
 from ftjax.checkpoint import detect_format, load_checkpoint
 from ftjax.models import gpt
 
@@ -171,6 +172,11 @@ def test_megatron_gpt2_padded_vocab_untied(tmp_path):
     _check_logits(cfg, params, ref)
     full = np.asarray(gpt.build(cfg).apply({"params": params}, IDS, LENGTHS, method=gpt.GPT.prefill)[0])
     assert full.shape == (2, 50304) and full[:, 50257:].max() < -1e29
+    # llm.logits gives the real vocabulary's columns only (the HF model's), not the padding rows
+    ours = ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_batch_size=1, max_seq_len=32).logits(
+        [IDS[0, : LENGTHS[0]].tolist()])
+    assert ours.shape == (1, LENGTHS[0], 50257)
+    np.testing.assert_allclose(ours[0], ref[0, : LENGTHS[0]], rtol=2e-3, atol=2e-3)
 
 
 def test_megatron_fused_bias_gelu_is_tanh(tmp_path, tanh_gelu):

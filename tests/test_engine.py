@@ -116,7 +116,7 @@ def test_half_precisions_close_to_float32(gpt2_dir, dtype, tol):
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(prompts=[[1, 2, 3] * 20], max_new_tokens=1), "max_new_tokens"),      # prompt longer than max_seq_len
+    (dict(prompts=[[1, 2, 3] * 20], max_new_tokens=1), "prompts[0]: 60 tokens exceed max_seq_len"),
     (dict(prompts=[[1, 2, 3] * 14], max_new_tokens=8), "max_new_tokens"),      # prompt + new past max_seq_len
     (dict(prompts=[[]], max_new_tokens=4), "prompts[0]"),
     (dict(prompts=[[1, 2], []], max_new_tokens=4), "prompts[1]"),
