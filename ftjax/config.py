@@ -72,6 +72,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.{field}: {why}")
 
         for f in ("vocab_size", "hidden", "num_layers", "num_heads", "ffn_dim", "max_positions"):
+            if not _is_int(getattr(self, f)):
+                bad(f, f"must be an integer, got {getattr(self, f)!r}")
             if int(getattr(self, f)) <= 0:
                 bad(f, f"must be positive, got {getattr(self, f)}")
         if self.activation not in ACTIVATIONS:
@@ -124,27 +126,29 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"ftjax config: unknown keys {sorted(unknown)}")
-        return cls(**d)
+        return _from_dict(cls, d, "ftjax config")
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """From a Hugging Face `config.json` dict: model_type gpt2, llama, gptj or gpt_neox."""
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """From a Hugging Face `config.json` dict: model_type gpt2, llama, gptj or gpt_neox. `source` (the
+        file's path) prefixes the errors: a missing or mistyped key is named."""
         mt = hf.get("model_type")
-        if mt in _HF_FAMILIES:
-            try:
-                return getattr(cls, _HF_FAMILIES[mt])(hf)
-            except KeyError as e:
-                raise ValueError(f"config.json: model_type {mt!r} needs the key {e.args[0]!r}, which is "
-                                 f"missing (architectures={hf.get('architectures')})") from None
-        if mt != "gpt2":
+        if mt not in _HF_FAMILIES and mt != "gpt2":
             raise ValueError(
-                f"config.json: unsupported model_type {mt!r} (architectures={hf.get('architectures')}); "
+                f"{source}: unsupported model_type {mt!r} (architectures={hf.get('architectures')}); "
                 f"this ftjax build loads: {', '.join(['gpt2', *_HF_FAMILIES])}")
+        try:
+            return getattr(cls, _HF_FAMILIES.get(mt, "_from_hf_gpt2"))(hf)
+        except KeyError as e:
+            raise ValueError(f"{source}: model_type {mt!r} needs the key {e.args[0]!r}, which is "
+                             f"missing (architectures={hf.get('architectures')})") from None
+        except (TypeError, ValueError) as e:
+            msg = str(e).removeprefix("config.json: ")
+            raise ValueError(f"{source}: {msg}") from None
+
+    @classmethod
+    def _from_hf_gpt2(cls, hf: dict[str, Any]) -> "ModelConfig":
         act = hf.get("activation_function", "gelu_new")
         if act not in _HF_ACT:
             raise ValueError(f"config.json: unsupported activation_function {act!r}")
@@ -217,23 +221,15 @@ class ModelConfig:
     @classmethod
     def from_ft_ini(cls, path: str) -> "ModelConfig":
         """From FasterTransformer's converted `config.ini` ([gpt] section)."""
-        cp = configparser.ConfigParser()
-        if not cp.read(path):
-            raise ValueError(f"config.ini: cannot read {path}")
+        cp = read_ini(path)
         for fam in ("gptj", "gptneox"):
             if "gpt" not in cp and fam in cp:
                 return cls._from_ft_rotary_ini(cp[fam], fam, path)
         if "gpt" not in cp:
             raise ValueError(f"config.ini: {path} has no [gpt], [gptj] or [gptneox] section "
                              f"(sections: {cp.sections()})")
-        s = cp["gpt"]
-
-        def need(key):
-            if key not in s:
-                raise ValueError(f"config.ini: [gpt] is missing {key!r} ({path})")
-            return s[key]
-
-        n, h = int(need("head_num")), int(need("size_per_head"))
+        s = _Ini(cp["gpt"], path)
+        n, h = s.int("head_num"), s.int("size_per_head")
         # FT's ParallelGptTritonModel: activation_type default "Gelu" (FT's GELU is the tanh form).
         raw_act = s.get("activation_type", s.get("activation", "Gelu"))
         act = {"gelu": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu", "silu": "silu"}.get(raw_act.lower())
@@ -251,21 +247,19 @@ class ModelConfig:
                                  ("has_adapters", False, False)):
             if flag(key, default) != ok:
                 raise ValueError(f"config.ini: unsupported {key} = {s.get(key)!r} ({path})")
-        end = s.get("end_id")
-        start = s.get("start_id")
         return cls(
-            vocab_size=int(need("vocab_size")),
+            vocab_size=s.int("vocab_size"),
             hidden=n * h,
-            num_layers=int(need("num_layer")),
+            num_layers=s.int("num_layer"),
             num_heads=n,
-            ffn_dim=int(need("inter_size")),
-            max_positions=int(s.get("max_pos_seq_len", s.get("n_positions", "1024"))),
+            ffn_dim=s.int("inter_size"),
+            max_positions=s.int("max_pos_seq_len", None) or s.int("n_positions", 1024),
             activation=act,
             # FT's reader defaults layernorm_eps to 1e-6 (HF-converted folders do not write it).
-            norm_eps=float(s.get("layernorm_eps", "1e-6")),
+            norm_eps=s.float("layernorm_eps", 1e-6),
             tie_embeddings=True,
-            bos_id=int(start) if start is not None else None,
-            eos_id=int(end) if end is not None else None,
+            bos_id=s.opt_int("start_id"),
+            eos_id=s.opt_int("end_id"),
         )
 
     @classmethod
@@ -275,27 +269,21 @@ class ModelConfig:
         (compile-time constants there); `layernorm_eps` / `activation_type` / `max_pos_seq_len` are read
         when present. GPT-J: interleaved rotary, one shared layer norm, no attention biases, head with a
         bias; NeoX: half-split rotary, `use_gptj_residual` 1 = parallel residual."""
-        def need(key):
-            if key not in s:
-                raise ValueError(f"config.ini: [{fam}] is missing {key!r} ({path})")
-            return s[key]
-
-        n, h = int(need("head_num")), int(need("size_per_head"))
+        s = _Ini(s, path)
+        n, h = s.int("head_num"), s.int("size_per_head")
         raw_act = s.get("activation_type", "Gelu")
         act = {"gelu": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu", "silu": "silu"}.get(raw_act.lower())
         if act is None:
             raise ValueError(f"config.ini: unsupported activation_type {raw_act!r} ({path})")
-        rot = s.get("rotary_embedding", "None")
-        rot = h if rot.strip() in ("", "None") else int(rot)
-        start, end = s.get("start_id"), s.get("end_id")
+        rot = s.opt_int("rotary_embedding") or h
         common = dict(
-            vocab_size=int(need("vocab_size")), hidden=n * h, num_layers=int(need("num_layer")), num_heads=n,
-            ffn_dim=int(need("inter_size")), max_positions=int(s.get("max_pos_seq_len", "2048")),
-            activation=act, norm_eps=float(s.get("layernorm_eps", "1e-6")), position="rotary",
+            vocab_size=s.int("vocab_size"), hidden=n * h, num_layers=s.int("num_layer"), num_heads=n,
+            ffn_dim=s.int("inter_size"), max_positions=s.int("max_pos_seq_len", 2048),
+            activation=act, norm_eps=s.float("layernorm_eps", 1e-6), position="rotary",
             rotary_dim=rot if rot != h else None, rope_theta=10000.0, parallel_residual=True,
             tie_embeddings=False,
-            bos_id=int(start) if start not in (None, "None") else None,
-            eos_id=int(end) if end not in (None, "None") else None)
+            bos_id=s.opt_int("start_id"),
+            eos_id=s.opt_int("end_id"))
         if fam == "gptj":
             return cls(**common, rotary_interleaved=True, shared_layernorm=True, lm_head_bias=True,
                        attn_bias=False, mlp_bias=True)
@@ -359,10 +347,106 @@ def default_config() -> ModelConfig:
 
 
 def read_json(path: str) -> dict[str, Any]:
+    """A JSON object from `path`; FileNotFoundError when absent, ValueError naming the file when it is not
+    valid JSON or not an object."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"missing {path}")
     with open(path) as f:
-        return json.load(f)
+        try:
+            out = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not a text (JSON) file ({e})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(out).__name__}")
+    return out
+
+
+def _from_dict(cls, d: dict[str, Any], what: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"{what}: unknown keys {sorted(unknown)}")
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = required - set(d)
+    if missing:
+        raise ValueError(f"{what}: missing keys {sorted(missing)}")
+    return cls(**d)
+
+
+_REQUIRED = object()
+
+
+def _is_int(v) -> bool:
+    """True for anything int() takes as a whole number (ints, numpy ints, 3.0); False for None, "32", 2.5."""
+    if isinstance(v, (str, bytes)) or v is None:
+        return False
+    try:
+        return int(v) == v
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+class _Ini:
+    """One section of an FT config.ini: typed reads whose errors name the file, the section and the key."""
+
+    def __init__(self, sec, path: str):
+        self.sec, self.path = sec, path
+
+    def __contains__(self, key):
+        return key in self.sec
+
+    def get(self, key, default=None):
+        return self.sec.get(key, default)
+
+    def _bad(self, key, kind):
+        return ValueError(f"config.ini: [{self.sec.name}] {key} = {self.sec[key]!r} is not {kind} ({self.path})")
+
+    def need(self, key):
+        if key not in self.sec:
+            raise ValueError(f"config.ini: [{self.sec.name}] is missing {key!r} ({self.path})")
+        return self.sec[key]
+
+    def int(self, key, default=_REQUIRED):
+        if key not in self.sec:
+            if default is _REQUIRED:
+                self.need(key)
+            return default
+        try:
+            return int(self.sec[key].strip())
+        except ValueError:
+            raise self._bad(key, "an integer") from None
+
+    def opt_int(self, key):
+        """An integer, or None when absent / 'None' / empty."""
+        if self.sec.get(key, "None").strip() in ("None", ""):
+            return None
+        return self.int(key)
+
+    def float(self, key, default):
+        if key not in self.sec:
+            return default
+        try:
+            return float(self.sec[key].strip())
+        except ValueError:
+            raise self._bad(key, "a number") from None
+
+
+def read_ini(path: str):
+    """configparser.ConfigParser of `path`; ValueError naming the file when it is unreadable or malformed
+    (no section header, duplicate keys, ...)."""
+    cp = configparser.ConfigParser()
+    try:
+        ok = cp.read(path)
+    except configparser.Error as e:
+        raise ValueError(f"{path}: not a valid config.ini ({' '.join(str(e).split())})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text (ini) file ({e})") from None
+    if not ok:
+        raise ValueError(f"config.ini: cannot read {path}")
+    return cp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,6 +483,8 @@ class T5Config:
     def __post_init__(self):
         for f in ("vocab_size", "hidden", "head_dim", "ffn_dim", "num_heads", "num_encoder_layers",
                   "num_decoder_layers", "relative_buckets", "relative_max_distance", "max_positions"):
+            if not _is_int(getattr(self, f)):
+                raise ValueError(f"T5Config.{f}: must be an integer, got {getattr(self, f)!r}")
             if int(getattr(self, f)) <= 0:
                 raise ValueError(f"T5Config.{f}: must be positive, got {getattr(self, f)}")
         if self.activation not in ACTIVATIONS:
@@ -434,24 +520,32 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "T5Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"ftjax T5 config: unknown keys {sorted(unknown)}")
-        return cls(**d)
+        return _from_dict(cls, d, "ftjax T5 config")
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], max_positions: int = 512) -> "T5Config":
-        """From a Hugging Face T5 `config.json` (t5, t5 v1.1, mt5 style)."""
+    def from_hf(cls, hf: dict[str, Any], max_positions: int = 512, source: str = "config.json") -> "T5Config":
+        """From a Hugging Face T5 `config.json` (t5, t5 v1.1, mt5 style); `source` prefixes the errors."""
         if hf.get("model_type") not in ("t5", "mt5"):
-            raise ValueError(f"config.json: model_type {hf.get('model_type')!r} is not T5")
+            raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not T5")
         proj = hf.get("feed_forward_proj", "relu")
+        if not isinstance(proj, str):
+            raise ValueError(f"{source}: feed_forward_proj {proj!r} is not a string")
         gated = proj.startswith("gated-")
         act = proj.removeprefix("gated-")
         act = {"relu": "relu", "gelu": "gelu_tanh" if gated else "gelu", "gelu_new": "gelu_tanh",
                "silu": "silu"}.get(act)
         if act is None:
-            raise ValueError(f"config.json: unsupported feed_forward_proj {proj!r}")
+            raise ValueError(f"{source}: unsupported feed_forward_proj {proj!r}")
+        try:
+            return cls._from_hf(hf, act, gated, max_positions)
+        except KeyError as e:
+            raise ValueError(f"{source}: model_type {hf.get('model_type')!r} needs the key {e.args[0]!r}, "
+                             "which is missing") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def _from_hf(cls, hf, act, gated, max_positions):
         return cls(
             vocab_size=hf["vocab_size"], hidden=hf["d_model"], head_dim=hf["d_kv"], ffn_dim=hf["d_ff"],
             num_heads=hf["num_heads"], num_encoder_layers=hf["num_layers"],

@@ -1,6 +1,7 @@
 """Shared checkpoint helpers: validating a converted param tree against the model's own shapes."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -24,28 +25,47 @@ def check_params(cfg: ModelConfig, params: dict[str, Any], source: str) -> None:
 
     Raises ValueError naming the key (and both shapes) that is missing, unexpected or misshapen.
     """
-    if getattr(cfg, "arch", "gpt") == "t5":
-        from ftjax.models import t5 as family
-    else:
-        from ftjax.models import gpt as family
+    want = expected_shapes(cfg)
 
-    shapes, _ = family.abstract_params(cfg)
-    want = {k: tuple(v.shape) for k, v in _flat(shapes).items()}
     def shape(k, v):   # an int8 weight's logical [*in, *out]; the int8 embedding table's rows [v, d]
         if hasattr(v, "qt") and k.endswith("embed/tokens"):
             return tuple(v.qt.shape)
         return tuple(v.shape if hasattr(v, "scale") else np.shape(v))
 
     have = {k: shape(k, v) for k, v in _flat(params).items()}
+    check_shapes(want, have, source)
+
+
+def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """{'layers_0/attn/q/kernel': shape, ...}: every param the model of `cfg` needs (float layout)."""
+    if getattr(cfg, "arch", "gpt") == "t5":
+        from ftjax.models import t5 as family
+    else:
+        from ftjax.models import gpt as family
+    shapes, _ = family.abstract_params(cfg)
+    return {k: tuple(v.shape) for k, v in _flat(shapes).items()}
+
+
+def check_shapes(want: dict[str, tuple], have: dict[str, tuple], source: str) -> None:
+    """`have` (key -> shape found in `source`) holds exactly the keys of `want` with their shapes.
+
+    Raises ValueError naming the keys that are missing or unexpected, or the first misshapen key with
+    both shapes. Unexpected keys that are whole layers (layers_i beyond the config's count) are called so.
+    """
     missing = sorted(set(want) - set(have))
     if missing:
         raise ValueError(f"{source}: missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     extra = sorted(set(have) - set(want))
     if extra:
-        raise ValueError(f"{source}: unexpected weights {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+        hint = ""
+        layers = sorted({m.group(0) for k in extra if (m := re.match(r"(?:\w+/)?layers_\d+", k))})
+        if layers:
+            hint = (f" (layers {layers[:4]}{' ...' if len(layers) > 4 else ''} are stored but the config has "
+                    "fewer layers)")
+        raise ValueError(f"{source}: unexpected weights {extra[:8]}{' ...' if len(extra) > 8 else ''}{hint}")
     for k in sorted(want):
-        if want[k] != have[k]:
-            raise ValueError(f"{source}: weight {k} has shape {have[k]}, the config needs {want[k]}")
+        if tuple(want[k]) != tuple(have[k]):
+            raise ValueError(f"{source}: weight {k} has shape {tuple(have[k])}, the config needs {tuple(want[k])}")
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ defaults apply to absent keys (`layernorm_eps` 1e-6, `activation_type` Gelu = ta
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from typing import Any, Callable
@@ -40,9 +41,20 @@ from typing import Any, Callable
 import numpy as np
 
 from ftjax.checkpoint.common import check_params, nest
-from ftjax.config import ModelConfig
+from ftjax.config import ModelConfig, _Ini, read_ini
+
+log = logging.getLogger("ftjax")
 
 _WEIGHT_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": "bfloat16"}
+
+
+def _warn_extra_layers(root: str, num_layers: int) -> None:
+    """log.warning when `root` holds layer files beyond config.ini's num_layer (they are not read)."""
+    extra = sorted({int(m.group(1)) for f in os.listdir(root)
+                    if (m := re.match(r"model\.layers\.(\d+)\.", f)) and int(m.group(1)) >= num_layers})
+    if extra:
+        log.warning("%s: files of layers %s are present but config.ini's num_layer is %d; they are not used",
+                    root, extra[:8], num_layers)
 
 
 def resolve_dir(path: str) -> str:
@@ -58,7 +70,7 @@ def resolve_dir(path: str) -> str:
     raise ValueError(f"{path}: no FasterTransformer config.ini here or in a '<N>-gpu' subfolder")
 
 
-def _np_dtype(name: str):
+def _np_dtype(name: str, ini: str = "config.ini"):
     name = name.strip().lower()
     for key, dt in _WEIGHT_DTYPES.items():  # FT matches by substring (getModelFileType)
         if key in name:
@@ -66,7 +78,7 @@ def _np_dtype(name: str):
                 import ml_dtypes
                 return ml_dtypes.bfloat16
             return dt
-    raise ValueError(f"config.ini: unsupported weight_data_type {name!r} (expected fp32, fp16 or bf16)")
+    raise ValueError(f"{ini}: unsupported weight_data_type {name!r} (expected fp32, fp16 or bf16)")
 
 
 class RawFiles:
@@ -96,15 +108,11 @@ def load_ft_gpt(path: str, progress: Callable[[str], None] | None = None) -> tup
     root = resolve_dir(path)
     ini = os.path.join(root, "config.ini")
     cfg = ModelConfig.from_ft_ini(ini)
-    import configparser
-
-    cp = configparser.ConfigParser()
-    cp.read(ini)
-    sec = cp["gpt"]
-    dtype = _np_dtype(sec.get("weight_data_type", "fp32"))
-    T = int(sec.get("tensor_para_size", "1"))
-    if "pipeline_para_size" in sec and int(sec["pipeline_para_size"]) != 1:
-        raise ValueError(f"{ini}: pipeline_para_size {sec['pipeline_para_size']} is not supported")
+    sec = _Ini(read_ini(ini)["gpt"], ini)
+    dtype = _np_dtype(sec.get("weight_data_type", "fp32"), ini)
+    T = sec.int("tensor_para_size", 1)
+    if sec.int("pipeline_para_size", 1) != 1:
+        raise ValueError(f"{ini}: pipeline_para_size {sec.get('pipeline_para_size')} is not supported")
     d, n, h, f, L = cfg.hidden, cfg.num_heads, cfg.dim_per_head, cfg.ffn_dim, cfg.num_layers
     v, p = cfg.vocab_size, cfg.max_positions
     if T < 1 or n % T or f % T:
@@ -147,6 +155,7 @@ def load_ft_gpt(path: str, progress: Callable[[str], None] | None = None) -> tup
         say(f"FT layer {i + 1}/{L} ({T} rank file{'s' if T > 1 else ''} each)")
     params = nest(flat)
     check_params(cfg, params, root)
+    _warn_extra_layers(root, L)
     return cfg, params
 
 
@@ -177,14 +186,10 @@ def load_ft_gpt(path: str, progress: Callable[[str], None] | None = None) -> tup
 #   all-reduce); they are multiplied back here. `mlp.attention.bias.sum.bin` (their sum) is not needed.
 
 def _section(ini: str):
-    import configparser
-
-    cp = configparser.ConfigParser()
-    if not cp.read(ini):
-        raise ValueError(f"config.ini: cannot read {ini}")
+    cp = read_ini(ini)
     for fam in ("gpt", "gptj", "gptneox"):
         if fam in cp:
-            return fam, cp[fam]
+            return fam, _Ini(cp[fam], ini)
     raise ValueError(f"config.ini: {ini} has no [gpt], [gptj] or [gptneox] section (sections: {cp.sections()})")
 
 
@@ -201,14 +206,14 @@ def _load_ft_rotary(root: str, fam: str, say) -> tuple[ModelConfig, dict[str, An
     ini = os.path.join(root, "config.ini")
     cfg = ModelConfig.from_ft_ini(ini)
     _, sec = _section(ini)
-    dtype = np.dtype(_np_dtype(sec.get("weight_data_type", "fp32")))
+    dtype = np.dtype(_np_dtype(sec.get("weight_data_type", "fp32"), ini))
     # FT's GPT-J / NeoX converters write no tensor_para_size (the Triton config.pbtxt carried it): the
     # rank files of layer 0 tell it.
     qkv0 = "model.layers.0.attention.query_key_value.weight.{}.bin"
     found = 0
     while os.path.exists(os.path.join(root, qkv0.format(found))):
         found += 1
-    T = int(sec.get("tensor_para_size", str(found or 1)))
+    T = sec.int("tensor_para_size", found or 1)
     if found and found != T:
         raise ValueError(f"{ini}: tensor_para_size {T}, but layer 0 has {found} query_key_value rank files")
     d, n, h, f, L, v = cfg.hidden, cfg.num_heads, cfg.dim_per_head, cfg.ffn_dim, cfg.num_layers, cfg.vocab_size
@@ -254,4 +259,5 @@ def _load_ft_rotary(root: str, fam: str, say) -> tuple[ModelConfig, dict[str, An
         say(f"FT {fam} layer {i + 1}/{L} ({T} rank file{'s' if T > 1 else ''} each)")
     params = nest(flat)
     check_params(cfg, params, root)
+    _warn_extra_layers(root, L)
     return cfg, params

@@ -58,7 +58,7 @@ import numpy as np
 
 from ftjax.checkpoint.common import check_params, nest
 from ftjax.checkpoint.ft import RawFiles
-from ftjax.config import T5Config
+from ftjax.config import T5Config, _Ini, read_ini
 
 _WEIGHT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _TRUE = ("1", "true", "yes", "on")
@@ -106,9 +106,7 @@ def _activation(proj: str, ini: str) -> tuple[str, bool]:
 
 
 def _config(ini: str) -> tuple[T5Config, configparser.ConfigParser]:
-    cp = configparser.ConfigParser()
-    if not cp.read(ini):
-        raise ValueError(f"{ini}: cannot read")
+    cp = read_ini(ini)
     for sec in ("encoder", "decoder"):
         if sec not in cp:
             raise ValueError(f"{ini}: no [{sec}] section (sections: {cp.sections()}); not an FT T5 folder")
@@ -150,8 +148,8 @@ def _config(ini: str) -> tuple[T5Config, configparser.ConfigParser]:
     scale = dec["scale_decoder_outputs"].strip().lower() in _TRUE if "scale_decoder_outputs" in dec else tie
 
     def opt_int(sec, key, default):
-        v = sec.get(key, "None").strip()
-        return default if v in ("None", "") else int(v)
+        v = _Ini(sec, ini).opt_int(key)
+        return default if v is None else v
 
     cfg = T5Config(
         vocab_size=need(enc, "vocab_size"), hidden=need(enc, "d_model"), head_dim=need(enc, "d_kv"),
@@ -159,7 +157,7 @@ def _config(ini: str) -> tuple[T5Config, configparser.ConfigParser]:
         num_encoder_layers=need(enc, "num_layers"), num_decoder_layers=need(dec, "num_layers"),
         relative_buckets=need(enc, buckets_key),
         relative_max_distance=opt_int(enc, "relative_attention_max_distance", 128),  # FT's kernels fix 128
-        norm_eps=float(enc.get("layer_norm_epsilon", "1e-6")), activation=act, gated_ffn=gated,
+        norm_eps=_Ini(enc, ini).float("layer_norm_epsilon", 1e-6), activation=act, gated_ffn=gated,
         tie_embeddings=tie, scale_logits=scale,
         decoder_start_id=opt_int(dec, "decoder_start_token_id", 0), eos_id=opt_int(dec, "eos_token_id", None),
         pad_id=opt_int(dec, "pad_token_id", 0))
@@ -183,8 +181,8 @@ def load_ft_t5(path: str, progress: Callable[[str], None] | None = None) -> tupl
     found = 0
     while os.path.exists(os.path.join(root, o0.format(found))):
         found += 1
-    tp = cp["encoder"].get("tensor_para_size")
-    T = int(tp) if tp else (found or 1)
+    tp = _Ini(cp["encoder"], ini).opt_int("tensor_para_size")
+    T = tp if tp else (found or 1)
     if found != T:
         raise ValueError(f"{ini}: tensor_para_size {T}, but {root} holds {found} rank file(s) "
                          f"{o0.format('{r}')}")

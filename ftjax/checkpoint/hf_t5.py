@@ -7,33 +7,40 @@ from typing import Any
 import numpy as np
 
 from ftjax.checkpoint.common import check_params, nest
-from ftjax.checkpoint.hf import read_state_dict
+from ftjax.checkpoint.hf import read_state_dict, warn_unused
 from ftjax.config import T5Config, read_json
 
 
 def load_t5(path: str, progress=None) -> tuple[T5Config, dict[str, Any]]:
-    cfg = T5Config.from_hf(read_json(os.path.join(path, "config.json")))
-    sd = read_state_dict(path)
-    d, n, h = cfg.hidden, cfg.num_heads, cfg.head_dim
+    fn = os.path.join(path, "config.json")
+    cfg = T5Config.from_hf(read_json(fn), source=fn)
+    sd = read_state_dict(path, progress=progress)
+    d, n, h, f = cfg.hidden, cfg.num_heads, cfg.head_dim, cfg.ffn_dim
+    used = set()
 
-    def get(name):
+    def get(name, shape=None):
+        """float32 `name` (torch layout); with `shape`, checked against it (errors name the tensor)."""
         if name not in sd:
             raise ValueError(f"{path}: missing weight {name!r}")
-        return np.asarray(sd[name], np.float32)
+        used.add(name)
+        a = np.asarray(sd[name], np.float32)
+        if shape is not None and tuple(a.shape) != tuple(shape):
+            raise ValueError(f"{path}: weight {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+        return a
 
-    def attn(prefix, out):
-        flat[f"{out}/q/kernel"] = get(prefix + "q.weight").T.reshape(d, n, h)
-        flat[f"{out}/k/kernel"] = get(prefix + "k.weight").T.reshape(d, n, h)
-        flat[f"{out}/v/kernel"] = get(prefix + "v.weight").T.reshape(d, n, h)
-        flat[f"{out}/o/kernel"] = get(prefix + "o.weight").T.reshape(n, h, d)
+    def attn(prefix, out):   # torch Linear weights are [out, in]
+        flat[f"{out}/q/kernel"] = get(prefix + "q.weight", (n * h, d)).T.reshape(d, n, h)
+        flat[f"{out}/k/kernel"] = get(prefix + "k.weight", (n * h, d)).T.reshape(d, n, h)
+        flat[f"{out}/v/kernel"] = get(prefix + "v.weight", (n * h, d)).T.reshape(d, n, h)
+        flat[f"{out}/o/kernel"] = get(prefix + "o.weight", (d, n * h)).T.reshape(n, h, d)
 
     def mlp(prefix, out):
         if cfg.gated_ffn:
-            flat[f"{out}/wg/kernel"] = get(prefix + "wi_0.weight").T
-            flat[f"{out}/wi/kernel"] = get(prefix + "wi_1.weight").T
+            flat[f"{out}/wg/kernel"] = get(prefix + "wi_0.weight", (f, d)).T
+            flat[f"{out}/wi/kernel"] = get(prefix + "wi_1.weight", (f, d)).T
         else:
-            flat[f"{out}/wi/kernel"] = get(prefix + "wi.weight").T
-        flat[f"{out}/wo/kernel"] = get(prefix + "wo.weight").T
+            flat[f"{out}/wi/kernel"] = get(prefix + "wi.weight", (f, d)).T
+        flat[f"{out}/wo/kernel"] = get(prefix + "wo.weight", (d, f)).T
 
     emb = "shared.weight" if "shared.weight" in sd else "encoder.embed_tokens.weight"
     flat: dict[str, Any] = {"embed/tokens": get(emb)}
@@ -60,4 +67,7 @@ def load_t5(path: str, progress=None) -> tuple[T5Config, dict[str, Any]]:
         flat["lm_head/kernel"] = get("lm_head.weight").T
     params = nest(flat)
     check_params(cfg, params, path)
+    # the encoder / decoder embed_tokens (and a tied lm_head) are copies of shared.weight, not weights of their own
+    warn_unused(path, {k: v for k, v in sd.items() if not k.endswith("embed_tokens.weight")
+                       and not (cfg.tie_embeddings and k == "lm_head.weight")}, used)
     return cfg, params

@@ -70,7 +70,13 @@ def resolve_rank_files(path: str) -> list[str]:
         return [path]
     latest = os.path.join(path, "latest_checkpointed_iteration.txt")
     if os.path.exists(latest):
-        tag = open(latest).read().strip()
+        try:
+            with open(latest) as fh:
+                tag = fh.read(4096).strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{latest}: cannot read ({e})") from None
+        if tag != "release" and not tag.isdigit():
+            raise ValueError(f"{latest}: expected 'release' or an iteration number, found {tag[:40]!r}")
         sub = "release" if tag == "release" else f"iter_{int(tag):07d}"
         if not os.path.isdir(os.path.join(path, sub)):
             raise ValueError(f"{latest} names {tag!r} but {os.path.join(path, sub)} does not exist")
@@ -127,7 +133,13 @@ def _load_pt(f: str) -> dict[str, Any]:
     torch = _torch()
     # weights_only=False: `args` is an argparse.Namespace (see the module docstring). Classes from
     # packages that are not installed (e.g. `megatron.*` in the optimizer state) load as stubs.
-    return torch.load(f, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle())
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle())
+    except FileNotFoundError:
+        raise
+    except Exception as e:   # truncated zip (OSError / RuntimeError), bad pickle, EOFError, ...
+        raise ValueError(f"{f}: cannot read the torch checkpoint, truncated or corrupt "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
 
 
 def _np(t) -> np.ndarray:
@@ -159,9 +171,14 @@ def load_megatron_gpt(path: str, num_heads: int | None = None,
     for r, f in enumerate(files):
         say(f"reading Megatron rank {r + 1}/{len(files)}: {f}")
         shards.append(_load_pt(f))
+    for f, sd in zip(files, shards):   # every rank, not only rank 0
+        if not isinstance(sd, dict) or "model" not in sd:
+            keys = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
+            raise ValueError(f"{f}: not a Megatron checkpoint (no 'model' entry; keys {keys})")
+        lm = sd["model"].get("language_model") if isinstance(sd["model"], dict) else None
+        if not isinstance(lm, dict):
+            raise ValueError(f"{f}: not a Megatron GPT checkpoint (no 'model.language_model' dict)")
     first = shards[0]
-    if not isinstance(first, dict) or "model" not in first:
-        raise ValueError(f"{files[0]}: not a Megatron checkpoint (no 'model' entry; keys {list(first)[:8]})")
     args = first.get("args")
     if args is not None and not isinstance(args, argparse.Namespace):
         args = argparse.Namespace(**dict(args)) if isinstance(args, dict) else args
@@ -219,7 +236,13 @@ def load_megatron_gpt(path: str, num_heads: int | None = None,
         return _np(sd[name])
 
     def cat(name, axis):
-        return np.concatenate([get(r, name) for r in range(T)], axis=axis)
+        parts = [get(r, name) for r in range(T)]
+        shapes = [p.shape for p in parts]
+        if len(set(shapes)) > 1:   # Megatron splits evenly: every rank holds the same shape
+            shown = "; ".join(f"{files[r]}: {shapes[r]}" for r in range(T))
+            raise ValueError(f"{path}: weight {name.replace('body.', body_key + '.')!r} has different shapes on "
+                             f"the tensor-parallel ranks (each rank should hold an equal slice): {shown}")
+        return np.concatenate(parts, axis=axis)
 
     wte = cat("embedding.word_embeddings.weight", 0)       # [v, d]
     wpe = get(0, "embedding.position_embeddings.weight")   # [p, d]

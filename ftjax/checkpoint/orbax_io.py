@@ -42,6 +42,8 @@ def save(dst: str, cfg: ModelConfig, params: dict[str, Any], dtype: str = "float
 
     npd = _np_dtype(dtype)
     dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise ValueError(f"{dst}: exists and is not a directory; choose an empty or new destination directory")
     if os.path.exists(os.path.join(dst, PARAMS_DIR)):
         raise ValueError(f"{dst}: already holds an ftjax checkpoint ({PARAMS_DIR}/); choose an empty destination")
     os.makedirs(dst, exist_ok=True)
@@ -68,7 +70,12 @@ def read_meta(path: str) -> dict[str, Any]:
     if not os.path.isfile(fn):
         raise ValueError(f"{path}: no {CONFIG_FILE}")
     with open(fn) as f:
-        meta = json.load(f)
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{fn}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{fn}: expected a JSON object, found {type(meta).__name__}")
     if meta.get("format") != "ftjax":
         raise ValueError(f"{fn}: 'format' is {meta.get('format')!r}, expected 'ftjax'")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
@@ -76,7 +83,48 @@ def read_meta(path: str) -> dict[str, Any]:
                          f"({FORMAT_VERSION})")
     if "config" not in meta:
         raise ValueError(f"{fn}: missing 'config'")
+    if not isinstance(meta["config"], dict):
+        raise ValueError(f"{fn}: 'config' must be a JSON object, found {type(meta['config']).__name__}")
+    if meta.get("dtype") not in DTYPES:
+        raise ValueError(f"{fn}: 'dtype' is {meta.get('dtype')!r}, expected one of {DTYPES}")
     return meta
+
+
+def read_config(path: str, meta: dict[str, Any] | None = None):
+    """The ModelConfig / T5Config stored in `path`/ftjax_config.json; errors name the file."""
+    meta = read_meta(path) if meta is None else meta
+    conf = dict(meta["config"])
+    try:
+        return T5Config.from_dict(conf) if conf.get("arch") == "t5" else ModelConfig.from_dict(conf)
+    except ValueError as e:
+        raise ValueError(f"{os.path.join(path, CONFIG_FILE)}: {e}") from None
+
+
+def stored_metadata(path: str):
+    """orbax's metadata tree of `path`/params (shapes and dtypes; no array is read)."""
+    import orbax.checkpoint as ocp
+
+    pdir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+    try:
+        stored = ocp.PyTreeCheckpointer().metadata(pdir)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{pdir}: cannot read the orbax checkpoint's metadata ({type(e).__name__}: {e})") from None
+    stored = getattr(stored, "item_metadata", stored)
+    return getattr(stored, "tree", stored)
+
+
+def stored_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """{'layers_0/attn/q/kernel': shape, ...} of the arrays stored in `path`/params, from orbax's metadata."""
+    out = {}
+
+    def walk(tree, prefix):
+        if isinstance(tree, dict):
+            for k, v in tree.items():
+                walk(v, f"{prefix}/{k}" if prefix else str(k))
+        else:
+            out[prefix] = tuple(getattr(tree, "shape", ()) or ())
+    walk(stored_metadata(path), "")
+    return out
 
 
 def stored_dtype(path: str) -> str:
@@ -89,13 +137,10 @@ def load(path: str, dtype: str | None = None, shardings: Any = None) -> tuple[Mo
     import orbax.checkpoint as ocp
 
     meta = read_meta(path)
-    conf = dict(meta["config"])
-    cfg = T5Config.from_dict(conf) if conf.get("arch") == "t5" else ModelConfig.from_dict(conf)
+    cfg = read_config(path, meta)
     pdir = os.path.join(os.path.abspath(path), PARAMS_DIR)
     ckpt = ocp.PyTreeCheckpointer()
-    stored = ckpt.metadata(pdir)
-    stored = getattr(stored, "item_metadata", stored)
-    stored = getattr(stored, "tree", stored)
+    stored = stored_metadata(path)
     want = _np_dtype(dtype) if dtype is not None else None
 
     def is_float(m):

@@ -217,14 +217,16 @@ def load_sharded(path: str, mesh: Mesh):
 
     import orbax.checkpoint as ocp
 
-    from ftjax.checkpoint.orbax_io import PARAMS_DIR, _np_dtype, read_meta
-    from ftjax.config import ModelConfig, T5Config
+    from ftjax.checkpoint.common import check_shapes, expected_shapes
+    from ftjax.checkpoint.orbax_io import PARAMS_DIR, _np_dtype, read_config, read_meta, stored_shapes
 
     meta = read_meta(path)
     if meta.get("quantize"):
         return None
-    conf = dict(meta["config"])
-    cfg = T5Config.from_dict(conf) if conf.get("arch") == "t5" else ModelConfig.from_dict(conf)
+    cfg = read_config(path, meta)
+    # The same key / shape check as check_params on the tensor_parallel=1 path, from orbax's metadata (no
+    # array is read): a config with fewer layers than stored, a missing or misshapen array is named here.
+    check_shapes(expected_shapes(cfg), stored_shapes(path), os.path.join(path, PARAMS_DIR))
     lay = Layout(cfg, mesh)
     if cfg.vocab_size % lay.T and hasattr(cfg, "valid_vocab_size"):
         return None
