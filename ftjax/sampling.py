@@ -205,6 +205,9 @@ class SamplingParams:
         for k in ("top_p", "temperature", "repetition_penalty", "presence_penalty", "len_penalty",
                   "beam_search_diversity_rate", "top_p_decay", "top_p_min"):
             s(k, _as_float(k, getattr(self, k)))
+        for k in ("top_k", "min_length", "beam_width"):   # int32 on the device
+            if getattr(self, k) >= 2**31:
+                raise ValueError(f"{k} must be < 2**31, got {getattr(self, k)}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:
@@ -400,8 +403,9 @@ def pack(params_list: Sequence[SamplingParams | None], num_slots: int, *, vocab:
             continue
         p.verify(vocab, max_beam_width=max(p.beam_width, 1))
         out["top_k"][i] = min(p.top_k, vocab)
-        out["top_p"][i] = p.top_p
-        out["temperature"][i] = p.temperature
+        # a positive top_p below float32's normal range would flush to 0 ("no filter") on the device
+        out["top_p"][i] = max(p.top_p, MIN_TOP_P) if p.top_p > 0 else 0.0
+        out["temperature"][i] = max(p.temperature, MIN_TEMPERATURE) if p.temperature > 0 else 0.0
         out["repetition_penalty"][i] = p.repetition_penalty
         out["presence_penalty"][i] = p.presence_penalty
         out["min_length"][i] = p.min_length
@@ -475,16 +479,26 @@ def process_logits(logits, sp: SlotParams, seq, prompt_len, seq_len, gen_count, 
     x = logits.astype(jnp.float32)
     if penalized:
         x = _penalise(x, sp, seq, prompt_len, seq_len, gen_count)
-    t = jnp.where(sp.temperature > 0, sp.temperature, 1.0)
-    return x / t[:, None]
+    return x / _temperature(sp)[:, None]
+
+
+# Positive temperatures and top_p values are used from here up (`pack`, and the divisor below): x / 1e-30
+# overflows float32 to inf (NaN probabilities), and 1e-38 or a top_p of 1e-45 are subnormals the device flushes
+# to 0 (temperature 1, "no filter"); from here up they are as good as greedy, as asked.
+MIN_TEMPERATURE = 1e-6
+MIN_TOP_P = 1e-6
+
+
+def _temperature(sp: SlotParams):
+    """[B] f32: the divisor of the logits (0 = greedy rows divide by 1: their argmax is unchanged)."""
+    return jnp.where(sp.temperature > 0, jnp.maximum(sp.temperature, MIN_TEMPERATURE), 1.0)
 
 
 def beam_log_probs(logits, sp: SlotParams, seq, prompt_len, seq_len, gen_count):
     """Beam search's per-row scores: log_softmax(logits / temperature) (FT's beam search divides the logits by
     the temperature before its softmax; temperature 0 is taken as 1), then, as HF, the processors (penalties,
     bad words, min_length) on the log probs, not renormalised. [B, V] f32."""
-    t = jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32) / _temperature(sp)[:, None], axis=-1)
     return _penalise(lp, sp, seq, prompt_len, seq_len, gen_count)
 
 

@@ -177,6 +177,7 @@ def test_changing_values_never_recompiles(pair):
     (dict(beam_width=9), "beam_width"), (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(bad_words=[[1, VOCAB]]), "bad_words"), (dict(stop_words=[["a"]]), "stop_words"),
     (dict(end_id=VOCAB), "end_id"), (dict(top_k=[1, 2]), "top_k"), (dict(nucleus=0.5), "nucleus"),
+    (dict(min_length=2**31), "min_length"),   # an int32 on the device: refused by name, not an OverflowError
 ])
 def test_bad_decoding_values_are_refused(pair, kw, field):
     llm, _ = pair
@@ -258,3 +259,19 @@ def test_interrupted_generate_leaves_a_usable_llm(pair, monkeypatch):
         llm.generate(p, max_new_tokens=4)
     monkeypatch.setattr(llm.engine, "generate_steps", real)
     assert llm.generate(p, max_new_tokens=4).tokens == want
+
+
+def test_extreme_temperature_and_top_p_act_as_greedy(pair):
+    """A positive temperature or top_p far below float32's normal range is as good as greedy (it overflowed the
+    logits to NaN, or flushed to "no filter"), for sampling and for beam search's scores."""
+    llm, model = pair
+    prompts = random_prompts(np.random.RandomState(45), 3, 3, 8)
+    greedy = llm.generate(prompts, max_new_tokens=6, end_id=None)
+    for kw in (dict(temperature=1e-38, top_k=5), dict(top_p=1e-45), dict(temperature=1e-30, top_p=0.9)):
+        res = llm.generate(prompts, max_new_tokens=6, end_id=None, random_seed=[1, 2, 3], return_log_probs=True,
+                           **kw)
+        assert res.tokens == greedy.tokens, kw
+        assert np.all(np.isfinite(np.concatenate(res.output_log_probs))), kw
+    beam = llm.generate(prompts[:1], max_new_tokens=4, end_id=None, beam_width=2, temperature=1e-38,
+                        return_log_probs=True)
+    assert np.all(np.isfinite(beam.output_log_probs[0])) and len(beam.tokens[0]) == 4

@@ -175,3 +175,73 @@ def test_warm_up_compiles_first_requests_and_changes_no_answer(llm):
         sched.stop()
     with pytest.raises(ValueError, match="warm-up kind 'fast'"):
         warmup_params("fast")
+
+
+MARK = 199   # a prompt holding this id makes the wrapped admit below raise on the host
+
+
+def _poisoned(llm, exc):
+    """llm's engine, its prefill_insert raising `exc` (before any device work) for a prompt holding MARK."""
+    real = llm.engine.prefill_insert
+
+    def admit(state, prompts, *a, **k):
+        if any(MARK in list(p) for p in prompts):
+            raise exc
+        return real(state, prompts, *a, **k)
+    llm.engine.prefill_insert = admit
+    return real
+
+
+def _answer(r, timeout=120):
+    while True:
+        u = r.get(timeout=timeout)
+        if u.kind in ("done", "error"):
+            return u
+
+
+def test_a_request_failing_its_admit_fails_alone_and_frees_its_slots(llm):
+    """A host-side error while one request's admit is prepared (e.g. a value that overflows int32) answers
+    that request INVALID and no other: the requests beside it complete as the library decodes them alone,
+    a request wider than the slots whose later row fails gives back the slots its earlier rows held, and the
+    scheduler goes on serving."""
+    real = _poisoned(llm, OverflowError("min_length: Python integer out of bounds for int32"))
+    sched = Scheduler(llm, chunk=4)
+    sched.start()
+    try:
+        params = llm.sampling_params(1, end_id=None)[0]
+        rng = np.random.RandomState(3)
+        good = [rng.randint(2, 190, size=5).tolist() for _ in range(3)]
+        a = sched.submit(Request([Row(good[0], 6, params)]))
+        bad = sched.submit(Request([Row([5, MARK, 7], 6, params)]))
+        # three rows on two slots: rows 0 and 1 are admitted, then row 2 fails
+        wide = sched.submit(Request([Row(good[1], 9, params), Row(good[2], 9, params), Row([MARK, 3], 4, params)]))
+        c = sched.submit(Request([Row(good[2], 5, params)]))
+        assert _answer(bad).code == "invalid"
+        assert _answer(wide).code == "invalid"
+        for r, p, n in ((a, good[0], 6), (c, good[2], 5)):
+            u = _answer(r)
+            assert u.kind == "done", u.message
+            assert u.seqs[0][0] == p + llm.generate([p], max_new_tokens=n, end_id=None).tokens[0]
+        d = sched.submit(Request([Row(good[1], 3, params)]))
+        assert _answer(d).kind == "done"
+        with sched._cv:
+            assert sorted(sched._free) == list(range(sched.B)) and not sched._live
+    finally:
+        sched.stop()
+        llm.engine.prefill_insert = real
+
+
+def test_an_engine_failure_while_admitting_answers_the_admitted_request(llm):
+    """Any other error in an admit is an engine failure: every request gets an answer (none hangs), including
+    the one taken off the queue for that admit."""
+    real = _poisoned(llm, RuntimeError("device lost"))
+    sched = Scheduler(llm, chunk=4)
+    sched.start()
+    try:
+        params = llm.sampling_params(1, end_id=None)[0]
+        r = sched.submit(Request([Row([4, MARK], 5, params)]))
+        u = _answer(r, timeout=60)
+        assert u.kind == "error" and u.code == "internal" and "device lost" in u.message
+    finally:
+        sched.stop()
+        llm.engine.prefill_insert = real

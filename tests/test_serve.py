@@ -278,7 +278,21 @@ def test_bad_inputs_refused_and_server_keeps_serving(served):
         (ft_inputs([[1, 2, 3]], 4, beam_width=(64, "UINT32")), "beam_width"),
         (ft_inputs([[1, 2, 3]], 4, stop_words_list=([[[1, 2], [1, 5]]], "INT32")), "stop_words_list"),
         (good + [_t("bogus", np.array([[1]], np.uint32), "UINT32")], "bogus"),
+        # a legal UINT32 past int32: refused by name, not an engine failure (it stopped the server once)
+        (ft_inputs([[1, 2, 3]], 4, min_length=(2**32 - 1, "UINT32")), "min_length"),
+        (ft_inputs([[1, 2, 3]], 4, runtime_top_k=(2**31, "UINT32")), "runtime_top_k"),
+        # FT inputs ftjax accepts only when neutral
+        (ft_inputs([[1, 2, 3]], 4, is_return_context_embeddings=(True, "BOOL")), "is_return_context_embeddings"),
+        (ft_inputs([[1, 2, 3]], 4, request_prompt_type=(1, "UINT32")), "request_prompt_type"),
     ]
+    outs = [(["no_such_output"], "no_such_output"), (["output_ids", "cum_log_probs"], "cum_log_probs")]
+    for want, name in outs:   # requested outputs the model has not, or did not compute
+        with pytest.raises(InferenceServerException) as e:
+            client.infer(NAME, good, outputs=[grpcclient.InferRequestedOutput(o) for o in want])
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and name in e.value.message(), str(e.value)
+    neutral = ft_inputs([[1, 2, 3]], 4, is_return_context_embeddings=(False, "BOOL"),
+                        request_prompt_type=(0, "UINT32"), prompt_learning_task_name_ids=(3, "UINT32"))
+    assert rows(client.infer(NAME, neutral)) == [[1, 2, 3] + llm.generate([[1, 2, 3]], 4).tokens[0]]
     for ins, name in cases:
         with pytest.raises(InferenceServerException) as e:
             client.infer(NAME, ins, client_timeout=30)
@@ -312,13 +326,47 @@ def test_bad_inputs_refused_and_server_keeps_serving(served):
     assert rows(r) == [[1, 2, 3] + llm.generate([[1, 2, 3]], 4).tokens[0]]
 
 
+def test_stream_errors_name_their_request_and_versions_are_checked(served):
+    """On a stream, a refused request's error response carries its id (Triton's), and an unknown model version
+    is refused as on ModelInfer."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+
+    srv, _, llm = served
+
+    def req(rid, version="", out_len=3):
+        r = pb.ModelInferRequest(model_name=NAME, model_version=version, id=rid)
+        for name, vals, shape in (("input_ids", [1, 2, 3], [1, 3]), ("input_lengths", [3], [1, 1]),
+                                  ("request_output_len", [out_len], [1, 1])):
+            t = r.inputs.add(name=name, datatype="UINT32", shape=shape)
+            t.contents.uint_contents.extend(vals)
+        return r
+
+    with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
+        stub = pbg.GRPCInferenceServiceStub(ch)
+        got = list(stub.ModelStreamInfer(iter([req("v7", version="7"), req("bad", out_len=SEQ), req("ok")]),
+                                         timeout=120))
+    errors = {g.infer_response.id: g.error_message for g in got if g.error_message}
+    assert set(errors) == {"v7", "bad"}, errors
+    assert "version" in errors["v7"] and "request_output_len" in errors["bad"]
+    final = [g.infer_response for g in got if not g.error_message
+             and g.infer_response.parameters["triton_final_response"].bool_param]
+    assert [f.id for f in final] == ["ok"]
+
+
 def test_protocol_endpoints_and_metrics(served):
     srv, client, llm = served
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(NAME)
     assert not client.is_model_ready("nope")
     md = client.get_model_metadata(NAME)
     assert {i.name for i in md.inputs} >= {"input_ids", "input_lengths", "request_output_len", "runtime_top_k"}
+    # the shapes the server reads, batch dimension first (what a client building requests from metadata sends)
+    shapes = {i.name: list(i.shape) for i in md.inputs}
+    assert shapes["input_ids"] == [-1, -1] and shapes["input_lengths"] == [-1, 1]
+    assert [list(o.shape) for o in md.outputs if o.name == "output_ids"] == [[-1, -1, -1]]
     cfg = client.get_model_config(NAME).config
+    assert cfg.max_batch_size == 1024
     assert cfg.name == NAME and cfg.model_transaction_policy.decoupled
     assert [m.name for m in client.get_model_repository_index().models] == [NAME]
     assert client.get_server_metadata().name == "ftjax"

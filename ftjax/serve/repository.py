@@ -28,6 +28,7 @@ from ftjax.serve import tensors
 DATA_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "float32": "float32",
               "float16": "float16", "bfloat16": "bfloat16"}
 DEFAULT_NAME = "fastertransformer"
+DEFAULT_MAX_BATCH = 1024   # Triton max_batch_size of a model served without a config.pbtxt (as serve/model_repository)
 
 
 class RepositoryError(ValueError):

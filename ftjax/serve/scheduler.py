@@ -36,6 +36,11 @@ import numpy as np
 
 log = logging.getLogger("ftjax.serve")
 
+# What a request's own bad values raise on the host while its admit is prepared (before the engine's call takes
+# the state): that request fails with INVALID_ARGUMENT, the others are admitted, the server goes on. Anything
+# else an engine call raises is an engine failure.
+REQUEST_ERRORS = (ValueError, OverflowError, TypeError)
+
 
 class QueueFull(Exception):
     """The waiting queue is at --max-queue: RESOURCE_EXHAUSTED."""
@@ -127,6 +132,7 @@ class Scheduler:
         self.model_name = model_name
         self._waiting: collections.deque[Request] = collections.deque()
         self._live: list[Request] = []
+        self._admitting: list[Request] = []
         # One lock for the queue and all bookkeeping (slots, requests, updates). Re-entrant: the helpers take it
         # themselves and are also called with it held. Engine calls (dispatches) run without it.
         self._cv = threading.Condition(threading.RLock())
@@ -248,8 +254,9 @@ class Scheduler:
             self.ready.set()
             self._stop_reader()
             with self._cv:
-                for r in list(self._live) + list(self._waiting):
-                    self._fail(r, "internal", f"engine failure: {e}")
+                for r in dict.fromkeys(list(self._live) + list(self._waiting) + list(self._admitting)):
+                    if not r.finished:
+                        self._fail(r, "internal", f"engine failure: {e}")
         finally:
             with self._cv:
                 self._stop = True
@@ -257,7 +264,7 @@ class Scheduler:
             with self._cv:
                 pending = list(self._waiting)
                 self._waiting.clear()
-                for r in pending + self._live:
+                for r in dict.fromkeys(pending + self._live + self._admitting):
                     if not r.finished:
                         self._fail(r, "unavailable", "server is shutting down")
             self._flush()
@@ -426,10 +433,14 @@ class Scheduler:
         if not picks:
             return []
         t0 = time.perf_counter()
+        # taken off the waiting queue and not yet live: should the engine fail now, _run fails these too
+        self._admitting = [r for r, _, _ in picks]
         try:
-            return self._admit_picks(now, picks)
+            out = self._admit_picks(now, picks)
         finally:
             self.phase_s["admit"] += time.perf_counter() - t0
+        self._admitting = []   # kept when the admit raised: _run's handler answers them
+        return out
 
     def _release_ended(self):
         """Tells the engine which freed slots' rows have ended (`Engine.release_slots`: its host-side slot sets,
@@ -447,7 +458,7 @@ class Scheduler:
         reqs = list(dict.fromkeys(r for r, _, _ in picks))
         try:
             self._prefill([(r.rows[i], s) for r, i, s in picks])   # without the lock: the reader goes on
-        except ValueError:
+        except REQUEST_ERRORS:
             with self._cv:
                 reqs = self._admit_one_by_one(picks, reqs)
         with self._cv:
@@ -463,12 +474,19 @@ class Scheduler:
             try:
                 self._prefill(mine)
                 ok.append(r)
-            except ValueError as e:
+            except REQUEST_ERRORS as e:
                 self._ensure_state()
                 self._free.extend(x for rr, _, s in picks if rr is r for x in s)
                 self._ended.extend(x for rr, _, s in picks if rr is r for x in s)
                 if r in self._waiting:
                     self._waiting.remove(r)
+                if r in self._live:   # rows of a request wider than the slots, admitted by earlier calls
+                    self._live.remove(r)
+                    retire = [x for i, sl in enumerate(r.slots) if sl is not None and r.released[i] is None
+                              for x in sl]
+                    if retire:
+                        self._state = self.engine.retire(self._state, retire)
+                        self._free.extend(retire)
                 self._fail(r, "invalid", str(e))
         return ok
 

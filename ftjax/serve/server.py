@@ -153,6 +153,14 @@ class Service(pbg.GRPCInferenceServiceServicer):
         req.model = m
         req.request_id = request.id
         req.requested = {o.name for o in request.outputs}
+        known = tensors.T5_OUTPUTS if _is_t5(m) else tensors.GPT_OUTPUTS
+        unknown = sorted(req.requested - set(known))
+        if unknown:
+            raise tensors.TensorError(f"{unknown[0]}: unknown output (the model's outputs: {', '.join(known)})")
+        lp = sorted(req.requested & {"cum_log_probs", "output_log_probs"})
+        if lp and not want_lp:
+            raise tensors.TensorError(f"{lp[0]}: requested, but no row sets is_return_log_probs (the log probs "
+                                      f"are computed only when asked for)")
         return req
 
     def _response(self, req: Request, beams, logprobs, final: bool | None) -> pb.ModelInferResponse:
@@ -222,9 +230,11 @@ class Service(pbg.GRPCInferenceServiceServicer):
             try:
                 async for request in request_iterator:
                     m = self.models.get(request.model_name)
-                    if m is None:
-                        out.put_nowait((None, f"model {request.model_name!r} not found; serving: "
-                                              f"{', '.join(self.models)}"))
+                    if m is None or request.model_version not in ("", "1"):
+                        msg = (f"model {request.model_name!r} not found; serving: {', '.join(self.models)}"
+                               if m is None else f"model {request.model_name!r} has no version "
+                               f"{request.model_version!r} (only 1)")
+                        out.put_nowait((None, (msg, request)))
                         continue
                     holder = {}
                     try:
@@ -238,7 +248,7 @@ class Service(pbg.GRPCInferenceServiceServicer):
                     except (ValueError, QueueFull) as e:
                         m.n_fail += 1
                         self.metrics.failed(m.name)
-                        out.put_nowait((None, str(e)))
+                        out.put_nowait((None, (str(e), request)))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - stream broken by the client
@@ -255,8 +265,9 @@ class Service(pbg.GRPCInferenceServiceServicer):
                     state["reader_done"] = True
                     continue
                 req, u = item
-                if req is None:
-                    yield pb.ModelStreamInferResponse(error_message=u)
+                if req is None:   # refused before it reached a scheduler: the response names its request
+                    msg, request = u
+                    yield _stream_error(msg, request.id, request.model_name)
                     continue
                 if u.kind == "tokens":
                     seqs_per_token = req.view.expand(u.new)
@@ -270,7 +281,7 @@ class Service(pbg.GRPCInferenceServiceServicer):
                     yield pb.ModelStreamInferResponse(infer_response=self._response(req, u.seqs, u.logprobs, True))
                 else:
                     self._record(req, False)
-                    yield pb.ModelStreamInferResponse(error_message=f"[{u.code}] {u.message}")
+                    yield _stream_error(f"[{u.code}] {u.message}", req.request_id, req.model.name)
         finally:   # finished, or the client went away (the task is cancelled): free every slot
             if not task.done():
                 task.cancel()
@@ -280,6 +291,14 @@ class Service(pbg.GRPCInferenceServiceServicer):
     def _token_response(self, req: Request, seqs) -> pb.ModelInferResponse:
         """A streamed token: output_ids [rows, 1, len] and sequence_length so far (no log probs)."""
         return self._response(req, [[s] for s in seqs], None, False)
+
+
+def _stream_error(message: str, request_id: str, model_name: str) -> pb.ModelStreamInferResponse:
+    """An error on a stream, carrying the failed request's id (as Triton does), so that a client with several
+    requests in flight on one stream knows which one failed."""
+    return pb.ModelStreamInferResponse(
+        error_message=message, infer_response=pb.ModelInferResponse(id=request_id, model_name=model_name,
+                                                                    model_version="1"))
 
 
 def _is_t5(m) -> bool:
@@ -411,8 +430,11 @@ def load_models(*, model: str | None = None, model_repository: str | None = None
     if model_repository:
         specs = repository.load_repository(model_repository)
     else:
+        # reported as the example repository's config does (max_batch_size 1024, dims without the batch): a
+        # client that builds its inputs from the model's metadata sends [batch, ...] tensors, as the server reads
         specs = [repository.ModelSpec(name=repository.DEFAULT_NAME, checkpoint=model,
-                                      tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)]
+                                      tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+                                      max_request_batch=repository.DEFAULT_MAX_BATCH)]
     out = []
     for s in specs:
         tp = s.tensor_parallel if s.config is not None else tensor_parallel

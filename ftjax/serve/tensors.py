@@ -64,9 +64,14 @@ GPT_SCALARS: dict[str, tuple[str, str]] = {
 GPT_WORDS = {"stop_words_list": "stop_words", "bad_words_list": "bad_words"}
 GPT_INPUTS: dict[str, str] = {**GPT_REQUIRED, **{k: v[0] for k, v in GPT_SCALARS.items()},
                               **{k: "INT32" for k in GPT_WORDS}}
-# Triton's FT config also declares these; we accept and ignore them when they are neutral.
+# Triton's FT config also declares these; we accept and ignore them when they are neutral (false / 0, FT's
+# "no prompt"; a prompt-learning task id means nothing without a prompt and is ignored, as FT does), and refuse
+# a value that asks for what ftjax does not do (context embeddings, soft / prefix prompts).
 GPT_IGNORED = {"is_return_context_embeddings": "BOOL", "prompt_learning_task_name_ids": "UINT32",
                "request_prompt_lengths": "UINT32", "request_prompt_type": "UINT32"}
+_NOT_SUPPORTED = {"is_return_context_embeddings": "returning the context embeddings",
+                  "request_prompt_lengths": "soft prompts (request_prompt_embedding)",
+                  "request_prompt_type": "soft / prefix prompts (request_prompt_type 1 or 2)"}
 GPT_OUTPUTS = {"output_ids": ("UINT32", [-1, -1, -1]), "sequence_length": ("UINT32", [-1, -1]),
                "cum_log_probs": ("FP32", [-1, -1]), "output_log_probs": ("FP32", [-1, -1, -1])}
 
@@ -201,6 +206,9 @@ def parse_gpt(tensors: dict[str, np.ndarray], datatypes: dict[str, str], *, make
             raise TensorError(f"{name}: required input tensor missing")
     for name, arr in tensors.items():
         _check_dtype(name, arr, {**GPT_INPUTS, **GPT_IGNORED}[name], datatypes)
+        if name in _NOT_SUPPORTED and np.any(arr):
+            raise TensorError(f"{name}: {_NOT_SUPPORTED[name]} is not supported by ftjax; send 0 / false or "
+                              f"leave the input out")
     ids = tensors["input_ids"]
     if ids.ndim != 2:
         raise TensorError(f"input_ids: expected shape [batch, len], got {list(ids.shape)}")
