@@ -31,6 +31,9 @@ def load(path: str | None = None, dtype: str = "bfloat16", max_batch_size: int =
     embedded default model (a small GPT with seeded random weights). max_batch_size="auto": as many
     slots as the device memory left after the weights holds (8 where the backend reports no memory). `max_beam_width` (an ftjax
     addition) is the widest beam search a request may ask for; a beam request takes beam_width rows."""
+    for name, v in (("tensor_parallel", tensor_parallel), ("pipeline_parallel", pipeline_parallel)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
     mesh = None
     if tensor_parallel * pipeline_parallel > 1 or _process_count() > 1:   # ftjax/sharding: T x P mesh
         from ftjax.sharding.mesh import make_mesh

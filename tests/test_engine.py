@@ -155,6 +155,10 @@ def test_prompt_forms_give_the_same_tokens(llm):
 
 def test_bad_load_arguments(gpt2_dir):
     cfg, params = load_gpt2(gpt2_dir[0])
+    for kw in (dict(tensor_parallel=0), dict(pipeline_parallel=-1), dict(tensor_parallel="2"),
+               dict(tensor_parallel=1.5)):   # refused before anything loads (0 ran on one device)
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            ftjax.load(gpt2_dir[0], dtype="float32", **kw)
     for bad in (10_000, 0, 32.0, "32", True):   # 0 is not "the model's maximum" (None is)
         with pytest.raises(ValueError, match="max_seq_len"):
             ftjax.LLM(cfg, params, dtype="float32", max_seq_len=bad)
