@@ -305,9 +305,17 @@ def test_bad_inputs_refused_and_server_keeps_serving(served):
     sched = srv.models[NAME].scheduler
     sched.max_queue, keep = 0, sched.max_queue
     try:
-        with pytest.raises(InferenceServerException) as e:
-            client.infer(NAME, good)
-        assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        with sched._cv:   # every slot taken, no request may wait
+            free, sched._free = sched._free, []
+        try:
+            with pytest.raises(InferenceServerException) as e:
+                client.infer(NAME, good)
+            assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        finally:
+            with sched._cv:
+                sched._free = free + sched._free
+        # with free slots, max_queue 0 still takes a request each slot can hold at once
+        assert rows(client.infer(NAME, good)) == [[1, 2, 3] + llm.generate([[1, 2, 3]], 4).tokens[0]]
     finally:
         sched.max_queue = keep
     # a bad request on a stream is answered with an error; the stream and the server go on

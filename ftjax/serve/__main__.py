@@ -30,7 +30,7 @@ def parse_args(argv=None):
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--metrics-port", type=int, default=8002)
-    ap.add_argument("--max-queue", type=int, default=1024, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
+    ap.add_argument("--max-queue", type=int, default=1024, help="requests waiting for a slot (beyond those the free slots take at once) before RESOURCE_EXHAUSTED")
     ap.add_argument("--request-timeout", type=float, default=None, help="seconds; a request past it is cancelled")
     ap.add_argument("--compile-cache", default=None,
                     help="jax's persistent compilation cache directory, so a restarted server does not compile "

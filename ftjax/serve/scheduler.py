@@ -202,8 +202,10 @@ class Scheduler:
         with self._cv:
             if self._stop:
                 raise QueueFull("server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"request queue is full ({self.max_queue} waiting); retry later")
+            # max_queue counts requests that wait for a slot: those the free slots will take at the next
+            # iteration do not (each takes at least one), so an idle server takes a burst of as many more
+            if len(self._waiting) >= self.max_queue + len(self._free):
+                raise QueueFull(f"request queue is full ({self.max_queue} waiting for a slot); retry later")
             self._waiting.append(req)
             self._cv.notify_all()
         return req
