@@ -401,3 +401,22 @@ def test_protocol_endpoints_and_metrics(served):
         assert f"{metric}{{" in text, metric
     tok = [ln for ln in text.splitlines() if ln.startswith("ftjax_generated_tokens_total{")]
     assert float(tok[0].split()[-1]) > 0
+
+
+def test_decode_inputs_names_the_tensor_for_impossible_shapes():
+    """Shapes and byte counts checked before any array is built: a shape whose element count overflows int64
+    is reported with its true size, not a wrapped-around one."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    from ftjax.serve.tensors import TensorError, decode_inputs
+
+    r = pb.ModelInferRequest(model_name=NAME)
+    r.inputs.add(name="input_ids", datatype="UINT32", shape=[2**32, 2**32])
+    r.raw_input_contents.append(b"\0" * 8)
+    with pytest.raises(TensorError, match=r"input_ids: 8 bytes .* \(73786976294838206464 expected\)"):
+        decode_inputs(r)
+    r = pb.ModelInferRequest(model_name=NAME)
+    t = r.inputs.add(name="input_lengths", datatype="UINT32", shape=[2, 1])
+    t.contents.uint_contents.extend([3])
+    with pytest.raises(TensorError, match="input_lengths: 1 values in contents for shape"):
+        decode_inputs(r)

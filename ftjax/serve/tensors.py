@@ -115,7 +115,9 @@ def decode_inputs(request) -> dict[str, np.ndarray]:
         if t.datatype not in DTYPES or DTYPES[t.datatype][0] is None:
             raise TensorError(f"{name}: unsupported datatype {t.datatype!r}")
         npd, field = DTYPES[t.datatype]
-        n = int(np.prod(shape)) if shape else 1
+        n = 1
+        for d in shape:   # Python ints: np.prod would wrap around for a huge shape
+            n *= d
         if _has_contents(t):
             if field is None:
                 raise TensorError(f"{name}: datatype {t.datatype} cannot be sent in typed contents")
