@@ -168,6 +168,12 @@ def _words(text: str):
         raise argparse.ArgumentTypeError(f"expected JSON, e.g. '[[13, 198]]' ({e})")
 
 
+def _widest_beam(flag, settings) -> int:
+    """The engine's max_beam_width for a file: 4, or the widest beam_width the flag or a line asks for."""
+    asked = [flag or 1] + [o["beam_width"] for o in settings or [] if isinstance(o.get("beam_width"), int)]
+    return max([4] + asked)
+
+
 _MODEL_EOS = object()   # --end-id not given: the model's eos
 
 
@@ -187,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--attention", default="auto", choices=["auto", "pallas", "xla"])
     ap.add_argument("--quantize", default=None, choices=["int8", "int8-embed"], help="weight-only INT8")
+    ap.add_argument("--max-beam-width", type=int, default=None,
+                    help="the widest beam a line may ask for (default: 4, or --beam-width when wider)")
     ap.add_argument("--tensor-parallel", type=int, default=1)
     ap.add_argument("--pipeline-parallel", type=int, default=1)
     ap.add_argument("--compile-cache", default=None,
@@ -233,6 +241,7 @@ def main(argv=None) -> int:
     try:
         llm = ftjax.load(args.model, dtype=args.dtype, max_batch_size=args.max_batch_size,
                          max_seq_len=args.max_seq_len, attention=args.attention, quantize=args.quantize,
+                         max_beam_width=args.max_beam_width or _widest_beam(args.beam_width, settings),
                          tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel)
     except (ValueError, FileNotFoundError) as e:
         print(f"ftjax.generate: {e}", file=sys.stderr)

@@ -233,6 +233,9 @@ def test_serve_cli_max_batch_size_flag():
         with pytest.raises(SystemExit):
             parse_args(["--max-batch-size", bad])
     assert parse_args(["--frontends", "4"]).frontends == 4
+    assert parse_args([]).max_beam_width == 4 and parse_args(["--max-beam-width", "8"]).max_beam_width == 8
+    with pytest.raises(SystemExit):
+        parse_args(["--max-beam-width", "0"])
     import os
     assert parse_args([]).frontends == min(4, max(1, (os.cpu_count() or 1) // 4))   # auto
     assert parse_args([]).stream_chunk == 4

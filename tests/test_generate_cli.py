@@ -122,3 +122,21 @@ def test_cli_refuses_bad_settings_naming_the_line(tmp_path):
     assert r.returncode != 0 and "in.jsonl:2" in r.stderr and "max_new_tokens" in r.stderr
     r = _run("--input", str(inp), "--temperature", "-1")
     assert r.returncode == 2 and "temperature" in r.stderr
+
+
+def test_cli_beam_wider_than_the_default_cap(gpt2_dir, tmp_path):
+    """A line asking for a beam wider than 4 widens the engine's max beam width (up to the slots)."""
+    path, _ = gpt2_dir
+    p = random_prompts(np.random.RandomState(6), 1, 3, 6)[0]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"input_ids": p, "beam_width": 5}) + "\n" + json.dumps(p) + "\n")
+    out = tmp_path / "out.jsonl"
+    r = _run("--model", path, "--input", str(inp), "--output", str(out), "--dtype", "float32",
+             "--max-batch-size", "6", "--max-new-tokens", "4", "--attention", "xla", "--max-seq-len", "64")
+    assert r.returncode == 0, r.stderr
+    a, b = [json.loads(line) for line in open(out)]
+    cfg, params = load_gpt2(path)
+    lib = ftjax.LLM(cfg, params, dtype="float32", attention="xla", max_batch_size=6, max_seq_len=64,
+                    max_beam_width=5)
+    want = lib.generate([p], max_new_tokens=4, beam_width=5)
+    assert a["beams"] == want.beams[0] and a["output_ids"] == want.tokens[0] and "beams" not in b

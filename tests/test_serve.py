@@ -420,3 +420,29 @@ def test_decode_inputs_names_the_tensor_for_impossible_shapes():
     t.contents.uint_contents.extend([3])
     with pytest.raises(TensorError, match="input_lengths: 1 values in contents for shape"):
         decode_inputs(r)
+
+
+def test_max_beam_width_reaches_the_engine(tmp_path):
+    """--max-beam-width (load_models' max_beam_width): beam requests up to it are taken, wider ones refused by
+    name; it is capped by the slots."""
+    from ftjax.serve.server import load_models
+    from ftjax.serve.tensors import parse_gpt
+    from ftjax.serve.server import make_params
+
+    path = str(tmp_path / "m")
+    make_hf_gpt2(path, n_positions=32)
+    (m,) = load_models(model=path, dtype="float32", max_batch_size=8, max_seq_len=32, attention="xla",
+                       max_beam_width=6)
+    assert m.llm.engine.max_beam_width == 6
+
+    def ask(w):
+        ins = {"input_ids": np.array([[1, 2]], np.uint32), "input_lengths": np.array([[2]], np.uint32),
+               "request_output_len": np.array([[3]], np.uint32), "beam_width": np.array([[w]], np.uint32)}
+        return parse_gpt(ins, {k: "UINT32" for k in ins}, make_params=lambda kw: make_params(m.llm, kw),
+                         check_prompt=m.llm.engine.check_prompt)
+    assert ask(6)[0].params.beam_width == 6
+    with pytest.raises(ValueError, match="beam_width"):
+        ask(7)
+    (m,) = load_models(model=path, dtype="float32", max_batch_size=2, max_seq_len=32, attention="xla",
+                       max_beam_width=6)
+    assert m.llm.engine.max_beam_width == 2

@@ -27,6 +27,9 @@ def parse_args(argv=None):
     ap.add_argument("--quantize", choices=["int8", "int8-embed"], default=None,
                     help="weight-only INT8: int8 (the projections, as FT's int8_mode=1), int8-embed (also the token "
                          "embedding and so the tied output head)")
+    ap.add_argument("--max-beam-width", type=int, default=4,
+                    help="the widest beam search a request may ask for (ftjax addition; at most the slots): a beam "
+                         "request takes beam_width rows of the cache. Default 4")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--metrics-port", type=int, default=8002)
@@ -55,7 +58,7 @@ def parse_args(argv=None):
     ap.add_argument("--num-processes", type=int, default=None)
     ap.add_argument("--process-id", type=int, default=None)
     a = ap.parse_args(argv)
-    for f in ("max_batch_size", "max_queue", "tensor_parallel", "pipeline_parallel", "frontends"):
+    for f in ("max_batch_size", "max_queue", "tensor_parallel", "pipeline_parallel", "frontends", "max_beam_width"):
         if getattr(a, f) != "auto" and getattr(a, f) < 1:
             ap.error(f"--{f.replace('_', '-')} must be >= 1")
     if a.request_timeout is not None and a.request_timeout <= 0:
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
         models = load_models(model=a.model, model_repository=a.model_repository, dtype=a.dtype,
                              max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len,
                              tensor_parallel=a.tensor_parallel, pipeline_parallel=a.pipeline_parallel,
-                             quantize=a.quantize)
+                             quantize=a.quantize, max_beam_width=a.max_beam_width)
         if not distributed.lead_or_follow(models):   # processes > 0: ran process 0's engine calls until it stopped
             return 0
         server = Server(models, host=a.host, grpc_port=a.grpc_port, metrics_port=a.metrics_port,

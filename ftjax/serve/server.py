@@ -423,7 +423,8 @@ class Server:
 
 def load_models(*, model: str | None = None, model_repository: str | None = None, dtype: str | None = None,
                 max_batch_size: int | None = None, max_seq_len: int | None = None, tensor_parallel: int = 1,
-                pipeline_parallel: int = 1, quantize: str | None = None, attention: str = "auto") -> list[Model]:
+                pipeline_parallel: int = 1, quantize: str | None = None, attention: str = "auto",
+                max_beam_width: int = 4) -> list[Model]:
     """The models a server serves: a repository, one checkpoint, or the embedded default."""
     if model and model_repository:
         raise ValueError("--model and --model-repository are exclusive")
@@ -445,7 +446,8 @@ def load_models(*, model: str | None = None, model_repository: str | None = None
         try:
             llm = ftjax.load(s.checkpoint, dtype=dtype or s.dtype or "bfloat16", max_batch_size=max_batch_size or 8,
                              max_seq_len=max_seq_len, attention=attention, tensor_parallel=tp,
-                             pipeline_parallel=pp, quantize=quantize or ("int8" if s.int8_mode == 1 else None))
+                             pipeline_parallel=pp, quantize=quantize or ("int8" if s.int8_mode == 1 else None),
+                             max_beam_width=max_beam_width)
         except ValueError as e:
             where = f"model {s.name}" + (f" ({s.checkpoint})" if s.checkpoint else "")
             raise ValueError(f"{where}: {e}") from None
