@@ -37,6 +37,9 @@ WORKER = textwrap.dedent("""
     if mode == "die":
         res = llm.generate(prompts, max_new_tokens=8, end_id=None)
     print("TOKENS", json.dumps(res.tokens), flush=True)
+    if mode == "ok":   # more prompts than slots: the continuous path, every process in step
+        more = llm.generate(prompts + prompts[:2], max_new_tokens=[8, 3, 5, 8, 2, 6], end_id=None)
+        print("CONT", json.dumps(more.tokens), flush=True)
 """)
 
 
@@ -83,6 +86,8 @@ def test_two_processes_decode_like_one(ckpt):
         outs.append(out)
     for out in outs:
         assert _line(out, "TOKENS") == want
+        # greedy with no end id: a shorter max_new_tokens gives a prefix of the same continuation
+        assert _line(out, "CONT") == [w[:m] for w, m in zip(want + want[:2], [8, 3, 5, 8, 2, 6])]
     # each process holds (and restored) only its own pipeline stage of the stacked weights
     assert _line(outs[0], "LOCAL") == [[[0, 1]]] and _line(outs[1], "LOCAL") == [[[1, 2]]]
 
