@@ -175,6 +175,11 @@ def _check_words(name, words):
     return words
 
 
+# |len_penalty| and |beam_search_diversity_rate| above this overflow beam search's float32 scores (length **
+# len_penalty, rate x rank summed over the steps) to inf / NaN, and the request ends with no hypothesis.
+BEAM_SCALE_MAX = 1e4
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """One request's decoding controls, FasterTransformer's names and defaults."""
@@ -216,6 +221,9 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for k in ("len_penalty", "beam_search_diversity_rate"):   # beam scores stay finite in float32
+            if abs(getattr(self, k)) > BEAM_SCALE_MAX:
+                raise ValueError(f"{k} must be within +-{BEAM_SCALE_MAX:g}, got {getattr(self, k)}")
         if self.min_length < 0:
             raise ValueError(f"min_length must be >= 0, got {self.min_length}")
         if self.beam_width < 1:

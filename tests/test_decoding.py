@@ -178,6 +178,7 @@ def test_changing_values_never_recompiles(pair):
     (dict(bad_words=[[1, VOCAB]]), "bad_words"), (dict(stop_words=[["a"]]), "stop_words"),
     (dict(end_id=VOCAB), "end_id"), (dict(top_k=[1, 2]), "top_k"), (dict(nucleus=0.5), "nucleus"),
     (dict(min_length=2**31), "min_length"),   # an int32 on the device: refused by name, not an OverflowError
+    (dict(beam_search_diversity_rate=1e30), "beam_search_diversity_rate"), (dict(len_penalty=-1e5), "len_penalty"),
 ])
 def test_bad_decoding_values_are_refused(pair, kw, field):
     llm, _ = pair
