@@ -8,6 +8,8 @@
 #   bash bench/s28_gpu.sh kvcheck  # tests/gpu/check_kvwrite.py: PREFILL_WRITES_KV on against off, compiled (~2 min)
 #   bash bench/s28_gpu.sh kvwrite  # 1.3B batch-1 requests with PREFILL_WRITES_KV off / on, a process per variant (~3 min)
 #   bash bench/s28_gpu.sh pieces   # the admit in 1 / 2 / 4 calls (engine.ADMIT_PIECES): admit phases, then requests
+#   bash bench/s28_gpu.sh offline  # bench/offline_decode.py: 256 prompts on 64 slots, continuous batching (LLM.generate
+#                                  # since the twenty-ninth session) against slot-sized static batches (~2 min)
 # Run so far (twenty-eighth session): stream (bf16, int8; before --proj and int8b existed) and table. Next:
 # pieces, kvcheck, kvwrite, then MODELS=1.3b stream (int8b: the int8 byte sizes as a plain stream; proj_*: the model's own
 # projection kernel over the same bytes as one call a layer and one over 8 layers).
@@ -51,6 +53,11 @@ case "$part" in
     timeout $(lim 200) python bench/request_ab.py --isolate --model 1.3b --weights bf16 --cases 1-128-8,1-512-32 \
       --reps 7 --variants "one=exact,p2=$P2,p4=$P4,one2=exact,p2b=$P2,p4b=$P4" --json "$OUT/pieces_1.3b.jsonl" 2>&1 \
       | grep -v Warning
+    ;;
+  offline)
+    # continuous batching of more prompts than slots against static chunks, 350M bf16, the same tokens checked
+    timeout $(lim 150) python bench/offline_decode.py --model 350m --prompts 256 --slots 64 --in 32,512 --out 16,256 \
+      --reps 2 --json "$OUT/offline.jsonl" 2>&1 | grep -v Warning
     ;;
   table)
     # s27's table part (e2e beside HF eager / static) in the time left
