@@ -118,6 +118,18 @@ def test_gpt2_layouts_match_one_device(gpt2_untied, untied_ref, T, P):
     _close(llm.logits(PROMPTS), logits)
 
 
+def test_bfloat16_pipeline(gpt2_untied):
+    """The default dtype on a pipelined mesh (every other mesh test is float32): it runs (XLA:CPU aborted the
+    process on the stages' bf16 all-reduce) and its logits are the one-device bf16 engine's within bf16 noise."""
+    cfg, params = load_checkpoint(gpt2_untied)
+    one = ftjax.LLM(cfg, params, dtype="bfloat16", attention="xla", max_seq_len=32, max_batch_size=4, max_beam_width=1)
+    two = ftjax.LLM(cfg, params, dtype="bfloat16", attention="xla", max_seq_len=32, max_batch_size=4, max_beam_width=1,
+                    mesh=make_mesh(2, 2))
+    ref, ours = one.logits(PROMPTS), two.logits(PROMPTS)
+    assert np.abs(ours - ref).max() / max(1.0, np.abs(ref).max()) < 3e-2
+    assert [len(t) for t in two.generate(PROMPTS, max_new_tokens=4, end_id=None).tokens] == [4] * len(PROMPTS)
+
+
 @pytest.mark.parametrize("T,P", [(2, 4)])
 def test_gpt2_tied_layouts(gpt2_tied, T, P):
     ref = _llm(gpt2_tied)

@@ -107,7 +107,10 @@ class PipelinedGPT:
                 out, jnp.where(keep, h, jax.lax.dynamic_index_in_dim(out, mc, 0, False)), mc, 0)
             if P > 1:
                 buf = jax.lax.ppermute(h, R.PIPELINE, [(i, i + 1) for i in range(P - 1)])
-        out = jax.lax.psum(jnp.where(s == P - 1, out, jnp.zeros_like(out)), R.PIPELINE)
+        # in float32: exact (only the last stage's value is non-zero), and XLA:CPU aborts the process on a bf16
+        # all-reduce over one axis of a partly manual shard_map (AllReducePromotion, jax 0.10)
+        last = jnp.where(s == P - 1, out, jnp.zeros_like(out))
+        out = jax.lax.psum(last.astype(jnp.float32), R.PIPELINE).astype(out.dtype)
         return carry, out
 
     def _stages_prefill(self, params, x, lengths):
