@@ -598,6 +598,7 @@ class Engine:
                "logprobs": jnp.take_along_axis(state.logprobs, idx, axis=1)}
         if beam and state.beam is not None:
             out.update({k: getattr(state.beam, k) for k in ("fin_tokens", "fin_logprobs", "fin_len", "fin_mask")})
+            out["seq"] = state.seq   # a streamed beam shows its lead beam whole: its earlier ids may change
         return out
 
     @staticmethod

@@ -245,3 +245,43 @@ def test_an_engine_failure_while_admitting_answers_the_admitted_request(llm):
     finally:
         sched.stop()
         llm.engine.prefill_insert = real
+
+
+def test_streamed_beam_search_shows_the_lead_beam_whole(llm):
+    """A streamed beam request: each response is the lead running beam at that step, whole (the engine's head
+    row after each single step is the reference), not earlier responses with the newest id appended (which
+    joined pieces of beams the search had dropped)."""
+    from ftjax.serve.scheduler import StreamView
+
+    eng = llm.engine
+    params = llm.sampling_params(1, beam_width=2, end_id=None)[0]
+    rng = np.random.RandomState(8)
+    checked = 0
+    for _ in range(3):
+        prompt, n = rng.randint(2, 190, size=6).tolist(), 9
+        st = eng.prefill_insert(eng.init_state(), [prompt], [[0, 1]], [n], [params])
+        leads = []
+        for _ in range(n):
+            st, _ = eng.generate_steps(st, 1)
+            seq, L = np.asarray(st.seq), int(np.asarray(st.seq_len)[0])
+            leads.append(seq[0, len(prompt):L].tolist())
+        eng.release_slots([0, 1])
+        sched = Scheduler(llm, chunk=4, stream_chunk=1)
+        sched.start()
+        try:
+            r = sched.submit(Request([Row(prompt, n, params)], stream=True))
+            view, streamed = StreamView([prompt]), []
+            while True:
+                u = r.get(timeout=120)
+                assert u.kind != "error", u.message
+                if u.kind == "done":
+                    break
+                streamed += [s[0][len(prompt):] for s in view.expand(u.new, u.whole)]
+        finally:
+            sched.stop()
+        # every step but the last: the lead running beam; the last (every candidate finished): the answer
+        assert streamed[:-1] == leads[: len(streamed) - 1] and len(streamed) == n, (streamed, leads)
+        assert streamed[-1] == u.seqs[0][0][len(prompt):]
+        # the lead beam changed its earlier ids somewhere (else appending would have been right too)
+        checked += any(a != b[: len(a)] for a, b in zip(leads, leads[1:]))
+    assert checked >= 1

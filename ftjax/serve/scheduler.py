@@ -54,6 +54,8 @@ class Update:
     seqs: list | None = None       # "done": per row, a list of beams (best first; one for sampling), each
                                    # prompt + generated ids (T5: generated ids only)
     new: list | None = None        # "tokens": per row, the new ids (possibly none)
+    whole: list | None = None      # "tokens": per row, None, or (a beam search row) all its generated ids now: the
+                                   # lead beam changes as the search goes on, so earlier ids may change too
     logprobs: list | None = None   # "done": per row, per beam, log prob of each generated token (when asked)
     code: str | None = None                    # "cancelled" | "deadline" | "invalid" | "internal" (errors)
     message: str = ""
@@ -65,13 +67,21 @@ class StreamView:
     at a token repeats its last ids. shown[i]: what row i's answers start with (GPT: the prompt)."""
 
     def __init__(self, shown: list[list[int]]):
+        self.shown = [list(s) for s in shown]
         self.seqs = [list(s) for s in shown]
 
-    def expand(self, new: list[list[int]]) -> list[list[list[int]]]:
+    def expand(self, new: list[list[int]], whole: list | None = None) -> list[list[list[int]]]:
+        """whole[i] (beam search rows): the row's generated ids now, its last len(new[i]) the new ones; each
+        response then shows a prefix of that current lead beam, never ids of a beam the search has dropped."""
         out = []
         for t in range(max((len(x) for x in new), default=0)):
             for i, ids in enumerate(new):
-                if t < len(ids):
+                if t >= len(ids):
+                    continue
+                if whole is not None and whole[i] is not None:
+                    w = whole[i]
+                    self.seqs[i] = self.shown[i] + [int(x) for x in w[: len(w) - len(ids) + t + 1]]
+                else:
                     self.seqs[i].append(int(ids[t]))
             out.append([list(s) for s in self.seqs])
         return out
@@ -558,7 +568,12 @@ class Scheduler:
                 if new > 0:
                     if new > W:   # cannot happen: the window covers every id one call can add
                         raise RuntimeError(f"slot {h}: {new} new ids but a window of {W}")
-                    r.gen[i].extend(tail[h, W - new:].tolist())
+                    if len(sl) > 1 and "seq" in snap:
+                        # a beam group's head row holds its lead running beam whole (rows are reordered each
+                        # step): take all its generated ids, not only the newest (earlier ones may have changed)
+                        r.gen[i] = snap["seq"][h, n - len(r.gen[i]) - new: n].tolist()
+                    else:
+                        r.gen[i].extend(tail[h, W - new:].tolist())
                     if r.want_logprobs:
                         r.gen_lp[i].extend(tail_lp[h, W - new:].tolist())
                     new_tokens += new * len(sl)
@@ -579,6 +594,8 @@ class Scheduler:
                                 if beam["fin_mask"][h, b] and beam["fin_len"][h, b] > 0]
                         r.result_seqs[i] = [prompt + beam["fin_tokens"][h, b, :m].tolist() for m, b in hyps] or [prompt]
                         r.result_lps[i] = [beam["fin_logprobs"][h, b, :m].astype(float).tolist() for m, b in hyps] or [[]]
+                        if hyps:   # the last streamed ids: the best finished beam, not a running one (at the
+                            r.gen[i] = r.result_seqs[i][0][len(prompt):]   # last step every candidate finished)
                     else:
                         r.result_seqs[i] = [prompt + r.gen[i]]
                         if r.want_logprobs:
@@ -609,9 +626,13 @@ class Scheduler:
     def _stream(self, r: Request, steps):
         """One "tokens" update per request per iteration: each row's new ids (the handler expands them)."""
         new = [[] for _ in r.rows]
+        whole = None
         for i, n in steps:
             new[i] = r.gen[i][len(r.gen[i]) - n:]
-        self._emit(r, Update("tokens", new=new))
+            if r.rows[i].params.beam_width > 1:   # beam search: the lead beam (at its end, the answer) whole
+                whole = whole or [None] * len(r.rows)
+                whole[i] = list(r.gen[i])
+        self._emit(r, Update("tokens", new=new, whole=whole))
 
     def _shown(self, row) -> list[int]:
         """What an answer repeats before the generated ids: GPT the prompt (FT's output_ids), T5 nothing."""

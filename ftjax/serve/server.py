@@ -270,7 +270,7 @@ class Service(pbg.GRPCInferenceServiceServicer):
                     yield _stream_error(msg, request.id, request.model_name)
                     continue
                 if u.kind == "tokens":
-                    seqs_per_token = req.view.expand(u.new)
+                    seqs_per_token = req.view.expand(u.new, u.whole)
                     if getattr(req, "decoupled", True):
                         for seqs in seqs_per_token:
                             yield pb.ModelStreamInferResponse(infer_response=self._token_response(req, seqs))
