@@ -201,3 +201,28 @@ def test_cli_refusals():
     r = subprocess.run([sys.executable, "-m", "ftjax.serve", "--model-repository", "/no/such/repo"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not a directory" in r.stderr
+
+
+def test_repository_config_errors_name_the_file(tmp_path, ft_folder):
+    """max_batch_size 0 (Triton: dims without a batch dimension, which FT's tensors always have) and a config
+    that is not UTF-8 are refused naming the file; a taken metrics port names the port."""
+    import socket
+
+    from ftjax.serve.metrics import Metrics, MetricsServer
+    from ftjax.serve.server import load_models
+
+    repo = _repo(tmp_path / "a", ft_folder[0])
+    cfg = os.path.join(repo, "gpt_ft", "config.pbtxt")
+    text = open(cfg).read()
+    open(cfg, "w").write(text.replace("max_batch_size: 1024", "max_batch_size: 0"))
+    with pytest.raises(ValueError, match="max_batch_size 0"):
+        load_models(model_repository=repo, max_batch_size=2, attention="xla")
+    open(cfg, "wb").write(b"# caf\xe9\n" + text.encode())
+    with pytest.raises(ValueError, match="config.pbtxt: not UTF-8"):
+        load_models(model_repository=repo, max_batch_size=2, attention="xla")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        with pytest.raises(OSError, match=f"metrics server: cannot bind 127.0.0.1:{port}"):
+            MetricsServer(Metrics(), "127.0.0.1", port)

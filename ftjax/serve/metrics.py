@@ -145,7 +145,11 @@ class MetricsServer:
             def log_message(self, *a):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+        try:
+            self.httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+        except OSError as e:
+            raise OSError(f"metrics server: cannot bind {host}:{port} ({e.strerror or e}); choose another "
+                          f"--metrics-port") from None
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="ftjax-metrics", daemon=True)

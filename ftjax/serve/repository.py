@@ -66,8 +66,11 @@ def _int_param(cfg, key, where, default):
 
 
 def parse_config(path: str) -> mc.ModelConfig:
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise RepositoryError(f"{path}: not UTF-8 text ({e})") from None
     cfg = mc.ModelConfig()
     try:
         text_format.Parse(text, cfg)
@@ -104,6 +107,10 @@ def spec_from_config(cfg: mc.ModelConfig, model_dir: str, name: str, where: str)
         ckpt = os.path.join(model_dir, ckpt)
     if not os.path.exists(ckpt):
         raise RepositoryError(f"{where}: model_checkpoint_path {ckpt} does not exist")
+    if cfg.max_batch_size < 1:
+        # Triton's 0 means the dims include no batch dimension; ftjax's FT tensors always lead with one
+        raise RepositoryError(f"{where}: max_batch_size {cfg.max_batch_size}: ftjax reads FT's tensors with a batch "
+                              f"dimension; set max_batch_size >= 1 (FT's configs use 1024)")
     decoupled = bool(cfg.model_transaction_policy.decoupled)
     return ModelSpec(name=name, checkpoint=ckpt, dtype=dtype, tensor_parallel=tp, pipeline_parallel=pp,
                      int8_mode=int8, model_type=model_type, max_request_batch=max(0, int(cfg.max_batch_size)),
