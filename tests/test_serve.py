@@ -446,3 +446,60 @@ def test_max_beam_width_reaches_the_engine(tmp_path):
     (m,) = load_models(model=path, dtype="float32", max_batch_size=2, max_seq_len=32, attention="xla",
                        max_beam_width=6)
     assert m.llm.engine.max_beam_width == 2
+
+
+@pytest.mark.parametrize("frontends", [1, 2])
+def test_stop_answers_requests_that_finish_within_the_grace(tmp_path, frontends):
+    """Server.stop(grace) (SIGTERM): a request in flight that finishes within the grace period is answered,
+    with the front ends too (they kept reading the engine's updates only until the stop message)."""
+    from ftjax.serve.server import Server, load_models
+
+    path = str(tmp_path / "m")
+    make_hf_gpt2(path, n_positions=64)
+    models = load_models(model=path, dtype="float32", max_batch_size=2, max_seq_len=64, attention="xla")
+    llm = models[0].llm
+    srv = Server(models, grpc_port=0, metrics_port=0, chunk=2, frontends=frontends).start()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
+    stopped = False
+    try:
+        client.infer(NAME, ft_inputs([[3, 4]], 4))   # compiled
+        restore = _slow(llm, 0.05)
+        out = {}
+
+        def go():
+            try:
+                out["r"] = rows(client.infer(NAME, ft_inputs([[3, 4]], 12), client_timeout=60))
+            except InferenceServerException as e:
+                out["r"] = e
+
+        th = threading.Thread(target=go)
+        th.start()
+        time.sleep(0.15)   # the request is live: ~6 calls of 2 steps, 50 ms each, still to go
+        srv.stop(grace=5.0)
+        stopped = True
+        th.join(60)
+        restore()
+        assert out["r"] == [[3, 4] + llm.generate([[3, 4]], 12).tokens[0]], out["r"]
+    finally:
+        client.close()
+        if not stopped:
+            srv.stop()
+
+
+def test_frontends_refuse_a_port_another_server_holds(tmp_path):
+    """Front ends bind with SO_REUSEPORT; a server already listening there (itself with SO_REUSEPORT, as
+    front ends are) is found before any is spawned, instead of the two sharing the port's connections."""
+    import socket
+
+    from ftjax.serve.server import Server, load_models
+
+    path = str(tmp_path / "m")
+    make_hf_gpt2(path, n_positions=32)
+    models = load_models(model=path, dtype="float32", max_batch_size=1, max_seq_len=32, attention="xla")
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen(1)
+        port = other.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot bind gRPC to 127.0.0.1:{port}"):
+            Server(models, grpc_port=port, metrics_port=0, frontends=2).start()

@@ -71,6 +71,8 @@ class Hub:
 
     def __init__(self, models: dict, host: str, port: int, n: int, request_timeout: float | None):
         self.models = models
+        if port:
+            _check_port_free(host, port)
         self.port = port or _free_port(host)
         self.live: dict[tuple[int, int], Request] = {}
         self._lock = threading.Lock()
@@ -168,6 +170,17 @@ class Hub:
             p.join()
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """The front ends bind with SO_REUSEPORT, which would share the port with another server already on it
+    (the kernel splitting connections between the two): a plain bind first finds such a listener."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # a closed server's TIME_WAIT is no owner
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot bind gRPC to {host}:{port}: {e.strerror or e} (another server on it?)") from None
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
@@ -216,15 +229,33 @@ class RemoteEngine:
             except (OSError, ValueError):
                 pass
 
-    def run(self) -> float:
-        """Reads the engine's updates until it says stop (-> grace seconds) or goes away (-> 0)."""
+    def run(self, on_stop=None) -> float | None:
+        """Reads the engine's updates until it says stop (-> grace seconds) or goes away (-> None). With on_stop
+        (the Server's stop(grace)), a stop runs it on another thread while the updates go on arriving, so the
+        requests that finish within the grace period are answered; returns when it has finished."""
+        stopper = None
+        grace = 0.0
         while True:
+            if stopper is not None:
+                if not stopper.is_alive():
+                    return grace
+                try:
+                    if not self.conn.poll(0.05):
+                        continue
+                except (EOFError, OSError):
+                    break
             try:
                 msg = self.conn.recv()
             except (EOFError, OSError):
                 break
             if msg[0] == "stop":
-                return float(msg[1])
+                grace = float(msg[1])
+                if on_stop is None:
+                    return grace
+                if stopper is None:
+                    stopper = threading.Thread(target=on_stop, args=(grace,), name="ftjax-frontend-stop")
+                    stopper.start()
+                continue
             items = []
             with self._lock:
                 for rid, u in msg[1]:
@@ -237,13 +268,16 @@ class RemoteEngine:
                     items.append((r, u))
             if items and self.deliver is not None:
                 self.deliver(items)
+        if stopper is not None:   # the engine went away during the grace period: the stop goes on
+            stopper.join()
+            return grace
         with self._lock:
             items = [(r, Update("error", code="unavailable", message="the engine process is gone"))
                      for r in self.reqs.values()]
             self.reqs.clear()
         if items and self.deliver is not None:
             self.deliver(items)
-        return 0.0
+        return None
 
 
 class _Proxy:
@@ -295,5 +329,5 @@ def frontend_main(conn, host, port, metas, request_timeout, index):
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready",))
-    grace = remote.run()
-    srv.stop(grace)
+    if remote.run(on_stop=srv.stop) is None:   # the engine process is gone (no stop message): stop now
+        srv.stop(0.0)
