@@ -6,7 +6,8 @@
         [--json]
 
 The file is FT's `{"request": [{"name": ..., "data": [...], "dtype": "uint32"}, ...]}` (the format of
-FT backend's tools/requests/*.json). `--params NAME=VALUE` sets the tensor NAME to VALUE for every row
+FT backend's tools/requests/*.json): GPT's `input_ids`, `input_lengths`, `request_output_len`, or T5's
+`input_ids`, `sequence_length`, `max_output_len` (serve/requests/sample_request_t5.json). `--params NAME=VALUE` sets the tensor NAME to VALUE for every row
 (its dtype from the file when present, else FT's declared dtype; VALUE may be JSON, e.g. a nested list
 for stop_words_list). `--stream` uses ModelStreamInfer and prints every partial result as it arrives.
 Prints one JSON object per response line with --json, readable text otherwise.
@@ -21,7 +22,8 @@ import time
 
 import numpy as np
 
-FT_DTYPES = {  # FT's GPT inputs (serve/model_repository/gpt/fastertransformer/config.pbtxt)
+FT_DTYPES = {  # FT's GPT inputs (serve/model_repository/gpt/fastertransformer/config.pbtxt), and T5's own
+    "sequence_length": "uint32", "max_output_len": "uint32",
     "input_ids": "uint32", "input_lengths": "uint32", "request_output_len": "uint32", "runtime_top_k": "uint32",
     "runtime_top_p": "float32", "beam_search_diversity_rate": "float32", "temperature": "float32",
     "len_penalty": "float32", "repetition_penalty": "float32", "presence_penalty": "float32",
@@ -57,7 +59,9 @@ def load_request(path: str | None, overrides: list[str]) -> dict[str, np.ndarray
         elif name in ("stop_words_list", "bad_words_list") and arr.ndim == 2:
             arr = np.repeat(arr[None], batch, axis=0)
         tensors[name] = arr
-    for req in ("input_ids", "input_lengths", "request_output_len"):
+    # GPT's required inputs, or T5's (the encoder prompt's lengths in sequence_length, max_output_len)
+    t5 = "sequence_length" in tensors or "max_output_len" in tensors
+    for req in ("input_ids",) + (("sequence_length", "max_output_len") if t5 else ("input_lengths", "request_output_len")):
         if req not in tensors:
             raise SystemExit(f"request: tensor {req} missing (give a request file or --params {req}=...)")
     return tensors

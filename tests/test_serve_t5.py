@@ -111,3 +111,24 @@ def test_t5_repository_config(served, tmp_path):
     (repo / "config.pbtxt").write_text(gtext.replace('name: "fastertransformer"', 'name: "t5model"'))
     with pytest.raises(ValueError, match="model_type GPT"):
         load_models(model_repository=str(tmp_path / "repo"), max_batch_size=4, max_seq_len=32, attention="xla")
+
+
+def test_t5_through_the_sample_client(served):
+    """serve/client.py sends T5's tensors (sequence_length, max_output_len) from a request file, unary and
+    streamed; the answer is the library's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    srv, _, llm, _ = served
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "serve", "client.py"),
+           os.path.join(root, "serve", "requests", "sample_request_t5.json"), "--url", f"127.0.0.1:{srv.grpc_port}",
+           "--json", "--params", "max_output_len=5", "--params", "input_ids=[[37, 42, 10, 5, 12, 1]]"]
+    want = llm.generate([[37, 42, 10, 5, 12, 1]], max_new_tokens=5).tokens[0]
+    for extra in ([], ["--stream"]):
+        r = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        last = json.loads(r.stdout.strip().splitlines()[-1])
+        assert last["output_ids"] == [[want]]
