@@ -494,6 +494,7 @@ class Engine:
         g_live = st.group_active & ~st.beam.done
         blp = sampling.beam_log_probs(logits, st.sp, st.seq, st.prompt_len, st.seq_len, st.gen_count)  # [B, V]
         glp = blp[jnp.clip(gs, 0, B - 1)]                              # [G, W, V]
+
         def stops(c_parent, c_tok):   # [G, 2W]: the candidate beams that end with a stop word
             rows = jnp.clip(jnp.take_along_axis(gs, c_parent, 1), 0, B - 1)
             return sampling.stop_hit_candidates(st.seq, st.seq_len, rows, c_tok, st.sp.stop_words)   # group g: slot g's
@@ -624,13 +625,11 @@ class Engine:
             first = next((t for t in ids if not 0 <= int(t) < V), None)
         if first is not None:
             raise ValueError(f"{field}: token id {first} outside the vocabulary [0, {V})")
+        if len(ids) > self.S:
+            raise ValueError(f"{field}: {len(ids)} tokens exceed max_seq_len {self.S}")
         if not self.family.samples_at_prefill:  # encoder-decoder: the prompt is the encoder's input
-            if len(ids) > self.S:
-                raise ValueError(f"{field}: {len(ids)} tokens exceed max_seq_len {self.S}")
             if 1 + max_new > self.S:
                 raise ValueError(f"max_new_tokens: {max_new} (+ the decoder start id) exceeds max_seq_len {self.S}")
-        elif len(ids) > self.S:
-            raise ValueError(f"{field}: {len(ids)} tokens exceed max_seq_len {self.S}")
         elif len(ids) + max_new > self.S:
             raise ValueError(f"max_new_tokens: prompt of {len(ids)} tokens + max_new_tokens {max_new} exceeds "
                              f"max_seq_len {self.S}")

@@ -174,6 +174,12 @@ def _widest_beam(flag, settings) -> int:
     return max([4] + asked)
 
 
+# decoding keywords taken as flags (--end-id and --return-log-probs apart): scalars, and JSON lists
+_SCALAR_FLAGS = (("top_k", int), ("top_p", float), ("temperature", float), ("repetition_penalty", float),
+                 ("presence_penalty", float), ("min_length", int), ("len_penalty", float), ("beam_width", int),
+                 ("beam_search_diversity_rate", float), ("random_seed", int), ("start_id", int),
+                 ("top_p_decay", float), ("top_p_min", float))
+_LIST_FLAGS = ("stop_words", "bad_words", "top_p_reset_ids")
 _MODEL_EOS = object()   # --end-id not given: the model's eos
 
 
@@ -200,10 +206,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-cache", default=None,
                     help="jax's persistent compilation cache dir (default ~/.cache/ftjax/jax; 'off' for none)")
     d = ap.add_argument_group("decoding (CONTRACTS.md's keywords; a line's own keys override them)")
-    for name, typ in (("top_k", int), ("top_p", float), ("temperature", float), ("repetition_penalty", float),
-                      ("presence_penalty", float), ("min_length", int), ("len_penalty", float), ("beam_width", int),
-                      ("beam_search_diversity_rate", float), ("random_seed", int), ("start_id", int),
-                      ("top_p_decay", float), ("top_p_min", float)):
+    for name, typ in _SCALAR_FLAGS:
         d.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
     d.add_argument("--end-id", type=_end_id, default=_MODEL_EOS, help="default: the model's eos; 'none': never end")
     d.add_argument("--stop-words", type=_words, default=None, help="JSON list of token sequences")
@@ -216,10 +219,8 @@ def main(argv=None) -> int:
     # folder, not from the loaded model, so a malformed file fails in a second rather than after the load.
     tok = _tokenizer(args.model)
     prompts, settings, lines = (None, None, None) if args.input is None else _read_prompts(args.input, tok, True)
-    decoding: dict[str, Any] = {k: getattr(args, k) for k in (
-        "top_k", "top_p", "temperature", "repetition_penalty", "presence_penalty", "min_length", "len_penalty",
-        "beam_width", "beam_search_diversity_rate", "random_seed", "start_id", "top_p_decay", "top_p_min",
-        "stop_words", "bad_words", "top_p_reset_ids") if getattr(args, k) is not None}
+    decoding: dict[str, Any] = {k: getattr(args, k) for k in [n for n, _ in _SCALAR_FLAGS] + list(_LIST_FLAGS)
+                                if getattr(args, k) is not None}
     if args.end_id is not _MODEL_EOS:
         decoding["end_id"] = args.end_id
     if args.return_log_probs:

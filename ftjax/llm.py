@@ -116,7 +116,7 @@ class LLM:
             self._state = self.engine.init_state()
         try:
             if sum(p.beam_width for p in plist) <= self.engine.slots:
-                got = self._run_batch(prompts, max_new, plist)
+                got = self._run_batch(prompts, max_new, plist, progress)
             else:
                 got = self._run_continuous(prompts, max_new, plist, progress)
         except BaseException:
@@ -133,8 +133,6 @@ class LLM:
             out.cum_log_probs.append(float(sum(lp)))
             if any_beam:
                 out.beams.append(beams)
-        if progress is not None and sum(p.beam_width for p in plist) <= self.engine.slots:
-            progress(len(prompts), sum(out.sequence_lengths))
         if not want_lp:
             out.cum_log_probs = out.output_log_probs = None
         return out
@@ -143,7 +141,7 @@ class LLM:
         """Decode steps a request needs after its admit: a sampled GPT row has its first id from prefill."""
         return max_new - 1 if self.engine.family.samples_at_prefill and p.beam_width == 1 else max_new
 
-    def _run_batch(self, prompts, max_new, plist) -> list:
+    def _run_batch(self, prompts, max_new, plist, progress=None) -> list:
         """Every request at once: one admit, one generate call of as many steps as the longest needs."""
         slots, used = [], 0
         for p in plist:
@@ -157,6 +155,8 @@ class LLM:
         got = self._collect(st, idx, slots, plist)
         # every row has ended: the next calls' steps need not run its sampling or processors
         self.engine.release_slots([x for sl in slots for x in _slot_list(sl)])
+        if progress is not None:
+            progress(len(idx), sum(len(got[i][0]) for i in idx))
         return [got[i] for i in idx]
 
     def _run_continuous(self, prompts, max_new, plist, progress) -> list:

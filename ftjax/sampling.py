@@ -448,8 +448,9 @@ def _tail(seq, seq_len, n):
 
 
 def _word_match(words, tail):
-    """words [B, W, n] right-aligned (-1 pad), tail [B, n] -> [B, W] every non-pad position matches."""
-    return jnp.all((words == -1) | (words == tail[:, None, :]), axis=-1)
+    """words [..., W, n] right-aligned (-1 pad), tail [..., n] -> [..., W] every non-pad position matches
+    (leading dims broadcast)."""
+    return jnp.all((words == -1) | (words == tail[..., None, :]), axis=-1)
 
 
 def _penalise(x, sp: SlotParams, seq, prompt_len, seq_len, gen_count):
@@ -647,8 +648,8 @@ def stop_hit_candidates(seq, seq_len, rows, tokens, stop_words):
     G, C = rows.shape
     prev = _tail(seq, seq_len, L - 1)[rows.reshape(-1)].reshape(G, C, L - 1)      # [G, C, L - 1]
     tail = jnp.concatenate([prev, tokens[:, :, None]], axis=-1)                   # [G, C, L]
-    match = jnp.all((stop_words[:, None] == -1) | (stop_words[:, None] == tail[:, :, None, :]), axis=-1)
-    return jnp.any(match & (stop_words[:, None, :, -1] >= 0), axis=-1)
+    sw = stop_words[:, None]                                                      # [G, 1, n, L]
+    return jnp.any(_word_match(sw, tail) & (sw[..., -1] >= 0), axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------

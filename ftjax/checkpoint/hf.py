@@ -104,6 +104,24 @@ def _as_f32(a):
     return a.astype(np.float32) if a.dtype != np.float32 else a
 
 
+def _getter(path, sd, shown=None):
+    """get(name, shape=None) -> float32 array; ValueError naming a missing one, or (with shape) one of another
+    shape; shown: the checkpoint's own name of a key, for the messages. get.used: the names read."""
+    shown = shown or {}
+
+    def get(name, shape=None):
+        if name not in sd:
+            raise ValueError(f"{path}: missing weight {name!r}")
+        get.used.add(name)
+        a = _as_f32(sd[name])
+        if shape is not None and tuple(a.shape) != tuple(shape):
+            raise ValueError(f"{path}: weight {shown.get(name, name)} has shape {tuple(a.shape)}, "
+                             f"expected {tuple(shape)}")
+        return a
+    get.used = set()
+    return get
+
+
 def load_gpt2(path: str, progress=None) -> tuple[ModelConfig, dict[str, Any]]:
     """Returns (config, params as a nested dict of float32 numpy arrays in ftjax's layout).
     `progress`, when given, is called with one line per layer converted."""
@@ -112,16 +130,7 @@ def load_gpt2(path: str, progress=None) -> tuple[ModelConfig, dict[str, Any]]:
     sd = {k.removeprefix("transformer."): v for k, v in raw.items()}
     names = {k.removeprefix("transformer."): k for k in raw}
     d, n, h, L = cfg.hidden, cfg.num_heads, cfg.dim_per_head, cfg.num_layers
-    used = set()
-
-    def get(name, shape=None):
-        if name not in sd:
-            raise ValueError(f"{path}: missing weight {name!r}")
-        used.add(name)
-        a = _as_f32(sd[name])
-        if shape is not None and tuple(a.shape) != tuple(shape):
-            raise ValueError(f"{path}: weight {names[name]} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-        return a
+    get = _getter(path, sd, names)
 
     flat = {"embed/tokens": get("wte.weight"), "embed/positions": get("wpe.weight"),
             "final_norm/scale": get("ln_f.weight"), "final_norm/bias": get("ln_f.bias")}
@@ -148,53 +157,34 @@ def load_gpt2(path: str, progress=None) -> tuple[ModelConfig, dict[str, Any]]:
         if "lm_head.weight" not in sd:
             raise ValueError(f"{path}: tie_word_embeddings is false but lm_head.weight is missing")
         flat["lm_head/kernel"] = _as_f32(sd["lm_head.weight"]).T
-        used.add("lm_head.weight")
+        get.used.add("lm_head.weight")
     params = nest(flat)
     check_params(cfg, params, path)
     # non-persistent buffers some transformers versions saved (attn.bias / attn.masked_bias masks) are not weights
     warn_unused(path, {names[k]: v for k, v in sd.items() if (not k.endswith(("attn.bias", "attn.masked_bias"))
                        or k.endswith("c_attn.bias")) and not (cfg.tie_embeddings and k == "lm_head.weight")},
-                {names[k] for k in used})
+                {names[k] for k in get.used})
     return cfg, params
 
 
 # ------------------------------------------------------------------------------------------------
 # LLaMA, GPT-J, GPT-NeoX: the same decoder by configuration (ModelConfig.from_hf picks the options).
 
-def _getter(path, sd):
-    """get(name) -> float32 array (ValueError naming a missing one); get.used: the names read."""
-    def get(name):
-        if name not in sd:
-            raise ValueError(f"{path}: missing weight {name!r}")
-        get.used.add(name)
-        return _as_f32(sd[name])
-    get.used = set()
-    return get
-
-
-def _expect(path, name, a, shape):
-    if tuple(a.shape) != tuple(shape):
-        raise ValueError(f"{path}: weight {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-    return a
-
-
 def _linear(path, get, name, n_in, out_shape, bias):
     """torch nn.Linear `name` (weight [out, in]) -> {"kernel": [in, *out_shape], "bias": [*out_shape]}."""
-    w = get(name + ".weight")
-    _expect(path, name + ".weight", w, (int(np.prod(out_shape)), n_in))
+    w = get(name + ".weight", (int(np.prod(out_shape)), n_in))
     out = {"kernel": np.ascontiguousarray(w.T).reshape(n_in, *out_shape)}
     if bias:
-        out["bias"] = _expect(path, name + ".bias", get(name + ".bias"), (int(np.prod(out_shape)),)).reshape(out_shape)
+        out["bias"] = get(name + ".bias", (int(np.prod(out_shape)),)).reshape(out_shape)
     return out
 
 
 def _out_proj(path, get, name, n, h, d, bias):
     """Attention output nn.Linear (weight [d, n*h]) -> kernel [n, h, d]."""
-    w = get(name + ".weight")
-    _expect(path, name + ".weight", w, (d, n * h))
+    w = get(name + ".weight", (d, n * h))
     out = {"kernel": np.ascontiguousarray(w.T).reshape(n, h, d)}
     if bias:
-        out["bias"] = _expect(path, name + ".bias", get(name + ".bias"), (d,))
+        out["bias"] = get(name + ".bias", (d,))
     return out
 
 
@@ -284,11 +274,9 @@ def load_neox(path: str, progress=None) -> tuple[ModelConfig, dict[str, Any]]:
             "final_norm/scale": get(g + "final_layer_norm.weight"), "final_norm/bias": get(g + "final_layer_norm.bias")}
     for i in range(L):
         p, o = f"{g}layers.{i}.", f"layers_{i}/"
-        w = _expect(path, p + "attention.query_key_value.weight", get(p + "attention.query_key_value.weight"),
-                    (3 * n * h, d))
+        w = get(p + "attention.query_key_value.weight", (3 * n * h, d))
         wq = np.ascontiguousarray(w.T).reshape(d, n, 3, h)
-        bq = (_expect(path, p + "attention.query_key_value.bias", get(p + "attention.query_key_value.bias"),
-                      (3 * n * h,)).reshape(n, 3, h) if cfg.attn_bias else None)
+        bq = get(p + "attention.query_key_value.bias", (3 * n * h,)).reshape(n, 3, h) if cfg.attn_bias else None
         for j, name in enumerate("qkv"):
             flat[o + f"attn/{name}/kernel"] = np.ascontiguousarray(wq[:, :, j])
             if cfg.attn_bias:

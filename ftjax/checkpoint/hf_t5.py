@@ -4,10 +4,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
 
 from ftjax.checkpoint.common import check_params, nest
-from ftjax.checkpoint.hf import read_state_dict, warn_unused
+from ftjax.checkpoint.hf import _getter, read_state_dict, warn_unused
 from ftjax.config import T5Config, read_json
 
 
@@ -16,17 +15,7 @@ def load_t5(path: str, progress=None) -> tuple[T5Config, dict[str, Any]]:
     cfg = T5Config.from_hf(read_json(fn), source=fn)
     sd = read_state_dict(path, progress=progress)
     d, n, h, f = cfg.hidden, cfg.num_heads, cfg.head_dim, cfg.ffn_dim
-    used = set()
-
-    def get(name, shape=None):
-        """float32 `name` (torch layout); with `shape`, checked against it (errors name the tensor)."""
-        if name not in sd:
-            raise ValueError(f"{path}: missing weight {name!r}")
-        used.add(name)
-        a = np.asarray(sd[name], np.float32)
-        if shape is not None and tuple(a.shape) != tuple(shape):
-            raise ValueError(f"{path}: weight {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-        return a
+    get = _getter(path, sd)   # float32 `name` (torch layout); with a shape, checked (errors name the tensor)
 
     def attn(prefix, out):   # torch Linear weights are [out, in]
         flat[f"{out}/q/kernel"] = get(prefix + "q.weight", (n * h, d)).T.reshape(d, n, h)
@@ -69,5 +58,5 @@ def load_t5(path: str, progress=None) -> tuple[T5Config, dict[str, Any]]:
     check_params(cfg, params, path)
     # the encoder / decoder embed_tokens (and a tied lm_head) are copies of shared.weight, not weights of their own
     warn_unused(path, {k: v for k, v in sd.items() if not k.endswith("embed_tokens.weight")
-                       and not (cfg.tie_embeddings and k == "lm_head.weight")}, used)
+                       and not (cfg.tie_embeddings and k == "lm_head.weight")}, get.used)
     return cfg, params

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ftjax.config import DTYPES, ModelConfig, T5Config
+from ftjax.config import DTYPES, ModelConfig, T5Config, read_json
 
 CONFIG_FILE = "ftjax_config.json"
 PARAMS_DIR = "params"
@@ -69,13 +69,7 @@ def read_meta(path: str) -> dict[str, Any]:
     fn = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(fn):
         raise ValueError(f"{path}: no {CONFIG_FILE}")
-    with open(fn) as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{fn}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{fn}: expected a JSON object, found {type(meta).__name__}")
+    meta = read_json(fn)   # a JSON object, or ValueError naming the file
     if meta.get("format") != "ftjax":
         raise ValueError(f"{fn}: 'format' is {meta.get('format')!r}, expected 'ftjax'")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:

@@ -267,8 +267,7 @@ class Scheduler:
             self._stop_reader()
             with self._cv:
                 for r in dict.fromkeys(list(self._live) + list(self._waiting) + list(self._admitting)):
-                    if not r.finished:
-                        self._fail(r, "internal", f"engine failure: {e}")
+                    self._fail(r, "internal", f"engine failure: {e}")   # (a finished one is skipped)
         finally:
             with self._cv:
                 self._stop = True

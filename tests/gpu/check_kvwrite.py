@@ -25,13 +25,7 @@ from ftjax.config import ModelConfig  # noqa: E402
 from ftjax.models import gpt  # noqa: E402
 from ftjax.pallas import prefill_attention as PA  # noqa: E402
 
-FAILS = []
-
-
-def report(name, ok, detail=""):
-    print(("PASS " if ok else "FAIL ") + name + (f"  {detail}" if detail else ""), flush=True)
-    if not ok:
-        FAILS.append(name)
+from check_model import FAILS, report  # noqa: E402  (this directory: the GPU checks' shared PASS/FAIL log)
 
 
 def run(hidden: int, heads: int, lengths, seed: int, smoke: bool = False):
